@@ -1,0 +1,354 @@
+// The pybind11 module rec_engine._core: argument validation, GIL release and exception mapping only.
+// Hot-path arrays are taken as they are (C-contiguous, exact dtype, native byte order) and never copied;
+// anything else raises TypeError naming the argument. The Python facade converts for callers who want it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "rec_engine/embedding.hpp"
+#include "rec_engine/errors.hpp"
+#include "rec_engine/graph.hpp"
+#include "rec_engine/simd.hpp"
+#include "rec_engine/topk.hpp"
+
+namespace py = pybind11;
+using namespace rec_engine;
+
+namespace {
+
+struct DType {
+  char kind;
+  int size;
+  const char* name;
+};
+constexpr DType kF32{'f', 4, "float32"};
+constexpr DType kF16{'f', 2, "float16"};
+constexpr DType kU8{'u', 1, "uint8"};
+constexpr DType kI32{'i', 4, "int32"};
+constexpr DType kI64{'i', 8, "int64"};
+
+bool has_dtype(const py::array& a, const DType& t) {
+  const py::dtype dt = a.dtype();
+  return dt.kind() == t.kind && dt.itemsize() == t.size && dt.attr("isnative").cast<bool>();
+}
+
+std::string describe(const py::array& a) {
+  std::string s = py::str(a.dtype()).cast<std::string>();
+  s += a.ndim() == 1 ? ", 1 dimension" : ", " + std::to_string(a.ndim()) + " dimensions";
+  if (!(a.flags() & py::array::c_style)) s += ", not C-contiguous";
+  return s;
+}
+
+// Returns obj as an array of one of the accepted dtypes, C-contiguous, with ndim dimensions.
+py::array take(py::handle obj, const char* name, std::initializer_list<DType> dtypes, int ndim) {
+  std::string expected;
+  for (const DType& t : dtypes) expected += (expected.empty() ? "" : " or ") + std::string(t.name);
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray of " + expected + ", got " +
+                         py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  bool ok = false;
+  for (const DType& t : dtypes) ok = ok || has_dtype(a, t);
+  if (!ok || !(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(name) + " must be a C-contiguous " + expected + " array, got " +
+                         describe(a));
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimension" +
+                          (ndim == 1 ? "" : "s") + ", got shape with " + std::to_string(a.ndim()));
+  return a;
+}
+
+template <class T>
+const T* ptr(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+
+template <class T>
+py::array_t<T> owned(std::vector<T>&& v) {
+  auto holder = std::make_unique<std::vector<T>>(std::move(v));
+  const py::ssize_t n = static_cast<py::ssize_t>(holder->size());
+  T* data = holder->data();
+  py::capsule owner(holder.get(), [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  holder.release();
+  return py::array_t<T>({n}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
+}
+
+PoolMode parse_mode(const std::string& mode) {
+  if (mode == "sum") return PoolMode::sum;
+  if (mode == "mean") return PoolMode::mean;
+  if (mode == "max") return PoolMode::max;
+  throw py::value_error("mode must be 'sum', 'mean' or 'max', got '" + mode + "'");
+}
+
+Metric parse_metric(const std::string& m) {
+  if (m == "ip" || m == "inner_product" || m == "dot") return Metric::inner_product;
+  if (m == "cosine") return Metric::cosine;
+  throw py::value_error("metric must be 'ip' or 'cosine', got '" + m + "'");
+}
+
+// An embedding table over NumPy memory (kept alive here, never copied).
+class PyEmbeddingTable {
+ public:
+  PyEmbeddingTable(py::handle weights, py::object scale_bias) {
+    weights_ = take(weights, "weights", {kF32, kF16, kU8}, 2);
+    view_.rows = weights_.shape(0);
+    view_.dim = weights_.shape(1);
+    view_.data = weights_.data();
+    if (has_dtype(weights_, kU8)) {
+      if (scale_bias.is_none())
+        throw py::value_error("a uint8 (row-wise int8) table needs scale_bias, a rows x 2 float32 array");
+      scale_bias_ = take(scale_bias, "scale_bias", {kF32}, 2);
+      if (scale_bias_.shape(0) != view_.rows || scale_bias_.shape(1) != 2)
+        throw py::value_error("scale_bias must have shape (" + std::to_string(view_.rows) + ", 2)");
+      view_.type = StorageType::int8_rowwise;
+      view_.scale_bias = ptr<float>(scale_bias_);
+    } else {
+      if (!scale_bias.is_none()) throw py::value_error("scale_bias is only used with uint8 tables");
+      view_.type = has_dtype(weights_, kF32) ? StorageType::float32 : StorageType::float16;
+    }
+  }
+
+  py::array_t<float> gather(py::handle ids_obj, int num_threads) const {
+    py::array ids = take(ids_obj, "ids", {kI32, kI64}, 1);
+    const int64_t n = ids.shape(0);
+    py::array_t<float> out({n, view_.dim});
+    float* o = out.mutable_data();
+    const bool i32 = has_dtype(ids, kI32);
+    {
+      py::gil_scoped_release release;
+      if (i32)
+        rec_engine::gather(view_, ptr<int32_t>(ids), n, o, num_threads);
+      else
+        rec_engine::gather(view_, ptr<int64_t>(ids), n, o, num_threads);
+    }
+    return out;
+  }
+
+  py::array_t<float> pool(py::handle indices_obj, py::handle offsets_obj, py::object weights_obj,
+                          const std::string& mode_name, int num_threads) const {
+    py::array indices = take(indices_obj, "indices", {kI32, kI64}, 1);
+    py::array offsets = take(offsets_obj, "offsets", {kI64}, 1);
+    const PoolMode mode = parse_mode(mode_name);
+    if (offsets.shape(0) < 1) throw py::value_error("offsets must hold n_bags + 1 entries (at least 1)");
+    const int64_t n_bags = offsets.shape(0) - 1;
+    const int64_t n = indices.shape(0);
+    py::array weights;
+    const float* w = nullptr;
+    if (!weights_obj.is_none()) {
+      weights = take(weights_obj, "weights", {kF32}, 1);
+      if (weights.shape(0) != n)
+        throw py::value_error("weights must have one entry per index (" + std::to_string(n) + "), got " +
+                              std::to_string(weights.shape(0)));
+      w = ptr<float>(weights);
+    }
+    py::array_t<float> out({n_bags, view_.dim});
+    float* o = out.mutable_data();
+    const bool i32 = has_dtype(indices, kI32);
+    {
+      py::gil_scoped_release release;
+      if (i32)
+        rec_engine::pool(view_, ptr<int32_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, mode, o, num_threads);
+      else
+        rec_engine::pool(view_, ptr<int64_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, mode, o, num_threads);
+    }
+    return out;
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t dim() const { return view_.dim; }
+  std::string storage() const {
+    return view_.type == StorageType::float32 ? "float32" : view_.type == StorageType::float16 ? "float16" : "int8";
+  }
+  py::array weights() const { return weights_; }
+  py::object scale_bias() const { return scale_bias_ ? py::object(scale_bias_) : py::none(); }
+
+ private:
+  py::array weights_, scale_bias_;
+  TableView view_;
+};
+
+struct PyCsr {
+  py::array indptr, indices, data;
+  CsrView view;
+};
+
+PyCsr take_csr(py::handle indptr, py::handle indices, py::handle data, int64_t n_cols) {
+  PyCsr c;
+  c.indptr = take(indptr, "indptr", {kI64}, 1);
+  c.indices = take(indices, "indices", {kI32}, 1);
+  c.data = take(data, "data", {kF32}, 1);
+  if (c.indptr.shape(0) < 1) throw py::value_error("indptr must hold n_rows + 1 entries (at least 1)");
+  if (n_cols < 0) throw py::value_error("n_cols must be >= 0");
+  c.view = {c.indptr.shape(0) - 1, n_cols, ptr<int64_t>(c.indptr), ptr<int32_t>(c.indices), ptr<float>(c.data)};
+  const int64_t nnz = c.view.indptr[c.view.n_rows];
+  if (c.indices.shape(0) != c.data.shape(0))
+    throw py::value_error("indices and data must have the same length");
+  if (nnz != c.indices.shape(0))
+    throw py::value_error("indptr[-1] (" + std::to_string(nnz) + ") must equal the number of stored values (" +
+                          std::to_string(c.indices.shape(0)) + ")");
+  return c;
+}
+
+py::array take_dense(py::handle x, const char* name, int64_t rows) {
+  py::array a = take(x, name, {kF32}, 2);
+  if (a.shape(0) != rows)
+    throw py::value_error(std::string(name) + " must have " + std::to_string(rows) + " rows, got " +
+                          std::to_string(a.shape(0)));
+  return a;
+}
+
+struct PyIdLists {
+  py::array indptr, ids;
+  IdLists view;
+};
+
+PyIdLists take_lists(py::object indptr, py::object ids, int64_t n_queries, const char* name) {
+  PyIdLists l;
+  if (indptr.is_none() && ids.is_none()) return l;
+  if (indptr.is_none() || ids.is_none())
+    throw py::value_error(std::string(name) + ": give both indptr and ids, or neither");
+  l.indptr = take(indptr, (std::string(name) + "_indptr").c_str(), {kI64}, 1);
+  l.ids = take(ids, (std::string(name) + "_ids").c_str(), {kI64}, 1);
+  if (l.indptr.shape(0) != n_queries + 1)
+    throw py::value_error(std::string(name) + "_indptr must have n_queries + 1 = " +
+                          std::to_string(n_queries + 1) + " entries, got " + std::to_string(l.indptr.shape(0)));
+  const int64_t last = ptr<int64_t>(l.indptr)[n_queries];
+  if (last != l.ids.shape(0))
+    throw py::value_error(std::string(name) + "_indptr[-1] (" + std::to_string(last) +
+                          ") must equal the number of ids (" + std::to_string(l.ids.shape(0)) + ")");
+  l.view = {ptr<int64_t>(l.indptr), ptr<int64_t>(l.ids)};
+  return l;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "rec_engine C++ core: embedding lookup, graph propagation and top-k (see rec_engine for the API)";
+  if (!simd_env_error().empty()) throw py::value_error(simd_env_error());
+  py::register_exception<rec_engine::Error>(m, "RecEngineError", PyExc_RuntimeError);
+
+  m.def("simd_level", [] { return std::string(simd_level_name(simd_level())); });
+  m.def("best_simd_level", [] { return std::string(simd_level_name(best_simd_level())); });
+  m.def("supported_simd_levels", [] {
+    std::vector<std::string> out;
+    for (SimdLevel l : supported_simd_levels()) out.emplace_back(simd_level_name(l));
+    return out;
+  });
+  m.def("set_simd_level", [](const std::string& name) { set_simd_level(parse_simd_level(name)); });
+  m.def("openmp_enabled", &openmp_enabled);
+  m.def("default_num_threads", &default_num_threads);
+
+  py::class_<PyEmbeddingTable>(m, "EmbeddingTable")
+      .def(py::init<py::handle, py::object>(), py::arg("weights"), py::arg("scale_bias") = py::none())
+      .def("gather", &PyEmbeddingTable::gather, py::arg("ids"), py::arg("num_threads") = 0)
+      .def("pool", &PyEmbeddingTable::pool, py::arg("indices"), py::arg("offsets"),
+           py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0)
+      .def_property_readonly("rows", &PyEmbeddingTable::rows)
+      .def_property_readonly("dim", &PyEmbeddingTable::dim)
+      .def_property_readonly("storage", &PyEmbeddingTable::storage)
+      .def_property_readonly("weights", &PyEmbeddingTable::weights)
+      .def_property_readonly("scale_bias", &PyEmbeddingTable::scale_bias);
+
+  m.def(
+      "normalized_adjacency",
+      [](py::handle users_obj, py::handle items_obj, int64_t n_users, int64_t n_items, int num_threads) {
+        py::array users = take(users_obj, "users", {kI32, kI64}, 1);
+        py::array items = take(items_obj, "items", {kI32, kI64}, 1);
+        if (users.shape(0) != items.shape(0))
+          throw py::value_error("users and items must have the same length, got " +
+                                std::to_string(users.shape(0)) + " and " + std::to_string(items.shape(0)));
+        if (users.dtype().itemsize() != items.dtype().itemsize())
+          throw py::type_error("users and items must have the same dtype");
+        Csr csr;
+        {
+          py::gil_scoped_release release;
+          if (has_dtype(users, kI32))
+            csr = normalized_adjacency(ptr<int32_t>(users), ptr<int32_t>(items), users.shape(0), n_users, n_items, num_threads);
+          else
+            csr = normalized_adjacency(ptr<int64_t>(users), ptr<int64_t>(items), users.shape(0), n_users, n_items, num_threads);
+        }
+        return py::make_tuple(owned(std::move(csr.indptr)), owned(std::move(csr.indices)), owned(std::move(csr.data)));
+      },
+      py::arg("users"), py::arg("items"), py::arg("n_users"), py::arg("n_items"), py::arg("num_threads") = 0);
+
+  m.def(
+      "spmm",
+      [](py::handle indptr, py::handle indices, py::handle data, int64_t n_cols, py::handle x_obj, int num_threads) {
+        PyCsr a = take_csr(indptr, indices, data, n_cols);
+        py::array x = take_dense(x_obj, "dense", n_cols);
+        const int64_t d = x.shape(1);
+        py::array_t<float> out({a.view.n_rows, d});
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          spmm(a.view, ptr<float>(x), d, o, num_threads);
+        }
+        return out;
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("data"), py::arg("n_cols"), py::arg("dense"),
+      py::arg("num_threads") = 0);
+
+  m.def(
+      "lightgcn_propagate",
+      [](py::handle indptr, py::handle indices, py::handle data, py::handle x_obj, py::handle weights_obj,
+         int num_threads) {
+        py::array x = take(x_obj, "embeddings", {kF32}, 2);
+        PyCsr a = take_csr(indptr, indices, data, x.shape(0));
+        if (a.view.n_rows != x.shape(0))
+          throw py::value_error("the adjacency has " + std::to_string(a.view.n_rows) + " rows but embeddings has " +
+                                std::to_string(x.shape(0)));
+        py::array w = take(weights_obj, "layer_weights", {kF32}, 1);
+        if (w.shape(0) < 1) throw py::value_error("layer_weights needs n_layers + 1 >= 1 entries");
+        const int n_layers = static_cast<int>(w.shape(0) - 1);
+        const int64_t d = x.shape(1);
+        py::array_t<float> out({x.shape(0), d});
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          lightgcn_propagate(a.view, ptr<float>(x), d, n_layers, ptr<float>(w), o, num_threads);
+        }
+        return out;
+      },
+      py::arg("indptr"), py::arg("indices"), py::arg("data"), py::arg("embeddings"), py::arg("layer_weights"),
+      py::arg("num_threads") = 0);
+
+  m.def(
+      "topk",
+      [](py::handle q_obj, py::handle x_obj, int64_t k, const std::string& metric, py::object ex_indptr,
+         py::object ex_ids, py::object cand_indptr, py::object cand_ids, int num_threads) {
+        py::array q = take(q_obj, "queries", {kF32}, 2);
+        py::array x = take(x_obj, "items", {kF32}, 2);
+        if (q.shape(1) != x.shape(1))
+          throw py::value_error("queries have dimension " + std::to_string(q.shape(1)) + " but items have " +
+                                std::to_string(x.shape(1)));
+        if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
+        TopkOptions opt;
+        opt.k = k;
+        opt.metric = parse_metric(metric);
+        opt.num_threads = num_threads;
+        const int64_t b = q.shape(0), n = x.shape(0);
+        PyIdLists ex = take_lists(ex_indptr, ex_ids, b, "exclude");
+        PyIdLists cand = take_lists(cand_indptr, cand_ids, b, "candidates");
+        opt.exclude = ex.view;
+        opt.candidates = cand.view;
+        const int64_t width = topk_width(k, n);
+        py::array_t<int64_t> ids({b, width});
+        py::array_t<float> scores({b, width});
+        int64_t* pi = ids.mutable_data();
+        float* ps = scores.mutable_data();
+        {
+          py::gil_scoped_release release;
+          topk(ptr<float>(q), b, ptr<float>(x), n, x.shape(1), opt, pi, ps);
+        }
+        return py::make_tuple(ids, scores);
+      },
+      py::arg("queries"), py::arg("items"), py::arg("k"), py::arg("metric") = "ip",
+      py::arg("exclude_indptr") = py::none(), py::arg("exclude_ids") = py::none(),
+      py::arg("candidates_indptr") = py::none(), py::arg("candidates_ids") = py::none(),
+      py::arg("num_threads") = 0);
+}

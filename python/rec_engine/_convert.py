@@ -1,0 +1,63 @@
+"""Argument conversion for the Python facade.
+
+The C++ core takes C-contiguous arrays of an exact dtype and never copies them. These helpers hand such
+arrays through untouched and convert everything else once, or reject it where a conversion would be
+wrong (float ids, ids that do not fit in int64, non-numeric data).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def as_float32(x, name: str, ndim: int | None = None) -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32 array (no copy when it already is one)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def as_ids(x, name: str, ndim: int | None = 1) -> np.ndarray:
+    """Return ``x`` as a C-contiguous int32 or int64 array (int32/int64 pass through, other integer
+    dtypes widen to int64). Floats, booleans and values beyond int64 raise."""
+    a = np.asarray(x)
+    if a.size == 0 and a.dtype.kind == "f":  # np.asarray([]) is float64
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer ids (int32 or int64), got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {a.shape}")
+    if a.dtype in _ID_DTYPES:  # native int32/int64 (a byte-swapped dtype compares unequal)
+        return np.ascontiguousarray(a)
+    if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise IndexError(f"{name} holds an id larger than int64 can represent")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def as_count(x, name: str) -> int:
+    """An integer count >= 0 (booleans and floats rejected)."""
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def threads_arg(num_threads) -> int:
+    """None means the default (0 for the core); otherwise a positive integer."""
+    if num_threads is None:
+        return 0
+    v = as_count(num_threads, "num_threads")
+    if v == 0:
+        raise ValueError("num_threads must be >= 1 (or None for the default)")
+    return v

@@ -1,0 +1,199 @@
+"""Embedding tables: row lookup and bag pooling in C++ over float32, float16 or row-wise int8 storage."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _core
+from ._convert import as_float32, as_ids, threads_arg
+
+_STORAGE = ("float32", "float16", "int8")
+
+
+class EmbeddingTable:
+    """A ``rows x dim`` embedding table served by the C++ core.
+
+    Parameters
+    ----------
+    weights : numpy.ndarray, shape (rows, dim)
+        float32 or float16 values, or uint8 codes of a row-wise int8 table (then ``scale_bias`` is
+        required and a value is ``scale * code + bias``). A C-contiguous float32, float16 or uint8 array
+        (a memory-mapped ``.npy`` included) is used in place, without a copy, and must not be changed
+        while the table is in use; other float arrays are converted to float32 once.
+    scale_bias : numpy.ndarray, shape (rows, 2), float32, optional
+        Per-row ``(scale, bias)`` of an int8 table.
+
+    Notes
+    -----
+    Every method releases the GIL while it works and may be called from many threads at once.
+    Results are float32 whatever the storage.
+    """
+
+    def __init__(self, weights, scale_bias=None):
+        w = np.asarray(weights)
+        if w.ndim != 2:
+            raise ValueError(f"weights must have 2 dimensions (rows, dim), got shape {w.shape}")
+        if w.dtype == np.uint8:
+            if scale_bias is None:
+                raise ValueError("uint8 weights are row-wise int8 codes: pass scale_bias, a (rows, 2) float32 array")
+            sb = as_float32(scale_bias, "scale_bias", ndim=2)
+            if not np.isfinite(sb).all():
+                raise ValueError("scale_bias must be finite")
+            w = np.ascontiguousarray(w)
+        else:
+            if scale_bias is not None:
+                raise ValueError("scale_bias is only used with uint8 (int8 row-wise) weights")
+            sb = None
+            if w.dtype not in (np.float32, np.float16):
+                w = as_float32(w, "weights")
+            w = np.ascontiguousarray(w)
+        self._table = _core.EmbeddingTable(w, sb)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def quantize(cls, weights, dtype: str = "int8") -> "EmbeddingTable":
+        """Build a table stored as ``dtype`` ("float32", "float16" or "int8") from float weights.
+
+        int8 is row-wise asymmetric 8-bit quantization (as in FBGEMM): ``scale = (max - min) / 255``,
+        ``bias = min`` per row, so every value is within ``scale / 2`` of the original."""
+        if dtype not in _STORAGE:
+            raise ValueError(f"dtype must be one of {_STORAGE}, got {dtype!r}")
+        w = as_float32(weights, "weights", ndim=2)
+        if not np.isfinite(w).all():
+            raise ValueError("weights must be finite to be quantized")
+        if dtype == "float32":
+            return cls(w)
+        if dtype == "float16":
+            return cls(w.astype(np.float16))
+        lo = w.min(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
+        hi = w.max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
+        scale = (hi - lo) / np.float32(255.0)
+        safe = np.where(scale > 0, scale, np.float32(1.0))
+        codes = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
+        return cls(codes, np.stack([scale, lo], axis=1).astype(np.float32))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, scale_bias: str | os.PathLike | None = None,
+             mmap: bool = True) -> "EmbeddingTable":
+        """Open a ``.npy`` table, memory-mapped read-only by default (no copy, pages load on use).
+
+        For an int8 table pass the path of its ``(rows, 2)`` float32 scale/bias ``.npy`` as well."""
+        mode = "r" if mmap else None
+        w = np.load(path, mmap_mode=mode, allow_pickle=False)
+        sb = None if scale_bias is None else np.load(scale_bias, mmap_mode=mode, allow_pickle=False)
+        return cls(w, sb)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def rows(self) -> int:
+        return int(self._table.rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self._table.dim)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    @property
+    def dtype(self) -> str:
+        """Storage type: "float32", "float16" or "int8"."""
+        return str(self._table.storage)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The stored array (float32, float16, or uint8 codes), shared with the table, not a copy."""
+        return self._table.weights
+
+    @property
+    def scale_bias(self) -> np.ndarray | None:
+        return self._table.scale_bias
+
+    @property
+    def nbytes(self) -> int:
+        sb = self.scale_bias
+        return int(self.weights.nbytes + (0 if sb is None else sb.nbytes))
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return f"EmbeddingTable(rows={self.rows}, dim={self.dim}, dtype={self.dtype!r})"
+
+    # ---------------------------------------------------------------- kernels
+    def gather(self, ids, *, num_threads: int | None = None) -> np.ndarray:
+        """Rows ``ids`` as float32.
+
+        Parameters
+        ----------
+        ids : array_like of int, any shape
+            Row ids in ``[0, rows)``; int32 and int64 are used without a copy.
+
+        Returns
+        -------
+        numpy.ndarray, float32, shape ``ids.shape + (dim,)``
+
+        Raises
+        ------
+        IndexError  an id is out of range (the message names its position).
+        TypeError   ids are not integers.
+        """
+        a = as_ids(ids, "ids", ndim=None)
+        flat = a.reshape(-1)
+        out = self._table.gather(flat, threads_arg(num_threads))
+        return out.reshape(a.shape + (self.dim,))
+
+    def pool(self, indices, offsets=None, per_sample_weights=None, mode: str = "sum", *,
+             include_last_offset: bool = False, num_threads: int | None = None) -> np.ndarray:
+        """Pool bags of rows, as ``torch.nn.functional.embedding_bag``.
+
+        Parameters
+        ----------
+        indices : array_like of int
+            1-D ids of all bags back to back (then ``offsets`` is required), or 2-D ``(bags, L)`` for
+            bags of a fixed size ``L`` (then ``offsets`` must be None).
+        offsets : array_like of int, optional
+            Start of each bag in ``indices`` (``bags`` entries, the first 0), or ``bags + 1`` entries
+            ending with ``len(indices)`` when ``include_last_offset`` is True. Must not decrease.
+        per_sample_weights : array_like of float, optional
+            One weight per index, multiplied into its row; only with ``mode="sum"`` (as in PyTorch).
+        mode : {"sum", "mean", "max"}
+            Empty bags give zeros in every mode.
+
+        Returns
+        -------
+        numpy.ndarray, float32, shape ``(bags, dim)``
+        """
+        idx = as_ids(indices, "indices", ndim=None)
+        if idx.ndim == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when indices is 2-D (fixed-size bags)")
+            bags, length = idx.shape
+            offs = np.arange(0, bags * length + 1, max(length, 1), dtype=np.int64)[: bags + 1]
+            if length == 0:
+                offs = np.zeros(bags + 1, dtype=np.int64)
+            idx = idx.reshape(-1)
+        elif idx.ndim == 1:
+            if offsets is None:
+                raise ValueError("offsets are required when indices is 1-D")
+            offs = as_ids(offsets, "offsets").astype(np.int64, copy=False)
+            if include_last_offset:
+                if offs.shape[0] < 1:
+                    raise ValueError("with include_last_offset=True offsets needs at least one entry")
+            else:
+                if offs.shape[0] and offs[-1] > idx.shape[0]:
+                    raise IndexError(f"offsets[{offs.shape[0] - 1}] = {int(offs[-1])} is past the end of "
+                                     f"indices (length {idx.shape[0]})")
+                offs = np.append(offs, np.int64(idx.shape[0]))
+        else:
+            raise ValueError(f"indices must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
+        w = None
+        if per_sample_weights is not None:
+            w = as_float32(per_sample_weights, "per_sample_weights").reshape(-1)
+        return self._table.pool(idx, np.ascontiguousarray(offs), w, mode, threads_arg(num_threads))
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole table as float32 (dequantized for float16 and int8 storage)."""
+        return self.gather(np.arange(self.rows, dtype=np.int64))

@@ -1,0 +1,126 @@
+"""Sparse graph propagation: the normalized user-item adjacency, SpMM and LightGCN propagation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from ._convert import as_count, as_float32, as_ids, threads_arg
+
+
+@dataclass(frozen=True)
+class CsrMatrix:
+    """A CSR sparse matrix in the layout the core uses.
+
+    Attributes
+    ----------
+    indptr : int64, shape (n_rows + 1,)
+    indices : int32, shape (nnz,)  column ids, sorted within a row when built by this package
+    data : float32, shape (nnz,)
+    shape : (n_rows, n_cols)
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @classmethod
+    def from_scipy(cls, m) -> "CsrMatrix":
+        """Convert any SciPy sparse matrix or array (copies only what is not already int64/int32/float32)."""
+        m = m.tocsr()
+        n_rows, n_cols = (int(v) for v in m.shape)
+        if n_cols > np.iinfo(np.int32).max:
+            raise ValueError("matrices with more than 2**31 - 1 columns are not supported")
+        return cls(np.ascontiguousarray(m.indptr, dtype=np.int64),
+                   np.ascontiguousarray(m.indices, dtype=np.int32),
+                   as_float32(m.data, "data"), (n_rows, n_cols))
+
+    def to_scipy(self):
+        """A ``scipy.sparse.csr_matrix`` sharing nothing with this one."""
+        import scipy.sparse as sp
+        return sp.csr_matrix((self.data.copy(), self.indices.copy(), self.indptr.copy()), shape=self.shape)
+
+    def __matmul__(self, dense) -> np.ndarray:
+        return spmm(self, dense)
+
+
+def as_csr(a) -> CsrMatrix:
+    """``a`` as a CsrMatrix: a CsrMatrix passes through, a SciPy sparse matrix is converted."""
+    if isinstance(a, CsrMatrix):
+        return a
+    if hasattr(a, "tocsr"):
+        return CsrMatrix.from_scipy(a)
+    raise TypeError(f"expected a rec_engine.CsrMatrix or a scipy.sparse matrix, got {type(a).__name__}")
+
+
+def normalized_adjacency(users, items, n_users: int | None = None, n_items: int | None = None, *,
+                         num_threads: int | None = None) -> CsrMatrix:
+    """The symmetric-normalized adjacency ``D^-1/2 A D^-1/2`` of a user-item bipartite graph.
+
+    Parameters
+    ----------
+    users, items : array_like of int, shape (n,)
+        The interactions (user ``users[i]`` with item ``items[i]``); repeats count once.
+    n_users, n_items : int, optional
+        Sizes of the id spaces; default ``max + 1`` of the ids given.
+
+    Returns
+    -------
+    CsrMatrix of shape ``(n_users + n_items, n_users + n_items)``: node ``u`` is user ``u`` and node
+    ``n_users + i`` is item ``i``; entry ``(u, n_users + i)`` is ``1 / sqrt(deg(u) * deg(i))``.
+    """
+    u = as_ids(users, "users")
+    i = as_ids(items, "items")
+    if u.shape != i.shape:
+        raise ValueError(f"users and items must have the same length, got {u.shape[0]} and {i.shape[0]}")
+    if u.dtype != i.dtype:
+        u, i = u.astype(np.int64), i.astype(np.int64)
+    nu = (int(u.max()) + 1 if u.size else 0) if n_users is None else as_count(n_users, "n_users")
+    ni = (int(i.max()) + 1 if i.size else 0) if n_items is None else as_count(n_items, "n_items")
+    indptr, indices, data = _core.normalized_adjacency(u, i, nu, ni, threads_arg(num_threads))
+    return CsrMatrix(indptr, indices, data, (nu + ni, nu + ni))
+
+
+def spmm(adj, dense, *, num_threads: int | None = None) -> np.ndarray:
+    """``adj @ dense`` for a sparse ``adj`` (n_rows x n_cols) and dense float32 ``dense`` (n_cols x d).
+
+    Returns float32 ``(n_rows, d)``. Parallel over rows; releases the GIL."""
+    a = as_csr(adj)
+    x = as_float32(dense, "dense", ndim=2)
+    return _core.spmm(a.indptr, a.indices, a.data, a.shape[1], x, threads_arg(num_threads))
+
+
+def propagate(adj, embeddings, n_layers: int = 3, layer_weights=None, *,
+              num_threads: int | None = None) -> np.ndarray:
+    """LightGCN propagation: ``sum_l w_l * adj^l @ embeddings`` for ``l = 0..n_layers``.
+
+    Parameters
+    ----------
+    adj : CsrMatrix or scipy.sparse matrix, square (n, n), usually from :func:`normalized_adjacency`
+    embeddings : array_like, float32, shape (n, d)  layer-0 embeddings (users then items)
+    n_layers : int  number of propagation steps K
+    layer_weights : array_like of float, shape (K + 1,), optional
+        Default: the mean of layers 0..K (every weight ``1 / (K + 1)``).
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape (n, d)
+    """
+    a = as_csr(adj)
+    x = as_float32(embeddings, "embeddings", ndim=2)
+    k = as_count(n_layers, "n_layers")
+    if layer_weights is None:
+        w = np.full(k + 1, 1.0 / (k + 1), dtype=np.float32)
+    else:
+        w = as_float32(layer_weights, "layer_weights", ndim=1)
+        if w.shape[0] != k + 1:
+            raise ValueError(f"layer_weights needs n_layers + 1 = {k + 1} entries, got {w.shape[0]}")
+    if a.shape[0] != a.shape[1]:
+        raise ValueError(f"propagation needs a square adjacency, got shape {a.shape}")
+    return _core.lightgcn_propagate(a.indptr, a.indices, a.data, x, w, threads_arg(num_threads))

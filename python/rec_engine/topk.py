@@ -1,0 +1,137 @@
+"""Exact top-k retrieval by inner product or cosine, with exclusion and candidate subsets."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from . import _core
+from ._convert import as_count, as_float32, as_ids, threads_arg
+
+_METRICS = ("ip", "cosine")
+
+
+class TopK(NamedTuple):
+    """Result of :func:`topk`: ``ids`` (int64) and ``scores`` (float32), best first.
+
+    Both are 1-D ``(width,)`` for one query and 2-D ``(B, width)`` for a batch, with
+    ``width = min(k, n_items)``. Slots beyond the eligible items hold id -1 and score -inf."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class IdLists:
+    """Per-query lists of item ids in CSR form: query ``q`` owns ``ids[indptr[q]:indptr[q + 1]]``.
+
+    Use it for ``exclude`` and ``candidates`` of a batch; :meth:`from_lists` builds one from a list of
+    arrays."""
+
+    __slots__ = ("indptr", "ids")
+
+    def __init__(self, indptr, ids):
+        self.indptr = as_ids(indptr, "indptr").astype(np.int64, copy=False)
+        self.ids = as_ids(ids, "ids").astype(np.int64, copy=False)
+        if self.indptr.shape[0] < 1:
+            raise ValueError("indptr must hold n_queries + 1 entries")
+        if self.indptr[0] != 0 or self.indptr[-1] != self.ids.shape[0]:
+            raise ValueError(f"indptr must start at 0 and end at len(ids) = {self.ids.shape[0]}, got "
+                             f"{int(self.indptr[0])} .. {int(self.indptr[-1])}")
+        bad = np.flatnonzero(np.diff(self.indptr) < 0)
+        if bad.size:
+            raise ValueError(f"indptr must be non-decreasing (decreases at position {int(bad[0]) + 1})")
+
+    @classmethod
+    def from_lists(cls, lists: Sequence) -> "IdLists":
+        arrays = [as_ids(x, f"list {q}") for q, x in enumerate(lists)]
+        indptr = np.zeros(len(arrays) + 1, dtype=np.int64)
+        if arrays:
+            np.cumsum([a.shape[0] for a in arrays], out=indptr[1:])
+        ids = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+        return cls(indptr, ids)
+
+    def __len__(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    def __getitem__(self, q: int) -> np.ndarray:
+        return self.ids[self.indptr[q]:self.indptr[q + 1]]
+
+    def __repr__(self) -> str:
+        return f"IdLists(n_queries={len(self)}, n_ids={self.ids.shape[0]})"
+
+
+def _lists(value, n_queries: int, single: bool, name: str):
+    if value is None:
+        return None, None
+    if isinstance(value, IdLists):
+        lists = value
+    elif single:
+        lists = IdLists.from_lists([value])
+    else:
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            raise TypeError(f"{name} for a batch must be a sequence of {n_queries} id lists or an IdLists, "
+                            "got a 1-D array")
+        lists = IdLists.from_lists(list(value))
+    if len(lists) != n_queries:
+        raise ValueError(f"{name} has {len(lists)} lists for {n_queries} queries")
+    return lists.indptr, lists.ids
+
+
+def topk(queries, items, k: int = 10, *, metric: str = "ip", exclude=None, candidates=None,
+         num_threads: int | None = None) -> TopK:
+    """The ``k`` best items for each query, exactly, best first (ties: lower id first).
+
+    Parameters
+    ----------
+    queries : array_like, float32, shape (d,) or (B, d)
+        One query gives 1-D results, a batch 2-D. Must be finite.
+    items : array_like, float32, shape (N, d)
+        Item vectors; a C-contiguous float32 array is used without a copy.
+    k : int
+        Results per query; ``k > N`` returns N columns.
+    metric : {"ip", "cosine"}
+        Inner product, or cosine similarity (zero vectors score 0).
+    exclude : optional
+        Items never returned (e.g. already seen): for one query an array of ids, for a batch a
+        sequence of B arrays or an :class:`IdLists`. Ids must be in ``[0, N)``.
+    candidates : optional
+        Score only these items (same forms as ``exclude``); duplicates count once.
+    num_threads : int, optional
+        OpenMP threads for this call (default: OpenMP's default). Batches split the items between
+        threads; small calls run on the calling thread.
+
+    Returns
+    -------
+    TopK(ids int64, scores float32), shape (width,) or (B, width) with ``width = min(k, N)``; slots
+    without an eligible item hold id -1 and score -inf.
+
+    Raises
+    ------
+    ValueError  k < 0, mismatched dims, NaN/inf in queries, NaN scores, malformed lists.
+    IndexError  an excluded or candidate id outside ``[0, N)`` (the message names query and position).
+    TypeError   wrong dtypes.
+
+    Notes
+    -----
+    Scores are computed block by block with a running selection; the B x N score matrix is never
+    materialized. The GIL is released while it runs.
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    kk = as_count(k, "k")
+    q = as_float32(queries, "queries")
+    single = q.ndim == 1
+    if single:
+        q = q.reshape(1, -1)
+    elif q.ndim != 2:
+        raise ValueError(f"queries must be 1-D (one query) or 2-D (a batch), got shape {q.shape}")
+    x = as_float32(items, "items", ndim=2)
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but items have dimension {x.shape[1]}")
+    ex_indptr, ex_ids = _lists(exclude, q.shape[0], single, "exclude")
+    c_indptr, c_ids = _lists(candidates, q.shape[0], single, "candidates")
+    ids, scores = _core.topk(q, x, kk, "ip" if metric == "ip" else "cosine", ex_indptr, ex_ids,
+                             c_indptr, c_ids, threads_arg(num_threads))
+    if single:
+        return TopK(ids[0], scores[0])
+    return TopK(ids, scores)
