@@ -1,0 +1,170 @@
+// Every kernel table the CPU supports against the scalar table, and the public API against brute force.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.hpp"
+#include "rec_engine/embedding.hpp"
+#include "rec_engine/graph.hpp"
+#include "rec_engine/simd.hpp"
+#include "rec_engine/topk.hpp"
+
+namespace k = rec_engine::kernels;
+using namespace rec_engine;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      ++g_failures;                                                   \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+    }                                                                 \
+  } while (0)
+
+static bool close(float a, float b, float tol) { return std::fabs(a - b) <= tol * (1.f + std::fabs(b)); }
+
+static std::vector<float> randn(std::mt19937& g, size_t n) {
+  std::normal_distribution<float> dist;
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(g);
+  return v;
+}
+
+static uint16_t float_to_half(float f) {  // round-to-nearest for normal values (test data only)
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const int exp = static_cast<int>((b >> 23) & 0xff) - 127 + 15;
+  const uint32_t mant = b & 0x7fffffu;
+  if (exp <= 0) return static_cast<uint16_t>(sign);
+  uint32_t h = sign | (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
+  if (mant & 0x1000u) ++h;
+  return static_cast<uint16_t>(h);
+}
+
+static void test_table(const k::KernelTable& t) {
+  const k::KernelTable& ref = k::scalar_table();
+  std::mt19937 g(42);
+  for (int64_t d : {1, 7, 15, 16, 17, 31, 33, 64, 100, 1023}) {
+    // dot_tile: every (nq, nx) shape up to 6 x 9, against the scalar table.
+    for (int64_t nq : {1, 3, 5, 6})
+      for (int64_t nx : {1, 2, 4, 9}) {
+        auto q = randn(g, nq * d), x = randn(g, nx * d);
+        std::vector<float> a(nq * nx), b(nq * nx);
+        t.dot_tile(q.data(), nq, d, x.data(), nx, d, d, a.data(), nx);
+        ref.dot_tile(q.data(), nq, d, x.data(), nx, d, d, b.data(), nx);
+        for (int64_t i = 0; i < nq * nx; ++i)
+          CHECK(close(a[i], b[i], 1e-4f), "%s dot_tile d=%lld: %g vs %g", t.name, (long long)d, a[i], b[i]);
+        // A pair scores the same inside any tile shape.
+        float single;
+        t.dot_tile(q.data() + (nq - 1) * d, 1, d, x.data() + (nx - 1) * d, 1, d, d, &single, 1);
+        CHECK(single == a[nq * nx - 1], "%s dot_tile is not tile-shape independent", t.name);
+      }
+    auto x = randn(g, d), y0 = randn(g, d);
+    std::vector<uint16_t> h(d);
+    std::vector<uint8_t> c(d);
+    for (int64_t i = 0; i < d; ++i) {
+      h[i] = float_to_half(x[i]);
+      c[i] = static_cast<uint8_t>(g() & 0xff);
+    }
+    auto run = [&](auto fn_t, auto fn_ref, const char* what) {
+      std::vector<float> a = y0, b = y0;
+      fn_t(a.data());
+      fn_ref(b.data());
+      for (int64_t i = 0; i < d; ++i)
+        CHECK(close(a[i], b[i], 1e-5f), "%s %s d=%lld i=%lld: %g vs %g", t.name, what, (long long)d,
+              (long long)i, a[i], b[i]);
+    };
+    run([&](float* y) { t.axpy_f32(y, x.data(), 0.7f, d); }, [&](float* y) { ref.axpy_f32(y, x.data(), 0.7f, d); }, "axpy_f32");
+    run([&](float* y) { t.axpy_f16(y, h.data(), -1.3f, d); }, [&](float* y) { ref.axpy_f16(y, h.data(), -1.3f, d); }, "axpy_f16");
+    run([&](float* y) { t.axpy_u8(y, c.data(), 0.01f, -0.5f, d); }, [&](float* y) { ref.axpy_u8(y, c.data(), 0.01f, -0.5f, d); }, "axpy_u8");
+    run([&](float* y) { t.max_f32(y, x.data(), d); }, [&](float* y) { ref.max_f32(y, x.data(), d); }, "max_f32");
+    run([&](float* y) { t.max_f16(y, h.data(), d); }, [&](float* y) { ref.max_f16(y, h.data(), d); }, "max_f16");
+    run([&](float* y) { t.max_u8(y, c.data(), 0.02f, -2.f, d); }, [&](float* y) { ref.max_u8(y, c.data(), 0.02f, -2.f, d); }, "max_u8");
+    run([&](float* y) { t.scale(y, 0.25f, d); }, [&](float* y) { ref.scale(y, 0.25f, d); }, "scale");
+  }
+}
+
+static void test_half_conversion() {
+  CHECK(k::half_to_float(0x3c00) == 1.f, "1.0");
+  CHECK(k::half_to_float(0xc000) == -2.f, "-2.0");
+  CHECK(k::half_to_float(0x0001) == std::ldexp(1.f, -24), "smallest subnormal");
+  CHECK(std::isinf(k::half_to_float(0x7c00)), "inf");
+  CHECK(std::isnan(k::half_to_float(0x7e00)), "nan");
+}
+
+static void test_topk_api() {
+  std::mt19937 g(7);
+  const int64_t b = 5, n = 3000, d = 19, kk = 17;
+  auto q = randn(g, b * d), x = randn(g, n * d);
+  std::vector<int64_t> ex_indptr = {0, 2, 2, 3, 3, 3}, ex_ids = {5, 9, 11};
+  TopkOptions opt;
+  opt.k = kk;
+  opt.exclude = {ex_indptr.data(), ex_ids.data()};
+  std::vector<int64_t> ids(b * kk);
+  std::vector<float> scores(b * kk);
+  topk(q.data(), b, x.data(), n, d, opt, ids.data(), scores.data());
+  for (int64_t qi = 0; qi < b; ++qi) {
+    std::vector<std::pair<float, int64_t>> all;
+    for (int64_t j = 0; j < n; ++j) {
+      bool skip = false;
+      for (int64_t p = ex_indptr[qi]; p < ex_indptr[qi + 1]; ++p) skip = skip || ex_ids[p] == j;
+      if (skip) continue;
+      double s = 0;
+      for (int64_t t = 0; t < d; ++t) s += double(q[qi * d + t]) * x[j * d + t];
+      all.push_back({static_cast<float>(s), j});
+    }
+    std::sort(all.begin(), all.end(), [](auto& a, auto& c) { return a.first > c.first || (a.first == c.first && a.second < c.second); });
+    for (int64_t r = 0; r < kk; ++r)
+      CHECK(close(scores[qi * kk + r], all[r].first, 1e-4f), "topk score q=%lld r=%lld", (long long)qi, (long long)r);
+  }
+  bool threw = false;
+  ex_ids[0] = n;  // out of range
+  try {
+    topk(q.data(), b, x.data(), n, d, opt, ids.data(), scores.data());
+  } catch (const std::out_of_range&) {
+    threw = true;
+  }
+  CHECK(threw, "an excluded id out of range must throw std::out_of_range");
+}
+
+static void test_pool_and_graph_api() {
+  std::mt19937 g(3);
+  const int64_t rows = 50, d = 9;
+  auto w = randn(g, rows * d);
+  TableView t{StorageType::float32, w.data(), rows, d, nullptr};
+  std::vector<int64_t> idx = {1, 2, 3, 49, 0}, offs = {0, 3, 3, 5};
+  std::vector<float> out(3 * d);
+  pool(t, idx.data(), 5, offs.data(), 3, nullptr, PoolMode::mean, out.data());
+  for (int64_t c = 0; c < d; ++c) {
+    CHECK(close(out[c], (w[1 * d + c] + w[2 * d + c] + w[3 * d + c]) / 3, 1e-5f), "mean bag 0");
+    CHECK(out[d + c] == 0.f, "empty bag gives zeros");
+  }
+  std::vector<int32_t> users = {0, 0, 1}, items = {0, 1, 1};
+  Csr a = normalized_adjacency(users.data(), items.data(), 3, 2, 2);
+  CHECK(a.n_rows == 4 && a.indptr[4] == 6, "adjacency nnz %lld", (long long)a.indptr[4]);
+  // user 0 (deg 2) - item 0 (deg 1): 1/sqrt(2)
+  CHECK(a.indices[0] == 2 && close(a.data[0], 1.f / std::sqrt(2.f), 1e-6f), "adjacency value");
+}
+
+int main() {
+  test_half_conversion();
+  for (SimdLevel level : supported_simd_levels()) {
+    set_simd_level(level);
+    const k::KernelTable& t = k::active();
+    std::printf("testing kernel table %s\n", t.name);
+    test_table(t);
+    test_topk_api();
+    test_pool_and_graph_api();
+  }
+  std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);
+  return g_failures ? 1 : 0;
+}
