@@ -83,7 +83,7 @@ def run(n_users: int = 2000, n_items: int = 20000, dim: int = 64, k: int = 10, s
     print(f"top-{k} for {n_users} users over {n_items} items excluding seen: {t_topk * 1e3:.2f} ms, "
           f"NumPy {t_np * 1e3:.2f} ms ({t_np / t_topk:.1f}x), agreement {agree:.3f}")
     for u in range(3):
-        print(f"  user {u}: items {res.ids[u][:5].tolist()} scores {np.round(res.scores[u][:5], 2).tolist()}")
+        print(f"  user {u}: items {res.ids[u][:5].tolist()} scores {[round(float(v), 2) for v in res.scores[u][:5]]}")
 
     one, t_one = _timed(lambda: topk(user_taste[0], item_taste, k, exclude=seen[0]), 20)
     print(f"single-query top-{k}: {t_one * 1e6:.0f} us -> {one.ids[:5].tolist()}")
