@@ -72,7 +72,7 @@ def test_kernels_release_the_gil_while_they_run():
     """A pure-Python thread keeps running while another thread is inside a long kernel call."""
     rng = np.random.default_rng(1)
     items = rng.normal(size=(300000, 64)).astype(np.float32)
-    queries = rng.normal(size=(64, 64)).astype(np.float32)
+    queries = rng.normal(size=(512, 64)).astype(np.float32)
     ticks = []
     stop = threading.Event()
 

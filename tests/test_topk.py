@@ -155,11 +155,12 @@ def test_cosine_with_zero_vectors_scores_zero(rng):
     assert res.ids[0] == 5 and res.scores[0] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("b", [1, 3, 64])
-def test_parallel_and_serial_runs_agree_bitwise(rng, b):
+@pytest.mark.parametrize("b,n", [(1, 60000), (3, 60000), (64, 20000), (300, 5000), (2000, 300)])
+def test_parallel_and_serial_runs_agree_bitwise(rng, b, n):
+    """Item-split (small batches) and query-split (large batches) runs equal the serial run."""
     q = rng.normal(size=(b, 48)).astype(np.float32)
-    x = rng.normal(size=(60000, 48)).astype(np.float32)
-    excl = [rng.choice(60000, 50, replace=False) for _ in range(b)]
+    x = rng.normal(size=(n, 48)).astype(np.float32)
+    excl = [rng.choice(n, 50, replace=False) for _ in range(b)]
     serial = topk(q, x, 100, exclude=excl, num_threads=1)
     parallel = topk(q, x, 100, exclude=excl, num_threads=2)
     np.testing.assert_array_equal(serial.ids, parallel.ids)

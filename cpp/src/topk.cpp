@@ -1,10 +1,11 @@
 // Exact top-k by inner product or cosine with exclusion and candidate subsets.
 //
-// Full scans split the items into one contiguous range per thread; each thread scores its range block
-// by block (a tile of up to kQueryTile queries x kItemBlock items, small enough for L2) and keeps a
-// running selection per query; the per-thread selections are merged at the end. Every item row is read
-// once per group of kQueryGroup queries, and memory stays at O(threads * B * k), never B x N.
-// Candidate subsets are scored per query (parallel over queries).
+// Full scans score block by block (a tile of up to kQueryTile queries x kItemBlock items, small enough
+// for L2) and keep a running selection (bounded heap) per query. Large batches are split by queries
+// (each thread owns a contiguous range of queries and scans all items); a single query or a small batch
+// is split by items (one contiguous item range per thread, selections merged at the end). Memory stays
+// at O(threads * min(B, kQueryGroup) * k) plus the output, never B x N. Candidate subsets are scored
+// per query (parallel over queries).
 #include "rec_engine/topk.hpp"
 
 #include <algorithm>
@@ -255,7 +256,8 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     return;
   }
 
-  const int nt = detail::threads_for(opt.num_threads, n_queries * n_items * dim, n_items / kItemBlock);
+  const int nt = detail::threads_for(opt.num_threads, n_queries * n_items * dim,
+                                    std::max(n_items / kItemBlock, n_queries / kQueryTile));
   if (cosine) {
     item_inv.resize(static_cast<size_t>(n_items));
     detail::parallel_for((n_items + 4095) / 4096, nt, 1, [&](int64_t c) {
@@ -273,14 +275,26 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     std::vector<std::vector<Selection>> sels(nt);
     for (int t = 0; t < nt; ++t)
       for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * group + a) * width, width);
-    // One contiguous item range per thread (ranges aligned to item blocks).
+    if (nt > 1 && ng >= nt * kQueryTile) {
+      // A large batch: one contiguous range of queries per thread, each scanning every item (its item
+      // blocks stay in cache across its query tiles); the selections are final, nothing to merge.
+      detail::parallel_for(nt, nt, 1, [&](int64_t t) {
+        const int64_t q0 = g0 + ng * t / nt, q1 = g0 + ng * (t + 1) / nt;
+        scan_range(p, q0, q1, 0, n_items, sels[0].data() + (q0 - g0), scratch[t], nan_ids[t]);
+      });
+      detail::parallel_for(ng, nt, 16, [&](int64_t a) {
+        sels[0][a].write_sorted(width, out_ids + (g0 + a) * width, out_scores + (g0 + a) * width);
+      });
+      continue;
+    }
+    // A single query or a small batch: one contiguous item range per thread (aligned to item blocks),
+    // then the per-thread selections of each query are merged.
     const int64_t blocks = (n_items + kItemBlock - 1) / kItemBlock;
     detail::parallel_for(nt, nt, 1, [&](int64_t t) {
       const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
       scan_range(p, g0, g1, b0 * kItemBlock, std::min(n_items, b1 * kItemBlock), sels[t].data(),
                  scratch[t], nan_ids[t]);
     });
-    // Merge the per-thread selections of each query.
     detail::parallel_for(ng, nt > 1 && ng > 1 ? nt : 1, 16, [&](int64_t a) {
       const int64_t q = g0 + a;
       if (nt == 1) {
