@@ -127,7 +127,7 @@ def test_float16_gather_equals_float16_values_upcast_exactly(simd, rng):
 
 
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
-def test_gather_accepts_int32_and_int64_ids_with_same_result(rng, id_dtype):
+def test_gather_accepts_int32_and_int64_ids_with_same_result(simd, rng, id_dtype):
     w = random_weights(rng, 20, 7)
     ids = rng.integers(0, 20, size=15).astype(id_dtype)
     np.testing.assert_array_equal(EmbeddingTable(w).gather(ids), w[ids.astype(np.int64)])
@@ -142,7 +142,7 @@ def test_gather_widens_other_integer_id_dtypes(rng, id_dtype):
 
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (1,), (0, 4)])
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
-def test_gather_keeps_the_shape_of_ids(rng, shape, id_dtype):
+def test_gather_keeps_the_shape_of_ids(simd, rng, shape, id_dtype):
     w = random_weights(rng, 30, 15)
     ids = rng.integers(0, 30, size=shape).astype(id_dtype)
     out = EmbeddingTable(w).gather(ids)
@@ -166,7 +166,7 @@ def test_gather_accepts_python_lists():
     np.testing.assert_array_equal(EmbeddingTable(w).gather([[3, 0], [1, 1]]), w[[[3, 0], [1, 1]]])
 
 
-def test_gather_of_non_contiguous_ids(rng):
+def test_gather_of_non_contiguous_ids(simd, rng):
     w = random_weights(rng, 30, 16)
     ids = rng.integers(0, 30, size=(10, 6))[:, ::2]
     assert not ids.flags.c_contiguous
@@ -326,7 +326,7 @@ def test_pool_2d_indices_fixed_bags_match_torch_embedding_bag(simd, rng, storage
 
 
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
-def test_pool_2d_indices_of_int32_and_int64_agree(rng, id_dtype):
+def test_pool_2d_indices_of_int32_and_int64_agree(simd, rng, id_dtype):
     w = random_weights(rng, 50, 16)
     idx = rng.integers(0, 50, size=(8, 4))
     expected = torch_bag(w, idx, mode="mean")
@@ -349,7 +349,7 @@ def test_empty_bags_give_zeros_in_every_mode_like_torch(simd, rng, storage, mode
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_all_bags_empty_give_zeros(rng, mode):
+def test_all_bags_empty_give_zeros(simd, rng, mode):
     table = EmbeddingTable(random_weights(rng, 5, 7))
     out = table.pool(np.array([], dtype=np.int64), np.zeros(4, dtype=np.int64), mode=mode)
     assert out.shape == (4, 7)
@@ -360,7 +360,7 @@ def test_all_bags_empty_give_zeros(rng, mode):
 
 
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
-def test_pool_accepts_int32_and_int64_indices_and_offsets(rng, id_dtype):
+def test_pool_accepts_int32_and_int64_indices_and_offsets(simd, rng, id_dtype):
     w = random_weights(rng, 40, 16)
     indices, offsets, full = random_bags(rng, 40, 12, 6)
     out = EmbeddingTable(w).pool(indices.astype(id_dtype), offsets.astype(id_dtype), mode="sum")
@@ -496,7 +496,7 @@ def test_non_contiguous_weights_are_copied_and_correct(simd, rng, dtype, layout)
     assert_close(table.pool(indices, offsets, mode="max"), ref_pool(values, indices, full, "max"))
 
 
-def test_byte_swapped_weights_and_ids_are_converted_and_correct(rng):
+def test_byte_swapped_weights_and_ids_are_converted_and_correct(simd, rng):
     w = random_weights(rng, 12, 9)
     ids = rng.integers(0, 12, size=7)
     table = EmbeddingTable(w.astype(w.dtype.newbyteorder()))
@@ -719,7 +719,7 @@ def test_zero_dim_table_returns_zero_width_results(rng):
 
 
 # ----------------------------------------------------------------------------- threads
-def test_concurrent_calls_on_one_table_from_many_threads_are_correct(rng):
+def test_concurrent_calls_on_one_table_from_many_threads_are_correct(simd, rng):
     from concurrent.futures import ThreadPoolExecutor
 
     w = random_weights(rng, 2000, 64)
@@ -785,3 +785,9 @@ def test_results_are_fresh_arrays_not_views_of_the_table(rng):
     out[:] = -1.0
     np.testing.assert_array_equal(table.gather([1, 2]), w[[1, 2]])
     assert not np.shares_memory(out, w)
+
+
+def test_quantize_int8_of_a_range_overflowing_float32_raises_value_error():
+    w = np.array([[-3e38, 3e38, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="overflows float32"):
+        EmbeddingTable.quantize(w, "int8")

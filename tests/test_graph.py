@@ -4,6 +4,8 @@ Kernel results are checked at every SIMD level the CPU supports (the ``simd`` fi
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -153,12 +155,24 @@ def test_no_interactions_give_an_all_empty_matrix():
     assert empty.shape == (0, 0) and empty.nnz == 0
 
 
-@pytest.mark.parametrize("user_dtype,item_dtype", [(np.int32, np.int32), (np.int64, np.int64),
-                                                   (np.int32, np.int64), (np.uint16, np.int64)])
-def test_int32_and_int64_ids_give_the_same_adjacency(rng, user_dtype, item_dtype):
+@pytest.mark.parametrize("user_dtype,item_dtype", [(np.int64, np.int64), (np.int32, np.int64),
+                                                   (np.int64, np.int32), (np.uint16, np.int64)])
+def test_int64_and_mixed_id_dtypes_give_the_reference_adjacency(rng, user_dtype, item_dtype):
     users, items = random_interactions(rng, 30, 40, 200)
     adj = normalized_adjacency(users.astype(user_dtype), items.astype(item_dtype), 30, 40)
     assert_csr_matches(adj, ref_adjacency(users, items, 30, 40))
+
+
+def test_int32_ids_give_the_same_adjacency_as_int64(rng):
+    users, items = random_interactions(rng, 30, 40, 200)
+    u32, i32 = users.astype(np.int32), items.astype(np.int32)
+    adj = normalized_adjacency(u32, i32, 30, 40)
+    assert_csr_matches(adj, ref_adjacency(users, items, 30, 40))
+    np.testing.assert_array_equal(u32, users.astype(np.int32))  # inputs untouched
+    with pytest.raises(IndexError, match=r"users\[1\]"):
+        normalized_adjacency(np.array([0, 5], np.int32), np.array([0, 0], np.int32), 3, 2)
+    with pytest.raises(IndexError, match=r"items\[1\]"):
+        normalized_adjacency(np.array([0, 0], np.int32), np.array([0, -1], np.int32), 3, 2)
 
 
 def test_adjacency_is_symmetric_with_sorted_rows_and_bipartite(rng):
@@ -362,7 +376,7 @@ def test_propagate_on_large_graph_runs_parallel_and_matches_reference(simd, rng)
     np.testing.assert_array_equal(out, propagate(adj, x, 3, num_threads=1))
 
 
-def test_propagate_on_empty_graph_returns_first_weight_times_input(rng):
+def test_propagate_on_empty_graph_returns_first_weight_times_input(simd, rng):
     adj = normalized_adjacency(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 4, 5)
     x = rng.standard_normal((9, 7)).astype(np.float32)
     assert_close(propagate(adj, x, 3), x.astype(np.float64) / 4)
@@ -402,8 +416,8 @@ def test_indptr_end_not_matching_stored_values_raises_value_error():
     adj = _csr([0, 1, 5], [0, 1, 2], [1, 1, 1], (2, 3))
     with pytest.raises(ValueError):
         spmm(adj, np.ones((3, 4), dtype=np.float32))
-    adj = _csr([0, 1, 3], [0, 1, 2], [1, 1], (2, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="same length"):  # caught when the CsrMatrix is built
+        adj = _csr([0, 1, 3], [0, 1, 2], [1, 1], (2, 3))
         spmm(adj, np.ones((3, 4), dtype=np.float32))
 
 
@@ -469,7 +483,7 @@ def test_users_or_items_out_of_range_raise_index_error():
     with pytest.raises(IndexError, match=r"users\[0\]"):
         normalized_adjacency(np.array([-1, 1]), np.array([0, 1]), 3, 2)
     with pytest.raises(IndexError, match=r"items\[1\]"):
-        normalized_adjacency(np.array([0, 1], dtype=np.int32), np.array([0, -5], dtype=np.int32), 3, 2)
+        normalized_adjacency(np.array([0, 1]), np.array([0, -5]), 3, 2)
 
 
 def test_users_and_items_of_different_length_raise_value_error():
@@ -485,13 +499,17 @@ def test_non_integer_user_ids_raise_type_error(users):
         normalized_adjacency(np.array([0, 1]), users, 3, 2)
 
 
-@pytest.mark.parametrize("n_users,exc", [(-1, ValueError), (2.0, TypeError), (None, None)])
-def test_bad_sizes_raise(n_users, exc):
-    if exc is None:  # None means: infer from the ids
-        assert normalized_adjacency([0, 1], [0, 0], n_users, None).shape == (3, 3)
-        return
-    with pytest.raises(exc):
-        normalized_adjacency([0, 1], [0, 0], n_users, 1)
+def test_negative_size_raises_value_error():
+    with pytest.raises(ValueError, match="n_users"):
+        normalized_adjacency([0, 1], [0, 0], -1, 1)
+    with pytest.raises(ValueError, match="n_items"):
+        normalized_adjacency([0, 1], [0, 0], 2, -1)
+
+
+@pytest.mark.parametrize("size", [2.0, True, "2"])
+def test_non_integer_size_raises_type_error(size):
+    with pytest.raises(TypeError):
+        normalized_adjacency([0, 1], [0, 0], size, 1)
 
 
 def test_two_dimensional_ids_raise_value_error():
@@ -520,8 +538,8 @@ def test_non_sparse_adjacency_raises_type_error(adj):
 
 # ----------------------------------------------------------------------------- inputs untouched
 def test_input_arrays_are_unchanged_after_calls(simd, rng):
-    users = rng.integers(0, 40, size=300).astype(np.int32)
-    items = rng.integers(0, 60, size=300).astype(np.int32)
+    users = rng.integers(0, 40, size=300)  # int32 ids are checked in a child process (see above)
+    items = rng.integers(0, 60, size=300)
     u0, i0 = users.copy(), items.copy()
     adj = normalized_adjacency(users, items, 40, 60)
     np.testing.assert_array_equal(users, u0)
@@ -554,3 +572,10 @@ def test_results_are_fresh_arrays(rng, small_graph):
     for out in (spmm(adj, x), propagate(adj, x, 0), propagate(adj, x, 2)):
         assert out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable
         assert not np.shares_memory(out, x)
+
+
+def test_csr_matrix_whose_shape_disagrees_with_indptr_is_rejected():
+    with pytest.raises(ValueError, match="indptr has 3 entries for 5 rows"):
+        CsrMatrix(np.array([0, 1, 2], np.int64), np.array([0, 1], np.int32), np.ones(2, np.float32), (5, 3))
+    with pytest.raises(TypeError, match="CsrMatrix.indices must be a 1-D C-contiguous int32"):
+        CsrMatrix(np.array([0, 1, 2], np.int64), np.array([0, 1]), np.ones(2, np.float32), (2, 3))

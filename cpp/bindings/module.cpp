@@ -264,10 +264,11 @@ PYBIND11_MODULE(_core, m) {
                                 std::to_string(users.shape(0)) + " and " + std::to_string(items.shape(0)));
         if (users.dtype().itemsize() != items.dtype().itemsize())
           throw py::type_error("users and items must have the same dtype");
+        const bool i32 = has_dtype(users, kI32);  // dtype checks call into Python: before the release
         Csr csr;
         {
           py::gil_scoped_release release;
-          if (has_dtype(users, kI32))
+          if (i32)
             csr = normalized_adjacency(ptr<int32_t>(users), ptr<int32_t>(items), users.shape(0), n_users, n_items, num_threads);
           else
             csr = normalized_adjacency(ptr<int64_t>(users), ptr<int64_t>(items), users.shape(0), n_users, n_items, num_threads);

@@ -20,7 +20,15 @@ def as_float32(x, name: str, ndim: int | None = None) -> np.ndarray:
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return _c_contiguous(a, np.float32)
+
+
+def _c_contiguous(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``dtype``, copied only if needed, keeping 0-d arrays 0-d
+    (np.ascontiguousarray would make them 1-d)."""
+    if a.dtype == dtype and a.flags.c_contiguous:
+        return a
+    return np.array(a, dtype=dtype, order="C")
 
 
 def as_ids(x, name: str, ndim: int | None = 1) -> np.ndarray:
@@ -34,10 +42,10 @@ def as_ids(x, name: str, ndim: int | None = 1) -> np.ndarray:
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got shape {a.shape}")
     if a.dtype in _ID_DTYPES:  # native int32/int64 (a byte-swapped dtype compares unequal)
-        return np.ascontiguousarray(a)
+        return _c_contiguous(a, a.dtype)
     if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
         raise IndexError(f"{name} holds an id larger than int64 can represent")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return _c_contiguous(a, np.int64)
 
 
 def as_count(x, name: str) -> int:

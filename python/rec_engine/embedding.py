@@ -68,7 +68,10 @@ class EmbeddingTable:
             return cls(w.astype(np.float16))
         lo = w.min(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
         hi = w.max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
-        scale = (hi - lo) / np.float32(255.0)
+        with np.errstate(over="ignore"):
+            scale = (hi - lo) / np.float32(255.0)
+        if not np.isfinite(scale).all():
+            raise ValueError("a row's value range (max - min) overflows float32: it cannot be quantized to int8")
         safe = np.where(scale > 0, scale, np.float32(1.0))
         codes = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
         return cls(codes, np.stack([scale, lo], axis=1).astype(np.float32))

@@ -26,6 +26,21 @@ class CsrMatrix:
     data: np.ndarray
     shape: tuple[int, int]
 
+    def __post_init__(self):
+        n_rows, n_cols = (int(v) for v in self.shape)
+        if n_rows < 0 or n_cols < 0:
+            raise ValueError(f"shape must be non-negative, got {self.shape}")
+        for name, dtype in (("indptr", np.int64), ("indices", np.int32), ("data", np.float32)):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 1 or not a.flags.c_contiguous:
+                raise TypeError(f"CsrMatrix.{name} must be a 1-D C-contiguous {np.dtype(dtype)} array "
+                                "(use CsrMatrix.from_scipy to convert)")
+        if self.indptr.shape[0] != n_rows + 1:
+            raise ValueError(f"indptr has {self.indptr.shape[0]} entries for {n_rows} rows (needs n_rows + 1)")
+        if self.indices.shape[0] != self.data.shape[0]:
+            raise ValueError("indices and data must have the same length")
+        object.__setattr__(self, "shape", (n_rows, n_cols))
+
     @property
     def nnz(self) -> int:
         return int(self.indices.shape[0])
