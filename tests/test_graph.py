@@ -4,7 +4,6 @@ Kernel results are checked at every SIMD level the CPU supports (the ``simd`` fi
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
