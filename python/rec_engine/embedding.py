@@ -112,7 +112,8 @@ class EmbeddingTable:
 
     @property
     def scale_bias(self) -> np.ndarray | None:
-        return self._table.scale_bias
+        """Per-row (scale, bias) of an int8 table; None for float32 and float16 storage."""
+        return self._table.scale_bias if self.dtype == "int8" else None
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,224 @@
+"""The bundle: a versioned directory that carries a trained model from training to serving.
+
+Layout::
+
+    manifest.json          format_version, kind, created, files {relative path: {sha256, bytes}}, meta
+    tables/<name>.npy      embedding tables (float32 / float16, or uint8 codes + <name>.scale_bias.npy)
+    arrays/<name>.npy      other arrays (item ids, popularity, CSR parts of a graph, ...)
+    <name>.onnx            dense / attention parts, dynamic batch axis; tables stay outside the graph
+
+``meta`` holds what the model's kind needs (schema, dims, vocabularies, metric values, config). The
+manifest is written last, and the directory is written beside the target and renamed into place, so a
+reader never sees a half-written bundle. :func:`open_bundle` checks every file's size and sha256 before
+anything is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ._core import RecEngineError
+from .embedding import EmbeddingTable
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TABLE_DTYPES = ("float32", "float16", "int8")
+
+
+class BundleError(RecEngineError):
+    """A bundle is missing, corrupt, of an unknown format, or does not hold what was asked for."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"a bundle entry name must be a plain file name, got {name!r}")
+    return name
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] | None = None,
+                 tables: Mapping[str, np.ndarray] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
+                 onnx: Mapping[str, bytes | str | os.PathLike] | None = None, table_dtype: str = "float32",
+                 overwrite: bool = False) -> Path:
+    """Write a bundle directory at ``path`` and return it.
+
+    Parameters
+    ----------
+    kind : str
+        The model kind, e.g. "deepfm", "lightgcn", "sasrec"; serving dispatches on it.
+    meta : mapping
+        JSON-serializable description (schema, dims, config, metrics, ...), stored in the manifest.
+    tables : mapping of name -> float array (rows, dim)
+        Embedding tables, stored as ``table_dtype`` ("float32", "float16" or row-wise "int8").
+    arrays : mapping of name -> array
+        Other arrays, stored as they are (``.npy``, no pickles).
+    onnx : mapping of name -> serialized model bytes or a path to an ``.onnx`` file
+    overwrite : bool
+        Replace an existing bundle at ``path`` (atomically: the old one stays until the new is complete).
+    """
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("kind must be a non-empty string")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        files: dict[str, dict] = {}
+        table_info: dict[str, dict] = {}
+
+        def put(rel: str, writer):
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            writer(target)
+            files[rel] = {"sha256": _sha256(target), "bytes": target.stat().st_size}
+
+        for name, w in (tables or {}).items():
+            _check_name(name)
+            t = EmbeddingTable.quantize(w, table_dtype)
+            put(f"tables/{name}.npy", lambda p, a=t.weights: np.save(p, a, allow_pickle=False))
+            if t.scale_bias is not None:
+                put(f"tables/{name}.scale_bias.npy", lambda p, a=t.scale_bias: np.save(p, a, allow_pickle=False))
+            table_info[name] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype}
+        for name, a in (arrays or {}).items():
+            _check_name(name)
+            a = np.asarray(a)
+            if a.dtype == object:
+                raise TypeError(f"array {name!r} has dtype object; bundles hold numeric arrays only")
+            put(f"arrays/{name}.npy", lambda p, a=a: np.save(p, a, allow_pickle=False))
+        for name, model in (onnx or {}).items():
+            _check_name(name)
+            if isinstance(model, (bytes, bytearray)):
+                put(f"{name}.onnx", lambda p, b=model: p.write_bytes(bytes(b)))
+            else:
+                put(f"{name}.onnx", lambda p, src=model: shutil.copyfile(src, p))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tables": table_info,
+            "files": files,
+            "meta": _jsonable(dict(meta or {})),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "b")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class Bundle:
+    """A bundle opened for reading (see :func:`open_bundle`)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest["meta"]
+
+    @property
+    def table_names(self) -> list[str]:
+        return sorted(self.manifest["tables"])
+
+    def _file(self, rel: str) -> Path:
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.path} has no {rel}")
+        return self.path / rel
+
+    def has(self, rel: str) -> bool:
+        return rel in self.manifest["files"]
+
+    def table(self, name: str, *, mmap: bool = True) -> EmbeddingTable:
+        """The embedding table ``name``, memory-mapped by default (no copy into memory)."""
+        if name not in self.manifest["tables"]:
+            raise BundleError(f"bundle {self.path} has no table {name!r} (it has {self.table_names})")
+        sb = f"tables/{name}.scale_bias.npy"
+        return EmbeddingTable.load(self._file(f"tables/{name}.npy"),
+                                   scale_bias=self._file(sb) if self.has(sb) else None, mmap=mmap)
+
+    def array(self, name: str, *, mmap: bool = False) -> np.ndarray:
+        return np.load(self._file(f"arrays/{name}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def onnx_path(self, name: str) -> Path:
+        return self._file(f"{name}.onnx")
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, kind={self.kind!r})"
+
+
+def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
+    """Open the bundle at ``path``: read its manifest and (``verify=True``) check every listed file's size
+    and sha256. Raises :class:`BundleError` naming the file at fault."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle directory")
+    if not mpath.is_file():
+        raise BundleError(f"{path} has no {MANIFEST}: not a bundle, or not completely written")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} does not hold a JSON object")
+    for key, typ in (("format_version", int), ("kind", str), ("files", dict), ("tables", dict), ("meta", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise BundleError(f"{mpath}: '{key}' is missing or not a {typ.__name__}")
+    if manifest["format_version"] > FORMAT_VERSION or manifest["format_version"] < 1:
+        raise BundleError(f"{mpath}: format_version {manifest['format_version']} is not supported "
+                          f"(this rec_engine reads up to {FORMAT_VERSION})")
+    for rel, info in manifest["files"].items():
+        f = (path / rel).resolve()
+        if path.resolve() not in f.parents:
+            raise BundleError(f"{mpath}: file entry {rel!r} points outside the bundle")
+        if not f.is_file():
+            raise BundleError(f"bundle {path}: file {rel} is missing")
+        if not isinstance(info, dict) or "sha256" not in info or "bytes" not in info:
+            raise BundleError(f"{mpath}: entry for {rel} lacks sha256/bytes")
+        if f.stat().st_size != info["bytes"]:
+            raise BundleError(f"bundle {path}: {rel} has {f.stat().st_size} bytes, the manifest says {info['bytes']}")
+        if verify and _sha256(f) != info["sha256"]:
+            raise BundleError(f"bundle {path}: {rel} does not match its sha256 (corrupt or changed)")
+    return Bundle(path, manifest)
