@@ -1,0 +1,1 @@
+"""Data for training: containers, the synthetic generator and loaders of real formats."""

@@ -1,0 +1,163 @@
+"""The shared training loop: seeds, a progress bar per epoch, validation each epoch, early stopping.
+
+Every model family writes its own ``train_epoch`` (what a step is differs: BCE over examples, BPR over
+triples, SASRec's positive/negative BCE) and ``validate``; :func:`fit` runs them the same way for all.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainConfig:
+    """Knobs common to every model; ``params`` holds the model-specific ones (layers, heads, ...)."""
+
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dim: int = 16
+    seed: int = 0
+    patience: int = 3             # epochs without improvement before stopping; 0 = never stop early
+    num_threads: int | None = None
+    progress: bool = True         # draw a progress bar on stderr
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch; return a NumPy generator for the caller's own sampling."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+class Progress:
+    """Wraps an iterable of steps; draws ``label [=====>   ] i/n  loss`` on stderr (if enabled)."""
+
+    def __init__(self, items: Iterable[T], total: int, label: str, enabled: bool = True, width: int = 28):
+        self.items, self.total, self.label, self.enabled, self.width = items, max(int(total), 1), label, enabled, width
+        self.loss_sum = 0.0
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add_loss(self, loss: float) -> None:
+        self.loss_sum += float(loss)
+        self.steps += 1
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps if self.steps else float("nan")
+
+    def _draw(self, i: int, end: bool = False) -> None:
+        if not self.enabled:
+            return
+        filled = int(self.width * i / self.total)
+        bar = "=" * filled + (">" if filled < self.width else "") + " " * (self.width - filled - 1)
+        sys.stderr.write(f"\r{self.label} [{bar[:self.width]}] {i}/{self.total} "
+                         f"loss {self.mean_loss:.4f} {time.perf_counter() - self.t0:.1f}s")
+        if end:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def __iter__(self) -> Iterator[T]:
+        step = max(self.total // 50, 1)
+        for i, item in enumerate(self.items, 1):
+            yield item
+            if i % step == 0 or i == self.total:
+                self._draw(i)
+        self._draw(self.total, end=True)
+
+
+@dataclass
+class History:
+    """One dict per epoch (epoch, loss, seconds and the validation metrics), and the best one."""
+
+    monitor: str
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> dict:
+        return self.epochs[self.best_epoch - 1] if self.best_epoch > 0 else {}
+
+
+def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: Callable[[], dict],
+        config: TrainConfig, *, monitor: str, higher_is_better: bool = True,
+        log: Callable[[str], None] = print, make_progress: Callable[[int], Progress] | None = None) -> History:
+    """Train for up to ``config.epochs`` epochs, validating after each; keep the weights of the best
+    epoch by ``monitor`` (restored into ``model`` at the end) and stop after ``config.patience`` epochs
+    without improvement.
+
+    ``train_epoch(epoch, progress)`` runs one epoch and returns its mean loss; it should iterate its
+    batches through ``progress`` (a :class:`Progress` or None) and call ``progress.add_loss``.
+    ``make_progress(epoch)`` builds that progress object (None: no progress bar).
+    ``validate()`` returns metrics, among them ``monitor``.
+    """
+    hist = History(monitor)
+    best_value = -math.inf if higher_is_better else math.inf
+    best_state = None
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        if hasattr(model, "train"):
+            model.train()
+        loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
+        if hasattr(model, "eval"):
+            model.eval()
+        metrics = validate()
+        if monitor not in metrics:
+            raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored metric {monitor!r}")
+        row = {"epoch": epoch, "loss": loss, **{k: float(v) for k, v in metrics.items()},
+               "seconds": time.perf_counter() - t0}
+        hist.epochs.append(row)
+        value = row[monitor]
+        improved = value > best_value if higher_is_better else value < best_value
+        log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  "
+            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  ({row['seconds']:.1f}s)"
+            + ("  *" if improved else ""))
+        if improved:
+            best_value, stale, hist.best_epoch = value, 0, epoch
+            if hasattr(model, "state_dict"):
+                best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if config.patience and stale >= config.patience:
+                hist.stopped_early = True
+                log(f"early stop: no better {monitor} for {stale} epochs; best epoch {hist.best_epoch}")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if hasattr(model, "eval"):
+        model.eval()
+    return hist
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Index batches over ``range(n)``, shuffled when ``rng`` is given."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,1 @@
+"""PyTorch models: ranking (CTR), sequential and graph / collaborative filtering."""
