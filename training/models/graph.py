@@ -1,0 +1,350 @@
+"""Collaborative filtering over the user-item graph: MF, LightGCN and NGCF, trained with BPR.
+
+All three score a user-item pair by the inner product of a user vector and an item vector, so serving
+ranks them with the core's top-k. LightGCN and NGCF propagate over ``A_hat = D^-1/2 A D^-1/2`` of the
+bipartite train graph; the adjacency is built by the core (:func:`rec_engine.normalized_adjacency`, node
+``u`` is user ``u``, node ``n_users + i`` is item ``i``) and every propagation step in training runs
+through the core's SpMM (:class:`CoreSpmm`), so training and serving multiply by the very same matrix.
+
+References: Rendle et al. 2009 (BPR), He et al. 2020 (LightGCN), Wang et al. 2019 (NGCF).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rec_engine
+from rec_engine import CsrMatrix
+
+from ..data.containers import ImplicitSplit, Interactions
+from ..evaluate import evaluate_retrieval
+from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
+
+KINDS = ("mf", "lightgcn", "ngcf")
+
+
+# ----------------------------------------------------------------------------- graph
+def graph_adjacency(train: Interactions, *, num_threads: int | None = None) -> CsrMatrix:
+    """The core's ``D^-1/2 A D^-1/2`` of the train graph, checked to be symmetric.
+
+    Returns
+    -------
+    CsrMatrix, square ``(n_users + n_items)``; users first, then items.
+
+    Raises
+    ------
+    RuntimeError
+        The matrix is not symmetric (then :class:`CoreSpmm`'s backward, which multiplies by ``A_hat``
+        instead of ``A_hat^T``, would be wrong).
+    """
+    adj = rec_engine.normalized_adjacency(train.users, train.items, train.n_users, train.n_items,
+                                          num_threads=num_threads)
+    n = adj.shape[0]
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(adj.indptr))
+    cols = adj.indices.astype(np.int64)
+    order = np.argsort(rows * n + cols, kind="stable")
+    order_t = np.argsort(cols * n + rows, kind="stable")
+    if not (np.array_equal(rows[order], cols[order_t]) and np.array_equal(cols[order], rows[order_t])
+            and np.allclose(adj.data[order], adj.data[order_t], rtol=1e-6, atol=0.0)):
+        raise RuntimeError("the normalized adjacency from the core is not symmetric")
+    return adj
+
+
+class CoreSpmm(torch.autograd.Function):
+    """``A_hat @ x`` through the core's SpMM, with the gradient ``A_hat^T @ grad = A_hat @ grad``.
+
+    Only valid for a symmetric ``adj`` (as :func:`graph_adjacency` guarantees). ``x`` must be a float32
+    CPU tensor of shape ``(n, d)``; the result is float32 ``(n, d)``.
+
+    Call it as ``CoreSpmm.apply(x, adj, num_threads)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, adj: CsrMatrix, num_threads: int | None = None) -> torch.Tensor:
+        ctx.adj, ctx.num_threads = adj, num_threads
+        return _core_spmm(adj, x, num_threads)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _core_spmm(ctx.adj, grad, ctx.num_threads), None, None
+
+
+def _core_spmm(adj: CsrMatrix, x: torch.Tensor, num_threads: int | None) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"CoreSpmm needs a float32 CPU tensor, got {x.dtype} on {x.device}")
+    out = rec_engine.spmm(adj, x.detach().contiguous().numpy(), num_threads=num_threads)
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- models
+class _BprModel(nn.Module):
+    """What the trainer and the exporter need of a model: ``kind``, sizes, ``ego()`` (layer-0 user and
+    item embeddings) and ``propagate()`` (the final user and item vectors that are scored by dot)."""
+
+    kind = ""
+
+    def __init__(self, n_users: int, n_items: int, n_layers: int, params: dict):
+        super().__init__()
+        self.n_users, self.n_items, self.n_layers = int(n_users), int(n_items), int(n_layers)
+        self.params = dict(params)
+        self.layer_weights: list[float] | None = None
+
+    def ego(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float) -> torch.Tensor:
+        """Mean BPR loss ``-log sigmoid(s(u, pos) - s(u, neg))`` plus ``reg`` times the LightGCN-style L2
+        term ``(|e_u|^2 + |e_pos|^2 + |e_neg|^2) / 2 / batch`` on the batch's ego embeddings."""
+        user_vecs, item_vecs = self.propagate()
+        u, p, n = user_vecs[users], item_vecs[pos], item_vecs[neg]
+        loss = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
+        user_ego, item_ego = self.ego()
+        l2 = (user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum() + item_ego[neg].pow(2).sum()) / 2
+        return loss + reg * l2 / users.shape[0]
+
+
+class MF(_BprModel):
+    """Matrix factorization: ``score(u, i) = <p_u, q_i>`` with ``dim``-dimensional embeddings."""
+
+    kind = "mf"
+
+    def __init__(self, n_users: int, n_items: int, dim: int, params: dict | None = None):
+        super().__init__(n_users, n_items, 0, params or {})
+        self.layer_weights = [1.0]
+        self.user_emb = nn.Parameter(torch.empty(n_users, dim).normal_(0.0, 0.1))
+        self.item_emb = nn.Parameter(torch.empty(n_items, dim).normal_(0.0, 0.1))
+
+    def ego(self):
+        return self.user_emb, self.item_emb
+
+    def propagate(self):
+        return self.user_emb, self.item_emb
+
+
+class LightGCN(_BprModel):
+    """LightGCN: ``E_{k+1} = A_hat E_k`` for ``k < n_layers``, final ``sum_k w_k E_k`` (default: the mean).
+
+    Parameters
+    ----------
+    adj : CsrMatrix, symmetric ``(n_users + n_items)`` square (:func:`graph_adjacency`)
+    dim : int  embedding size ``d``; the user / item vectors have ``d`` columns
+    n_layers : int  propagation steps ``K``
+    layer_weights : sequence of K + 1 floats, optional
+    """
+
+    kind = "lightgcn"
+
+    def __init__(self, adj: CsrMatrix, n_users: int, n_items: int, dim: int, n_layers: int = 3,
+                 layer_weights=None, num_threads: int | None = None, params: dict | None = None):
+        super().__init__(n_users, n_items, n_layers, params or {})
+        _check_adjacency(adj, n_users, n_items)
+        if layer_weights is None:
+            layer_weights = [1.0 / (n_layers + 1)] * (n_layers + 1)
+        if len(layer_weights) != n_layers + 1:
+            raise ValueError(f"layer_weights needs n_layers + 1 = {n_layers + 1} entries, got {len(layer_weights)}")
+        self.layer_weights = [float(w) for w in layer_weights]
+        self.adj, self.num_threads = adj, num_threads
+        self.embedding = nn.Parameter(torch.empty(n_users + n_items, dim).normal_(0.0, 0.1))
+
+    def ego(self):
+        return self.embedding[:self.n_users], self.embedding[self.n_users:]
+
+    def propagate(self):
+        e = self.embedding
+        out = self.layer_weights[0] * e
+        for w in self.layer_weights[1:]:
+            e = CoreSpmm.apply(e, self.adj, self.num_threads)
+            out = out + w * e
+        return out[:self.n_users], out[self.n_users:]
+
+
+class NGCF(_BprModel):
+    """NGCF: ``E_{k+1} = LeakyReLU(W1 (A_hat + I) E_k + W2 (A_hat E_k * E_k))``, message dropout, and the
+    final vector the concatenation of ``E_0`` and the L2-normalized ``E_1 .. E_K`` (``d * (K + 1)``
+    columns), as in the authors' implementation.
+
+    Parameters
+    ----------
+    adj : CsrMatrix, symmetric ``(n_users + n_items)`` square (:func:`graph_adjacency`)
+    dim : int  size ``d`` of every layer
+    n_layers : int  number of layers ``K``
+    dropout : float  message dropout after each layer (training only)
+    """
+
+    kind = "ngcf"
+
+    def __init__(self, adj: CsrMatrix, n_users: int, n_items: int, dim: int, n_layers: int = 3,
+                 dropout: float = 0.1, num_threads: int | None = None, params: dict | None = None):
+        super().__init__(n_users, n_items, n_layers, params or {})
+        _check_adjacency(adj, n_users, n_items)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.adj, self.num_threads = adj, num_threads
+        self.embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users + n_items, dim)))
+        self.w1 = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        self.w2 = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        for lin in (*self.w1, *self.w2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def ego(self):
+        return self.embedding[:self.n_users], self.embedding[self.n_users:]
+
+    def propagate(self):
+        e = self.embedding
+        layers = [e]
+        for w1, w2 in zip(self.w1, self.w2):
+            side = CoreSpmm.apply(e, self.adj, self.num_threads)
+            e = F.leaky_relu(w1(side + e) + w2(side * e), negative_slope=0.2)
+            e = self.dropout(e)
+            layers.append(F.normalize(e, p=2, dim=1))
+        out = torch.cat(layers, dim=1)
+        return out[:self.n_users], out[self.n_users:]
+
+
+def _check_adjacency(adj: CsrMatrix, n_users: int, n_items: int) -> None:
+    if not isinstance(adj, CsrMatrix):
+        raise TypeError(f"adj must be a rec_engine.CsrMatrix, got {type(adj).__name__}")
+    n = n_users + n_items
+    if adj.shape != (n, n):
+        raise ValueError(f"adj has shape {adj.shape}, expected ({n}, {n}) for {n_users} users and {n_items} items")
+
+
+def build_model(kind: str, train: Interactions, config: TrainConfig) -> _BprModel:
+    """An untrained ``kind`` model for ``train``'s users and items (``config.dim``, ``config.params``:
+    ``n_layers`` (3), ``layer_weights`` (LightGCN), ``dropout`` (NGCF, 0.1))."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown graph model kind {kind!r}; expected one of {KINDS}")
+    p = dict(config.params)
+    if kind == "mf":
+        return MF(train.n_users, train.n_items, config.dim, params=p)
+    adj = graph_adjacency(train, num_threads=config.num_threads)
+    n_layers = int(p.get("n_layers", 3))
+    if kind == "lightgcn":
+        return LightGCN(adj, train.n_users, train.n_items, config.dim, n_layers, p.get("layer_weights"),
+                        num_threads=config.num_threads, params=p)
+    return NGCF(adj, train.n_users, train.n_items, config.dim, n_layers, float(p.get("dropout", 0.1)),
+                num_threads=config.num_threads, params=p)
+
+
+# ----------------------------------------------------------------------------- negative sampling
+class NegativeSampler:
+    """Uniform negatives: for each user an item drawn uniformly from the items it has NOT interacted with.
+
+    Exact and loop-free: with a user's positives sorted ``p_0 < p_1 < ...``, the ``r``-th non-positive
+    item is ``r + #{j : p_j - j <= r}``, found for a whole batch with one ``np.searchsorted`` over the
+    sorted keys ``user * n_items + (p_j - j)``. (This equals "draw uniformly, redraw the positives"
+    without the redraw rounds, and stays fast for users who have seen almost every item.)
+
+    Parameters
+    ----------
+    train : Interactions  the positives (repeats count once)
+    """
+
+    def __init__(self, train: Interactions):
+        self.n_items = int(train.n_items)
+        keys = np.unique(train.users * self.n_items + train.items)             # sorted (user, item)
+        users = keys // self.n_items
+        self.n_pos = np.bincount(users, minlength=train.n_users).astype(np.int64)
+        start = np.zeros(train.n_users + 1, np.int64)
+        np.cumsum(self.n_pos, out=start[1:])
+        rank = np.arange(keys.shape[0], dtype=np.int64) - start[users]       # j within the user
+        self._gap_keys = keys - rank                                          # user * n_items + p_j - j
+        self._start = start
+
+    def sample(self, users, rng: np.random.Generator) -> np.ndarray:
+        """One negative item per entry of ``users`` (int64, same shape).
+
+        Raises
+        ------
+        ValueError  a user has interacted with every item (it has no negative).
+        """
+        users = np.asarray(users, np.int64)
+        n_free = self.n_items - self.n_pos[users]
+        if users.size and n_free.min() <= 0:
+            raise ValueError(f"user {int(users.reshape(-1)[np.argmin(n_free)])} has interacted with all "
+                             f"{self.n_items} items: there is no negative to sample")
+        r = rng.integers(0, n_free) if users.size else np.zeros(users.shape, np.int64)
+        before = np.searchsorted(self._gap_keys, users * self.n_items + r, side="right") - self._start[users]
+        return r + before
+
+
+# ----------------------------------------------------------------------------- training
+def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
+                log: Callable[[str], None] = print) -> tuple[_BprModel, History]:
+    """Train a ``kind`` model ("mf", "lightgcn" or "ngcf") on ``split.train`` with BPR and Adam.
+
+    An epoch visits every train interaction once as a (user, positive) pair with a fresh uniform
+    negative, in shuffled batches of ``config.batch_size`` (the whole graph is propagated once per batch,
+    so prefer large batches). ``config.params``: ``reg`` (1e-4, L2 on the batch's ego embeddings),
+    ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`). After each epoch Recall@20 on
+    ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
+
+    Returns
+    -------
+    (model, History)  the model holds the best epoch's weights and is in eval mode.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown graph model kind {kind!r}; expected one of {KINDS}")
+    if len(split.train) == 0:
+        raise ValueError("split.train holds no interactions")
+    rng = seed_everything(config.seed)
+    model = build_model(kind, split.train, config)
+    reg = float(config.params.get("reg", 1e-4))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sampler = NegativeSampler(split.train)
+    users_all = torch.from_numpy(split.train.users)
+    items_all = torch.from_numpy(split.train.items)
+    n = len(split.train)
+    train_lists = split.train.by_user()
+    target = (split.valid if split.valid is not None else split.test).by_user()
+
+    def make_progress(epoch: int) -> Progress:
+        steps = batches(n, config.batch_size, rng)
+        return Progress(steps, len(steps), f"{kind} epoch {epoch}", enabled=config.progress)
+
+    def train_epoch(epoch: int, progress: Progress) -> float:
+        for rows in progress:
+            neg = torch.from_numpy(sampler.sample(split.train.users[rows], rng))
+            idx = torch.from_numpy(rows)
+            loss = model.bpr_loss(users_all[idx], items_all[idx], neg, reg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            progress.add_loss(loss.item())
+        return progress.mean_loss
+
+    def validate() -> dict:
+        user_vecs, item_vecs = final_embeddings(model)
+        return evaluate_retrieval(user_vecs, item_vecs, train_lists, target, ks=(20,))
+
+    hist = fit(model, train_epoch, validate, config, monitor="recall@20", log=log, make_progress=make_progress)
+    return model, hist
+
+
+def final_embeddings(model: _BprModel) -> tuple[np.ndarray, np.ndarray]:
+    """The model's final user and item vectors, computed without gradients in eval mode.
+
+    Returns
+    -------
+    user_vecs : float32, C-contiguous ``[n_users, D]``  (a copy, not shared with the model)
+    item_vecs : float32, C-contiguous ``[n_items, D]``
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            users, items = model.propagate()
+    finally:
+        model.train(was_training)
+    return (np.array(users.detach().numpy(), dtype=np.float32, order="C"),
+            np.array(items.detach().numpy(), dtype=np.float32, order="C"))
+
