@@ -23,3 +23,6 @@ def simd(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+pytest_plugins = ["serving_fixtures"]

@@ -1,4 +1,4 @@
-"""CTR models to bundles, and a NumPy-only scorer of such bundles.
+"""CTR models to bundles; :func:`load_ctr_scorer` opens one with the serving code (``rec_engine.ranking``).
 
 A CTR bundle holds the two tables of a :class:`~rec_engine_train.models.ctr.CtrModel` (``embedding``
 ``[n_rows, dim]`` and ``linear`` ``[n_rows, 1]``, stored as float32, float16 or row-wise int8) and its dense
@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from rec_engine.bundle import BundleError, open_bundle, write_bundle
-from rec_engine.features import EncodedBatch, Schema
+from rec_engine.bundle import open_bundle, write_bundle
+from rec_engine.ranking import CtrRanker, load_ranking
 
 INPUTS = ("emb", "lin")
 OUTPUT = "logit"
@@ -65,7 +65,7 @@ def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
 
 
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,
-               overwrite: bool = False) -> Path:
+               entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.ctr.CtrModel`) as a bundle at ``path``.
 
     Parameters
@@ -74,6 +74,11 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
         Storage of both tables (int8: row-wise, every value within half a step of the original).
     metrics : mapping, optional
         Evaluation results stored in ``meta["metrics"]``.
+    entity_features : mapping, optional
+        Feature stores for serving candidates: ``{"item": columns, "user": columns}``, each a mapping from
+        field name to one value per entity id (row ``i`` describes item ``i``). Stored encoded as arrays
+        ``item_features_{indices,offsets,weights}`` (and ``user_...``); ``meta["entity_fields"]`` names the
+        fields of each entity. The schema's other fields come from the request's context.
     overwrite : bool
         Replace an existing bundle at ``path``.
 
@@ -92,72 +97,30 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
               "linear": model.linear.detach().cpu().numpy().astype(np.float32)}
     meta = {"schema": model.schema.to_dict(), "dim": model.dim, "n_fields": model.n_fields, "kind": model.kind,
             "inputs": list(INPUTS), "output": OUTPUT, "params": dict(model.params), "metrics": dict(metrics or {})}
-    return write_bundle(path, kind=model.kind, meta=meta, tables=tables, onnx={"dense": dense_bytes},
+    arrays = {}
+    if entity_features:
+        unknown = set(entity_features) - {"user", "item"}
+        if unknown:
+            raise ValueError(f"entity_features takes 'user' and 'item' columns, got {sorted(unknown)}")
+        meta["entity_fields"] = {}
+        for entity, cols in entity_features.items():
+            enc = model.schema.encode(cols, fields=list(cols))
+            arrays.update({f"{entity}_features_indices": enc.indices, f"{entity}_features_offsets": enc.offsets,
+                           f"{entity}_features_weights": enc.weights})
+            meta["entity_fields"][entity] = [n for n in model.schema.names if n in cols]
+    return write_bundle(path, kind=model.kind, meta=meta, tables=tables, arrays=arrays, onnx={"dense": dense_bytes},
                         table_dtype=table_dtype, overwrite=overwrite)
 
 
-class CtrScorer:
-    """Scores encoded examples with a CTR bundle: core pooling, then the ONNX dense part (no torch).
-
-    Call it with an :class:`~rec_engine.features.EncodedBatch` for click probabilities, or use
-    :meth:`logits`. Safe to call from several threads at once (the table and the ONNX session are)."""
-
-    def __init__(self, bundle_path: str | os.PathLike, *, intra_op_threads: int = 1, num_threads: int | None = 1):
-        import onnxruntime as ort
-
-        self.bundle = open_bundle(bundle_path)
-        meta = self.bundle.meta
-        missing = [k for k in ("schema", "n_fields", "dim") if k not in meta]
-        if missing or not self.bundle.has("dense.onnx"):
-            raise BundleError(f"{self.bundle.path} is not a CTR bundle (kind {self.bundle.kind!r}): it lacks "
-                              f"{missing + ([] if self.bundle.has('dense.onnx') else ['dense.onnx'])}")
-        self.kind = self.bundle.kind
-        self.schema = Schema.from_dict(meta["schema"])
-        self.n_fields = int(meta["n_fields"])
-        self.dim = int(meta["dim"])
-        self.embedding = self.bundle.table("embedding")
-        self.linear = self.bundle.table("linear")
-        self.num_threads = num_threads
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(intra_op_threads)
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.bundle.onnx_path("dense")), opts,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = tuple(meta.get("inputs", INPUTS))
-        self.output = meta.get("output", OUTPUT)
-
-    def pool(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
-        """``emb`` float32 ``[n, F, dim]`` and ``lin`` float32 ``[n, F]`` of the ``n`` examples of ``batch``."""
-        if not isinstance(batch, EncodedBatch):
-            raise TypeError(f"expected an EncodedBatch, got {type(batch).__name__}")
-        if batch.n_fields != self.n_fields:
-            raise ValueError(f"the batch has {batch.n_fields} fields, the bundle's schema has {self.n_fields}")
-        args = dict(mode="sum", include_last_offset=True, num_threads=self.num_threads)
-        emb = self.embedding.pool(batch.indices, batch.offsets, batch.weights, **args)
-        lin = self.linear.pool(batch.indices, batch.offsets, batch.weights, **args)
-        return emb.reshape(-1, self.n_fields, self.dim), lin.reshape(-1, self.n_fields)
-
-    def logits(self, batch: EncodedBatch) -> np.ndarray:
-        """Logits, float32 ``[n]``."""
-        emb, lin = self.pool(batch)
-        if len(emb) == 0:
-            return np.zeros(0, np.float32)
-        (out,) = self.session.run([self.output], dict(zip(self.inputs, (emb, lin))))
-        return np.asarray(out, np.float32).reshape(-1)
-
-    def __call__(self, batch: EncodedBatch) -> np.ndarray:
-        """Click probabilities, float32 ``[n]``."""
-        z = self.logits(batch).astype(np.float64)
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)   # sigmoid without overflow
-
-    def __repr__(self) -> str:
-        return f"CtrScorer({str(self.bundle.path)!r}, kind={self.kind!r}, fields={self.n_fields}, dim={self.dim})"
-
-
 def load_ctr_scorer(bundle_path: str | os.PathLike, *, intra_op_threads: int = 1,
-                    num_threads: int | None = 1) -> CtrScorer:
+                    num_threads: int | None = 1) -> CtrRanker:
     """Open a CTR bundle for scoring: ``scorer(batch) -> probabilities float32 [n]``.
 
     ``intra_op_threads``: onnxruntime threads of the dense part; ``num_threads``: core threads of the
     pooling (None: the core's default). Keep both at 1 inside a multi-threaded server."""
-    return CtrScorer(bundle_path, intra_op_threads=intra_op_threads, num_threads=num_threads)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = 1
+    return load_ranking(open_bundle(bundle_path), opts, num_threads=num_threads)

@@ -131,7 +131,8 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
     if fam == "ctr":
         from .export_ctr import export_ctr
 
-        return export_ctr(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite)
+        return export_ctr(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
+                          entity_features=getattr(data, "extra", {}).get("entity_features"))
     if fam == "sequential":
         from .export_sasrec import export_sasrec
 

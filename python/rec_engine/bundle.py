@@ -130,17 +130,56 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
             "meta": _jsonable(dict(meta or {})),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "b")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | None = None,
+                   ranking: str | os.PathLike | None = None, n_candidates: int = 500,
+                   overwrite: bool = False) -> Path:
+    """Combine a retrieval bundle and a ranking bundle (either may be None) into a pipeline bundle at
+    ``path``: both are copied in, and the pipeline's manifest pins their manifests by sha256."""
+    if retrieval is None and ranking is None:
+        raise ValueError("a pipeline needs a retrieval bundle, a ranking bundle, or both")
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    stages = {name: open_bundle(src) for name, src in (("retrieval", retrieval), ("ranking", ranking))
+              if src is not None}
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        files = {}
+        for name, b in stages.items():
+            shutil.copytree(b.path, tmp / name)
+            files[f"{name}/{MANIFEST}"] = {"sha256": _sha256(tmp / name / MANIFEST),
+                                           "bytes": (tmp / name / MANIFEST).stat().st_size}
+        manifest = {"format_version": FORMAT_VERSION, "kind": "pipeline",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tables": {}, "files": files,
+                    "meta": {"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
+                             "kinds": {name: b.kind for name, b in stages.items()}}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``path``, replacing what is there only once it is complete."""
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / "b")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 class Bundle:

@@ -224,24 +224,33 @@ class Schema:
             i = len(f.vocab) + zlib.crc32(key.encode()) % f.hash_buckets
         return int(self.field_offsets[fi]) + i
 
-    def encode(self, columns: Mapping[str, Sequence], labels=None) -> EncodedBatch:
+    def encode(self, columns: Mapping[str, Sequence], labels=None, *, fields: Sequence[str] | None = None
+               ) -> EncodedBatch:
         """Encode ``n`` examples given as columns (``{field name: n values}``; a multi field takes a list
-        per example). Every field of the schema must be present; other keys are an error."""
-        missing = [n for n in self.names if n not in columns]
-        extra = [k for k in columns if k not in self.names]
+        per example). Every field of the schema must be present; other keys are an error.
+
+        ``fields`` encodes only those fields (in schema order): the batch then has ``len(fields)`` bags per
+        example, still indexing the shared table (used to store per-item or per-user features)."""
+        names = self.names if fields is None else [n for n in self.names if n in set(fields)]
+        if fields is not None and len(names) != len(set(fields)):
+            raise ValueError(f"fields {sorted(set(fields) - set(self.names))} are not in the schema")
+        missing = [n for n in names if n not in columns]
+        extra = [k for k in columns if k not in names]
         if missing or extra:
             raise ValueError(f"columns do not match the schema: missing {missing}, unknown {extra}")
         n = None
-        for name in self.names:
+        for name in names:
             ln = len(columns[name])
             if n is None:
                 n = ln
             elif ln != n:
                 raise ValueError(f"column {name!r} has {ln} values, expected {n} like the others")
         n = int(n or 0)
-        F = self.n_fields
+        F = len(names)
         per_field = []   # (lengths[n], idx, w) per field
         for fi, f in enumerate(self.fields):
+            if f.name not in columns:
+                continue
             col = columns[f.name]
             if f.kind == "numeric":
                 x = _numeric(col, f.name, f.transform)

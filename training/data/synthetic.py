@@ -236,7 +236,9 @@ class SyntheticWorld:
         labelled by Bernoulli(sigmoid(:meth:`ctr_logit`)). Fields: ``user_id age gender country item_id
         category brand tags(multi) price(numeric) hour(numeric) device``; the schema is fitted on train.
         ``extra`` holds ``true_prob_{train,valid,test}`` (float64) and ``rows_{train,valid,test}``
-        (dicts of the raw ``users items hours devices`` int64 arrays)."""
+        (dicts of the raw ``users items hours devices`` int64 arrays), and ``entity_features``: the columns of
+        every user (``user_id age gender country``) and every item (``item_id category brand tags price``)
+        for the feature stores of a serving bundle."""
         if n_examples < 3 or not (0 < valid_frac and 0 < test_frac and valid_frac + test_frac < 1):
             raise ValueError("need n_examples >= 3 and valid_frac, test_frac > 0 with a sum below 1")
         rng = np.random.default_rng(self._rng_seeds[2])
@@ -267,6 +269,13 @@ class SyntheticWorld:
         for k, r in parts.items():
             extra[f"true_prob_{k}"] = prob[r]
             extra[f"rows_{k}"] = {"users": users[r], "items": items[r], "hours": hours[r], "devices": devices[r]}
+        all_users, all_items = np.arange(self.n_users), np.arange(self.n_items)
+        extra["entity_features"] = {   # what serving looks up per user and per item; hour and device are context
+            "user": {"user_id": all_users, "age": np.array(AGES, object)[self.age],
+                     "gender": np.array(GENDERS, object)[self.gender],
+                     "country": np.array(COUNTRIES, object)[self.country]},
+            "item": {"item_id": all_items, "category": self.category, "brand": self.brand,
+                     "tags": [t.tolist() for t in self.tags], "price": self.price}}
         return CtrData(schema=schema, train=enc["train"], valid=enc["valid"], test=enc["test"],
                        name="synthetic-ctr", extra=extra)
 

@@ -1,0 +1,175 @@
+"""Retrieval: the first stage. User vectors from a bundle, items by exact top-k in C++.
+
+One class per way a bundle produces user vectors:
+
+- :class:`VectorRetrieval` (``mf``, ``lightgcn``, ``ngcf``, ``popularity``): stored user and item vectors.
+  A LightGCN user with observed interactions gets its vector folded in: its layers are recomputed from
+  its new neighbourhood with the core's pooling over the items' stored layer embeddings, which is one
+  row of the propagation the model was trained with (item layers kept fixed).
+- :class:`SequentialRetrieval` (``sasrec``): the user vector is the ONNX encoder's output over the user's
+  latest items, looked up in C++; observed items extend the history at once.
+
+Both exclude each user's seen items (training interactions plus observed ones) unless told not to.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ._core import RecEngineError
+from .bundle import Bundle, BundleError
+from .embedding import EmbeddingTable
+from .graph import CsrMatrix, spmm
+from .online import OnlineState
+from .topk import IdLists
+
+VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity", "gfcf")
+SEQUENTIAL_KINDS = ("sasrec",)
+
+
+def _csr_lists(bundle: Bundle, indptr: str, ids: str) -> IdLists:
+    return IdLists(bundle.array(indptr), bundle.array(ids))
+
+
+class _Retrieval:
+    """What both kinds share: the item matrix, the seen sets, and top-k."""
+
+    kind: str
+    items: np.ndarray          # float32 [n_items, d]
+    n_users: int
+    n_items: int
+    seen_lists: IdLists        # per known user
+
+    def seen(self, user: int, online: OnlineState | None) -> np.ndarray:
+        base = self.seen_lists[user] if 0 <= user < self.n_users else np.zeros(0, np.int64)
+        extra = online.items(user) if online is not None else None
+        return base if extra is None else np.concatenate([base, extra])
+
+    def user_vectors(self, users: np.ndarray, online: OnlineState | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors [B, d] float32, known [B] bool)``; an unknown user (no vector) has a zero row."""
+        raise NotImplementedError
+
+
+class VectorRetrieval(_Retrieval):
+    def __init__(self, bundle: Bundle):
+        self.kind = bundle.kind
+        meta = bundle.meta
+        self.items = np.ascontiguousarray(bundle.table("items").to_numpy() if bundle.table("items").dtype != "float32"
+                                          else bundle.table("items").weights)
+        self.users = bundle.table("users")
+        self.n_users, self.n_items = int(meta["n_users"]), int(meta["n_items"])
+        if self.users.rows != self.n_users or len(self.items) != self.n_items:
+            raise BundleError(f"bundle {bundle.path}: table sizes do not match meta n_users/n_items")
+        self.seen_lists = _csr_lists(bundle, "train_indptr", "train_items")
+        self.item_counts = bundle.array("item_counts")
+        self._fold = None
+        self._bundle = bundle
+        self._fold_lock = threading.Lock()
+        self._cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def folds_in(self) -> bool:
+        return self.kind == "lightgcn"
+
+    def _fold_state(self):
+        """Item layer embeddings 0..K-1 side by side ([n_items, K*d]) and item degrees, computed once."""
+        with self._fold_lock:
+            if self._fold is None:
+                b, meta = self._bundle, self._bundle.meta
+                adj = CsrMatrix(b.array("adj_indptr"), b.array("adj_indices"), b.array("adj_data"),
+                                (self.n_users + self.n_items,) * 2)
+                x = np.concatenate([b.table("users_ego").to_numpy(), b.table("items_ego").to_numpy()])
+                layers = [x]
+                for _ in range(int(meta["n_layers"]) - 1):
+                    layers.append(spmm(adj, layers[-1]))
+                stacked = np.ascontiguousarray(np.concatenate([lay[self.n_users:] for lay in layers], axis=1))
+                weights = np.asarray(meta.get("layer_weights") or [1.0 / (int(meta["n_layers"]) + 1)] *
+                                     (int(meta["n_layers"]) + 1), np.float32)
+                self._fold = (EmbeddingTable(stacked), self.item_counts.astype(np.float64), weights,
+                              b.table("users_ego"))
+            return self._fold
+
+    def fold_in(self, user: int, items: np.ndarray) -> np.ndarray:
+        """LightGCN vector of ``user`` whose neighbourhood is ``items`` (train + observed): layer k+1 of
+        the user is sum_i e_i^k / sqrt(d_u d_i) with the items' stored layers, d_u = |items| and d_i the
+        item's degree counting the new edges; the result combines layers 0..K by the model's weights."""
+        table, degrees, weights, ego = self._fold_state()
+        items = np.unique(np.asarray(items, np.int64))
+        known = self.seen_lists[user] if 0 <= user < self.n_users else np.zeros(0, np.int64)
+        d_i = degrees[items] + ~np.isin(items, known)
+        w = (1.0 / np.sqrt(len(items) * d_i)).astype(np.float32)
+        k = len(weights) - 1
+        d = table.dim // k
+        hops = table.pool(items, np.array([0, len(items)], np.int64), w, mode="sum",
+                          include_last_offset=True).reshape(k, d)
+        e0 = ego.gather(np.array([user]))[0] if 0 <= user < self.n_users else np.zeros(d, np.float32)
+        return (weights[0] * e0 + weights[1:] @ hops).astype(np.float32)
+
+    def user_vectors(self, users, online):
+        users = np.asarray(users, np.int64)
+        known = (users >= 0) & (users < self.n_users)
+        if self.kind == "popularity":
+            return np.ones((len(users), 1), np.float32), np.ones(len(users), bool)
+        out = np.zeros((len(users), self.items.shape[1]), np.float32)
+        if known.any():
+            out[known] = self.users.gather(users[known])
+        if online is not None and self.folds_in:
+            for j, u in enumerate(users.tolist()):
+                stamp = online.stamp(u)
+                if stamp == 0:
+                    continue
+                hit = self._cache.get(u)
+                if hit is None or hit[0] != stamp:
+                    hit = (stamp, self.fold_in(u, self.seen(u, online)))
+                    self._cache[u] = hit
+                out[j] = hit[1]
+                known[j] = True
+        return out, known
+
+
+class SequentialRetrieval(_Retrieval):
+    def __init__(self, bundle: Bundle, session_options=None):
+        import onnxruntime as ort
+
+        meta = bundle.meta
+        self.kind = bundle.kind
+        self.table = bundle.table("items")
+        self.items = np.ascontiguousarray(self.table.to_numpy() if self.table.dtype != "float32" else self.table.weights)
+        self.n_items, self.max_len = int(meta["n_items"]), int(meta["max_len"])
+        self.seen_lists = _csr_lists(bundle, "history_indptr", "history_items")
+        self.n_users = len(self.seen_lists)
+        self.item_counts = bundle.array("item_counts") if bundle.has("arrays/item_counts.npy") else None
+        self.session = ort.InferenceSession(str(bundle.onnx_path("encoder")), sess_options=session_options,
+                                            providers=["CPUExecutionProvider"])
+
+    def histories_to_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
+        """User vectors of histories (oldest first): the latest ``max_len`` items, left-padded."""
+        L = self.max_len
+        ids = np.zeros((len(histories), L), np.int64)
+        mask = np.zeros((len(histories), L), np.float32)
+        for j, h in enumerate(histories):
+            h = h[-L:]
+            if len(h):
+                ids[j, L - len(h):] = h
+                mask[j, L - len(h):] = 1.0
+        emb = self.table.gather(ids.reshape(-1)).reshape(len(histories), L, -1)
+        return self.session.run(["user"], {"seq_emb": emb, "mask": mask})[0]
+
+    def user_vectors(self, users, online):
+        users = np.asarray(users, np.int64)
+        hist = [self.seen(int(u), online) for u in users]
+        known = np.array([len(h) > 0 for h in hist], bool)
+        out = np.zeros((len(users), self.items.shape[1]), np.float32)
+        if known.any():
+            out[known] = self.histories_to_vectors([h for h, k in zip(hist, known) if k])
+        return out, known
+
+
+def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
+    if bundle.kind in VECTOR_KINDS:
+        return VectorRetrieval(bundle)
+    if bundle.kind in SEQUENTIAL_KINDS:
+        return SequentialRetrieval(bundle, session_options)
+    raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
+                         f"({', '.join(VECTOR_KINDS + SEQUENTIAL_KINDS)})")

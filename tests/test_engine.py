@@ -1,0 +1,203 @@
+"""The Engine: two-stage results against a slow PyTorch reference, feedback, fold-in, event log, swaps."""
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from rec_engine import propagate
+from rec_engine.bundle import BundleError
+from rec_engine.engine import Engine
+from rec_engine.graph import normalized_adjacency
+from serving_fixtures import torch_two_stage
+
+CTX = {"hour": 9.0, "device": "android"}
+
+
+@pytest.fixture
+def engine(trained):
+    with Engine.load(trained.bundle("pipe_a")) as e:
+        yield e
+
+
+@pytest.mark.parametrize("user", [0, 7, 123, 399])
+def test_two_stage_equals_torch_models_and_full_sort(engine, trained, user):
+    rec = engine.recommend(user, k=10, context=CTX)
+    ref_ids, ref_scores = torch_two_stage(trained, user, 10, 50, CTX)
+    np.testing.assert_array_equal(rec.items, ref_ids)
+    np.testing.assert_allclose(rec.scores, ref_scores, atol=1e-5)
+    assert set(rec.timings) == {"retrieval_ms", "ranking_ms", "total_ms"}
+    assert rec.version == engine.version and not rec.fallback
+
+
+def test_retrieval_only_and_ranking_only_bundles(trained):
+    from rec_engine_train.models.graph import final_embeddings
+
+    with Engine.load(trained.bundle("lightgcn")) as e:
+        rec = e.recommend(5, k=7)
+    U, I = final_embeddings(trained.lightgcn.model)
+    s = U[5].astype(np.float64) @ I.T
+    s[trained.graph_data.train.by_user()[5]] = -np.inf
+    np.testing.assert_array_equal(rec.items, np.lexsort((np.arange(len(s)), -s))[:7])
+    assert "ranking_ms" not in rec.timings
+
+    with Engine.load(trained.bundle("deepfm")) as e:
+        cands = [3, 1, 4, 15, 9, 2, 6]
+        rec = e.recommend(5, k=3, candidates=cands, context=CTX, exclude_seen=False)
+        probs = e._version.ranking.score_candidates(5, np.array(cands), CTX)
+    best = np.lexsort((cands, -probs))[:3]
+    np.testing.assert_array_equal(rec.items, np.array(cands)[best])
+    assert "retrieval_ms" not in rec.timings
+
+
+def test_observed_item_disappears_and_stays_out(engine, trained):
+    rec = engine.recommend(11, k=5, context=CTX)
+    first = int(rec.items[0])
+    engine.observe(11, [first])
+    again = engine.recommend(11, k=5, context=CTX)
+    assert first not in again.items.tolist()
+    ref_ids, _ = torch_two_stage(trained, 11, 5, 50, CTX, seen_extra=[first])
+    # the user's vector was folded in anew, so the candidates may differ; the seen item never comes back
+    assert first not in ref_ids.tolist() and len(again.items) == 5
+
+
+def test_fold_in_moves_the_user_vector_like_a_repropagation(trained):
+    split = trained.graph_data
+    with Engine.load(trained.bundle("lightgcn")) as e:
+        retr = e._version.retrieval
+        user = 21
+        old = retr.users.gather(np.array([user]))[0]
+        seen = set(split.train.by_user()[user].tolist())
+        new_items = [i for i in np.argsort(-split.train.item_counts()) if i not in seen][:8]
+        e.observe(user, new_items)
+        folded = retr.user_vectors(np.array([user]), e.online)[0][0]
+    # re-propagate the whole graph with the new edges, from the same layer-0 embeddings
+    users = np.concatenate([split.train.users, np.full(len(new_items), user)])
+    items = np.concatenate([split.train.items, np.asarray(new_items, np.int64)])
+    adj = normalized_adjacency(users, items, split.train.n_users, split.train.n_items)
+    from rec_engine.bundle import open_bundle
+    b = open_bundle(trained.bundle("lightgcn"))
+    ego = np.concatenate([b.table("users_ego").to_numpy(), b.table("items_ego").to_numpy()])
+    reprop = propagate(adj, ego, int(b.meta["n_layers"]), np.asarray(b.meta["layer_weights"], np.float32))[user]
+    move, want = folded - old, reprop - old
+    cos = move @ want / (np.linalg.norm(move) * np.linalg.norm(want))
+    assert cos > 0.95
+    assert np.linalg.norm(folded - reprop) < 0.25 * np.linalg.norm(want)
+
+
+def test_unknown_user_gets_popular_items_then_a_folded_in_vector(trained):
+    with Engine.load(trained.bundle("lightgcn")) as e:
+        rec = e.recommend(10_000, k=5)
+        counts = trained.graph_data.train.item_counts()
+        assert rec.fallback
+        np.testing.assert_array_equal(rec.items, np.lexsort((np.arange(len(counts)), -counts))[:5])
+        e.observe(10_000, [int(rec.items[0]), int(rec.items[1])])
+        after = e.recommend(10_000, k=5)
+        assert not after.fallback
+        assert {int(rec.items[0]), int(rec.items[1])}.isdisjoint(after.items.tolist())
+
+
+def test_event_log_survives_a_restart(trained, tmp_path):
+    log = tmp_path / "events.jsonl"
+    events = [(1, [5, 6]), (2, [7]), (1, [8]), (10_001, [0, 1, 2])]
+    with Engine.load(trained.bundle("pipe_a"), event_log=log) as e:
+        for u, items in events:
+            e.observe(u, items)
+        before = e.recommend(1, k=20, context=CTX)
+    with Engine.load(trained.bundle("pipe_a"), event_log=log) as e2:
+        assert e2.online.n_events == sum(len(i) for _, i in events)
+        np.testing.assert_array_equal(e2.online.items(1), [5, 6, 8])
+        np.testing.assert_array_equal(e2.online.items(10_001), [0, 1, 2])
+        after = e2.recommend(1, k=20, context=CTX)
+    np.testing.assert_array_equal(before.items, after.items)
+    assert {5, 6, 8}.isdisjoint(after.items.tolist())
+    assert len(log.read_text().splitlines()) == len(events)
+
+
+def test_swap_under_load_every_answer_from_one_version(trained):
+    users = list(range(0, 400, 17))
+    expected = {}
+    for name in ("pipe_a", "pipe_b"):
+        with Engine.load(trained.bundle(name)) as e:
+            expected[e.version] = {u: e.recommend(u, k=10, context=CTX) for u in users}
+    assert len(expected) == 2
+    engine = Engine.load(trained.bundle("pipe_a"))
+    stop = threading.Event()
+    errors, answers = [], []
+
+    def worker(seed):
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            u = int(r.choice(users))
+            try:
+                answers.append((u, engine.recommend(u, k=10, context=CTX)))
+            except Exception as exc:   # noqa: BLE001 - any error fails the test below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(20):
+            engine.swap(trained.bundle("pipe_b" if i % 2 == 0 else "pipe_a"))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        engine.close()
+    assert not errors, errors[:3]
+    assert len(answers) > 20
+    seen_versions = set()
+    for u, rec in answers:
+        ref = expected[rec.version][u]
+        np.testing.assert_array_equal(rec.items, ref.items)
+        np.testing.assert_allclose(rec.scores, ref.scores, atol=1e-6)
+        seen_versions.add(rec.version)
+    assert seen_versions == set(expected)
+
+
+def test_a_bundle_that_fails_to_load_leaves_the_old_one_serving(trained, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained.bundle("lightgcn_b"), broken)
+    f = broken / "tables" / "items.npy"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x55
+    f.write_bytes(bytes(data))
+    with Engine.load(trained.bundle("pipe_a")) as e:
+        v = e.version
+        before = e.recommend(3, k=5, context=CTX)
+        with pytest.raises(BundleError, match="sha256"):
+            e.swap(broken)
+        with pytest.raises(BundleError, match="not a bundle directory"):
+            e.swap(tmp_path / "nowhere")
+        assert e.version == v
+        np.testing.assert_array_equal(e.recommend(3, k=5, context=CTX).items, before.items)
+
+
+def test_k_larger_than_what_is_left_pads_and_candidates_restrict(engine, trained):
+    rec = engine.recommend(4, k=5, candidates=[1, 2, 3], context=CTX, exclude_seen=False)
+    assert sorted(rec.items[:3].tolist()) == [1, 2, 3]
+    assert rec.items[3:].tolist() == [-1, -1] and np.isneginf(rec.scores[3:]).all()
+    assert engine.recommend(4, k=0).items.size == 0
+    batch = engine.recommend_batch([1, 2, 3], k=4, context=CTX)
+    assert [r.user for r in batch] == [1, 2, 3] and len({r.version for r in batch}) == 1
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda e: e.recommend("7"), TypeError, "user must be an integer"),
+    (lambda e: e.recommend(-1), ValueError, "non-negative"),
+    (lambda e: e.recommend(1, k=-3), ValueError, "k must be >= 0"),
+    (lambda e: e.recommend(1, k=2.5), TypeError, "k must be an integer"),
+    (lambda e: e.recommend(1, candidates=[1, 10**6]), IndexError, "item id 1000000 is out of range"),
+    (lambda e: e.recommend(1, candidates=[1.5]), TypeError, "integer item ids"),
+    (lambda e: e.recommend(1, context={"colour": "red"}), ValueError, "does not know: \\['colour'\\]"),
+    (lambda e: e.observe(1, []), ValueError, "at least one item"),
+    (lambda e: e.observe(1, [300]), IndexError, "item id 300 is out of range"),
+    (lambda e: e.observe(True, [3]), TypeError, "user must be an integer"),
+])
+def test_bad_requests_raise_clear_errors(engine, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(engine)
+    assert engine.online.n_events == 0
