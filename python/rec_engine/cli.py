@@ -7,6 +7,18 @@ import sys
 from ._core import RecEngineError
 
 
+def _serve(args) -> int:
+    import os
+
+    try:
+        from .service import serve
+    except ImportError as e:
+        raise ValueError(f"serving needs the serve extra: pip install 'rec_engine[serve]' ({e})") from None
+    serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
+          event_log=args.event_log, ort_threads=args.ort_threads, num_threads=args.threads, max_body=args.max_body)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rec-engine", description="rec_engine command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--k", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print the SIMD level and threads in use")
+    srv = sub.add_parser("serve", help="serve a bundle over HTTP (needs the serve extra)")
+    srv.add_argument("bundle")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--token-env", default="REC_ENGINE_TOKEN",
+                     help="environment variable holding the token that guards POST /swap (unset: swap disabled)")
+    srv.add_argument("--event-log", default=None, help="append-only log of observed events (replayed at start)")
+    srv.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per session")
+    srv.add_argument("--threads", type=int, default=1, help="core threads per request")
+    srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    srv.set_defaults(handler=_serve)
     try:
         from rec_engine_train.cli import add_commands
     except ImportError as e:          # the train extra is not installed

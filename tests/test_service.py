@@ -1,0 +1,202 @@
+"""The HTTP service through a real uvicorn server on localhost."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the HTTP service needs the serve extra")
+uvicorn = pytest.importorskip("uvicorn", reason="the HTTP service needs the serve extra")
+
+from rec_engine.engine import Engine  # noqa: E402
+from rec_engine.service import create_app  # noqa: E402
+
+TOKEN = "s3cret-token"
+MAX_BODY = 64 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, port: int):
+        self.port = port
+
+    def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        h = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        try:
+            return resp.status, json.loads(text)
+        except json.JSONDecodeError:
+            return resp.status, text
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free localhost port, in a thread, for the duration of the block."""
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield Client(port)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    engine = Engine.load(trained.bundle("pipe_a"))
+    with running(create_app(engine, token=TOKEN, max_body=MAX_BODY)) as client:
+        yield client, engine
+    engine.close()
+
+
+CTX = {"hour": 9.0, "device": "android"}
+
+
+def test_recommend_returns_the_engines_answer(server):
+    client, engine = server
+    status, body = client.request("POST", "/recommend", {"user": 12, "k": 5, "context": CTX})
+    assert status == 200
+    ref = engine.recommend(12, k=5, context=CTX)
+    assert body["items"] == ref.items.tolist()
+    assert body["scores"] == pytest.approx(ref.scores.tolist(), abs=1e-6)
+    assert body["version"] == engine.version and body["fallback"] is False
+    assert {"retrieval_ms", "ranking_ms", "total_ms"} <= set(body["timings"])
+
+
+def test_observe_then_recommend_excludes_the_item(server):
+    client, _ = server
+    _, body = client.request("POST", "/recommend", {"user": 33, "k": 5, "context": CTX})
+    top = body["items"][0]
+    status, ob = client.request("POST", "/observe", {"user": 33, "items": [top]})
+    assert status == 200 and ob == {"user": 33, "observed": 1}
+    _, again = client.request("POST", "/recommend", {"user": 33, "k": 5, "context": CTX})
+    assert top not in again["items"]
+
+
+def test_unknown_user_gets_the_fallback(server):
+    client, _ = server
+    status, body = client.request("POST", "/recommend", {"user": 123456, "k": 3})
+    assert status == 200 and body["fallback"] is True and len(body["items"]) == 3
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ({"user": "12"}, "user"),
+    ({"user": 1.5}, "user"),
+    ({"user": -1}, "user"),
+    ({"user": 1, "k": -2}, "k"),
+    ({"user": 1, "k": 100000}, "k"),
+    ({"user": 1, "colour": "red"}, "colour"),
+    ({"k": 3}, "user"),
+    ({"user": 1, "candidates": ["a"]}, "candidates"),
+])
+def test_wrong_types_get_422_naming_the_field(server, payload, fragment):
+    client, _ = server
+    status, body = client.request("POST", "/recommend", payload)
+    assert status == 422 and fragment in body["detail"]
+
+
+def test_malformed_json_and_wrong_content(server):
+    client, _ = server
+    status, body = client.request("POST", "/recommend", raw=b'{"user": 1,')
+    assert status == 422 and "JSON" in body["detail"]
+    status, _ = client.request("POST", "/recommend", raw=b"[1, 2, 3]")
+    assert status == 422
+
+
+def test_engine_errors_become_400_with_the_message(server):
+    client, _ = server
+    status, body = client.request("POST", "/observe", {"user": 1, "items": [10**6]})
+    assert status == 400 and "out of range" in body["detail"]
+    status, body = client.request("POST", "/recommend", {"user": 1, "context": {"colour": 1}})
+    assert status == 400 and "colour" in body["detail"]
+
+
+def test_huge_bodies_get_413(server):
+    client, _ = server
+    big = {"user": 1, "items": list(range(30000))}
+    status, body = client.request("POST", "/observe", big)
+    assert status == 413 and "larger than" in body["detail"]
+    # without a Content-Length (chunked), the bound still holds
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.putrequest("POST", "/observe")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b" " * 32768
+    for _ in range(4):
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+
+
+def test_swap_is_guarded_by_the_token(server, trained, tmp_path):
+    client, engine = server
+    before = engine.version
+    status, _ = client.request("POST", "/swap", {"bundle": str(trained.bundle("pipe_b"))})
+    assert status == 401
+    status, _ = client.request("POST", "/swap", {"bundle": str(trained.bundle("pipe_b"))},
+                               headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and engine.version == before
+    status, body = client.request("POST", "/swap", {"bundle": str(tmp_path / "missing")},
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 422 and before in body["detail"] and engine.version == before
+    status, body = client.request("POST", "/swap", {"bundle": str(trained.bundle("pipe_b"))},
+                                  headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and body["version"] == engine.version != before
+    _, h = client.request("GET", "/healthz")
+    assert h["version"] == engine.version
+    status, _ = client.request("POST", "/swap", {"bundle": str(trained.bundle("pipe_a"))},
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and engine.version == before
+
+
+def test_swap_without_a_configured_token_is_off(trained):
+    with Engine.load(trained.bundle("lightgcn")) as engine, running(create_app(engine, token=None)) as client:
+        before = engine.version
+        status, body = client.request("POST", "/swap", {"bundle": str(trained.bundle("lightgcn_b"))},
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 403 and "disabled" in body["detail"] and engine.version == before
+
+
+def test_healthz_and_metrics(server):
+    client, engine = server
+    status, body = client.request("GET", "/healthz")
+    assert status == 200 and body["status"] == "ok" and body["version"] == engine.version
+    client.request("POST", "/recommend", {"user": 2, "k": 3, "context": CTX})
+    client.request("POST", "/recommend", {"user": "bad"})
+    status, text = client.request("GET", "/metrics")
+    assert status == 200
+    lines = text.splitlines()
+
+    def value(prefix):
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith(prefix))
+
+    assert value('rec_engine_requests_total{endpoint="/recommend",status="200"}') >= 1
+    assert value('rec_engine_requests_total{endpoint="/recommend",status="422"}') >= 1
+    assert value('rec_engine_errors_total{endpoint="/recommend"}') >= 1
+    for stage in ("retrieval", "ranking", "total", "http"):
+        assert value(f'rec_engine_latency_seconds_count{{stage="{stage}"}}') >= 1
