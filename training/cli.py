@@ -22,6 +22,15 @@ def _param(text: str):
 
 
 def add_commands(sub) -> None:
+    d = sub.add_parser("demo", help="train, export and serve on synthetic data: recommendations, feedback, latency",
+                       description="The end-to-end demonstration on the built-in synthetic data (about a minute).")
+    d.add_argument("--out", default=None, help="where to write the bundles (default: a temporary directory)")
+    d.add_argument("--users", type=int, default=2000)
+    d.add_argument("--items", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--requests", type=int, default=500, help="recommend calls timed for the latency table")
+    d.set_defaults(handler=_demo)
+
     t = sub.add_parser("train", help="train a model and export it as a bundle",
                        description="Train MODEL on --data, print validation metrics each epoch (early stopping on "
                                    "them), evaluate on the test split and write a bundle to --out.")
@@ -52,6 +61,13 @@ def add_commands(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of the synthetic data / sampled negatives")
     e.add_argument("--metrics-json", default=None)
     e.set_defaults(handler=_evaluate)
+
+
+def _demo(args) -> int:
+    from .demo import run
+
+    run(args.out, n_users=args.users, n_items=args.items, seed=args.seed, requests=args.requests)
+    return 0
 
 
 def _train(args) -> int:

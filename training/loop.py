@@ -138,7 +138,7 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
         value = row[monitor]
         improved = value > best_value if higher_is_better else value < best_value
         log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  "
-            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  ({row['seconds']:.1f}s)"
+            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") + f"  ({row['seconds']:.1f}s)"
             + ("  *" if improved else ""))
         if improved:
             best_value, stale, hist.best_epoch = value, 0, epoch

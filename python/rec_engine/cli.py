@@ -22,7 +22,7 @@ def _serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rec-engine", description="rec_engine command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the kernels on generated data and print results and timings")
+    demo = sub.add_parser("kernels", help="run the kernels on generated data and print results and timings")
     demo.add_argument("--users", type=int, default=2000)
     demo.add_argument("--items", type=int, default=20000)
     demo.add_argument("--dim", type=int, default=64)
@@ -40,15 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--threads", type=int, default=1, help="core threads per request")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     srv.set_defaults(handler=_serve)
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("rec_engine_train") and importlib.util.find_spec("torch"):
         from rec_engine_train.cli import add_commands
-    except ImportError as e:          # the train extra is not installed
-        missing = str(e)
-        for name in ("train", "evaluate"):
-            p = sub.add_parser(name, help=f"(needs the train extra: pip install 'rec_engine[train]')")
-            p.set_defaults(handler=lambda _a, m=missing: parser.error(f"training needs the train extra ({m})"))
-    else:
+
         add_commands(sub)
+    else:                             # the train extra is not installed
+        for name in ("demo", "train", "evaluate"):
+            p = sub.add_parser(name, help="(needs the train extra: pip install 'rec_engine[train]')")
+            p.set_defaults(handler=lambda _a: parser.error("this command trains models: it needs the train extra "
+                                                           "(pip install 'rec_engine[train]')"))
     args = parser.parse_args(argv)
     if hasattr(args, "handler"):
         try:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, IndexError, OSError, RecEngineError) as e:   # user errors: no traceback
             print(f"rec-engine {args.command}: error: {e}", file=sys.stderr)
             return 2
-    if args.command == "demo":
+    if args.command == "kernels":
         from .demo import run
         run(n_users=args.users, n_items=args.items, dim=args.dim, k=args.k, seed=args.seed)
     elif args.command == "info":
