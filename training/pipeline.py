@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .loop import TrainConfig
 
 FAMILIES = {
@@ -151,3 +153,40 @@ def write_metrics(path: str | Path, result: Result, **info) -> None:
            "history": getattr(hist, "epochs", []), "best_epoch": getattr(hist, "best_epoch", None), **info}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=str))
+
+
+def evaluate_bundle(bundle, data, *, ks=(10, 20), seed: int = 0) -> dict:
+    """Test metrics of an exported bundle (:class:`rec_engine.bundle.Bundle`), computed with the serving
+    code's own readers (core lookups, ONNX Runtime), on ``data`` of the bundle's family."""
+    from rec_engine.bundle import BundleError
+
+    from . import evaluate as ev
+
+    kind = bundle.kind
+    fam = family_of(kind)
+    if fam == "ctr":
+        from .export_ctr import load_ctr_scorer
+
+        scorer = load_ctr_scorer(bundle.path)
+        if scorer.schema != data.schema:
+            raise ValueError(f"the data's feature schema ({data.schema}) does not match the bundle's ({scorer.schema})")
+        return ev.evaluate_ctr(data.test.labels, scorer(data.test))
+    if fam == "sequential":
+        from .export_sasrec import load_sasrec_scorer
+
+        scorer = load_sasrec_scorer(bundle.path)
+        hist = [s if v < 0 else np.concatenate([s, [v]]) for s, v in zip(data.train, data.valid)]
+        return ev.evaluate_sampled(lambda users, cands: scorer.score([hist[u] for u in users], cands), data,
+                                   split="test", seed=seed, ks=(10,))
+    meta = bundle.meta
+    if (int(meta["n_users"]), int(meta["n_items"])) != (data.train.n_users, data.train.n_items):
+        raise ValueError(f"the bundle has {meta['n_users']} users x {meta['n_items']} items, the data "
+                         f"{data.train.n_users} x {data.train.n_items}")
+    counts = data.train.item_counts()
+    if kind == "popularity":
+        users, items = ev.popularity_vectors(bundle.array("item_counts"), data.train.n_users)
+    else:
+        if "users" not in bundle.table_names or "items" not in bundle.table_names:
+            raise BundleError(f"bundle {bundle.path} of kind {kind!r} has no users/items tables")
+        users, items = bundle.table("users").to_numpy(), bundle.table("items").to_numpy()
+    return ev.evaluate_retrieval(users, items, data.train.by_user(), data.test.by_user(), ks=ks, item_counts=counts)
