@@ -84,3 +84,23 @@ def torch_two_stage(trained: Trained, user: int, k: int, n_candidates: int, cont
     probs = 1 / (1 + np.exp(-logit))
     top = np.lexsort((cands, -probs))[:k]
     return cands[top], probs[top]
+
+
+@pytest.fixture(scope="session")
+def trained_sasrec(tmp_path_factory):
+    """A small SASRec, its data and its bundle."""
+    torch = pytest.importorskip("torch", reason="serving tests train small models with torch (test extra)")
+    from rec_engine_train import pipeline
+    from rec_engine_train.loop import TrainConfig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = pipeline.load_data("synthetic", "sequential", synthetic={"n_users": 300, "n_items": 200})
+        res = pipeline.train("sasrec", seq, TrainConfig(epochs=2, lr=3e-3, batch_size=128, dim=16, progress=False,
+                                                        params={"max_len": 20, "dropout": 0.0}),
+                             log=lambda _msg: None)
+        path = pipeline.export(res, seq, tmp_path_factory.mktemp("sasrec") / "sasrec")
+        return res, seq, path
+    finally:
+        torch.set_num_threads(before)

@@ -201,3 +201,29 @@ def test_bad_requests_raise_clear_errors(engine, call, exc, match):
     with pytest.raises(exc, match=match):
         call(engine)
     assert engine.online.n_events == 0
+
+
+def test_sasrec_retrieval_follows_the_history_and_observed_items(trained_sasrec):
+    from rec_engine_train.models.sasrec import user_vectors
+
+    res, seq, path = trained_sasrec
+    user = 17
+    history = np.concatenate([seq.train[user], [seq.valid[user]], [seq.test[user]]]).astype(np.int64)
+
+    def reference(hist):
+        vec = user_vectors(res.model, [hist])[0].astype(np.float64)
+        items = res.model.item_emb.weight.detach().numpy()[1:].astype(np.float64)
+        s = items @ vec
+        s[hist] = -np.inf
+        return np.lexsort((np.arange(len(s)), -s))[:10]
+
+    with Engine.load(path) as e:
+        np.testing.assert_array_equal(e.recommend(user, k=10).items, reference(history))
+        new = [int(i) for i in e.recommend(user, k=3).items[:2]]
+        e.observe(user, new)
+        after = e.recommend(user, k=10)
+        np.testing.assert_array_equal(after.items, reference(np.concatenate([history, new])))
+        cold = e.recommend(5000, k=4)
+        assert cold.fallback
+        e.observe(5000, [3, 9])
+        np.testing.assert_array_equal(e.recommend(5000, k=10).items, reference(np.array([3, 9])))

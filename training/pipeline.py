@@ -138,7 +138,10 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
     if fam == "sequential":
         from .export_sasrec import export_sasrec
 
-        return export_sasrec(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite)
+        histories = [np.concatenate([t, [v] if v >= 0 else [], [x] if x >= 0 else []]).astype(np.int64)
+                     for t, v, x in zip(data.train, data.valid, data.test)]
+        return export_sasrec(result.model, out, histories=histories, table_dtype=table_dtype, metrics=metrics,
+                             overwrite=overwrite)
     from .export_graph import export_graph, export_popularity
 
     if result.name == "popularity":

@@ -22,6 +22,7 @@ from .bundle import Bundle, BundleError
 from .embedding import EmbeddingTable
 from .graph import CsrMatrix, spmm
 from .online import OnlineState
+from .sequential import SASRecScorer
 from .topk import IdLists
 
 VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity", "gfcf")
@@ -130,39 +131,21 @@ class VectorRetrieval(_Retrieval):
 
 class SequentialRetrieval(_Retrieval):
     def __init__(self, bundle: Bundle, session_options=None):
-        import onnxruntime as ort
-
-        meta = bundle.meta
         self.kind = bundle.kind
-        self.table = bundle.table("items")
-        self.items = np.ascontiguousarray(self.table.to_numpy() if self.table.dtype != "float32" else self.table.weights)
-        self.n_items, self.max_len = int(meta["n_items"]), int(meta["max_len"])
+        self.scorer = SASRecScorer(bundle, session_options, num_threads=1)
+        self.items, self.n_items = self.scorer.items, self.scorer.n_items
         self.seen_lists = _csr_lists(bundle, "history_indptr", "history_items")
         self.n_users = len(self.seen_lists)
         self.item_counts = bundle.array("item_counts") if bundle.has("arrays/item_counts.npy") else None
-        self.session = ort.InferenceSession(str(bundle.onnx_path("encoder")), sess_options=session_options,
-                                            providers=["CPUExecutionProvider"])
-
-    def histories_to_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
-        """User vectors of histories (oldest first): the latest ``max_len`` items, left-padded."""
-        L = self.max_len
-        ids = np.zeros((len(histories), L), np.int64)
-        mask = np.zeros((len(histories), L), np.float32)
-        for j, h in enumerate(histories):
-            h = h[-L:]
-            if len(h):
-                ids[j, L - len(h):] = h
-                mask[j, L - len(h):] = 1.0
-        emb = self.table.gather(ids.reshape(-1)).reshape(len(histories), L, -1)
-        return self.session.run(["user"], {"seq_emb": emb, "mask": mask})[0]
 
     def user_vectors(self, users, online):
+        """The encoder's output over each user's latest items (known history, then observed items)."""
         users = np.asarray(users, np.int64)
         hist = [self.seen(int(u), online) for u in users]
         known = np.array([len(h) > 0 for h in hist], bool)
         out = np.zeros((len(users), self.items.shape[1]), np.float32)
         if known.any():
-            out[known] = self.histories_to_vectors([h for h, k in zip(hist, known) if k])
+            out[known] = self.scorer.user_vectors([h for h, k in zip(hist, known) if k])
         return out, known
 
 

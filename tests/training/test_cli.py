@@ -20,6 +20,7 @@ def _run(capsys, *argv):
     ("lightgcn", "recall@20", ["--lr", "0.05", "--batch-size", "4096"]),
     ("deepfm", "auc", ["--lr", "0.01", "--batch-size", "512", "--param", "mlp=[32,16]"]),
     ("popularity", "recall@20", []),
+    ("sasrec", "hr@10", ["--lr", "0.005", "--batch-size", "256", "--param", "max_len=20"]),
 ])
 def test_train_writes_a_bundle_whose_evaluation_repeats_the_test_metrics(tmp_path, capsys, model, metric, extra):
     out, mj, ej = tmp_path / "b", tmp_path / "m.json", tmp_path / "e.json"
