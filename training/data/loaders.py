@@ -33,11 +33,18 @@ class DataFormatError(ValueError):
 
 
 def data_dir() -> Path | None:
-    """The folder of real data sets: ``$REC_ENGINE_DATA`` when set, else ``<repo>/../shared/data``;
-    None when that folder does not exist."""
+    """The folder of real data sets: ``$REC_ENGINE_DATA`` when set; else the first ``../shared/data`` seen
+    from the working directory or one of its parents (a checkout beside ``shared/``), or from this source
+    file's parents (a development checkout); None when there is none."""
     env = os.environ.get("REC_ENGINE_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return path if path.is_dir() else None
+    if env:
+        return Path(env) if Path(env).is_dir() else None
+    here = Path(__file__).resolve()
+    for base in (Path.cwd().resolve(), *Path.cwd().resolve().parents, *here.parents):
+        path = base.parent / "shared" / "data"
+        if path.is_dir():
+            return path
+    return None
 
 
 # ------------------------------------------------------------------------------------------ tokenizing

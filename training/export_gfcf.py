@@ -1,0 +1,84 @@
+"""Export a fitted GF-CF model (:class:`rec_engine_train.models.gfcf.GFCF`) as a bundle of kind "gfcf".
+
+Bundle format (what serving is written against). With ``R~ = D_u^-1/2 R D_i^-1/2`` the normalized train
+matrix and ``V`` its top ``k`` right singular vectors, the scores of a user with binary item row ``r``
+(1 x n_items) are::
+
+    s = lin(r) + alpha * (r @ items_lowrank_query) @ items_lowrank^T
+    lin(r) = R~^T (R~ r^T)                      (then, when meta.sharpen = t > 0:  lin <- lin - t R~^T R~ lin)
+
+Arrays (``bundle.array(name)``):
+
+- ``norm_indptr`` int64 [n_users + 1], ``norm_indices`` int32 [nnz], ``norm_data`` float32 [nnz]: ``R~`` as
+  CSR (rows users, columns items, sorted columns); ``R~^T`` is its transpose (build its CSR once at load).
+- ``item_inv_sqrt_degree`` float32 [n_items]: ``D_i^-1/2`` (0 for items without train interactions).
+- ``train_indptr`` int64 [n_users + 1], ``train_items`` int64 [nnz]: each user's distinct train items,
+  sorted (the binary rows ``r`` of train users, and the exclusion lists).
+- ``item_counts`` int64 [n_items]: train interactions per item (repeats counted).
+
+Tables (``bundle.table(name)``, float32 unless ``table_dtype`` says otherwise):
+
+- ``items_lowrank`` [n_items, k]: ``D_i^1/2 V`` (already passed through the sharpening step when
+  ``sharpen > 0``), the item factor of the low-rank part.
+- ``items_lowrank_query`` [n_items, k]: ``D_i^-1/2 V``; ``r @ items_lowrank_query`` is a user's factor,
+  so a new row (fold-in) gets its factor from its items alone.
+- ``users_lowrank`` [n_users, k]: ``alpha * r_u @ items_lowrank_query`` for every train user (alpha
+  included), so the low-rank part of a train user is ``users_lowrank[u] @ items_lowrank^T``.
+
+Meta: ``n_users``, ``n_items``, ``alpha``, ``k_ideal`` (= k, the columns of the low-rank tables),
+``sharpen``, ``svd``, ``n_iter``, ``oversample``, ``seed``, ``metrics``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rec_engine.bundle import write_bundle
+
+from .models.gfcf import GFCF
+
+
+def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, float] | None = None,
+                table_dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the fitted ``model`` as a bundle of kind "gfcf" at ``path`` (format in the module docstring).
+
+    Parameters
+    ----------
+    model : GFCF, fitted
+    metrics : mapping, optional  evaluation results recorded in the meta
+    table_dtype : {"float32", "float16", "int8"}  storage of the low-rank tables
+    overwrite : bool  replace an existing bundle
+
+    Returns
+    -------
+    Path of the bundle.
+
+    Raises
+    ------
+    TypeError  ``model`` is not a GFCF.
+    RuntimeError  ``model`` is not fitted.
+    """
+    if not isinstance(model, GFCF):
+        raise TypeError(f"export_gfcf needs a GFCF model, got {type(model).__name__}")
+    model._check_fitted()
+    users = np.arange(model.n_users, dtype=np.int64)
+    users_lowrank = np.zeros((model.n_users, model.v_left.shape[1]), np.float32)
+    for start in range(0, model.n_users, model.batch_size):
+        rows = model._user_rows(users[start:start + model.batch_size])
+        users_lowrank[start:start + rows.shape[0]] = model.alpha * (rows @ model.v_left)
+    arrays = {
+        "norm_indptr": model.norm.indptr, "norm_indices": model.norm.indices, "norm_data": model.norm.data,
+        "item_inv_sqrt_degree": model._inv_i.astype(np.float32),
+        "train_indptr": model.train_lists.indptr, "train_items": model.train_lists.ids,
+        "item_counts": model.item_counts,
+    }
+    tables = {"items_lowrank": model.v_right, "items_lowrank_query": model.v_left, "users_lowrank": users_lowrank}
+    meta = {"n_users": model.n_users, "n_items": model.n_items, "alpha": model.alpha,
+            "k_ideal": int(model.v_left.shape[1]), "sharpen": model.sharpen, "svd": model.svd,
+            "n_iter": model.n_iter, "oversample": model.oversample, "seed": model.seed,
+            "metrics": dict(metrics or {})}
+    return write_bundle(path, kind="gfcf", meta=meta, tables=tables, arrays=arrays, table_dtype=table_dtype,
+                        overwrite=overwrite)
