@@ -227,3 +227,25 @@ def test_sasrec_retrieval_follows_the_history_and_observed_items(trained_sasrec)
         assert cold.fallback
         e.observe(5000, [3, 9])
         np.testing.assert_array_equal(e.recommend(5000, k=10).items, reference(np.array([3, 9])))
+
+
+@pytest.mark.parametrize("sharpen", [0.0, 0.3])
+def test_gfcf_bundle_is_served_and_folds_observed_items_in(trained, tmp_path, sharpen):
+    from rec_engine_train.export_gfcf import export_gfcf
+    from rec_engine_train.models.gfcf import GFCF
+
+    split = trained.graph_data
+    model = GFCF(alpha=0.3, k_ideal=32, sharpen=sharpen, svd="exact").fit(split.train)
+    with Engine.load(export_gfcf(model, tmp_path / "gfcf")) as e:
+        for u in (0, 9, 250):
+            rec = e.recommend(u, k=10)
+            ref = model.recommend(np.array([u]), k=10)
+            np.testing.assert_array_equal(rec.items, np.asarray(ref.ids).reshape(-1))
+            np.testing.assert_allclose(rec.scores, np.asarray(ref.scores).reshape(-1), atol=1e-5)
+        new = [int(i) for i in e.recommend(9, k=3).items]
+        e.observe(9, new)
+        items = np.unique(np.concatenate([split.train.by_user()[9], new]))
+        s = model.fold_in([items])[0].astype(np.float64)
+        s[items] = -np.inf
+        np.testing.assert_array_equal(e.recommend(9, k=10).items, np.lexsort((np.arange(len(s)), -s))[:10])
+        assert e.recommend(10_000, k=3).fallback

@@ -183,15 +183,15 @@ class Engine:
                     else (self.online.items(user) if self.online.items(user) is not None else np.zeros(0, np.int64)))
         fallback = False
         if v.retrieval is not None:
-            vec, known = v.retrieval.user_vectors(np.array([user]), self.online)
             n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
-            if known[0]:
-                q, items = vec, v.retrieval.items
-            elif v.popular is not None:
-                q, items, fallback = np.ones((1, 1), np.float32), v.popular, True
-            else:
-                raise RecEngineError(f"user {user} is unknown and the bundle has no popularity to fall back on")
-            res = topk(q[0], items, n, exclude=seen, candidates=cand, num_threads=self.num_threads)
+            res = v.retrieval.retrieve(user, n, self.online, exclude=seen, candidates=cand,
+                                       num_threads=self.num_threads)
+            if res is None:       # a user the model cannot describe: popular items
+                if v.popular is None:
+                    raise RecEngineError(f"user {user} is unknown and the bundle has no popularity to fall back on")
+                res = topk(np.ones(1, np.float32), v.popular, n, exclude=seen, candidates=cand,
+                           num_threads=self.num_threads)
+                fallback = True
             ids, scores = res.ids, res.scores
             ids, scores = ids[ids >= 0], scores[ids >= 0]
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3

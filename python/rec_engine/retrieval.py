@@ -6,6 +6,8 @@ One class per way a bundle produces user vectors:
   A LightGCN user with observed interactions gets its vector folded in: its layers are recomputed from
   its new neighbourhood with the core's pooling over the items' stored layer embeddings, which is one
   row of the propagation the model was trained with (item layers kept fixed).
+- :class:`FilterRetrieval` (``gfcf``): no user vector; a user's scores are the fitted graph filter applied
+  to its item row (train + observed items), so new interactions count at once.
 - :class:`SequentialRetrieval` (``sasrec``): the user vector is the ONNX encoder's output over the user's
   latest items, looked up in C++; observed items extend the history at once.
 
@@ -23,9 +25,10 @@ from .embedding import EmbeddingTable
 from .graph import CsrMatrix, spmm
 from .online import OnlineState
 from .sequential import SASRecScorer
-from .topk import IdLists
+from .topk import IdLists, TopK, topk
 
-VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity", "gfcf")
+VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity")
+FILTER_KINDS = ("gfcf",)
 SEQUENTIAL_KINDS = ("sasrec",)
 
 
@@ -50,6 +53,14 @@ class _Retrieval:
     def user_vectors(self, users: np.ndarray, online: OnlineState | None) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors [B, d] float32, known [B] bool)``; an unknown user (no vector) has a zero row."""
         raise NotImplementedError
+
+    def retrieve(self, user: int, n: int, online: OnlineState | None, *, exclude=None, candidates=None,
+                 num_threads: int | None = None) -> TopK | None:
+        """The ``n`` best items for ``user`` (None when the model cannot describe the user)."""
+        vec, known = self.user_vectors(np.array([user]), online)
+        if not known[0]:
+            return None
+        return topk(vec[0], self.items, n, exclude=exclude, candidates=candidates, num_threads=num_threads)
 
 
 class VectorRetrieval(_Retrieval):
@@ -149,10 +160,64 @@ class SequentialRetrieval(_Retrieval):
         return out, known
 
 
+class FilterRetrieval(_Retrieval):
+    """GF-CF bundles (format: ``rec_engine_train.export_gfcf``): the scores of a user with binary item
+    row ``r`` are ``lin(r) + alpha * (r @ items_lowrank_query) @ items_lowrank^T`` with
+    ``lin(r) = R~^T (R~ r^T)`` (minus ``t * lin P`` when sharpened). ``R~ r^T`` and ``R~^T y`` touch only the
+    rows of the user's items and of the users sharing them, so a request costs a few thousand
+    multiply-adds plus one pass over the low-rank item factors."""
+
+    def __init__(self, bundle: Bundle):
+        meta = bundle.meta
+        self.kind = bundle.kind
+        self.n_users, self.n_items = int(meta["n_users"]), int(meta["n_items"])
+        self.alpha, self.sharpen = float(meta["alpha"]), float(meta.get("sharpen", 0.0))
+        indptr, indices, data = bundle.array("norm_indptr"), bundle.array("norm_indices"), bundle.array("norm_data")
+        self.norm = CsrMatrix(indptr, indices, data, (self.n_users, self.n_items))
+        rows = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(indptr))
+        order = np.argsort(indices, kind="stable")                      # R~^T as CSR: items x users
+        t_indptr = np.zeros(self.n_items + 1, np.int64)
+        np.cumsum(np.bincount(indices, minlength=self.n_items), out=t_indptr[1:])
+        self.norm_t = CsrMatrix(t_indptr, rows[order].astype(indices.dtype), data[order], (self.n_items, self.n_users))
+        self.query = bundle.table("items_lowrank_query")
+        self.items = np.ascontiguousarray(bundle.table("items_lowrank").to_numpy())
+        self.seen_lists = _csr_lists(bundle, "train_indptr", "train_items")
+        self.item_counts = bundle.array("item_counts")
+
+    @staticmethod
+    def _weighted_rows(m: CsrMatrix, rows: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+        """``sum_j weights[j] * m[rows[j]]`` as a dense float64 vector of ``size``."""
+        starts = m.indptr[rows]
+        lengths = m.indptr[rows + 1] - starts
+        pos = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+        return np.bincount(m.indices[pos], weights=m.data[pos] * np.repeat(weights, lengths), minlength=size)
+
+    def scores(self, items: np.ndarray) -> np.ndarray:
+        """Scores of every item for a user whose (distinct) items are ``items``: float32 [n_items]."""
+        y = self._weighted_rows(self.norm_t, items, np.ones(len(items)), self.n_users)      # R~ r^T
+        users = np.flatnonzero(y)
+        lin = self._weighted_rows(self.norm, users, y[users], self.n_items)                # R~^T y
+        if self.sharpen > 0:
+            p_lin = spmm(self.norm_t, spmm(self.norm, lin[:, None].astype(np.float32)))[:, 0]
+            lin = lin - self.sharpen * p_lin
+        q = self.query.pool(items, np.array([0, len(items)], np.int64), mode="sum", include_last_offset=True)[0]
+        return (lin + self.alpha * (self.items @ q)).astype(np.float32)
+
+    def retrieve(self, user, n, online, *, exclude=None, candidates=None, num_threads=None):
+        items = np.unique(self.seen(user, online))
+        if len(items) == 0:
+            return None
+        s = self.scores(items)
+        return topk(np.ones(1, np.float32), s[:, None], n, exclude=exclude, candidates=candidates,
+                    num_threads=num_threads)
+
+
 def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
     if bundle.kind in VECTOR_KINDS:
         return VectorRetrieval(bundle)
+    if bundle.kind in FILTER_KINDS:
+        return FilterRetrieval(bundle)
     if bundle.kind in SEQUENTIAL_KINDS:
         return SequentialRetrieval(bundle, session_options)
     raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
-                         f"({', '.join(VECTOR_KINDS + SEQUENTIAL_KINDS)})")
+                         f"({', '.join(VECTOR_KINDS + FILTER_KINDS + SEQUENTIAL_KINDS)})")
