@@ -352,4 +352,75 @@ PYBIND11_MODULE(_core, m) {
       py::arg("exclude_indptr") = py::none(), py::arg("exclude_ids") = py::none(),
       py::arg("candidates_indptr") = py::none(), py::arg("candidates_ids") = py::none(),
       py::arg("num_threads") = 0);
+
+  // Reduced-precision top-k: quantize_items once, then topk_quantized per call.
+  auto parse_precision = [](const std::string& s) {
+    if (s == "int8") return Precision::int8;
+    if (s == "bf16") return Precision::bf16;
+    throw py::value_error("precision must be 'int8' or 'bf16', got '" + s + "'");
+  };
+  m.def(
+      "quantize_items",
+      [parse_precision](py::handle x_obj, const std::string& precision, int num_threads) {
+        py::array x = take(x_obj, "items", {kF32}, 2);
+        const Precision pr = parse_precision(precision);
+        const int64_t n = x.shape(0), d = x.shape(1);
+        py::array_t<uint8_t> packed(quantized_bytes(pr, n, d));
+        py::array_t<int32_t> corr(quantized_rows(n));
+        py::array_t<float> scale(quantized_rows(n));
+        uint8_t* pp = packed.mutable_data();
+        int32_t* pc = corr.mutable_data();
+        float* ps = scale.mutable_data();
+        {
+          py::gil_scoped_release release;
+          quantize_items(ptr<float>(x), n, d, pr, pp, pc, ps, num_threads);
+        }
+        return py::make_tuple(packed, corr, scale);
+      },
+      py::arg("items"), py::arg("precision"), py::arg("num_threads") = 0);
+  m.def(
+      "topk_quantized",
+      [parse_precision](py::handle q_obj, py::handle x_obj, py::handle packed_obj, py::handle corr_obj,
+                        py::handle scale_obj, const std::string& precision, int64_t k, int64_t shortlist,
+                        py::object ex_indptr, py::object ex_ids, int num_threads) {
+        py::array q = take(q_obj, "queries", {kF32}, 2);
+        py::array x = take(x_obj, "items", {kF32}, 2);
+        py::array packed = take(packed_obj, "packed", {kU8}, 1);
+        py::array corr = take(corr_obj, "corr", {kI32}, 1);
+        py::array scale = take(scale_obj, "scale", {kF32}, 1);
+        const Precision pr = parse_precision(precision);
+        const int64_t b = q.shape(0), n = x.shape(0), d = x.shape(1);
+        if (q.shape(1) != d)
+          throw py::value_error("queries have dimension " + std::to_string(q.shape(1)) + " but items have " +
+                                std::to_string(d));
+        if (packed.shape(0) != quantized_bytes(pr, n, d) || corr.shape(0) != quantized_rows(n) ||
+            scale.shape(0) != quantized_rows(n))
+          throw py::value_error("the quantized arrays do not match the items (rebuild them with quantize_items)");
+        if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
+        TopkOptions opt;
+        opt.k = k;
+        opt.num_threads = num_threads;
+        PyIdLists ex = take_lists(ex_indptr, ex_ids, b, "exclude");
+        opt.exclude = ex.view;
+        QuantizedItems index;
+        index.precision = pr;
+        index.n_items = n;
+        index.dim = d;
+        index.packed = ptr<uint8_t>(packed);
+        index.corr = ptr<int32_t>(corr);
+        index.scale = ptr<float>(scale);
+        const int64_t width = topk_width(k, n);
+        py::array_t<int64_t> ids({b, width});
+        py::array_t<float> scores({b, width});
+        int64_t* pi = ids.mutable_data();
+        float* ps = scores.mutable_data();
+        {
+          py::gil_scoped_release release;
+          topk_quantized(ptr<float>(q), b, ptr<float>(x), index, opt, shortlist, pi, ps);
+        }
+        return py::make_tuple(ids, scores);
+      },
+      py::arg("queries"), py::arg("items"), py::arg("packed"), py::arg("corr"), py::arg("scale"),
+      py::arg("precision"), py::arg("k"), py::arg("shortlist"), py::arg("exclude_indptr") = py::none(),
+      py::arg("exclude_ids") = py::none(), py::arg("num_threads") = 0);
 }

@@ -6,6 +6,15 @@
 // is split by items (one contiguous item range per thread, selections merged at the end). Memory stays
 // at O(threads * min(B, kQueryGroup) * k) plus the output, never B x N. Candidate subsets are scored
 // per query (parallel over queries).
+//
+// With AVX-512 (topk_gemm::active() != nullptr) full scans take the packed path instead: each thread
+// owns a contiguous range of kPanel-item panels, packs each panel once (transposed, so that a
+// register-blocked kernel scores 6 queries x 64 items per step from broadcast query values), scores
+// every query of the group against it, drops in SIMD the scores below each query's current k-th best,
+// and merges the per-thread selections at the end. Every float32 score is one FMA chain over the
+// dimensions (see kernels/topk_gemm.hpp), so results do not depend on the thread count or the batch.
+// Reduced precision (topk_quantized) scans pre-packed bf16/int8 panels the same way into a shortlist
+// and re-scores it exactly.
 #include "rec_engine/topk.hpp"
 
 #include <algorithm>
@@ -17,6 +26,7 @@
 #include <vector>
 
 #include "kernels/kernels.hpp"
+#include "kernels/topk_gemm.hpp"
 #include "parallel.hpp"
 
 namespace rec_engine {
@@ -178,30 +188,111 @@ void scan_range(const Problem& p, int64_t q_begin, int64_t q_end, int64_t i_begi
   }
 }
 
-// Scores query q's candidate list (sorted, deduplicated) into sel.
-void scan_candidates(const Problem& p, int64_t q, const SortedLists& cands, Selection& sel,
+// Scores query q's candidates b[0 .. n) (distinct ids) into sel.
+void scan_candidates(const Problem& p, int64_t q, const int64_t* b, int64_t n, Selection& sel,
                      std::vector<float>& scratch, int64_t& nan_id) {
   const auto& k = kernels::active();
+  const topk_gemm::Table* g = topk_gemm::active();
   const int64_t d = p.d;
-  constexpr int64_t kChunk = 64;
-  scratch.resize(static_cast<size_t>(kChunk * (d + 1)));
+  constexpr int64_t kChunk = topk_gemm::kPanel;
+  scratch.resize(static_cast<size_t>(kChunk * (2 * d + 1)));
   float* rows = scratch.data();
   float* scores = rows + kChunk * d;
+  float* panel = scores + kChunk;
   const float* qv = p.queries + q * d;
   float thr = sel.threshold();
-  const int64_t* b = cands.begin(q);
-  const int64_t n = cands.end(q) - b;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t nc = std::min(kChunk, n - c0);
     for (int64_t c = 0; c < nc; ++c)
       std::memcpy(rows + c * d, p.items + b[c0 + c] * d, sizeof(float) * static_cast<size_t>(d));
-    k.dot_tile(qv, 1, d, rows, nc, d, d, scores, kChunk);
+    if (g != nullptr) {  // the same FMA chain as the packed full scan
+      g->pack_f32(rows, nc, d, d, panel);
+      g->score_f32(qv, 1, d, panel, d, scores, kChunk);
+    } else {
+      k.dot_tile(qv, 1, d, rows, nc, d, d, scores, kChunk);
+    }
     for (int64_t c = 0; c < nc; ++c) {
       float s = scores[c];
       if (p.cosine) s = (s * (*p.query_inv)[q]) * inv_norm(k, rows + c * d, d);
       consider(p, q, sel, thr, s, b[c0 + c], nan_id);
     }
   }
+}
+
+constexpr int64_t kPanel = topk_gemm::kPanel;
+constexpr int64_t kPanelQueries = 48;      // queries scored per panel visit (a multiple of the kernel's 6)
+constexpr int64_t kPackedMinQueries = 4;   // fewer queries take the row-major path
+
+// Per-thread buffers of the packed scans.
+struct PanelWork {
+  std::vector<float> panel, tile;
+  std::vector<int32_t> idx;
+  std::vector<uint8_t> qbuf;
+};
+
+// Scans panels [pa, pb) for queries [q_begin, q_end) into sels[q - q_begin]. prepare(panel) readies
+// a panel; score(panel, q0, nq, tile) writes nq x kPanel scores (row stride kPanel); only the first
+// min(kPanel, n_items - panel * kPanel) columns are items.
+template <class Prepare, class Score>
+void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
+                 PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, Prepare prepare, Score score) {
+  w.tile.resize(static_cast<size_t>(kPanelQueries * kPanel));
+  w.idx.resize(static_cast<size_t>(kPanel));
+  float* tile = w.tile.data();
+  int32_t* idx = w.idx.data();
+  for (int64_t pi = pa; pi < pb; ++pi) {
+    const int64_t i0 = pi * kPanel;
+    const int64_t nx = std::min(kPanel, p.n_items - i0);
+    prepare(pi, nx);
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += kPanelQueries) {
+      const int64_t nq = std::min(kPanelQueries, q_end - q0);
+      score(pi, q0, nq, tile);
+      for (int64_t a = 0; a < nq; ++a) {
+        const int64_t q = q0 + a;
+        Selection& sel = sels[q - q_begin];
+        float thr = sel.threshold();
+        float* row = tile + a * kPanel;
+        if (p.cosine) {
+          const float qi = (*p.query_inv)[q];
+          const float* xi = p.item_inv->data() + i0;
+          for (int64_t j = 0; j < nx; ++j) row[j] = (row[j] * qi) * xi[j];
+        }
+        int64_t n = 0;
+        if (g != nullptr) {
+          n = g->filter(row, nx, thr, idx);
+        } else {
+          for (int64_t j = 0; j < nx; ++j)
+            if (!(row[j] < thr)) idx[n++] = static_cast<int32_t>(j);
+        }
+        for (int64_t c = 0; c < n; ++c) consider(p, q, sel, thr, row[idx[c]], i0 + idx[c], nan_id);
+      }
+    }
+  }
+}
+
+// Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for
+// queries [g0, g0 + ng), then merges each query's per-thread selections into out (width entries).
+template <class Scan, class Emit>
+void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector<Entry>& storage,
+                Scan scan, Emit emit) {
+  storage.resize(static_cast<size_t>(nt * ng * width));
+  std::vector<std::vector<Selection>> sels(nt);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * ng + a) * width, width);
+  detail::parallel_for(nt, nt, 1, [&](int64_t t) {
+    scan(static_cast<int>(t), n_panels * t / nt, n_panels * (t + 1) / nt, sels[t].data());
+  });
+  detail::parallel_for(ng, nt > 1 && ng > 1 ? nt : 1, 16, [&](int64_t a) {
+    if (nt == 1) {
+      emit(a, sels[0][a]);
+      return;
+    }
+    std::vector<Entry> buf(static_cast<size_t>(width));
+    Selection final_sel(buf.data(), width);
+    for (int t = 0; t < nt; ++t)
+      for (const Entry& e : sels[t][a]) final_sel.offer(e);
+    emit(a, final_sel);
+  });
 }
 
 void throw_nan(int64_t nan_id) {
@@ -248,7 +339,7 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     detail::parallel_for(n_queries, nt, 4, [&](int64_t q) {
       const int t = detail::thread_id();
       Selection sel(storage.data() + t * width, width);
-      scan_candidates(p, q, cands, sel, scratch[t], nan_ids[t]);
+      scan_candidates(p, q, cands.begin(q), cands.end(q) - cands.begin(q), sel, scratch[t], nan_ids[t]);
       sel.write_sorted(width, out_ids + q * width, out_scores + q * width);
     });
     for (int64_t v : nan_ids) nan_id = std::min(nan_id, v);
@@ -264,6 +355,38 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
       for (int64_t i = c * 4096; i < std::min(n_items, (c + 1) * 4096); ++i)
         item_inv[i] = inv_norm(k, items + i * dim, dim);
     });
+  }
+  // The packed path pays a transpose per item panel, which only a batch amortizes: a query or two stream
+  // the rows as they are (memory-bound; the per-pair sum order differs from the packed one, so a score
+  // can differ in its last bit between a lone query and the same query inside a batch).
+  const topk_gemm::Table* g = n_queries >= kPackedMinQueries ? topk_gemm::active() : nullptr;
+  if (g != nullptr) {
+    const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
+    const int ntp = static_cast<int>(std::min<int64_t>(nt, n_panels));
+    std::vector<PanelWork> work(ntp);
+    std::vector<int64_t> nan_ids(ntp, kNoNan);
+    std::vector<Entry> storage;
+    for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
+      const int64_t ng = std::min(kQueryGroup, n_queries - g0);
+      item_split(
+          n_panels, ntp, ng, width, storage,
+          [&](int t, int64_t pa, int64_t pb, Selection* sels) {
+            PanelWork& w = work[t];
+            w.panel.resize(static_cast<size_t>(kPanel * dim));
+            scan_panels(
+                p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g,
+                [&](int64_t pi, int64_t nx) { g->pack_f32(items + pi * kPanel * dim, nx, dim, dim, w.panel.data()); },
+                [&](int64_t, int64_t q0, int64_t nq, float* tile) {
+                  g->score_f32(queries + q0 * dim, nq, dim, w.panel.data(), dim, tile, kPanel);
+                });
+          },
+          [&](int64_t a, Selection& sel) {
+            sel.write_sorted(width, out_ids + (g0 + a) * width, out_scores + (g0 + a) * width);
+          });
+    }
+    for (int64_t v : nan_ids) nan_id = std::min(nan_id, v);
+    if (nan_id != kNoNan) throw_nan(nan_id);
+    return;
   }
   const int64_t group = std::min(kQueryGroup, n_queries);
   std::vector<Entry> storage(static_cast<size_t>(nt * group * width));
@@ -310,6 +433,194 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
   }
   for (int64_t v : nan_ids) nan_id = std::min(nan_id, v);
   if (nan_id != kNoNan) throw_nan(nan_id);
+}
+
+// ------------------------------------------------------------------------------ reduced precision
+namespace {
+
+int64_t padded_dim(Precision pr, int64_t d) { return pr == Precision::int8 ? (d + 3) / 4 * 4 : (d + 1) / 2 * 2; }
+
+inline uint16_t to_bf16(float v) {  // round to nearest even (finite values only)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Symmetric int8 of v[0 .. d) with one scale; returns the scale (0 for a zero vector).
+inline float quantize_row(const float* v, int64_t d, int8_t* out) {
+  float m = 0.f;
+  for (int64_t t = 0; t < d; ++t) m = std::max(m, std::fabs(v[t]));
+  const float scale = m / 127.f;
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  for (int64_t t = 0; t < d; ++t)
+    out[t] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[t] * inv))));
+  return scale;
+}
+
+// Portable scorers for the quantized panels (the scalar and avx2 levels; same layout as the kernels).
+void score_i8_portable(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
+                       const int32_t* corr, const float* scale, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < kPanel; ++j) {
+      int32_t acc = 0;
+      for (int64_t t = 0; t < d4; ++t)
+        for (int r = 0; r < 4; ++r)
+          acc += static_cast<int32_t>(q[i * ldq + 4 * t + r]) * panel[(t * kPanel + j) * 4 + r];
+      out[i * ldo + j] = static_cast<float>(acc - corr[j]) * scale[j];
+    }
+}
+void score_bf16_portable(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
+                         float* out, int64_t ldo) {
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < kPanel; ++j) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < d2; ++t) {
+        acc += from_bf16(q[i * ldq + 2 * t + 1]) * from_bf16(panel[(t * kPanel + j) * 2 + 1]);
+        acc += from_bf16(q[i * ldq + 2 * t]) * from_bf16(panel[(t * kPanel + j) * 2]);
+      }
+      out[i * ldo + j] = acc;
+    }
+}
+
+}  // namespace
+
+int64_t quantized_rows(int64_t n_items) { return (n_items + kPanel - 1) / kPanel * kPanel; }
+
+int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim) {
+  const int64_t per = precision == Precision::int8 ? 1 : 2;
+  return quantized_rows(n_items) * padded_dim(precision, dim) * per;
+}
+
+void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision precision, uint8_t* packed,
+                    int32_t* corr, float* scale, int num_threads) {
+  if (n_items < 0 || dim < 0) throw std::invalid_argument("sizes must be >= 0");
+  for (int64_t i = 0; i < n_items * dim; ++i)
+    if (!std::isfinite(items[i]))
+      throw std::invalid_argument("items[" + std::to_string(i / dim) + ", " + std::to_string(i % dim) +
+                                  "] is not finite");
+  const int64_t rows = quantized_rows(n_items);
+  const int64_t dp = padded_dim(precision, dim);
+  std::memset(packed, 0, static_cast<size_t>(quantized_bytes(precision, n_items, dim)));
+  std::fill(corr, corr + rows, 0);
+  std::fill(scale, scale + rows, 0.f);
+  const int64_t n_panels = rows / kPanel;
+  const int nt = detail::threads_for(num_threads, n_items * dim, n_panels);
+  detail::parallel_for(n_panels, nt, 16, [&](int64_t pi) {
+    std::vector<int8_t> row(static_cast<size_t>(dim));
+    for (int64_t j = 0; j < kPanel && pi * kPanel + j < n_items; ++j) {
+      const int64_t item = pi * kPanel + j;
+      const float* v = items + item * dim;
+      if (precision == Precision::int8) {
+        scale[item] = quantize_row(v, dim, row.data());
+        int32_t sum = 0;
+        int8_t* dst = reinterpret_cast<int8_t*>(packed) + pi * kPanel * dp;
+        for (int64_t t = 0; t < dim; ++t) {
+          dst[((t / 4) * kPanel + j) * 4 + t % 4] = row[t];
+          sum += row[t];
+        }
+        corr[item] = 128 * sum;
+      } else {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(packed) + pi * kPanel * dp;
+        for (int64_t t = 0; t < dim; ++t) dst[((t / 2) * kPanel + j) * 2 + t % 2] = to_bf16(v[t]);
+      }
+    }
+  });
+}
+
+void topk_quantized(const float* queries, int64_t n_queries, const float* items, const QuantizedItems& index,
+                    const TopkOptions& opt, int64_t shortlist, int64_t* out_ids, float* out_scores) {
+  const int64_t n_items = index.n_items, dim = index.dim;
+  if (opt.k < 0) throw std::invalid_argument("k must be >= 0, got " + std::to_string(opt.k));
+  if (opt.metric != Metric::inner_product)
+    throw std::invalid_argument("reduced precision supports the inner product metric only");
+  if (opt.candidates.indptr != nullptr)
+    throw std::invalid_argument("reduced precision does not take candidates (score them exactly with topk)");
+  if (n_queries < 0 || n_items < 0 || dim < 0) throw std::invalid_argument("sizes must be >= 0");
+  for (int64_t i = 0; i < n_queries * dim; ++i)
+    if (!std::isfinite(queries[i]))
+      throw std::invalid_argument("queries[" + std::to_string(i / dim) + ", " + std::to_string(i % dim) +
+                                  "] is not finite");
+  check_lists(opt.exclude, n_queries, n_items, "exclude");
+  const int64_t width = topk_width(opt.k, n_items);
+  if (n_queries == 0 || width == 0) return;
+  const int64_t sl = std::min(n_items, std::max(width, shortlist));
+  const SortedLists exclude(opt.exclude, n_queries, false);
+  const Problem p{queries, items, n_queries, n_items, dim, width, false, nullptr, nullptr, &exclude};
+
+  // Queries in the scan's precision (int8: symmetric per query, stored as u8 = q + 128).
+  const bool i8 = index.precision == Precision::int8;
+  const int64_t dp = padded_dim(index.precision, dim);
+  std::vector<uint8_t> qu;
+  std::vector<uint16_t> qb;
+  if (i8) {
+    qu.assign(static_cast<size_t>(n_queries * dp), 128);
+    std::vector<int8_t> row(static_cast<size_t>(dim));
+    for (int64_t q = 0; q < n_queries; ++q) {
+      quantize_row(queries + q * dim, dim, row.data());
+      for (int64_t t = 0; t < dim; ++t) qu[q * dp + t] = static_cast<uint8_t>(row[t] + 128);
+    }
+  } else {
+    qb.assign(static_cast<size_t>(n_queries * dp), 0);
+    for (int64_t q = 0; q < n_queries; ++q)
+      for (int64_t t = 0; t < dim; ++t) qb[q * dp + t] = to_bf16(queries[q * dim + t]);
+  }
+
+  const topk_gemm::Table* g = topk_gemm::active();
+  auto* ki8 = g != nullptr && g->score_i8 != nullptr ? g->score_i8 : &score_i8_portable;
+  auto* kbf = g != nullptr && g->score_bf16 != nullptr ? g->score_bf16 : &score_bf16_portable;
+  const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
+  const int64_t panel_bytes = kPanel * dp * (i8 ? 1 : 2);
+  const int nt = static_cast<int>(std::min<int64_t>(
+      detail::threads_for(opt.num_threads, n_queries * n_items * dim / 4, n_panels), n_panels));
+  std::vector<PanelWork> work(nt);
+  std::vector<int64_t> nan_ids(nt, kNoNan);
+  std::vector<Entry> storage;
+  std::vector<int64_t> short_ids;
+  for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
+    const int64_t ng = std::min(kQueryGroup, n_queries - g0);
+    short_ids.assign(static_cast<size_t>(ng * sl), -1);
+    std::vector<int64_t> short_n(static_cast<size_t>(ng), 0);
+    item_split(
+        n_panels, nt, ng, sl, storage,
+        [&](int t, int64_t pa, int64_t pb, Selection* sels) {
+          scan_panels(
+              p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, [](int64_t, int64_t) {},
+              [&](int64_t pi, int64_t q0, int64_t nq, float* tile) {
+                const uint8_t* panel = index.packed + pi * panel_bytes;
+                if (i8)
+                  ki8(qu.data() + q0 * dp, nq, dp, reinterpret_cast<const int8_t*>(panel), dp / 4,
+                      index.corr + pi * kPanel, index.scale + pi * kPanel, tile, kPanel);
+                else
+                  kbf(qb.data() + q0 * dp, nq, dp, reinterpret_cast<const uint16_t*>(panel), dp / 2, tile, kPanel);
+              });
+        },
+        [&](int64_t a, Selection& sel) {
+          int64_t n = 0;
+          for (const Entry& e : sel) short_ids[a * sl + n++] = e.id;
+          short_n[a] = n;
+        });
+    // Exact float32 re-scoring of each shortlist.
+    const int ntq = detail::threads_for(opt.num_threads, ng * sl * dim, ng);
+    std::vector<Entry> sel_storage(static_cast<size_t>(ntq * width));
+    std::vector<std::vector<float>> scratch(ntq);
+    std::vector<int64_t> nan_q(ntq, kNoNan);
+    detail::parallel_for(ng, ntq, 4, [&](int64_t a) {
+      const int t = detail::thread_id();
+      Selection sel(sel_storage.data() + t * width, width);
+      const int64_t q = g0 + a;
+      int64_t* ids = short_ids.data() + a * sl;
+      std::sort(ids, ids + short_n[a]);  // rows read in memory order
+      scan_candidates(p, q, ids, short_n[a], sel, scratch[t], nan_q[t]);
+      sel.write_sorted(width, out_ids + q * width, out_scores + q * width);
+    });
+  }
 }
 
 }  // namespace rec_engine

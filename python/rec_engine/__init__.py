@@ -12,12 +12,12 @@ from .embedding import EmbeddingTable
 from .graph import CsrMatrix, normalized_adjacency, propagate, spmm
 from .runtime import (default_num_threads, openmp_enabled, set_simd_level, simd_level,
                       supported_simd_levels)
-from .topk import IdLists, TopK, topk
+from .topk import IdLists, ItemIndex, TopK, topk
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CsrMatrix", "EmbeddingTable", "IdLists", "RecEngineError", "TopK", "default_num_threads",
+    "CsrMatrix", "EmbeddingTable", "IdLists", "ItemIndex", "RecEngineError", "TopK", "default_num_threads",
     "normalized_adjacency", "openmp_enabled", "propagate", "set_simd_level", "simd_level", "spmm",
     "supported_simd_levels", "topk",
 ]

@@ -44,3 +44,10 @@ def topk(queries: npt.NDArray[np.float32], items: npt.NDArray[np.float32], k: in
          candidates_indptr: Optional[npt.NDArray[np.int64]] = None,
          candidates_ids: Optional[npt.NDArray[np.int64]] = None,
          num_threads: int = 0) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+def quantize_items(items: npt.NDArray[np.float32], precision: str, num_threads: int = 0
+                   ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
+def topk_quantized(queries: npt.NDArray[np.float32], items: npt.NDArray[np.float32], packed: npt.NDArray[np.uint8],
+                   corr: npt.NDArray[np.int32], scale: npt.NDArray[np.float32], precision: str, k: int,
+                   shortlist: int, exclude_indptr: Optional[npt.NDArray[np.int64]] = None,
+                   exclude_ids: Optional[npt.NDArray[np.int64]] = None,
+                   num_threads: int = 0) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...

@@ -33,4 +33,28 @@ int64_t topk_width(int64_t k, int64_t n_items);
 void topk(const float* queries, int64_t n_queries, const float* items, int64_t n_items, int64_t dim,
           const TopkOptions& options, int64_t* out_ids, float* out_scores);
 
+// Reduced precision (opt-in): items converted once to bfloat16 or int8 (symmetric, one scale per item)
+// in a panel layout; a scan in that precision keeps a shortlist per query, which is re-scored exactly in
+// float32 from the original items. Returned scores are exact; the ids are those of the exact top-k
+// unless a true top-k item fell out of the shortlist (recall < 1 is possible).
+enum class Precision { bf16, int8 };
+
+struct QuantizedItems {  // views of arrays filled by quantize_items (not owned)
+  Precision precision = Precision::int8;
+  int64_t n_items = 0, dim = 0;
+  const uint8_t* packed = nullptr;  // quantized_bytes(...) bytes
+  const int32_t* corr = nullptr;    // int8: 128 * sum of the item's int8 values; quantized_rows entries
+  const float* scale = nullptr;     // int8: the item's scale; quantized_rows entries
+};
+
+int64_t quantized_rows(int64_t n_items);  // n_items rounded up to whole panels
+int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim);
+// Throws std::invalid_argument for a non-finite item value.
+void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision precision, uint8_t* packed,
+                    int32_t* corr, float* scale, int num_threads);
+// Inner product only; options.candidates must be unset (candidate subsets are scored exactly by topk).
+// shortlist: candidates kept per query before the exact re-scoring (clamped to [width, n_items]).
+void topk_quantized(const float* queries, int64_t n_queries, const float* items, const QuantizedItems& index,
+                    const TopkOptions& options, int64_t shortlist, int64_t* out_ids, float* out_scores);
+
 }  // namespace rec_engine

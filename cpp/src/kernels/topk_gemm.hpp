@@ -1,0 +1,39 @@
+// Register-blocked score kernels for full top-k scans (internal header). Items are scored one panel of
+// kPanel items at a time, laid out so that a kernel reads them as contiguous 16-lane vectors:
+//   float32: panel[t * kPanel + j]              (packed per call from the row-major items)
+//   int8:    panel[(t4 * kPanel + j) * 4 + r]   (dimension t = 4 * t4 + r; packed once by quantize)
+//   bf16:    panel[(t2 * kPanel + j) * 2 + r]   (dimension t = 2 * t2 + r; packed once by quantize)
+// Every float32 score is one FMA chain over t = 0 .. d-1 from 0, so it does not depend on how the work
+// was split into tiles, panels or threads.
+#pragma once
+#include <cstdint>
+
+namespace rec_engine::topk_gemm {
+
+constexpr int64_t kPanel = 64;
+
+struct Table {
+  // Packs rows x[j * ldx .. + d) for j < nx (nx <= kPanel) into panel; missing items are zero.
+  void (*pack_f32)(const float* x, int64_t nx, int64_t ldx, int64_t d, float* panel);
+  // out[i * ldo + j] = <q_i, x_j> for i < nq, j < kPanel.
+  void (*score_f32)(const float* q, int64_t nq, int64_t ldq, const float* panel, int64_t d, float* out,
+                    int64_t ldo);
+  // Writes the positions j < n with row[j] >= thr or row[j] NaN to idx; returns their count.
+  int64_t (*filter)(const float* row, int64_t n, float thr, int32_t* idx);
+  // out[i * ldo + j] = (sum_t qu_i[t] * x_j[t] - corr[j]) * scale[j]; qu is u8 (q + 128), x s8. nullptr
+  // when the CPU lacks AVX512-VNNI.
+  void (*score_i8)(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
+                   const int32_t* corr, const float* scale, float* out, int64_t ldo);
+  // out[i * ldo + j] = bf16 dot products (vdpbf16ps); nullptr when the CPU lacks AVX512-BF16.
+  void (*score_bf16)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
+                     float* out, int64_t ldo);
+};
+
+// The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).
+const Table* active();
+
+#if defined(REC_ENGINE_HAVE_X86_KERNELS)
+const Table& avx512_table();
+#endif
+
+}  // namespace rec_engine::topk_gemm

@@ -1,0 +1,192 @@
+// AVX-512 score kernels for full top-k scans (F, BW, DQ, VL; VNNI and BF16 for the reduced-precision
+// ones, which dispatch only hands out when the CPU has them). Helpers stay in the anonymous namespace.
+#include <immintrin.h>
+
+#include "topk_gemm.hpp"
+
+namespace rec_engine::topk_gemm {
+namespace {
+
+constexpr int kMq = 6;  // queries per register block: 6 x 4 accumulators of 16 items
+
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int o = 8 * h;
+    for (int i = 0; i < 4; ++i) {
+      t[o + i] = _mm512_shuffle_f32x4(r[o + i], r[o + 4 + i], 0x88);
+      t[o + 4 + i] = _mm512_shuffle_f32x4(r[o + i], r[o + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+void pack_f32(const float* x, int64_t nx, int64_t ldx, int64_t d, float* panel) {
+  for (int64_t g = 0; g < kPanel; g += 16) {
+    for (int64_t t0 = 0; t0 < d; t0 += 16) {
+      const int64_t w = d - t0 < 16 ? d - t0 : 16;
+      const __mmask16 m = static_cast<__mmask16>((1u << w) - 1u);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t item = g + j;
+        if (item < nx) {
+          const float* src = x + item * ldx + t0;
+          _mm_prefetch(reinterpret_cast<const char*>(src + 2 * kPanel * ldx), _MM_HINT_T0);
+          r[j] = w == 16 ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(m, src);
+        } else {
+          r[j] = _mm512_setzero_ps();
+        }
+      }
+      transpose16(r);
+      for (int64_t c = 0; c < w; ++c) _mm512_storeu_ps(panel + (t0 + c) * kPanel + g, r[c]);
+    }
+  }
+}
+
+template <int MQ>
+void micro_f32(const float* q, int64_t ldq, const float* panel, int64_t d, float* out, int64_t ldo) {
+  __m512 acc[MQ][4];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < d; ++t) {
+    const float* xp = panel + t * kPanel;
+    const __m512 x0 = _mm512_loadu_ps(xp), x1 = _mm512_loadu_ps(xp + 16), x2 = _mm512_loadu_ps(xp + 32),
+                 x3 = _mm512_loadu_ps(xp + 48);
+    for (int i = 0; i < MQ; ++i) {
+      const __m512 b = _mm512_set1_ps(q[i * ldq + t]);
+      acc[i][0] = _mm512_fmadd_ps(b, x0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(b, x1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(b, x2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(b, x3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * ldo + 16 * j, acc[i][j]);
+}
+
+using MicroF32 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+const MicroF32 kMicroF32[kMq] = {&micro_f32<1>, &micro_f32<2>, &micro_f32<3>,
+                                 &micro_f32<4>, &micro_f32<5>, &micro_f32<6>};
+
+void score_f32(const float* q, int64_t nq, int64_t ldq, const float* panel, int64_t d, float* out,
+               int64_t ldo) {
+  for (int64_t i = 0; i < nq; i += kMq) {
+    const int64_t m = nq - i < kMq ? nq - i : kMq;
+    kMicroF32[m - 1](q + i * ldq, ldq, panel, d, out + i * ldo, ldo);
+  }
+}
+
+int64_t filter(const float* row, int64_t n, float thr, int32_t* idx) {
+  const __m512 tv = _mm512_set1_ps(thr);
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    // not (s < thr): s >= thr, or s NaN
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, row + j), tv, _CMP_NLT_UQ);
+    if (m) {
+      _mm512_mask_compressstoreu_epi32(idx + count, m, pos);
+      count += __builtin_popcount(m);
+    }
+    pos = _mm512_add_epi32(pos, step);
+  }
+  return count;
+}
+
+template <int MQ>
+void micro_i8(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
+              const float* scale, float* out, int64_t ldo) {
+  __m512i acc[MQ][4];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < d4; ++t) {
+    const int8_t* xp = panel + t * kPanel * 4;
+    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64),
+                  x2 = _mm512_loadu_si512(xp + 128), x3 = _mm512_loadu_si512(xp + 192);
+    for (int i = 0; i < MQ; ++i) {
+      int32_t v;
+      __builtin_memcpy(&v, q + i * ldq + 4 * t, 4);
+      const __m512i b = _mm512_set1_epi32(v);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b, x0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b, x1);
+      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], b, x2);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], b, x3);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c = _mm512_loadu_si512(corr + 16 * j);
+    const __m512 s = _mm512_loadu_ps(scale + 16 * j);
+    for (int i = 0; i < MQ; ++i)
+      _mm512_storeu_ps(out + i * ldo + 16 * j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], c)), s));
+  }
+}
+
+using MicroI8 = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, const float*, float*,
+                         int64_t);
+const MicroI8 kMicroI8[kMq] = {&micro_i8<1>, &micro_i8<2>, &micro_i8<3>, &micro_i8<4>, &micro_i8<5>, &micro_i8<6>};
+
+void score_i8(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
+              const float* scale, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < nq; i += kMq) {
+    const int64_t m = nq - i < kMq ? nq - i : kMq;
+    kMicroI8[m - 1](q + i * ldq, ldq, panel, d4, corr, scale, out + i * ldo, ldo);
+  }
+}
+
+template <int MQ>
+void micro_bf16(const uint16_t* q, int64_t ldq, const uint16_t* panel, int64_t d2, float* out, int64_t ldo) {
+  __m512 acc[MQ][4];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < d2; ++t) {
+    const uint16_t* xp = panel + t * kPanel * 2;
+    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xp), x1 = (__m512bh)_mm512_loadu_si512(xp + 32),
+                   x2 = (__m512bh)_mm512_loadu_si512(xp + 64), x3 = (__m512bh)_mm512_loadu_si512(xp + 96);
+    for (int i = 0; i < MQ; ++i) {
+      int32_t v;
+      __builtin_memcpy(&v, q + i * ldq + 2 * t, 4);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(v);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b, x0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, x1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], b, x2);
+      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], b, x3);
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * ldo + 16 * j, acc[i][j]);
+}
+
+using MicroBf16 = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t);
+const MicroBf16 kMicroBf16[kMq] = {&micro_bf16<1>, &micro_bf16<2>, &micro_bf16<3>,
+                                   &micro_bf16<4>, &micro_bf16<5>, &micro_bf16<6>};
+
+void score_bf16(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2, float* out,
+                int64_t ldo) {
+  for (int64_t i = 0; i < nq; i += kMq) {
+    const int64_t m = nq - i < kMq ? nq - i : kMq;
+    kMicroBf16[m - 1](q + i * ldq, ldq, panel, d2, out + i * ldo, ldo);
+  }
+}
+
+const Table kTable = {pack_f32, score_f32, filter, score_i8, score_bf16};
+
+}  // namespace
+
+const Table& avx512_table() { return kTable; }
+
+}  // namespace rec_engine::topk_gemm
