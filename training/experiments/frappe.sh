@@ -5,14 +5,16 @@
 set -euo pipefail
 data="${1:-../shared/data/frappe}"
 out="${2:-results/frappe}"
+models="${MODELS:-lr fm widedeep deepfm xdeepfm}"
+l2="${EMB_L2:-1e-5}"      # L2 (Adam weight decay) on the embedding tables of fm and the deep models
 mkdir -p "$out"
 common=(--data "$data" --dim 10 --batch-size 1024 --lr 1e-3 --epochs 100 --patience 5 --seed 0 --overwrite)
-for model in lr fm widedeep deepfm xdeepfm; do
+for model in $models; do
   extra=()
   case "$model" in
-    widedeep|deepfm) extra=(--param "mlp=[400,400,400]" --param dropout=0.2 --param emb_l2=1e-5) ;;
-    xdeepfm) extra=(--param "mlp=[400,400,400]" --param "cin=[64,64]" --param dropout=0.2 --param emb_l2=1e-5) ;;
-    fm) extra=(--param emb_l2=1e-5) ;;
+    widedeep|deepfm) extra=(--param "mlp=[400,400,400]" --param dropout=0.2 --param emb_l2=$l2) ;;
+    xdeepfm) extra=(--param "mlp=[400,400,400]" --param "cin=[64,64]" --param dropout=0.2 --param emb_l2=$l2) ;;
+    fm) extra=(--param emb_l2=$l2) ;;
   esac
   rec-engine train "$model" "${common[@]}" "${extra[@]}" --out "$out/$model" --metrics-json "$out/$model.json"
 done
