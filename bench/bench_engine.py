@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 
 import rec_engine
-from rec_engine.bundle import open_bundle, write_bundle, write_pipeline
+from rec_engine.bundle import write_bundle, write_pipeline
 from rec_engine.engine import Engine
 
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,6 @@ onnxruntime only.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,47 +20,17 @@ import numpy as np
 from rec_engine.bundle import open_bundle, write_bundle
 from rec_engine.ranking import CtrRanker, load_ranking
 
+from .onnx_export import export_onnx
+
 INPUTS = ("emb", "lin")
 OUTPUT = "logit"
-OPSET = 18
 
 
 def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
     """The dense module as a serialized ONNX model with inputs ``emb``, ``lin`` and output ``logit``."""
-    import onnx
     import torch
 
-    emb = torch.zeros(2, n_fields, dim)
-    lin = torch.zeros(2, n_fields)
-    was_training = dense.training
-    dense.eval()
-    try:
-        with warnings.catch_warnings():
-            # torch's exporter warns about its own internals (pytree deprecations) and about the shared
-            # batch axis name; neither concerns the exported graph.
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
-            program = torch.onnx.export(dense, (emb, lin), dynamo=True, opset_version=OPSET, verbose=False,
-                                        input_names=list(INPUTS), output_names=[OUTPUT],
-                                        dynamic_shapes={"emb": {0: "batch"}, "lin": {0: "batch"}})
-    finally:
-        dense.train(was_training)
-    proto = program.model_proto
-    graph = proto.graph
-    if len(graph.input) != len(INPUTS) or len(graph.output) != 1:
-        raise RuntimeError(f"the exported dense graph has {len(graph.input)} inputs and {len(graph.output)} "
-                           f"outputs, expected {len(INPUTS)} and 1")
-    renames = {old.name: new for old, new in zip(list(graph.input) + list(graph.output), [*INPUTS, OUTPUT])
-               if old.name != new}
-    if renames:   # the exporter chose other names: rename them everywhere in the graph
-        for v in list(graph.input) + list(graph.output):
-            v.name = renames.get(v.name, v.name)
-        for node in graph.node:
-            node.input[:] = [renames.get(x, x) for x in node.input]
-            node.output[:] = [renames.get(x, x) for x in node.output]
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    return export_onnx(dense, (torch.zeros(2, n_fields, dim), torch.zeros(2, n_fields)), INPUTS, OUTPUT)
 
 
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,

@@ -20,9 +20,8 @@ Only :func:`export_sasrec` imports torch.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
@@ -31,45 +30,17 @@ from rec_engine.bundle import write_bundle
 from rec_engine.sequential import (KIND, OUTPUT, SASRecScorer, as_lists, check_candidates,  # noqa: F401
                                    load_sasrec_scorer, pad_histories)
 
+from .onnx_export import export_onnx
+
 INPUTS = ("seq_emb", "mask")
-OPSET = 18
 
 
 def _onnx_encoder(encoder) -> bytes:
     """``encoder`` (a SASRecEncoder) as serialized ONNX with inputs ``seq_emb``, ``mask``, output ``user``."""
-    import onnx
     import torch
 
-    seq_emb = torch.zeros(2, encoder.max_len, encoder.dim)
-    mask = torch.ones(2, encoder.max_len)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with warnings.catch_warnings():
-            # the exporter warns about its own internals (pytree deprecations) and the shared batch axis name
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
-            program = torch.onnx.export(encoder, (seq_emb, mask), dynamo=True, opset_version=OPSET, verbose=False,
-                                        input_names=list(INPUTS), output_names=[OUTPUT],
-                                        dynamic_shapes={"seq_emb": {0: "batch"}, "mask": {0: "batch"}})
-    finally:
-        encoder.train(was_training)
-    proto = program.model_proto
-    graph = proto.graph
-    if len(graph.input) != len(INPUTS) or len(graph.output) != 1:
-        raise RuntimeError(f"the exported encoder has {len(graph.input)} inputs and {len(graph.output)} outputs, "
-                           f"expected {len(INPUTS)} and 1")
-    renames = {old.name: new for old, new in zip(list(graph.input) + list(graph.output), [*INPUTS, OUTPUT])
-               if old.name != new}
-    if renames:   # the exporter chose other names: rename them everywhere in the graph
-        for v in list(graph.input) + list(graph.output):
-            v.name = renames.get(v.name, v.name)
-        for node in graph.node:
-            node.input[:] = [renames.get(x, x) for x in node.input]
-            node.output[:] = [renames.get(x, x) for x in node.output]
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    return export_onnx(encoder, (torch.zeros(2, encoder.max_len, encoder.dim), torch.ones(2, encoder.max_len)),
+                       INPUTS, OUTPUT)
 
 
 def export_sasrec(model, path: str | os.PathLike, *, histories=None, table_dtype: str = "float32",

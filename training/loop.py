@@ -114,8 +114,22 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
     ``train_epoch(epoch, progress)`` runs one epoch and returns its mean loss; it should iterate its
     batches through ``progress`` (a :class:`Progress` or None) and call ``progress.add_loss``.
     ``make_progress(epoch)`` builds that progress object (None: no progress bar).
-    ``validate()`` returns metrics, among them ``monitor``.
+    ``validate()`` returns metrics, among them ``monitor``. ``config.num_threads`` sets torch's threads
+    for the duration.
     """
+    if config.num_threads:      # torch's setting is process-wide: restored when training ends
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(config.num_threads))
+        try:
+            return _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, make_progress)
+        finally:
+            torch.set_num_threads(threads)
+    return _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, make_progress)
+
+
+def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, make_progress) -> History:
     hist = History(monitor)
     best_value = -math.inf if higher_is_better else math.inf
     best_state = None

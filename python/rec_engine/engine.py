@@ -15,7 +15,6 @@ not to a version: it survives swaps and restarts (through its event log).
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._core import RecEngineError
-from .bundle import Bundle, BundleError, open_bundle
+from .bundle import BundleError, open_bundle
 from .online import OnlineState
 from .ranking import RANKING_KINDS, CtrRanker, load_ranking
 from .retrieval import load_retrieval
-from .topk import IdLists, topk
+from .topk import topk
 
 DEFAULT_CANDIDATES = 500
 

@@ -266,11 +266,5 @@ def train_ctr(kind: str, data: CtrData, config: TrainConfig, log: Callable[[str]
         return Progress(batches(n, config.batch_size, rng), n_batches, f"{kind} {epoch}/{config.epochs}",
                         enabled=config.progress)
 
-    threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(int(config.num_threads))
-    try:
-        history = fit(model, train_epoch, validate, config, monitor="auc", log=log, make_progress=make_progress)
-    finally:
-        torch.set_num_threads(threads)
+    history = fit(model, train_epoch, validate, config, monitor="auc", log=log, make_progress=make_progress)
     return model, history

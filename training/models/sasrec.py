@@ -322,11 +322,5 @@ def train_sasrec(data: SequenceData, config: TrainConfig,
         return Progress(batches(n, config.batch_size, rng), n_batches, f"sasrec {epoch}/{config.epochs}",
                         enabled=config.progress)
 
-    threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(int(config.num_threads))
-    try:
-        history = fit(model, train_epoch, validate, config, monitor="hr@10", log=log, make_progress=make_progress)
-    finally:
-        torch.set_num_threads(threads)
+    history = fit(model, train_epoch, validate, config, monitor="hr@10", log=log, make_progress=make_progress)
     return model, history
