@@ -115,7 +115,9 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
     batches through ``progress`` (a :class:`Progress` or None) and call ``progress.add_loss``.
     ``make_progress(epoch)`` builds that progress object (None: no progress bar).
     ``validate()`` returns metrics, among them ``monitor``. ``config.num_threads`` sets torch's threads
-    for the duration.
+    for the duration. Ctrl-C (KeyboardInterrupt) during an epoch, once an epoch has been validated, stops
+    training like early stopping does: the best epoch's weights are kept and the caller goes on (a long
+    run can be cut short and still be evaluated and exported).
     """
     if config.num_threads:      # torch's setting is process-wide: restored when training ends
         import torch
@@ -138,7 +140,14 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
         t0 = time.perf_counter()
         if hasattr(model, "train"):
             model.train()
-        loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
+        try:
+            loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
+        except KeyboardInterrupt:
+            if hist.best_epoch < 1:
+                raise
+            hist.stopped_early = True
+            log(f"interrupted in epoch {epoch}: keeping best epoch {hist.best_epoch}")
+            break
         if not math.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
         if hasattr(model, "eval"):

@@ -1,0 +1,51 @@
+"""The shared training loop: best-epoch restore, early stopping, interruption."""
+import pytest
+import torch
+
+from rec_engine_train.loop import TrainConfig, fit
+
+
+class Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_best_epoch_is_restored_and_patience_stops():
+    model = Counter()
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.9])
+
+    def train_epoch(epoch, _progress):
+        model.w.data.fill_(epoch)
+        return 1.0 / epoch
+
+    hist = fit(model, train_epoch, lambda: {"m": next(scores)}, TrainConfig(epochs=5, patience=2), monitor="m",
+               log=lambda _s: None)
+    assert hist.best_epoch == 2 and hist.stopped_early and len(hist.epochs) == 4
+    assert model.w.item() == 2.0
+
+
+def test_ctrl_c_keeps_the_best_epoch_once_one_exists():
+    model = Counter()
+
+    def train_epoch(epoch, _progress):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        model.w.data.fill_(epoch)
+        return 1.0
+
+    hist = fit(model, train_epoch, lambda: {"m": float(model.w.item())}, TrainConfig(epochs=10), monitor="m",
+               log=lambda _s: None)
+    assert hist.best_epoch == 2 and hist.stopped_early and model.w.item() == 2.0
+
+    def interrupted_at_once(epoch, _progress):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(Counter(), interrupted_at_once, lambda: {"m": 0.0}, TrainConfig(epochs=3), monitor="m", log=lambda _s: None)
+
+
+def test_a_non_finite_loss_is_an_error_naming_the_epoch():
+    with pytest.raises(FloatingPointError, match="epoch 1"):
+        fit(Counter(), lambda e, p: float("nan"), lambda: {"m": 0.0}, TrainConfig(epochs=2), monitor="m",
+            log=lambda _s: None)
