@@ -10,6 +10,7 @@ Groups (each times rec_engine and its baselines on the same data, one after the 
   rec_engine (table in that storage) vs torch embedding_bag on the float32 table (the issue's reference),
   torch on a float16 table / FBGEMM's int8 row-wise op on the same codes, and NumPy (take + sum).
 - request lookup: 26 bags x 20 ids on a 100k x 16 table, one call: rec_engine vs torch embedding_bag.
+- topk sweep: latency against corpus size and batch size (for bench/report.py's plots).
 - spmm / lightgcn: a Gowalla-sized random bipartite graph (29,858 users, 40,981 items, 810,128
   interactions, power-law item popularity), 64 dims: rec_engine vs torch.sparse CSR vs SciPy CSR.
 
@@ -483,3 +484,68 @@ def bench_lightgcn(benchmark, graph_case, threads, pass_no, impl):
             return acc
     run(benchmark, f"lightgcn {N_LAYERS} layers, layer mean ({g.label})", impl, fn,
         _check_dense(g.ref_lightgcn), ROUNDS_LIGHTGCN, threads, PASSES_SLOW, pass_no)
+
+
+# ============================================================================ size sweeps (plots)
+# Latency against corpus size and against batch size, for bench/report.py's plots: k=10, no exclusion,
+# few rounds (these are curves, the ratio groups above are the precise comparisons).
+SWEEP_ITEMS = (10_000, 100_000, 1_000_000)
+SWEEP_BATCHES = (1, 16, 64, 256)
+SWEEP_BATCH_ITEMS = 100_000
+ROUNDS_SWEEP = 20
+SWEEP_IMPLS = ["rec_engine", "numpy", "torch"]
+
+
+@pytest.fixture(scope="module")
+def sweep_data():
+    rng = np.random.default_rng(6)
+    items = rng.standard_normal((max(SWEEP_ITEMS), DIM), dtype=np.float32)
+    queries = rng.standard_normal((max(SWEEP_BATCHES), DIM), dtype=np.float32)
+    return items, queries
+
+
+def _sweep_fn(impl, q, x, k, threads):
+    if impl == "rec_engine":
+        return lambda: rec_engine.topk(q, x, k, num_threads=threads).ids
+    if impl == "numpy":
+        def fn():
+            s = q @ x.T
+            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(s, part, 1), axis=1, kind="stable")
+            return np.take_along_axis(part, order, 1)
+        return fn
+    qt, xt = torch.from_numpy(q), torch.from_numpy(x)
+    return lambda: torch.topk(qt @ xt.T, k, dim=1)
+
+
+def _sweep_check(q, x, k):
+    kth = -np.partition(-(q.astype(np.float64) @ x.astype(np.float64).T), k - 1, axis=1)[:, k - 1]
+
+    def check(r):
+        ids = np.atleast_2d(r.numpy() if isinstance(r, torch.Tensor) else np.asarray(r))
+        exact = np.einsum("bd,bkd->bk", q.astype(np.float64), x[ids].astype(np.float64))
+        assert (exact >= kth[:, None] - TOL_TOPK).all()
+    return check
+
+
+@pytest.mark.parametrize("n_items,pass_no,impl", passes([(n, SWEEP_IMPLS) for n in SWEEP_ITEMS], 1))
+def bench_topk_size_sweep(benchmark, sweep_data, threads, n_items, pass_no, impl):
+    x, q = sweep_data[0][:n_items], sweep_data[1][:1]
+    fn = _sweep_fn(impl, q, x, 10, threads)
+    if impl == "torch":
+        inner = fn
+        fn = lambda: inner().indices  # noqa: E731
+    run(benchmark, f"topk sweep items={n_items} (1 query, k=10)", impl, fn, _sweep_check(q, x, 10),
+        ROUNDS_SWEEP, threads, 1, pass_no, items=n_items, batch=1, sweep="items")
+
+
+@pytest.mark.parametrize("batch,pass_no,impl", passes([(b, SWEEP_IMPLS) for b in SWEEP_BATCHES], 1))
+def bench_topk_batch_sweep(benchmark, sweep_data, threads, batch, pass_no, impl):
+    x, q = sweep_data[0][:SWEEP_BATCH_ITEMS], sweep_data[1][:batch]
+    fn = _sweep_fn(impl, q, x, 10, threads)
+    if impl == "torch":
+        inner = fn
+        fn = lambda: inner().indices  # noqa: E731
+    run(benchmark, f"topk sweep batch={batch} ({SWEEP_BATCH_ITEMS} items, k=10)", impl, fn,
+        _sweep_check(q, x, 10), ROUNDS_SWEEP, threads, 1, pass_no, items=SWEEP_BATCH_ITEMS, batch=batch,
+        sweep="batch")

@@ -791,3 +791,79 @@ def test_quantize_int8_of_a_range_overflowing_float32_raises_value_error():
     w = np.array([[-3e38, 3e38, 0.0]], dtype=np.float32)
     with pytest.raises(ValueError, match="overflows float32"):
         EmbeddingTable.quantize(w, "int8")
+
+
+# ------------------------------------------------------------------ register-blocked row loops (issue 6)
+# The pooling kernel keeps a bag's sum in registers, 64 floats at a time (4 x 16 AVX-512 lanes, 8 x 8
+# AVX2 lanes), with a masked last register: dims around those block edges exercise every shape.
+BLOCK_DIMS = [1, 8, 9, 31, 47, 63, 64, 65, 100, 127, 128, 129, 200]
+
+
+@pytest.mark.parametrize("dim", BLOCK_DIMS)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_at_register_block_edges_matches_numpy_reference(simd, rng, storage, mode, dim):
+    w = random_weights(rng, 97, dim)
+    table, values = make_table(w, storage)
+    indices, offsets, full = random_bags(rng, 97, 23, 40)
+    got = table.pool(indices, offsets, mode=mode)
+    assert_close(got, ref_pool(values, indices, full, mode), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [16, 65, 129])
+@pytest.mark.parametrize("storage", STORAGES)
+def test_pool_weighted_at_register_block_edges_matches_numpy_reference(simd, rng, storage, dim):
+    w = random_weights(rng, 50, dim)
+    table, values = make_table(w, storage)
+    indices, offsets, full = random_bags(rng, 50, 31, 25)
+    psw = rng.standard_normal(indices.shape[0]).astype(np.float32)
+    got = table.pool(indices, offsets, psw, mode="sum")
+    assert_close(got, ref_pool(values, indices, full, "sum", psw), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_is_bit_identical_for_any_thread_count(simd, rng, storage, mode):
+    """Bags are split over threads in static, id-balanced ranges; each bag is summed the same way."""
+    w = random_weights(rng, 5000, 64)
+    table, _ = make_table(w, storage)
+    indices, offsets, _ = random_bags(rng, 5000, 3001, 60)  # uneven lengths, empty bags
+    one = table.pool(indices, offsets, mode=mode, num_threads=1)
+    for nt in (2, 3, 7):
+        np.testing.assert_array_equal(table.pool(indices, offsets, mode=mode, num_threads=nt), one)
+
+
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_pool_2d_request_path_equals_1d_offsets_path(simd, rng, id_dtype):
+    """The fast path (2-D C-contiguous int32/int64 ids, no offsets) gives the 1-D path's bits."""
+    table = EmbeddingTable(random_weights(rng, 1000, 16))
+    ids = rng.integers(0, 1000, (26, 20)).astype(id_dtype)
+    flat_offsets = np.arange(0, 26 * 20, 20)
+    expected = table.pool(ids.reshape(-1), flat_offsets)
+    np.testing.assert_array_equal(table.pool(ids), expected)
+    np.testing.assert_array_equal(table.pool(np.asfortranarray(ids)), expected)  # copied, same answer
+    np.testing.assert_array_equal(table.pool(ids[:, ::1].tolist()), expected)
+
+
+def test_core_pool_takes_2d_ids_without_offsets_and_offsets_without_last(rng):
+    table = EmbeddingTable(random_weights(rng, 100, 8))
+    core = table._table
+    ids = rng.integers(0, 100, (5, 3))
+    full = np.arange(0, 16, 3, dtype=np.int64)
+    expected = core.pool(ids.reshape(-1), full)
+    np.testing.assert_array_equal(core.pool(ids), expected)
+    np.testing.assert_array_equal(core.pool(ids.reshape(-1), full[:-1], None, "sum", 0, False), expected)
+    with pytest.raises(IndexError, match="past the end"):
+        core.pool(ids.reshape(-1), np.array([0, 16], dtype=np.int64), None, "sum", 0, False)
+    with pytest.raises(TypeError, match="offsets"):
+        core.pool(ids.reshape(-1), full.astype(np.int32))
+    with pytest.raises(ValueError, match="2 dimensions"):
+        core.pool(ids.reshape(-1))
+
+
+def test_pool_2d_request_path_reports_out_of_range_ids(rng):
+    table = EmbeddingTable(random_weights(rng, 10, 4))
+    ids = np.zeros((3, 4), dtype=np.int64)
+    ids[2, 1] = 10
+    with pytest.raises(IndexError, match=r"indices\[9\] = 10"):
+        table.pool(ids)

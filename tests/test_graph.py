@@ -578,3 +578,27 @@ def test_csr_matrix_whose_shape_disagrees_with_indptr_is_rejected():
         CsrMatrix(np.array([0, 1, 2], np.int64), np.array([0, 1], np.int32), np.ones(2, np.float32), (5, 3))
     with pytest.raises(TypeError, match="CsrMatrix.indices must be a 1-D C-contiguous int32"):
         CsrMatrix(np.array([0, 1, 2], np.int64), np.array([0, 1]), np.ones(2, np.float32), (2, 3))
+
+
+# ------------------------------------------------------------ register-blocked row loops (issue 6)
+@pytest.mark.parametrize("dim", [1, 9, 17, 63, 64, 65, 129])
+@pytest.mark.parametrize("n_layers", [0, 1, 2, 3, 4])
+def test_propagate_at_register_block_edges_matches_reference(simd, rng, dim, n_layers):
+    users, items = random_interactions(rng, 40, 60, 500)
+    adj = normalized_adjacency(users, items, 40, 60)
+    x = rng.standard_normal((100, dim)).astype(np.float32)
+    lw = rng.uniform(0.1, 1.0, n_layers + 1).astype(np.float32)
+    got = propagate(adj, x, n_layers, lw)
+    np.testing.assert_allclose(got, ref_propagate(adj.to_scipy(), x, n_layers, lw), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [16, 64, 65])
+def test_spmm_and_propagate_are_bit_identical_for_any_thread_count(simd, rng, dim):
+    """Rows are split in nnz-balanced ranges over threads; each row is computed the same way."""
+    users, items = random_interactions(rng, 3000, 4000, 60000)
+    adj = normalized_adjacency(users, items, 3000, 4000)
+    x = rng.standard_normal((7000, dim)).astype(np.float32)
+    s1, p1 = spmm(adj, x, num_threads=1), propagate(adj, x, 3, num_threads=1)
+    for nt in (2, 3, 5):
+        np.testing.assert_array_equal(spmm(adj, x, num_threads=nt), s1)
+        np.testing.assert_array_equal(propagate(adj, x, 3, num_threads=nt), p1)

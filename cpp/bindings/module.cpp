@@ -129,14 +129,50 @@ class PyEmbeddingTable {
     return out;
   }
 
-  py::array_t<float> pool(py::handle indices_obj, py::handle offsets_obj, py::object weights_obj,
-                          const std::string& mode_name, int num_threads) const {
-    py::array indices = take(indices_obj, "indices", {kI32, kI64}, 1);
-    py::array offsets = take(offsets_obj, "offsets", {kI64}, 1);
-    const PoolMode mode = parse_mode(mode_name);
-    if (offsets.shape(0) < 1) throw py::value_error("offsets must hold n_bags + 1 entries (at least 1)");
-    const int64_t n_bags = offsets.shape(0) - 1;
-    const int64_t n = indices.shape(0);
+  // indices: 1-D with offsets (n_bags + 1 int64 entries, or n_bags when include_last_offset is false),
+  // or 2-D (bags, L) with offsets None: fixed-size bags. The common request path (int32/int64 ids, int64
+  // offsets, all of the right dtype) is recognized with C-level checks only (no Python attribute calls).
+  py::array_t<float> pool(py::handle indices_obj, py::handle offsets_obj, py::handle weights_obj,
+                          const std::string& mode_name, int num_threads, bool include_last_offset) const {
+    using I32 = py::array_t<int32_t, py::array::c_style>;
+    using I64 = py::array_t<int64_t, py::array::c_style>;
+    // (a default-constructed py::array is an empty array, not a null handle: test the handle itself)
+    const bool fixed = offsets_obj.is_none();
+    const bool fast_ids = (py::isinstance<I64>(indices_obj) || py::isinstance<I32>(indices_obj)) &&
+                          py::reinterpret_borrow<py::array>(indices_obj).ndim() == (fixed ? 2 : 1);
+    const py::array indices = fast_ids ? py::reinterpret_borrow<py::array>(indices_obj)
+                                       : take(indices_obj, "indices", {kI32, kI64}, fixed ? 2 : 1);
+    const PoolMode mode = mode_name == "sum" ? PoolMode::sum : parse_mode(mode_name);
+    const int64_t n = indices.size();
+    int64_t n_bags;
+    const int64_t* offs;
+    py::array offsets;
+    std::vector<int64_t> own;  // offsets built here (fixed-size bags, or the appended last offset)
+    if (fixed) {
+      n_bags = indices.shape(0);
+      const int64_t len = indices.shape(1);
+      own.resize(static_cast<size_t>(n_bags + 1));
+      for (int64_t b = 0; b <= n_bags; ++b) own[b] = b * len;
+      offs = own.data();
+    } else {
+      const bool fast_offsets =
+          py::isinstance<I64>(offsets_obj) && py::reinterpret_borrow<py::array>(offsets_obj).ndim() == 1;
+      offsets = fast_offsets ? py::reinterpret_borrow<py::array>(offsets_obj) : take(offsets_obj, "offsets", {kI64}, 1);
+      if (include_last_offset) {
+        if (offsets.shape(0) < 1) throw py::value_error("offsets must hold n_bags + 1 entries (at least 1)");
+        n_bags = offsets.shape(0) - 1;
+        offs = ptr<int64_t>(offsets);
+      } else {
+        n_bags = offsets.shape(0);
+        own.resize(static_cast<size_t>(n_bags + 1));
+        for (int64_t b = 0; b < n_bags; ++b) own[b] = ptr<int64_t>(offsets)[b];
+        if (n_bags > 0 && own[n_bags - 1] > n)
+          throw py::index_error("offsets[" + std::to_string(n_bags - 1) + "] = " + std::to_string(own[n_bags - 1]) +
+                                " is past the end of indices (length " + std::to_string(n) + ")");
+        own[n_bags] = n;
+        offs = own.data();
+      }
+    }
     py::array weights;
     const float* w = nullptr;
     if (!weights_obj.is_none()) {
@@ -148,13 +184,13 @@ class PyEmbeddingTable {
     }
     py::array_t<float> out({n_bags, view_.dim});
     float* o = out.mutable_data();
-    const bool i32 = has_dtype(indices, kI32);
+    const bool i32 = indices.itemsize() == 4;
     {
       py::gil_scoped_release release;
       if (i32)
-        rec_engine::pool(view_, ptr<int32_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, mode, o, num_threads);
+        rec_engine::pool(view_, ptr<int32_t>(indices), n, offs, n_bags, w, mode, o, num_threads);
       else
-        rec_engine::pool(view_, ptr<int64_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, mode, o, num_threads);
+        rec_engine::pool(view_, ptr<int64_t>(indices), n, offs, n_bags, w, mode, o, num_threads);
     }
     return out;
   }
@@ -246,8 +282,9 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyEmbeddingTable>(m, "EmbeddingTable")
       .def(py::init<py::handle, py::object>(), py::arg("weights"), py::arg("scale_bias") = py::none())
       .def("gather", &PyEmbeddingTable::gather, py::arg("ids"), py::arg("num_threads") = 0)
-      .def("pool", &PyEmbeddingTable::pool, py::arg("indices"), py::arg("offsets"),
-           py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0)
+      .def("pool", &PyEmbeddingTable::pool, py::arg("indices"), py::arg("offsets") = py::none(),
+           py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0,
+           py::arg("include_last_offset") = true)
       .def_property_readonly("rows", &PyEmbeddingTable::rows)
       .def_property_readonly("dim", &PyEmbeddingTable::dim)
       .def_property_readonly("storage", &PyEmbeddingTable::storage)

@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
@@ -132,33 +133,38 @@ void pool(const TableView& table, const Index* indices, int64_t n_indices, const
   }
   const int64_t d = table.dim;
   if (n_bags == 0 || d == 0) return;
-  const RowOps ops{table, kernels::active()};
-  const auto& k = kernels::active();
+  kernels::PoolArgs args;
+  args.storage = table.type == StorageType::float32   ? kernels::PoolStorage::f32
+                 : table.type == StorageType::float16 ? kernels::PoolStorage::f16
+                                                      : kernels::PoolStorage::u8;
+  args.data = table.data;
+  args.scale_bias = table.scale_bias;
+  args.dim = d;
+  args.ids = indices;
+  args.ids64 = sizeof(Index) == 8;
+  args.offsets = offsets;
+  args.weights = weights;
+  args.op = mode == PoolMode::sum ? kernels::PoolOp::sum : mode == PoolMode::mean ? kernels::PoolOp::mean
+                                                                                  : kernels::PoolOp::max;
+  args.out = out;
+  const auto& k = kernels::active();  // one kernel call per thread: the row loop lives in the ISA file
   const int nt = detail::threads_for(num_threads, (n_indices + n_bags) * d, n_bags / 16);
-  constexpr int64_t kBagsPerChunk = 64;
-  detail::parallel_for((n_bags + kBagsPerChunk - 1) / kBagsPerChunk, nt, 1, [&](int64_t chunk) {
-    const int64_t b_end = std::min(n_bags, (chunk + 1) * kBagsPerChunk);
-    const int64_t i_end = offsets[b_end];
-    for (int64_t b = chunk * kBagsPerChunk; b < b_end; ++b) {
-      float* y = out + b * d;
-      const int64_t lo = offsets[b], hi = offsets[b + 1];
-      if (mode == PoolMode::max && hi > lo) {
-        for (int64_t t = 0; t < d; ++t) y[t] = -std::numeric_limits<float>::infinity();
-      } else {
-        std::memset(y, 0, sizeof(float) * d);
-      }
-      for (int64_t i = lo; i < hi; ++i) {
-        if (i + kPrefetchDistance < i_end) ops.prefetch(static_cast<int64_t>(indices[i + kPrefetchDistance]));
-        const int64_t r = static_cast<int64_t>(indices[i]);
-        if (mode == PoolMode::max) {
-          ops.max(y, r);
-        } else {
-          ops.add(y, r, weights != nullptr ? weights[i] : 1.f);
-        }
-      }
-      if (mode == PoolMode::mean && hi > lo) k.scale(y, 1.f / static_cast<float>(hi - lo), d);
-    }
-  });
+  if (nt <= 1) {
+    k.pool_bags(args, 0, n_bags);
+    return;
+  }
+  // Static ranges of bags with about the same number of ids each (8 per thread, taken in turn).
+  const int64_t parts = std::min<int64_t>(n_bags, int64_t{8} * nt);
+  std::vector<int64_t> cut(static_cast<size_t>(parts + 1), n_bags);
+  cut[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = n_indices / parts * p + (n_indices % parts) * p / parts;
+    const int64_t by_ids = std::lower_bound(offsets, offsets + n_bags + 1, target) - offsets;
+    const int64_t by_bags = n_bags * p / parts;
+    // Balance ids + bags: midway between the two cut points keeps both kinds of work in check.
+    cut[p] = std::max(cut[p - 1], std::min<int64_t>(n_bags, (by_ids + by_bags) / 2));
+  }
+  detail::parallel_for(parts, nt, 1, [&](int64_t p) { k.pool_bags(args, cut[p], cut[p + 1]); });
 }
 
 template void gather<int32_t>(const TableView&, const int32_t*, int64_t, float*, int);

@@ -87,22 +87,47 @@ Csr normalized_adjacency(const Index* users, const Index* items, int64_t n, int6
 
 namespace {
 
-// y (d) = sum over row r of a: value * x[col]
-inline void row_product(const CsrView& a, int64_t r, const float* x, int64_t d, float* y,
-                        const kernels::KernelTable& k) {
-  std::memset(y, 0, sizeof(float) * d);
-  const int64_t lo = a.indptr[r], hi = a.indptr[r + 1];
-  for (int64_t i = lo; i < hi; ++i) {
-#if defined(__GNUC__)
-    if (i + 8 < hi) __builtin_prefetch(x + static_cast<int64_t>(a.indices[i + 8]) * d);
-#endif
-    k.axpy_f32(y, x + static_cast<int64_t>(a.indices[i]) * d, a.data[i], d);
-  }
-}
-
 void check_dense(const CsrView& a, const float* x, int64_t d) {
   if (d < 0) throw std::invalid_argument("dense dim must be >= 0");
   if (x == nullptr && a.n_cols * d > 0) throw std::invalid_argument("dense input is null");
+}
+
+// Row ranges with about the same work (stored values + rows) each, 16 per thread, taken dynamically:
+// power-law degrees make equal row counts very unequal in work. Every row is computed the same way
+// whatever range it lands in, so the split does not change the results.
+std::vector<int64_t> balanced_cuts(const CsrView& a, int nt) {
+  const int64_t n = a.n_rows;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, nt <= 1 ? 1 : int64_t{16} * nt));
+  std::vector<int64_t> cut(static_cast<size_t>(parts + 1), n);
+  cut[0] = 0;
+  const int64_t total = a.nnz() + n;
+  int64_t r = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = total / parts * p + (total % parts) * p / parts;
+    // first row r with indptr[r] + r >= target (indptr + row index is increasing)
+    int64_t lo = r, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (a.indptr[mid] + mid < target) lo = mid + 1;
+      else hi = mid;
+    }
+    r = lo;
+    cut[p] = r;
+  }
+  return cut;
+}
+
+void run_rows(const CsrView& a, const kernels::SpmmArgs& args, int nt) {
+  const auto& k = kernels::active();
+  if (nt <= 1) {
+    k.spmm_rows(args, 0, a.n_rows);
+    return;
+  }
+  const std::vector<int64_t> cut = balanced_cuts(a, nt);
+  const int64_t parts = static_cast<int64_t>(cut.size()) - 1;
+  detail::parallel_for(parts, nt, 1, [&](int64_t p) {
+    if (cut[p] < cut[p + 1]) k.spmm_rows(args, cut[p], cut[p + 1]);
+  });
 }
 
 }  // namespace
@@ -111,9 +136,9 @@ void spmm(const CsrView& a, const float* x, int64_t d, float* out, int num_threa
   validate_csr(a);
   check_dense(a, x, d);
   if (a.n_rows == 0 || d == 0) return;
-  const auto& k = kernels::active();
   const int nt = detail::threads_for(num_threads, (a.nnz() + a.n_rows) * d, a.n_rows / 64);
-  detail::parallel_for(a.n_rows, nt, 64, [&](int64_t r) { row_product(a, r, x, d, out + r * d, k); });
+  kernels::SpmmArgs args{a.indptr, a.indices, a.data, x, d, out, nullptr, 0.f, nullptr, 0.f};
+  run_rows(a, args, nt);
 }
 
 void lightgcn_propagate(const CsrView& a, const float* x, int64_t d, int n_layers,
@@ -131,23 +156,25 @@ void lightgcn_propagate(const CsrView& a, const float* x, int64_t d, int n_layer
   if (n == 0 || d == 0) return;
   const auto& k = kernels::active();
   const int nt = detail::threads_for(num_threads, (a.nnz() + n) * d * std::max(n_layers, 1), n / 64);
-  // out = w0 * x; then per layer: next = a * cur, out += w_l * next (fused per row).
-  detail::parallel_for(n, nt, 256, [&](int64_t r) {
-    float* y = out + r * d;
-    std::memset(y, 0, sizeof(float) * d);
-    k.axpy_f32(y, x + r * d, layer_weights[0], d);
-  });
-  if (n_layers == 0) return;
+  // out = w0 * x (as fma(w0, x, 0)); then per layer: next = a * cur and out += w_l * next, fused per
+  // row in one pass (the first layer also writes w0 * x there, so out is written once per layer).
+  if (n_layers == 0) {
+    detail::parallel_for(n, nt, 256, [&](int64_t r) {
+      float* y = out + r * d;
+      std::memset(y, 0, sizeof(float) * d);
+      k.axpy_f32(y, x + r * d, layer_weights[0], d);
+    });
+    return;
+  }
   const size_t size = static_cast<size_t>(n * d);
-  std::vector<float> buf_a(size), buf_b(n_layers > 1 ? size : 0);
+  // The last layer only adds into out: its product is not stored.
+  std::vector<float> buf_a(n_layers > 1 ? size : 0), buf_b(n_layers > 2 ? size : 0);
   const float* cur = x;
   float* next = buf_a.data();
   for (int l = 1; l <= n_layers; ++l) {
-    const float w = layer_weights[l];
-    detail::parallel_for(n, nt, 64, [&](int64_t r) {
-      row_product(a, r, cur, d, next + r * d, k);
-      k.axpy_f32(out + r * d, next + r * d, w, d);
-    });
+    kernels::SpmmArgs args{a.indptr, a.indices, a.data, cur, d, l < n_layers ? next : nullptr, out, layer_weights[l],
+                           l == 1 ? x : nullptr, layer_weights[0]};
+    run_rows(a, args, nt);
     cur = next;
     next = (next == buf_a.data()) ? buf_b.data() : buf_a.data();
   }

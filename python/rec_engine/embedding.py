@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from . import _core
-from ._convert import as_float32, as_ids, threads_arg
+from ._convert import _ID_DTYPES, as_float32, as_ids, threads_arg
 
 _STORAGE = ("float32", "float16", "int8")
 
@@ -170,33 +170,30 @@ class EmbeddingTable:
         -------
         numpy.ndarray, float32, shape ``(bags, dim)``
         """
+        nt = 0 if num_threads is None else threads_arg(num_threads)
+        if (type(indices) is np.ndarray and indices.ndim == 2 and offsets is None
+                and per_sample_weights is None and indices.dtype in _ID_DTYPES
+                and indices.flags.c_contiguous):
+            # the request path: fixed-size bags of int32/int64 ids, handed to the core as they are
+            return self._table.pool(indices, None, None, mode, nt)
         idx = as_ids(indices, "indices", ndim=None)
         if idx.ndim == 2:
             if offsets is not None:
                 raise ValueError("offsets must be None when indices is 2-D (fixed-size bags)")
-            bags, length = idx.shape
-            offs = np.arange(0, bags * length + 1, max(length, 1), dtype=np.int64)[: bags + 1]
-            if length == 0:
-                offs = np.zeros(bags + 1, dtype=np.int64)
-            idx = idx.reshape(-1)
+            offs = None  # the core builds the offsets of fixed-size bags
         elif idx.ndim == 1:
             if offsets is None:
                 raise ValueError("offsets are required when indices is 1-D")
             offs = as_ids(offsets, "offsets").astype(np.int64, copy=False)
-            if include_last_offset:
-                if offs.shape[0] < 1:
-                    raise ValueError("with include_last_offset=True offsets needs at least one entry")
-            else:
-                if offs.shape[0] and offs[-1] > idx.shape[0]:
-                    raise IndexError(f"offsets[{offs.shape[0] - 1}] = {int(offs[-1])} is past the end of "
-                                     f"indices (length {idx.shape[0]})")
-                offs = np.append(offs, np.int64(idx.shape[0]))
+            if include_last_offset and offs.shape[0] < 1:
+                raise ValueError("with include_last_offset=True offsets needs at least one entry")
+            offs = np.ascontiguousarray(offs)
         else:
             raise ValueError(f"indices must be 1-D (with offsets) or 2-D, got shape {idx.shape}")
         w = None
         if per_sample_weights is not None:
             w = as_float32(per_sample_weights, "per_sample_weights").reshape(-1)
-        return self._table.pool(idx, np.ascontiguousarray(offs), w, mode, threads_arg(num_threads))
+        return self._table.pool(idx, offs, w, mode, nt, bool(include_last_offset) or offs is None)
 
     def to_numpy(self) -> np.ndarray:
         """The whole table as float32 (dequantized for float16 and int8 storage)."""

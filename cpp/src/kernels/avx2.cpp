@@ -137,8 +137,42 @@ void scale(float* y, float a, int64_t d) {
   for (; t < d; ++t) y[t] *= a;
 }
 
+struct Isa {
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int NR = 8;  // 64 floats of a row per block
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V ld32(const float* p, int n) { return n == W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail_mask(n)); }
+  static V ld16(const uint16_t* p, int n) {
+    if (n == W) return load_f16(p);
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < n; ++j) buf[j] = p[j];
+    return load_f16(buf);
+  }
+  static V ld8(const uint8_t* p, int n) {
+    if (n == W) return load_u8(p);
+    alignas(16) uint8_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < n; ++j) buf[j] = p[j];
+    return load_u8(buf);
+  }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static void st(float* p, V v, int n) {
+    if (n == W) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, tail_mask(n), v);
+  }
+};
+
+#include "rows_impl.hpp"
+
+void pool_bags(const PoolArgs& a, int64_t b0, int64_t b1) { pool_bags_impl<Isa>(a, b0, b1); }
+void spmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1) { spmm_rows_impl<Isa>(a, r0, r1); }
+
 const KernelTable kTable = {"avx2", dot_tile, axpy_f32, axpy_f16, axpy_u8,
-                            max_f32, max_f16, max_u8, scale};
+                            max_f32, max_f16, max_u8, scale, pool_bags, spmm_rows};
 
 }  // namespace
 

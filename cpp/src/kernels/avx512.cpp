@@ -139,8 +139,32 @@ void scale(float* y, float a, int64_t d) {
       [&](__m512 yv, __m512) { return _mm512_mul_ps(yv, av); });
 }
 
+struct Isa {
+  using V = __m512;
+  static constexpr int W = 16;
+  static constexpr int NR = 4;  // 64 floats of a row per block
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V ld32(const float* p, int n) { return n == W ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail_mask(n), p); }
+  static V ld16(const uint16_t* p, int n) { return n == W ? load_f16(p) : load_f16_tail(p, tail_mask(n)); }
+  static V ld8(const uint8_t* p, int n) { return n == W ? load_u8(p) : load_u8_tail(p, tail_mask(n)); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static void st(float* p, V v, int n) {
+    if (n == W) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, tail_mask(n), v);
+  }
+};
+
+#include "rows_impl.hpp"
+
+void pool_bags(const PoolArgs& a, int64_t b0, int64_t b1) { pool_bags_impl<Isa>(a, b0, b1); }
+void spmm_rows(const SpmmArgs& a, int64_t r0, int64_t r1) { spmm_rows_impl<Isa>(a, r0, r1); }
+
 const KernelTable kTable = {"avx512", dot_tile, axpy_f32, axpy_f16, axpy_u8,
-                            max_f32,  max_f16,  max_u8,   scale};
+                            max_f32,  max_f16,  max_u8,   scale, pool_bags, spmm_rows};
 
 }  // namespace
 

@@ -5,6 +5,42 @@
 
 namespace rec_engine::kernels {
 
+// One call pools bags [b0, b1) of an embedding table (see rec_engine::pool for the semantics). The
+// per-id work (storage type, index type, mode) is resolved once per call inside the ISA file, the row
+// loop runs there with the bag's accumulators in registers, and each element sees exactly the operations
+// of the axpy/max/scale kernels below, in the same order, so results equal the row-at-a-time path.
+enum class PoolStorage : int { f32 = 0, f16 = 1, u8 = 2 };
+enum class PoolOp : int { sum = 0, mean = 1, max = 2 };
+struct PoolArgs {
+  PoolStorage storage;
+  const void* data;          // rows x dim
+  const float* scale_bias;   // u8 only: rows x 2
+  int64_t dim;
+  const void* ids;           // int32 or int64
+  bool ids64;
+  const int64_t* offsets;    // n_bags + 1
+  const float* weights;      // per id, or null (sum only)
+  PoolOp op;
+  float* out;                // n_bags x dim
+};
+
+// One call of a CSR x dense product over rows [r0, r1): next[r] = sum_i data[i] * x[indices[i]]
+// (y = 0, then y = fma(data[i], x_row, y) in index order, as axpy_f32); when acc is not null, also
+// acc[r] = fma(w, next[r], acc[r]) (when x0 is not null, acc[r] = fma(w0, x0[r], 0) first). next may
+// be null when only acc is wanted (the last layer of a propagation).
+struct SpmmArgs {
+  const int64_t* indptr;
+  const int32_t* indices;
+  const float* data;
+  const float* x;
+  int64_t d;
+  float* next;         // optional when acc is given
+  float* acc;          // optional
+  float w;
+  const float* x0;     // optional: initialize acc from w0 * x0 before adding
+  float w0;
+};
+
 struct KernelTable {
   const char* name;
   // out[i * ldo + j] = <q_i, x_j> for i < nq, j < nx; q_i = q + i * ldq, x_j = x + j * ldx.
@@ -23,6 +59,8 @@ struct KernelTable {
   void (*max_u8)(float* y, const uint8_t* x, float a, float b, int64_t d);
   // y *= a
   void (*scale)(float* y, float a, int64_t d);
+  void (*pool_bags)(const PoolArgs& a, int64_t b0, int64_t b1);
+  void (*spmm_rows)(const SpmmArgs& a, int64_t r0, int64_t r1);
 };
 
 const KernelTable& scalar_table();
