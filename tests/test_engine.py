@@ -249,3 +249,56 @@ def test_gfcf_bundle_is_served_and_folds_observed_items_in(trained, tmp_path, sh
         s[items] = -np.inf
         np.testing.assert_array_equal(e.recommend(9, k=10).items, np.lexsort((np.arange(len(s)), -s))[:10])
         assert e.recommend(10_000, k=3).fallback
+
+
+def _full_rows(ranker, feats, user, cands, ctx):
+    """The examples of (user, each candidate, context) as plain columns: the slow path's input."""
+    cols = {}
+    for name in ranker.schema.names:
+        if name in ranker.item_fields:
+            cols[name] = [feats["item"][name][i] for i in cands]
+        elif name in ranker.user_fields and 0 <= user < len(next(iter(feats["user"].values()))):
+            cols[name] = [feats["user"][name][user]] * len(cands)
+        else:
+            cols[name] = [ctx.get(name)] * len(cands)
+    return ranker.schema.encode(cols)
+
+
+def _check_candidates_path(ranker, feats, n_users, n_items, contexts, rng):
+    for ctx in contexts * 2:                          # twice: the second round hits the context cache
+        for user in (0, n_users - 1, n_users + 5):
+            for n in (1, 7, 64):
+                cands = rng.integers(0, n_items, n)
+                got = ranker.score_candidates(user, cands, ctx)
+                np.testing.assert_allclose(got, ranker(_full_rows(ranker, feats, user, cands, ctx)), rtol=0, atol=1e-6)
+
+
+def test_candidate_scoring_equals_scoring_the_full_examples(trained, rng):
+    """Feature stores with multi-valued and numeric fields (the general path), several contexts."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import load_ranking
+
+    ranker = load_ranking(open_bundle(trained.bundle("deepfm")))
+    feats = trained.ctr_data.extra["entity_features"]
+    contexts = [CTX, {}, {"hour": 3.0}, {"device": "never-seen"}, {"hour": np.float32(7), "device": "ios"}]
+    assert ranker.items.rows is None                  # multi-valued tags, numeric price: the general path
+    _check_candidates_path(ranker, feats, 400, 300, contexts, rng)
+
+
+def test_single_valued_stores_take_the_direct_path_with_the_same_scores(tmp_path, rng):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.features import Schema
+    from rec_engine.ranking import load_ranking
+    from rec_engine_train.export_ctr import export_ctr
+    from rec_engine_train.models.ctr import CtrModel
+
+    n_users, n_items = 50, 80
+    feats = {"user": {"user_id": np.arange(n_users), "age": rng.integers(0, 5, n_users)},
+             "item": {"item_id": np.arange(n_items), "brand": rng.integers(0, 9, n_items)}}
+    cols = {**{k: v for k, v in feats["user"].items()}, "device": rng.choice(["a", "b"], n_users)}
+    cols_items = {k: np.resize(v, n_users) for k, v in feats["item"].items()}
+    schema = Schema.fit({**cols, **cols_items}, hash_buckets=2)
+    model = CtrModel("deepfm", schema, 8, {"mlp": [16]})
+    ranker = load_ranking(open_bundle(export_ctr(model, tmp_path / "b", entity_features=feats)))
+    assert ranker.items.rows is not None and ranker.users.rows is not None
+    _check_candidates_path(ranker, feats, n_users, n_items, [{"device": "a"}, {"device": "zz"}, {}], rng)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ._convert import threads_arg
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .features import EncodedBatch, Schema
@@ -23,12 +24,44 @@ RANKING_KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
 
 
 class _Store:
-    """Per-entity encoded features (the entity's fields only), rows = entity ids."""
+    """Per-entity encoded features (the entity's fields only), rows = entity ids.
+
+    ``rows`` is the ``[n, F_e]`` int64 matrix of the table rows when every bag holds exactly one entry of
+    weight 1 (categorical fields, no missing value), else None."""
 
     def __init__(self, bundle: Bundle, prefix: str, n_fields: int):
         self.batch = EncodedBatch(bundle.array(f"{prefix}_indices"), bundle.array(f"{prefix}_offsets"),
                                   bundle.array(f"{prefix}_weights"), n_fields)
         self.n = len(self.batch)
+        self.n_fields = n_fields
+        self.rows = _single_rows(self.batch)
+
+
+def _single_rows(batch: EncodedBatch, chunk: int = 1 << 20) -> np.ndarray | None:
+    """``batch.indices`` as an ``[n, F]`` int64 matrix if every bag holds one entry of weight 1, else None
+    (checked ``chunk`` entries at a time, so a large store needs no large temporaries)."""
+    idx, off, w, f = batch.indices, batch.offsets, batch.weights, batch.n_fields
+    n_bags = len(off) - 1
+    if f == 0 or len(idx) != n_bags or n_bags % f or len(w) != n_bags or off[0] != 0:
+        return None
+    for s in range(0, n_bags, chunk):
+        e = min(s + chunk, n_bags)
+        if not (np.all(np.diff(off[s:e + 1]) == 1) and np.all(w[s:e] == 1.0)):
+            return None
+    return np.ascontiguousarray(idx, dtype=np.int64).reshape(n_bags // f, f)
+
+
+def _selector(pos: np.ndarray):
+    """A slice when the positions are consecutive (a cheap strided copy), else the index array."""
+    if len(pos) and np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):
+        return slice(int(pos[0]), int(pos[0]) + len(pos))
+    return pos
+
+
+_CACHE_SIZE = 4096     # distinct contexts whose encodings are kept (the cache is emptied when full)
+# context values cached by value: for these types equal values (of one type) always encode alike
+_KEY_TYPES = frozenset([type(None), bool, int, float, str, bytes, np.bool_, np.int8, np.int16, np.int32, np.int64,
+                        np.uint8, np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64, np.str_])
 
 
 class CtrRanker:
@@ -84,21 +117,60 @@ class CtrRanker:
         self.items = _Store(bundle, "item_features", len(self.item_fields)) if self.item_fields else None
         self.users = _Store(bundle, "user_features", len(self.user_fields)) if self.user_fields else None
         self.n_items = self.items.n if self.items is not None else None
+        # the request path calls the core directly (the facade's argument checks and conversions cost more
+        # than the lookups at small batches; arrays of the wrong kind fall back to it)
+        self._nt = 0 if num_threads is None else threads_arg(num_threads)
+        self._emb_pool = self.embedding._table.pool
+        self._lin_pool = self.linear._table.pool
+        self._run = self.session.run
+        self._feed = tuple(self.inputs[:2])
+        self._names = set(names)
+        self._sel = {"item": _selector(self.item_pos), "user": _selector(self.user_pos),
+                     "ctx": _selector(self.ctx_pos)}
+        # when each group's fields are consecutive: the groups in schema order (to concatenate a row's ids)
+        groups = [(int(self._sel[g].start), g) for g in ("user", "item", "ctx") if isinstance(self._sel[g], slice)]
+        n_groups = sum(1 for g in (self.user_pos, self.item_pos, self.ctx_pos) if len(g))
+        self._order = tuple(g for _, g in sorted(groups)) if len(groups) == n_groups else None
+        self._ctx_cache: dict = {}      # context key -> (rows [Fc] or None, emb [Fc, d], lin [Fc])
+        self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
+        self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
 
     # ------------------------------------------------------------------ the two halves
+    def _pool_arrays(self, indices, offsets, weights) -> tuple[np.ndarray, np.ndarray]:
+        """Sum-pooled ``emb [bags, dim]`` and ``lin [bags, 1]`` of bags given as in an EncodedBatch."""
+        try:   # C-contiguous int32/int64 indices, int64 offsets, float32 weights: straight to the core
+            return (self._emb_pool(indices, offsets, weights, "sum", self._nt, True),
+                    self._lin_pool(indices, offsets, weights, "sum", self._nt, True))
+        except (TypeError, ValueError):   # other dtypes / layouts: the facade converts them (or says why not)
+            args = dict(mode="sum", include_last_offset=True, num_threads=self.num_threads)
+            return (self.embedding.pool(indices, offsets, weights, **args),
+                    self.linear.pool(indices, offsets, weights, **args))
+
     def _pool(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
-        args = dict(mode="sum", include_last_offset=True, num_threads=self.num_threads)
-        emb = self.embedding.pool(batch.indices, batch.offsets, batch.weights, **args)
-        lin = self.linear.pool(batch.indices, batch.offsets, batch.weights, **args)
+        emb, lin = self._pool_arrays(batch.indices, batch.offsets, batch.weights)
         return emb, lin[:, 0]
 
+    def _one_entry_bags(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets ``0..n`` and ``n`` weights 1 (views of arrays kept for later calls)."""
+        seq = self._seq
+        if len(seq[1]) < n:
+            size = max(n, 2 * len(seq[1]), 1024)
+            seq = self._seq = (np.arange(size + 1, dtype=np.int64), np.ones(size, np.float32))
+        return seq[0][:n + 1], seq[1][:n]
+
     def _logits(self, emb: np.ndarray, lin: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self.output], dict(zip(self.inputs, (emb, lin))))
-        return np.asarray(out, np.float32).reshape(-1)
+        e, li = self._feed
+        (out,) = self._run([self.output], {e: emb, li: lin}, None)
+        return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
 
     @staticmethod
     def _sigmoid(z: np.ndarray) -> np.ndarray:
-        return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)   # no overflow
+        """``0.5 * (1 + tanh(z / 2))`` in float64 (no overflow), rounded to float32."""
+        if len(z) == 1:   # the same float64 operations on a scalar, without five array allocations
+            out = np.empty(1, np.float32)
+            out[0] = (1.0 + np.tanh(0.5 * float(z[0]))) * 0.5
+            return out
+        return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)
 
     def pool(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         """``emb`` float32 ``[n, F, dim]`` and ``lin`` float32 ``[n, F]`` of the ``n`` examples of ``batch``."""
@@ -106,7 +178,7 @@ class CtrRanker:
             raise TypeError(f"expected an EncodedBatch, got {type(batch).__name__}")
         if batch.n_fields != self.n_fields:
             raise ValueError(f"the batch has {batch.n_fields} fields, the bundle's schema has {self.n_fields}")
-        emb, lin = self._pool(batch)
+        emb, lin = self._pool_arrays(batch.indices, batch.offsets, batch.weights)
         return emb.reshape(-1, self.n_fields, self.dim), lin.reshape(-1, self.n_fields)
 
     def logits(self, batch: EncodedBatch) -> np.ndarray:
@@ -118,7 +190,16 @@ class CtrRanker:
 
     def __call__(self, batch: EncodedBatch) -> np.ndarray:
         """Click probabilities, float32 ``[n]``."""
-        return self._sigmoid(self.logits(batch))
+        if not isinstance(batch, EncodedBatch):
+            raise TypeError(f"expected an EncodedBatch, got {type(batch).__name__}")
+        F = self.n_fields
+        if batch.n_fields != F:
+            raise ValueError(f"the batch has {batch.n_fields} fields, the bundle's schema has {F}")
+        emb, lin = self._pool_arrays(batch.indices, batch.offsets, batch.weights)
+        n = len(emb) // F if F else 0
+        if n == 0:
+            return np.zeros(0, np.float32)
+        return self._sigmoid(self._logits(emb.reshape(n, F, self.dim), lin.reshape(n, F)))
 
     score_examples = __call__
 
@@ -134,35 +215,104 @@ class CtrRanker:
         """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
-        context = dict(context or {})
-        unknown = set(context) - set(self.schema.names)
-        if unknown:
-            raise ValueError(f"context has fields the ranking model does not know: {sorted(unknown)}")
+        context = context or {}
+        key = self._context_key(context)
+        ctx = None if key is None else self._ctx_cache.get(key)
+        if ctx is None:   # a context not seen lately (or not cacheable): check it
+            unknown = set(context) - self._names
+            if unknown:
+                raise ValueError(f"context has fields the ranking model does not know: {sorted(unknown)}")
         cands = np.asarray(candidates, np.int64)
-        if len(cands) and (cands.min() < 0 or cands.max() >= self.items.n):
-            raise IndexError(f"candidate ids must be in [0, {self.items.n})")
-        N, F, d = len(cands), self.schema.n_fields, self.dim
-        emb = np.empty((N, F, d), np.float32)
-        lin = np.empty((N, F), np.float32)
+        N, F, d = len(cands), self.n_fields, self.dim
         if N == 0:
             return np.zeros(0, np.float32)
+        if N <= 32:
+            c = cands.ravel().tolist()
+            bad = min(c) < 0 or max(c) >= self.items.n
+        else:
+            bad = cands.min() < 0 or cands.max() >= self.items.n
+        if bad:
+            raise IndexError(f"candidate ids must be in [0, {self.items.n})")
+        if ctx is None:
+            ctx = self._encode_part(context, self.context_fields, key, self._ctx_cache)
+        users = self.users
+        known = users is not None and 0 <= user < users.n
+        usr = None
+        if self.user_fields and not known:   # a user the store does not know: its fields come from the context
+            usr = None if key is None else self._guest_cache.get(key)
+            if usr is None:
+                usr = self._encode_part(context, self.user_fields, key, self._guest_cache)
+        sel = self._sel
+        if (self.items.rows is not None and ctx[0] is not None
+                and (not self.user_fields or (users.rows is not None if known else usr[0] is not None))):
+            # every bag holds one row of weight 1: the [N, F] row matrix, then one lookup per table that
+            # writes emb and lin in the model's layout (no scatter)
+            urow = (users.rows[user] if known else usr[0]) if self.user_fields else None
+            if N == 1 and self._order is not None:   # user, item and context fields in one of the 6 orders
+                parts = {"user": urow, "item": self.items.rows[cands[0]], "ctx": ctx[0]}
+                ids = np.concatenate([parts[g] for g in self._order])
+            else:
+                ids = np.empty((N, F), np.int64)
+                ids[:, sel["item"]] = self.items.rows[cands]
+                if urow is not None:
+                    ids[:, sel["user"]] = urow
+                if self.context_fields:
+                    ids[:, sel["ctx"]] = ctx[0]
+            offsets, weights = self._one_entry_bags(N * F)
+            emb, lin = self._pool_arrays(ids.reshape(-1), offsets, weights)
+            return self._sigmoid(self._logits(emb.reshape(N, F, d), lin.reshape(N, F)))
+        # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
+        # place them
+        emb = np.empty((N, F, d), np.float32)
+        lin = np.empty((N, F), np.float32)
         e, li = self._pool(self.items.batch.take(cands))
-        emb[:, self.item_pos] = e.reshape(N, -1, d)
-        lin[:, self.item_pos] = li.reshape(N, -1)
+        emb[:, sel["item"]] = e.reshape(N, -1, d)
+        lin[:, sel["item"]] = li.reshape(N, -1)
         if self.user_fields:
-            if self.users is not None and 0 <= user < self.users.n:
-                ub = self.users.batch.take(np.array([user]))
-            else:   # a user the store does not know: its fields come from the context
-                ub = self.schema.encode({n: [context.get(n)] for n in self.user_fields}, fields=self.user_fields)
-            e, li = self._pool(ub)
-            emb[:, self.user_pos] = e
-            lin[:, self.user_pos] = li
+            if known:   # the user's bags are consecutive in the store: pool them in place
+                fu = users.n_fields
+                off = users.batch.offsets[user * fu:(user + 1) * fu + 1]
+                s, t = int(off[0]), int(off[-1])
+                e, li = self._pool_arrays(users.batch.indices[s:t], off - s, users.batch.weights[s:t])
+                li = li[:, 0]
+            else:
+                e, li = usr[1], usr[2]
+            emb[:, sel["user"]] = e
+            lin[:, sel["user"]] = li
         if self.context_fields:
-            cb = self.schema.encode({n: [context.get(n)] for n in self.context_fields}, fields=self.context_fields)
-            e, li = self._pool(cb)
-            emb[:, self.ctx_pos] = e
-            lin[:, self.ctx_pos] = li
+            emb[:, sel["ctx"]] = ctx[1]
+            lin[:, sel["ctx"]] = ctx[2]
         return self._sigmoid(self._logits(emb, lin))
+
+    @staticmethod
+    def _context_key(context: Mapping[str, Any]):
+        """A hashable key of ``context`` (its values with their types: 1, 1.0 and True encode differently),
+        or None when a value is not hashable (then nothing is cached)."""
+        key = tuple([(k, v, type(v)) for k, v in context.items()])
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _encode_part(self, context: Mapping[str, Any], fields: list[str], key, cache: dict):
+        """``(rows [len(fields)] or None, emb [len(fields), d], lin [len(fields)])`` of ``fields`` encoded
+        from ``context`` (rows: when every bag holds one entry of weight 1), cached under ``key``."""
+        if not fields:
+            part = (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.zeros(0, np.float32))
+        else:
+            b = self.schema.encode({n: [context.get(n)] for n in fields}, fields=fields)
+            e, li = self._pool(b)
+            single = len(b.indices) == len(fields) and b.single_valued and bool(np.all(b.weights == 1.0))
+            part = (np.ascontiguousarray(b.indices, dtype=np.int64) if single else None, e, li)
+            for a in part:
+                if a is not None:
+                    a.flags.writeable = False
+        if key is not None and _KEY_TYPES.issuperset([k[2] for k in key]):
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[key] = part
+        return part
 
 
 def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | None = 1) -> CtrRanker:
