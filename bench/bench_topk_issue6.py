@@ -2,18 +2,21 @@
 
 A script, not a pytest-benchmark suite (it holds no ``bench_*`` functions, so pytest collects nothing):
 
-    PYTHONPATH=... python bench/bench_topk_issue6.py [--bench-items 1000000] [--reps 20] [--threads 2]
+    PYTHONPATH=... python bench/bench_topk_issue6.py [--bench-items 1000000] [--reps 20] [--threads 2] [--json PATH]
 
 Rows: 1 query and 256 queries against N x 64 float32 items, k = 10 and 100, 50 excluded ids per query;
 rec_engine exact float32 and the reduced-precision ItemIndex modes (int8, bf16; shortlist re-scored
 exactly) with their recall@k against the exact result, on Gaussian items and on clustered items.
 Implementations take turns within each repetition (interleaved), the median of ``--reps`` repetitions
-is reported with p90, and ratios are against the fastest baseline of the row. Peak memory of one batch
-call per implementation is measured in a fresh subprocess (VmHWM delta: C++ allocations included).
+is reported with p90 and p99, and ratios are against the fastest baseline of the row. Peak memory of one
+batch call per implementation is measured in a fresh subprocess (VmHWM delta: C++ allocations included).
+``--json PATH`` also writes every row (median, p90, p99, q/s, ratio, recall), the peak memory and the run
+conditions (SIMD level, threads, load average) as JSON for a report script.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +151,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", default="10,100")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
@@ -161,6 +165,9 @@ def main():
         faiss.omp_set_num_threads(args.threads)
     print(f"rec_engine simd={rec_engine.simd_level()} threads={args.threads} items={args.bench_items} x {DIM} "
           f"reps={args.reps} (median, p90); load average {os.getloadavg()}")
+    report = {"simd": rec_engine.simd_level(), "threads": args.threads, "items": args.bench_items, "dim": DIM,
+              "excluded_per_query": N_EX, "reps": args.reps, "load_average_start": list(os.getloadavg()),
+              "faiss": faiss is not None, "rows": [], "peak_memory_mib": {}}
     print("implicit: skipped (not installed)")
     if faiss is None:
         print("faiss: skipped (not installed)")
@@ -197,6 +204,12 @@ def main():
                     r = f"recall@k {rec[n]:.4f}" if n in rec else ""
                     print(f"   {n:16s} {med[n] * 1e3:9.2f} ms  p90 {np.percentile(t, 90) * 1e3:9.2f} ms  "
                           f"{qps:9.0f} q/s  {ratio:24s} {r}")
+                    report["rows"].append({
+                        "items": "clustered" if clustered else "gaussian", "queries": 1 if single else BATCH,
+                        "k": k, "impl": n, "median_ms": med[n] * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3,
+                        "p99_ms": float(np.percentile(t, 99)) * 1e3, "qps": qps, "reps": reps,
+                        "best_baseline": best, "ratio_vs_best_baseline": med[best] / med[n] if best else None,
+                        "recall_at_k": rec.get(n)})
         if not clustered and not args.no_memory:
             print("-- peak memory of one 256-query k=100 call (VmHWM delta in a fresh process, MiB)")
             for impl in ("rec_engine f32", "rec_engine int8", "rec_engine bf16", "numpy", "torch", "faiss (tuned)"):
@@ -204,6 +217,15 @@ def main():
                                       f"{impl},{args.bench_items},100,{args.threads}"],
                                      capture_output=True, text=True)
                 print(f"   {impl:16s} {out.stdout.strip() or out.stderr.strip()[-200:]}")
+                try:
+                    report["peak_memory_mib"][impl] = float(out.stdout.strip())
+                except ValueError:
+                    report["peak_memory_mib"][impl] = None
+    report["load_average_end"] = list(os.getloadavg())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -48,32 +49,59 @@ inline bool better(const Entry& a, const Entry& b) {
   return a.score > b.score || (a.score == b.score && a.id < b.id);
 }
 
-// A bounded selection: a heap with the worst kept entry on top.
+// A bounded selection of the cap best entries. Entries at or above the threshold are appended to a
+// buffer of slots(cap) = 2 * cap entries; a full buffer is cut back to its cap best (nth_element) and
+// the threshold raised to the worst of them. Appends are sequential (a heap of a few hundred entries per
+// query of a batch does not fit in L2, and its sift-downs missed the cache at every level), and the kept
+// set is the exact top cap whatever the order of the offers.
 class Selection {
  public:
+  static int64_t slots(int64_t cap) { return 2 * cap; }
   Selection(Entry* storage, int64_t capacity) : data_(storage), cap_(capacity) {}
 
-  float threshold() const { return size_ < cap_ ? kNegInf : data_[0].score; }
-  bool accepts(const Entry& e) const { return size_ < cap_ || better(e, data_[0]); }
+  float threshold() const { return thr_; }
+  bool accepts(const Entry& e) const { return cap_ > 0 && !(e.score < thr_); }
   void push(const Entry& e) {  // the caller checked accepts()
-    if (size_ < cap_) {
-      data_[size_++] = e;
-      std::push_heap(data_, data_ + size_, better);
-    } else {
-      std::pop_heap(data_, data_ + size_, better);
-      data_[size_ - 1] = e;
-      std::push_heap(data_, data_ + size_, better);
-    }
+    data_[size_++] = e;
+    if (size_ == 2 * cap_) trim();
   }
   void offer(const Entry& e) {
     if (accepts(e)) push(e);
   }
+  // Keeps the cap best entries only (in no particular order): the cap-th best score t by nth_element on
+  // the bare scores (a float select is several times faster than one over entries with the two-key
+  // comparison), then every entry above t and, of those equal to t, the lowest ids. Entries never hold
+  // NaN (consider() does not offer them).
+  void trim() {
+    if (size_ <= cap_) return;
+    thread_local std::vector<float> keys;
+    thread_local std::vector<Entry> ties;
+    keys.resize(static_cast<size_t>(size_));
+    for (int64_t i = 0; i < size_; ++i) keys[i] = data_[i].score;
+    std::nth_element(keys.begin(), keys.begin() + (cap_ - 1), keys.end(), std::greater<float>());
+    const float t = keys[cap_ - 1];
+    ties.clear();
+    int64_t w = 0;
+    for (int64_t i = 0; i < size_; ++i) {
+      if (data_[i].score > t)
+        data_[w++] = data_[i];
+      else if (data_[i].score == t)
+        ties.push_back(data_[i]);
+    }
+    const int64_t need = cap_ - w;  // >= 1: t itself is among the cap best
+    if (static_cast<int64_t>(ties.size()) > need)
+      std::sort(ties.begin(), ties.end(), [](const Entry& a, const Entry& b) { return a.id < b.id; });
+    for (int64_t i = 0; i < need; ++i) data_[w++] = ties[i];
+    size_ = cap_;
+    thr_ = t;
+  }
   int64_t size() const { return size_; }
   const Entry* begin() const { return data_; }
   const Entry* end() const { return data_ + size_; }
-  // Best first; leaves the storage sorted (no longer a heap).
+  // Best first; the storage is left sorted.
   void write_sorted(int64_t width, int64_t* ids, float* scores) {
-    std::sort(data_, data_ + size_, better);
+    trim();
+    std::sort(data_, data_ + size_, [](const Entry& a, const Entry& b) { return better(a, b); });
     for (int64_t i = 0; i < width; ++i) {
       ids[i] = i < size_ ? data_[i].id : -1;
       scores[i] = i < size_ ? data_[i].score : kNegInf;
@@ -84,6 +112,7 @@ class Selection {
   Entry* data_;
   int64_t cap_;
   int64_t size_ = 0;
+  float thr_ = kNegInf;
 };
 
 // Per-query sorted id lists (copied, so the caller's arrays are never touched).
@@ -237,7 +266,7 @@ template <class Prepare, class Score>
 void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
                  PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, Prepare prepare, Score score) {
   w.tile.resize(static_cast<size_t>(kPanelQueries * kPanel));
-  w.idx.resize(static_cast<size_t>(kPanel));
+  w.idx.resize(static_cast<size_t>(kPanel + 16));  // filter() stores whole vectors
   float* tile = w.tile.data();
   int32_t* idx = w.idx.data();
   for (int64_t pi = pa; pi < pb; ++pi) {
@@ -275,10 +304,11 @@ void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
 template <class Scan, class Emit>
 void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector<Entry>& storage,
                 Scan scan, Emit emit) {
-  storage.resize(static_cast<size_t>(nt * ng * width));
+  const int64_t slots = Selection::slots(width);
+  storage.resize(static_cast<size_t>(nt * ng * slots));
   std::vector<std::vector<Selection>> sels(nt);
   for (int t = 0; t < nt; ++t)
-    for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * ng + a) * width, width);
+    for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * ng + a) * slots, width);
   detail::parallel_for(nt, nt, 1, [&](int64_t t) {
     scan(static_cast<int>(t), n_panels * t / nt, n_panels * (t + 1) / nt, sels[t].data());
   });
@@ -287,7 +317,7 @@ void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector
       emit(a, sels[0][a]);
       return;
     }
-    std::vector<Entry> buf(static_cast<size_t>(width));
+    std::vector<Entry> buf(static_cast<size_t>(slots));
     Selection final_sel(buf.data(), width);
     for (int t = 0; t < nt; ++t)
       for (const Entry& e : sels[t][a]) final_sel.offer(e);
@@ -333,12 +363,13 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
   if (with_candidates) {
     const int64_t total = opt.candidates.indptr[n_queries];
     const int nt = detail::threads_for(opt.num_threads, total * dim, n_queries);
-    std::vector<Entry> storage(static_cast<size_t>(nt * width));
+    const int64_t slots = Selection::slots(width);
+    std::vector<Entry> storage(static_cast<size_t>(nt * slots));
     std::vector<std::vector<float>> scratch(nt);
     std::vector<int64_t> nan_ids(nt, kNoNan);
     detail::parallel_for(n_queries, nt, 4, [&](int64_t q) {
       const int t = detail::thread_id();
-      Selection sel(storage.data() + t * width, width);
+      Selection sel(storage.data() + t * slots, width);
       scan_candidates(p, q, cands.begin(q), cands.end(q) - cands.begin(q), sel, scratch[t], nan_ids[t]);
       sel.write_sorted(width, out_ids + q * width, out_scores + q * width);
     });
@@ -389,7 +420,8 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     return;
   }
   const int64_t group = std::min(kQueryGroup, n_queries);
-  std::vector<Entry> storage(static_cast<size_t>(nt * group * width));
+  const int64_t slots = Selection::slots(width);
+  std::vector<Entry> storage(static_cast<size_t>(nt * group * slots));
   std::vector<std::vector<float>> scratch(nt);
   std::vector<int64_t> nan_ids(nt, kNoNan);
   for (int64_t g0 = 0; g0 < n_queries; g0 += group) {
@@ -397,7 +429,7 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     const int64_t ng = g1 - g0;
     std::vector<std::vector<Selection>> sels(nt);
     for (int t = 0; t < nt; ++t)
-      for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * group + a) * width, width);
+      for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * group + a) * slots, width);
     if (nt > 1 && ng >= nt * kQueryTile) {
       // A large batch: one contiguous range of queries per thread, each scanning every item (its item
       // blocks stay in cache across its query tiles); the selections are final, nothing to merge.
@@ -424,7 +456,7 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
         sels[0][a].write_sorted(width, out_ids + q * width, out_scores + q * width);
         return;
       }
-      std::vector<Entry> buf(static_cast<size_t>(width));
+      std::vector<Entry> buf(static_cast<size_t>(slots));
       Selection final_sel(buf.data(), width);
       for (int t = 0; t < nt; ++t)
         for (const Entry& e : sels[t][a]) final_sel.offer(e);
@@ -476,17 +508,23 @@ void score_i8_portable(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* 
       out[i * ldo + j] = static_cast<float>(acc - corr[j]) * scale[j];
     }
 }
+// (Accumulates a row of kPanel sums over t: GCC 12 at -O3 miscompiled the former per-item loop nest
+// -- outer-loop vectorization of the t reduction over the interleaved pairs gave wrong sums, which is
+// what lowered the bf16 recall at the scalar and avx2 levels.)
 void score_bf16_portable(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
                          float* out, int64_t ldo) {
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < kPanel; ++j) {
-      float acc = 0.f;
-      for (int64_t t = 0; t < d2; ++t) {
-        acc += from_bf16(q[i * ldq + 2 * t + 1]) * from_bf16(panel[(t * kPanel + j) * 2 + 1]);
-        acc += from_bf16(q[i * ldq + 2 * t]) * from_bf16(panel[(t * kPanel + j) * 2]);
+  for (int64_t i = 0; i < nq; ++i) {
+    float acc[kPanel] = {};
+    for (int64_t t = 0; t < d2; ++t) {
+      const float q0 = from_bf16(q[i * ldq + 2 * t]), q1 = from_bf16(q[i * ldq + 2 * t + 1]);
+      const uint16_t* xp = panel + t * kPanel * 2;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        acc[j] += q1 * from_bf16(xp[2 * j + 1]);
+        acc[j] += q0 * from_bf16(xp[2 * j]);
       }
-      out[i * ldo + j] = acc;
     }
+    for (int64_t j = 0; j < kPanel; ++j) out[i * ldo + j] = acc[j];
+  }
 }
 
 }  // namespace
@@ -602,18 +640,19 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
               });
         },
         [&](int64_t a, Selection& sel) {
+          sel.trim();
           int64_t n = 0;
           for (const Entry& e : sel) short_ids[a * sl + n++] = e.id;
           short_n[a] = n;
         });
     // Exact float32 re-scoring of each shortlist.
     const int ntq = detail::threads_for(opt.num_threads, ng * sl * dim, ng);
-    std::vector<Entry> sel_storage(static_cast<size_t>(ntq * width));
+    std::vector<Entry> sel_storage(static_cast<size_t>(ntq * Selection::slots(width)));
     std::vector<std::vector<float>> scratch(ntq);
     std::vector<int64_t> nan_q(ntq, kNoNan);
     detail::parallel_for(ng, ntq, 4, [&](int64_t a) {
       const int t = detail::thread_id();
-      Selection sel(sel_storage.data() + t * width, width);
+      Selection sel(sel_storage.data() + t * Selection::slots(width), width);
       const int64_t q = g0 + a;
       int64_t* ids = short_ids.data() + a * sl;
       std::sort(ids, ids + short_n[a]);  // rows read in memory order

@@ -18,7 +18,8 @@ struct Table {
   // out[i * ldo + j] = <q_i, x_j> for i < nq, j < kPanel.
   void (*score_f32)(const float* q, int64_t nq, int64_t ldq, const float* panel, int64_t d, float* out,
                     int64_t ldo);
-  // Writes the positions j < n with row[j] >= thr or row[j] NaN to idx; returns their count.
+  // Writes the positions j < n with row[j] >= thr or row[j] NaN to idx; returns their count. idx holds
+  // n + 16 entries (whole vectors are stored).
   int64_t (*filter)(const float* row, int64_t n, float thr, int32_t* idx);
   // out[i * ldo + j] = (sum_t qu_i[t] * x_j[t] - corr[j]) * scale[j]; qu is u8 (q + 128), x s8. nullptr
   // when the CPU lacks AVX512-VNNI.
