@@ -14,6 +14,7 @@ anything is used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,11 +89,7 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
     if not isinstance(kind, str) or not kind:
         raise ValueError("kind must be a non-empty string")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with _staging(path, overwrite) as tmp:
         files: dict[str, dict] = {}
         table_info: dict[str, dict] = {}
 
@@ -130,10 +127,6 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
             "meta": _jsonable(dict(meta or {})),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -149,11 +142,7 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
     stages = {name: open_bundle(src) for name, src in (("retrieval", retrieval), ("ranking", ranking))
               if src is not None}
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with _staging(path, overwrite) as tmp:
         files = {}
         for name, b in stages.items():
             shutil.copytree(b.path, tmp / name)
@@ -164,15 +153,22 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
                     "meta": {"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
                              "kinds": {name: b.kind for name, b in stages.items()}}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished directory ``tmp`` to ``path``, replacing what is there only once it is complete."""
+@contextlib.contextmanager
+def _staging(path: Path, overwrite: bool):
+    """A temporary directory beside ``path`` to write a bundle into; renamed to ``path`` when the block
+    ends normally (replacing what is there only then), removed when it raises."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
         os.replace(path, old / "b")
