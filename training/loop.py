@@ -142,17 +142,17 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
             model.train()
         try:
             loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
+            if hasattr(model, "eval"):
+                model.eval()
+            metrics = validate()
         except KeyboardInterrupt:
             if hist.best_epoch < 1:
                 raise
             hist.stopped_early = True
             log(f"interrupted in epoch {epoch}: keeping best epoch {hist.best_epoch}")
             break
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
-        if hasattr(model, "eval"):
-            model.eval()
-        metrics = validate()
         if monitor not in metrics:
             raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored metric {monitor!r}")
         row = {"epoch": epoch, "loss": loss, **{k: float(v) for k, v in metrics.items()},

@@ -38,6 +38,19 @@ def test_ctrl_c_keeps_the_best_epoch_once_one_exists():
                log=lambda _s: None)
     assert hist.best_epoch == 2 and hist.stopped_early and model.w.item() == 2.0
 
+    calls = []
+
+    def validate_interrupted_at_epoch_2():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"m": float(model.w.item())}
+
+    model = Counter()
+    hist = fit(model, lambda e, p: model.w.data.fill_(e) and 1.0, validate_interrupted_at_epoch_2,
+               TrainConfig(epochs=10), monitor="m", log=lambda _s: None)
+    assert hist.best_epoch == 1 and len(hist.epochs) == 1 and model.w.item() == 1.0
+
     def interrupted_at_once(epoch, _progress):
         raise KeyboardInterrupt
 
