@@ -207,6 +207,35 @@ def test_negative_sampler_rejects_a_user_who_has_seen_every_item():
         sampler.sample(np.array([1, 0]), np.random.default_rng(0))
 
 
+def test_user_uniform_pairs_are_positives_with_users_and_their_items_uniform():
+    # users 0..2 with 1, 3 and 6 distinct positives (one repeated), user 3 with none
+    users = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2])
+    items = np.array([4, 0, 2, 5, 0, 1, 2, 3, 5, 6, 6])
+    sampler = NegativeSampler(Interactions(users, items, 4, 8))
+    u, i = sampler.sample_pairs(60000, np.random.default_rng(0))
+    assert u.dtype == np.int64 and i.dtype == np.int64 and u.shape == i.shape == (60000,)
+    positive = np.zeros((4, 8), bool)
+    positive[users, items] = True
+    assert positive[u, i].all()
+    np.testing.assert_allclose(np.bincount(u, minlength=4) / 60000, [1 / 3, 1 / 3, 1 / 3, 0], atol=0.01)
+    for user in range(3):                                  # uniform over the user's distinct positives
+        share = np.bincount(i[u == user], minlength=8)[positive[user]] / (u == user).sum()
+        np.testing.assert_allclose(share, 1 / positive[user].sum(), atol=0.015)
+    with pytest.raises(ValueError, match="no interactions"):
+        NegativeSampler(Interactions(np.array([], np.int64), np.array([], np.int64), 2, 2)).sample_pairs(
+            3, np.random.default_rng(0))
+
+
+def test_sampling_param_is_checked_and_user_sampling_learns(synthetic):
+    with pytest.raises(ValueError, match="sampling must be"):
+        train_graph("mf", synthetic, quiet(epochs=1, params={"sampling": "items"}), log=lambda s: None)
+    config = quiet(epochs=25, dim=16, patience=4, lr=0.05, params={"n_layers": 3, "sampling": "user"})
+    model, _ = train_graph("lightgcn", synthetic, config, log=lambda s: None)
+    pop = recall_at(*popularity_vectors(synthetic.train.item_counts(), synthetic.train.n_users),
+                    synthetic.train, synthetic.test)
+    assert recall_at(*final_embeddings(model), synthetic.train, synthetic.test) >= 1.5 * pop
+
+
 # ----------------------------------------------------------------------------- learning
 LEARNING = {"mf": dict(lr=0.02), "lightgcn": dict(lr=0.05), "ngcf": dict(lr=0.02)}
 

@@ -259,6 +259,18 @@ class NegativeSampler:
         rank = np.arange(keys.shape[0], dtype=np.int64) - start[users]       # j within the user
         self._gap_keys = keys - rank                                          # user * n_items + p_j - j
         self._start = start
+        self._pos_items = keys % self.n_items                                 # positives, by user
+        self._active = np.flatnonzero(self.n_pos)                             # users with a positive
+
+    def sample_pairs(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` (user, positive) pairs the way the LightGCN authors' code samples them: a user uniformly
+        among those with a positive, then one of its positives uniformly (so every user weighs the same,
+        as in the per-user mean of Recall@K, instead of in proportion to its interactions)."""
+        if self._active.size == 0:
+            raise ValueError("there are no interactions to sample from")
+        users = self._active[rng.integers(0, self._active.size, n)]
+        rows = self._start[users] + rng.integers(0, self.n_pos[users])
+        return users, self._pos_items[rows]
 
     def sample(self, users, rng: np.random.Generator) -> np.ndarray:
         """One negative item per entry of ``users`` (int64, same shape).
@@ -285,7 +297,9 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     An epoch visits every train interaction once as a (user, positive) pair with a fresh uniform
     negative, in shuffled batches of ``config.batch_size`` (the whole graph is propagated once per batch,
     so prefer large batches). ``config.params``: ``reg`` (1e-4, L2 on the batch's ego embeddings),
-    ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`). After each epoch Recall@20 on
+    ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`), ``sampling``
+    ("interaction", the default: every train interaction once an epoch; or "user": as many pairs drawn by
+    :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme). After each epoch Recall@20 on
     ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
 
     Returns
@@ -299,10 +313,11 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     rng = seed_everything(config.seed)
     model = build_model(kind, split.train, config)
     reg = float(config.params.get("reg", 1e-4))
+    sampling = str(config.params.get("sampling", "interaction"))
+    if sampling not in ("interaction", "user"):
+        raise ValueError(f"sampling must be 'interaction' or 'user', got {sampling!r}")
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = NegativeSampler(split.train)
-    users_all = torch.from_numpy(split.train.users)
-    items_all = torch.from_numpy(split.train.items)
     n = len(split.train)
     train_lists = split.train.by_user()
     target = (split.valid if split.valid is not None else split.test).by_user()
@@ -313,9 +328,12 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
 
     def train_epoch(epoch: int, progress: Progress) -> float:
         for rows in progress:
-            neg = torch.from_numpy(sampler.sample(split.train.users[rows], rng))
-            idx = torch.from_numpy(rows)
-            loss = model.bpr_loss(users_all[idx], items_all[idx], neg, reg)
+            if sampling == "user":
+                users, pos = sampler.sample_pairs(rows.shape[0], rng)
+            else:
+                users, pos = split.train.users[rows], split.train.items[rows]
+            neg = torch.from_numpy(sampler.sample(users, rng))
+            loss = model.bpr_loss(torch.from_numpy(users), torch.from_numpy(pos), neg, reg)
             opt.zero_grad()
             loss.backward()
             opt.step()
