@@ -867,3 +867,36 @@ def test_pool_2d_request_path_reports_out_of_range_ids(rng):
     ids[2, 1] = 10
     with pytest.raises(IndexError, match=r"indices\[9\] = 10"):
         table.pool(ids)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_pool_into_out_fills_and_returns_that_array(rng, storage):
+    from rec_engine import _core
+
+    w = rng.normal(size=(300, 12)).astype(np.float32)
+    table = EmbeddingTable(w) if storage == "float32" else EmbeddingTable.quantize(w, storage)
+    core = table._table
+    idx = rng.integers(0, 300, 40)
+    offsets = np.array([0, 3, 3, 17, 40], np.int64)
+    want = table.pool(idx, offsets, mode="sum", include_last_offset=True)
+    out = np.full((4, 12), np.nan, np.float32)
+    got = core.pool(idx, offsets, None, "sum", 1, True, out)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
+    out2 = np.empty((4, 12), np.float32)
+    core.pool(idx[::-1].copy(), offsets, None, "mean", 1, True, out2)
+    np.testing.assert_array_equal(out2, table.pool(idx[::-1], offsets, mode="mean", include_last_offset=True))
+    np.testing.assert_array_equal(out, want)                 # the first buffer is untouched
+    for bad, exc, match in [(np.empty((3, 12), np.float32), ValueError, r"out must have shape \(4, 12\)"),
+                            (np.empty((4, 12), np.float64), TypeError, "out must be a C-contiguous float32"),
+                            (np.empty((12, 4), np.float32).T, TypeError, "not C-contiguous"),
+                            (np.empty(48, np.float32), ValueError, "out must have 2 dimensions"),
+                            ([[0.0] * 12] * 4, TypeError, "out must be a numpy.ndarray")]:
+        with pytest.raises(exc, match=match):
+            core.pool(idx, offsets, None, "sum", 1, True, bad)
+    frozen = np.zeros((4, 12), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        core.pool(idx, offsets, None, "sum", 1, True, frozen)
+    assert not frozen.any()
+    assert isinstance(_core.EmbeddingTable, type)

@@ -270,7 +270,12 @@ def _check_candidates_path(ranker, feats, n_users, n_items, contexts, rng):
             for n in (1, 7, 64):
                 cands = rng.integers(0, n_items, n)
                 got = ranker.score_candidates(user, cands, ctx)
-                np.testing.assert_allclose(got, ranker(_full_rows(ranker, feats, user, cands, ctx)), rtol=0, atol=1e-6)
+                batch = _full_rows(ranker, feats, user, cands, ctx)
+                # the reference: the full examples pooled into new arrays and run with session.run (not the
+                # IOBinding buffers the request paths use)
+                want = 1 / (1 + np.exp(-ranker.logits(batch).astype(np.float64)))
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+                np.testing.assert_allclose(ranker(batch), want, rtol=0, atol=1e-6)
 
 
 def test_candidate_scoring_equals_scoring_the_full_examples(trained, rng):
@@ -302,3 +307,45 @@ def test_single_valued_stores_take_the_direct_path_with_the_same_scores(tmp_path
     ranker = load_ranking(open_bundle(export_ctr(model, tmp_path / "b", entity_features=feats)))
     assert ranker.items.rows is not None and ranker.users.rows is not None
     _check_candidates_path(ranker, feats, n_users, n_items, [{"device": "a"}, {"device": "zz"}, {}], rng)
+
+
+def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng):
+    """Small batches pool into per-thread input buffers bound to ONNX Runtime: each call's answer is its
+    own (a later call does not change an earlier result), for sizes on both sides of the bound limit and
+    more sizes than a thread keeps, from 8 threads at once."""
+    import threading
+
+    from rec_engine import ranking
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import load_ranking
+
+    ranker = load_ranking(open_bundle(trained.bundle("deepfm")))
+    feats = trained.ctr_data.extra["entity_features"]
+    sizes = [1, 2, 3, 5, 8, 13, ranking._BIND_MAX_ROWS, ranking._BIND_MAX_ROWS + 1]
+    jobs = [(int(rng.integers(0, 400)), rng.integers(0, 300, n)) for n in sizes for _ in range(2)]
+    batches = [_full_rows(ranker, feats, u, c, CTX) for u, c in jobs]
+    want = [1 / (1 + np.exp(-ranker.logits(b).astype(np.float64))) for b in batches]
+    first = [ranker(b) for b in batches]                   # kept while later calls reuse the buffers
+    for got, w in zip(first, want):
+        np.testing.assert_allclose(got, w, rtol=0, atol=1e-6)
+    assert len(ranker._tls.bound) <= ranking._BIND_SIZES
+
+    errors, barrier = [], threading.Barrier(8)
+
+    def work(t):
+        try:
+            barrier.wait()
+            for r in range(6):
+                for j in (np.arange(len(jobs)) + t + r) % len(jobs):
+                    u, c = jobs[j]
+                    np.testing.assert_allclose(ranker(batches[j]), want[j], rtol=0, atol=1e-6)
+                    np.testing.assert_allclose(ranker.score_candidates(u, c, CTX), want[j], rtol=0, atol=1e-6)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not any(th.is_alive() for th in threads) and not errors, errors

@@ -132,8 +132,12 @@ class PyEmbeddingTable {
   // indices: 1-D with offsets (n_bags + 1 int64 entries, or n_bags when include_last_offset is false),
   // or 2-D (bags, L) with offsets None: fixed-size bags. The common request path (int32/int64 ids, int64
   // offsets, all of the right dtype) is recognized with C-level checks only (no Python attribute calls).
+  // out: None (a new array is returned) or a C-contiguous, writeable float32 (n_bags, dim) array that is
+  // filled and returned (a caller that pools into the same input buffer on every request, e.g. one bound
+  // to an ONNX Runtime IOBinding, allocates nothing).
   py::array_t<float> pool(py::handle indices_obj, py::handle offsets_obj, py::handle weights_obj,
-                          const std::string& mode_name, int num_threads, bool include_last_offset) const {
+                          const std::string& mode_name, int num_threads, bool include_last_offset,
+                          py::handle out_obj) const {
     using I32 = py::array_t<int32_t, py::array::c_style>;
     using I64 = py::array_t<int64_t, py::array::c_style>;
     // (a default-constructed py::array is an empty array, not a null handle: test the handle itself)
@@ -182,7 +186,18 @@ class PyEmbeddingTable {
                               std::to_string(weights.shape(0)));
       w = ptr<float>(weights);
     }
-    py::array_t<float> out({n_bags, view_.dim});
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+      out = py::array_t<float>({n_bags, view_.dim});
+    } else {
+      py::array given = take(out_obj, "out", {kF32}, 2);
+      if (given.shape(0) != n_bags || given.shape(1) != view_.dim)
+        throw py::value_error("out must have shape (" + std::to_string(n_bags) + ", " + std::to_string(view_.dim) +
+                              "), got (" + std::to_string(given.shape(0)) + ", " + std::to_string(given.shape(1)) +
+                              ")");
+      if (!given.writeable()) throw py::value_error("out must be writeable");
+      out = py::reinterpret_borrow<py::array_t<float>>(given);
+    }
     float* o = out.mutable_data();
     const bool i32 = indices.itemsize() == 4;
     {
@@ -284,7 +299,7 @@ PYBIND11_MODULE(_core, m) {
       .def("gather", &PyEmbeddingTable::gather, py::arg("ids"), py::arg("num_threads") = 0)
       .def("pool", &PyEmbeddingTable::pool, py::arg("indices"), py::arg("offsets") = py::none(),
            py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0,
-           py::arg("include_last_offset") = true)
+           py::arg("include_last_offset") = true, py::arg("out") = py::none())
       .def_property_readonly("rows", &PyEmbeddingTable::rows)
       .def_property_readonly("dim", &PyEmbeddingTable::dim)
       .def_property_readonly("storage", &PyEmbeddingTable::storage)
