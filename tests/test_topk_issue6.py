@@ -160,3 +160,22 @@ def test_all_tied_scores_keep_the_lowest_ids(simd, rng, nq, threads):
     res8 = topk(q, ItemIndex(x, "int8"), 100, exclude=ex, num_threads=threads)
     for b in range(nq):
         np.testing.assert_array_equal(res8.ids[b], best[:100])
+
+
+@pytest.mark.parametrize("n_excluded", [0, 1, 40, 600, 2900])
+def test_exclusion_lists_of_any_length_match_numpy(simd, rng, n_excluded):
+    # long lists fill each query's Bloom filter (every lookup then goes to the sorted list): the result
+    # must not depend on how full it is
+    q = rng.normal(size=(11, 24)).astype(np.float32)
+    x = rng.normal(size=(3000, 24)).astype(np.float32)
+    ex = [rng.choice(3000, n_excluded, replace=False) for _ in range(11)]
+    s = q.astype(np.float64) @ x.T.astype(np.float64)
+    for b in range(11):
+        s[b, ex[b]] = -np.inf
+    want = np.argsort(-s, axis=1, kind="stable")[:, :20]
+    for items in (x, ItemIndex(x, "int8", shortlist=3000), ItemIndex(x, "bf16", shortlist=3000)):
+        res = topk(q, items, 20, exclude=ex)
+        np.testing.assert_array_equal(res.ids, want)
+        assert not any(np.isin(res.ids[b], ex[b]).any() for b in range(11))
+    one = topk(q[3], x, 20, exclude=ex[3])
+    np.testing.assert_array_equal(one.ids, want[3])

@@ -123,21 +123,34 @@ class SortedLists {
     if (lists.indptr == nullptr) return;
     indptr_.assign(lists.indptr, lists.indptr + n_queries + 1);
     ids_.assign(lists.ids, lists.ids + indptr_[n_queries]);
+    bloom_.assign(static_cast<size_t>(n_queries * kBloomWords), 0);
     for (int64_t q = 0; q < n_queries; ++q) {
       auto b = ids_.begin() + indptr_[q], e = ids_.begin() + indptr_[q + 1];
       std::sort(b, e);
       ends_.push_back(dedupe ? std::unique(b, e) - ids_.begin() : indptr_[q + 1]);
+      for (auto it = b; it != e; ++it) {
+        const uint64_t h = bloom_bit(*it);
+        bloom_[q * kBloomWords + (h >> 6)] |= uint64_t{1} << (h & 63);
+      }
     }
   }
   bool active() const { return !indptr_.empty(); }
   const int64_t* begin(int64_t q) const { return ids_.data() + indptr_[q]; }
   const int64_t* end(int64_t q) const { return ids_.data() + ends_[q]; }
+  // A 512-bit Bloom filter per query answers most lookups (an id not in the list) without the binary
+  // search: a scan asks for every item that enters a selection, a few thousand per query.
   bool contains(int64_t q, int64_t id) const {
-    return active() && std::binary_search(begin(q), end(q), id);
+    if (!active()) return false;
+    const uint64_t h = bloom_bit(id);
+    if (!((bloom_[q * kBloomWords + (h >> 6)] >> (h & 63)) & 1)) return false;
+    return std::binary_search(begin(q), end(q), id);
   }
 
  private:
+  static constexpr int64_t kBloomWords = 8;
+  static uint64_t bloom_bit(int64_t id) { return (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> 55; }
   std::vector<int64_t> indptr_, ids_, ends_;
+  std::vector<uint64_t> bloom_;
 };
 
 void check_lists(const IdLists& lists, int64_t n_queries, int64_t n_items, const char* what) {
@@ -249,51 +262,73 @@ void scan_candidates(const Problem& p, int64_t q, const int64_t* b, int64_t n, S
 }
 
 constexpr int64_t kPanel = topk_gemm::kPanel;
+static_assert(kPanel <= 64, "a panel's filter result is one 64-bit mask per query");
 constexpr int64_t kPanelQueries = 48;      // queries scored per panel visit (a multiple of the kernel's 6)
 constexpr int64_t kPackedMinQueries = 4;   // fewer queries take the row-major path
 
 // Per-thread buffers of the packed scans.
 struct PanelWork {
   std::vector<float> panel, tile;
-  std::vector<int32_t> idx;
   std::vector<uint8_t> qbuf;
 };
 
 // Scans panels [pa, pb) for queries [q_begin, q_end) into sels[q - q_begin]. prepare(panel) readies
-// a panel; score(panel, q0, nq, tile) writes nq x kPanel scores (row stride kPanel); only the first
-// min(kPanel, n_items - panel * kPanel) columns are items.
+// a panel; score(panel, q0, nq, tile, thr, masks) writes nq x kPanel scores (row stride kPanel; only the
+// first min(kPanel, n_items - panel * kPanel) columns are items) and returns false, or compares them with
+// thr[a] itself, writes masks[a] (see filter_tile) and the 16-score vectors with a bit set, and returns
+// true.
 template <class Prepare, class Score>
 void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
                  PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, Prepare prepare, Score score) {
   w.tile.resize(static_cast<size_t>(kPanelQueries * kPanel));
-  w.idx.resize(static_cast<size_t>(kPanel + 16));  // filter() stores whole vectors
   float* tile = w.tile.data();
-  int32_t* idx = w.idx.data();
+  float thrs[kPanelQueries];
+  uint64_t masks[kPanelQueries];
   for (int64_t pi = pa; pi < pb; ++pi) {
     const int64_t i0 = pi * kPanel;
     const int64_t nx = std::min(kPanel, p.n_items - i0);
     prepare(pi, nx);
     for (int64_t q0 = q_begin; q0 < q_end; q0 += kPanelQueries) {
       const int64_t nq = std::min(kPanelQueries, q_end - q0);
-      score(pi, q0, nq, tile);
-      for (int64_t a = 0; a < nq; ++a) {
-        const int64_t q = q0 + a;
-        Selection& sel = sels[q - q_begin];
-        float thr = sel.threshold();
-        float* row = tile + a * kPanel;
+      Selection* s0 = sels + (q0 - q_begin);
+      for (int64_t a = 0; a < nq; ++a) thrs[a] = s0[a].threshold();
+      if (score(pi, q0, nq, tile, thrs, masks)) {  // compared with thrs in the kernel
+        if (nx < kPanel) {
+          const uint64_t valid = (uint64_t{1} << nx) - 1;
+          for (int64_t a = 0; a < nq; ++a) masks[a] &= valid;
+        }
+      } else {
         if (p.cosine) {
-          const float qi = (*p.query_inv)[q];
           const float* xi = p.item_inv->data() + i0;
-          for (int64_t j = 0; j < nx; ++j) row[j] = (row[j] * qi) * xi[j];
+          for (int64_t a = 0; a < nq; ++a) {
+            const float qi = (*p.query_inv)[q0 + a];
+            float* row = tile + a * kPanel;
+            for (int64_t j = 0; j < nx; ++j) row[j] = (row[j] * qi) * xi[j];
+          }
         }
-        int64_t n = 0;
         if (g != nullptr) {
-          n = g->filter(row, nx, thr, idx);
+          g->filter_tile(tile, nq, kPanel, nx, thrs, masks);
         } else {
-          for (int64_t j = 0; j < nx; ++j)
-            if (!(row[j] < thr)) idx[n++] = static_cast<int32_t>(j);
+          for (int64_t a = 0; a < nq; ++a) {
+            const float* row = tile + a * kPanel;
+            uint64_t m = 0;
+            for (int64_t j = 0; j < nx; ++j)
+              if (!(row[j] < thrs[a])) m |= uint64_t{1} << j;
+            masks[a] = m;
+          }
         }
-        for (int64_t c = 0; c < n; ++c) consider(p, q, sel, thr, row[idx[c]], i0 + idx[c], nan_id);
+      }
+      for (int64_t a = 0; a < nq; ++a) {
+        uint64_t m = masks[a];
+        if (m == 0) continue;
+        Selection& sel = s0[a];
+        float thr = thrs[a];
+        const float* row = tile + a * kPanel;
+        do {
+          const int j = __builtin_ctzll(m);
+          m &= m - 1;
+          consider(p, q0 + a, sel, thr, row[j], i0 + j, nan_id);
+        } while (m != 0);
       }
     }
   }
@@ -407,8 +442,9 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
             scan_panels(
                 p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g,
                 [&](int64_t pi, int64_t nx) { g->pack_f32(items + pi * kPanel * dim, nx, dim, dim, w.panel.data()); },
-                [&](int64_t, int64_t q0, int64_t nq, float* tile) {
+                [&](int64_t, int64_t q0, int64_t nq, float* tile, const float*, uint64_t*) {
                   g->score_f32(queries + q0 * dim, nq, dim, w.panel.data(), dim, tile, kPanel);
+                  return false;
                 });
           },
           [&](int64_t a, Selection& sel) {
@@ -613,6 +649,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const topk_gemm::Table* g = topk_gemm::active();
   auto* ki8 = g != nullptr && g->score_i8 != nullptr ? g->score_i8 : &score_i8_portable;
   auto* kbf = g != nullptr && g->score_bf16 != nullptr ? g->score_bf16 : &score_bf16_portable;
+  auto* ki8f = g != nullptr ? g->score_i8_filter : nullptr;
   const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
   const int64_t panel_bytes = kPanel * dp * (i8 ? 1 : 2);
   const int nt = static_cast<int>(std::min<int64_t>(
@@ -630,13 +667,19 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
           scan_panels(
               p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, [](int64_t, int64_t) {},
-              [&](int64_t pi, int64_t q0, int64_t nq, float* tile) {
+              [&](int64_t pi, int64_t q0, int64_t nq, float* tile, const float* thr, uint64_t* masks) {
                 const uint8_t* panel = index.packed + pi * panel_bytes;
+                if (i8 && ki8f != nullptr) {
+                  ki8f(qu.data() + q0 * dp, nq, dp, reinterpret_cast<const int8_t*>(panel), dp / 4,
+                       index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile, kPanel, masks);
+                  return true;
+                }
                 if (i8)
                   ki8(qu.data() + q0 * dp, nq, dp, reinterpret_cast<const int8_t*>(panel), dp / 4,
                       index.corr + pi * kPanel, index.scale + pi * kPanel, tile, kPanel);
                 else
                   kbf(qb.data() + q0 * dp, nq, dp, reinterpret_cast<const uint16_t*>(panel), dp / 2, tile, kPanel);
+                return false;
               });
         },
         [&](int64_t a, Selection& sel) {

@@ -81,7 +81,7 @@ class ItemIndex:
     """Item vectors converted once to a reduced precision for fast approximate-then-exact top-k.
 
     Pass it to :func:`topk` in place of ``items``. The scan runs in the reduced precision and keeps a
-    shortlist of ``shortlist(k)`` candidates per query (default ``max(2 * k, k + 32)``), which is then
+    shortlist of ``shortlist(k)`` candidates per query (default ``k + max(32, k // 4)``), which is then
     re-scored exactly in float32 from the original items: returned scores are exact float32 inner
     products (the same values :func:`topk` gives), and the ids are the exact top-k unless a true top-k
     item fell outside the shortlist.
@@ -123,7 +123,7 @@ class ItemIndex:
 
     def shortlist(self, k: int) -> int:
         """Candidates kept per query before the exact re-scoring."""
-        return self._shortlist if self._shortlist is not None else max(2 * k, k + 32)
+        return self._shortlist if self._shortlist is not None else k + max(32, k // 4)
 
     @property
     def shape(self):

@@ -89,23 +89,32 @@ void score_f32(const float* q, int64_t nq, int64_t ldq, const float* panel, int6
   }
 }
 
-int64_t filter(const float* row, int64_t n, float thr, int32_t* idx) {
-  const __m512 tv = _mm512_set1_ps(thr);
-  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i step = _mm512_set1_epi32(16);
-  int64_t count = 0;
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 valid = n - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                        : static_cast<__mmask16>((1u << (n - j)) - 1u);
-    // not (s < thr): s >= thr, or s NaN
-    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, row + j), tv, _CMP_NLT_UQ);
-    if (m) {  // compress in a register, then a plain store (a compress to memory is slow on Zen 4)
-      _mm512_storeu_si512(idx + count, _mm512_maskz_compress_epi32(m, pos));
-      count += __builtin_popcount(m);
+void filter_tile(const float* tile, int64_t nq, int64_t ld, int64_t n, const float* thr, uint64_t* masks) {
+  // not (s < thr): s >= thr, or s NaN
+  if (n == kPanel) {
+    for (int64_t a = 0; a < nq; ++a) {
+      const float* r = tile + a * ld;
+      const __m512 tv = _mm512_set1_ps(thr[a]);
+      const uint64_t m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(r), tv, _CMP_NLT_UQ);
+      const uint64_t m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + 16), tv, _CMP_NLT_UQ);
+      const uint64_t m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + 32), tv, _CMP_NLT_UQ);
+      const uint64_t m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + 48), tv, _CMP_NLT_UQ);
+      masks[a] = m0 | (m1 << 16) | (m2 << 32) | (m3 << 48);
     }
-    pos = _mm512_add_epi32(pos, step);
+    return;
   }
-  return count;
+  for (int64_t a = 0; a < nq; ++a) {
+    const float* r = tile + a * ld;
+    const __m512 tv = _mm512_set1_ps(thr[a]);
+    uint64_t m = 0;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 valid = n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << (n - j)) - 1u);
+      const uint64_t mj = _mm512_mask_cmp_ps_mask(valid, _mm512_maskz_loadu_ps(valid, r + j), tv, _CMP_NLT_UQ);
+      m |= mj << j;
+    }
+    masks[a] = m;
+  }
 }
 
 // acc += u8 x s8 dot products of 4 (vpdpbusd). In asm so that the accumulator is updated in place: GCC 12
@@ -140,6 +149,59 @@ void micro_i8(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, co
     const __m512 s = _mm512_loadu_ps(scale + 16 * j);
     for (int i = 0; i < MQ; ++i)
       _mm512_storeu_ps(out + i * ldo + 16 * j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], c)), s));
+  }
+}
+
+// micro_i8 with the comparison against thr[i] in registers: a vector of scores is stored only when one
+// of its lanes passes (after the first panels almost none does).
+template <int MQ>
+void micro_i8_filter(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
+                     const float* scale, const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  __m512i acc[MQ][4];  // from -corr: the sums come out corrected
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(corr + 16 * j));
+    for (int i = 0; i < MQ; ++i) acc[i][j] = c;
+  }
+  for (int64_t t = 0; t < d4; ++t) {
+    const int8_t* xp = panel + t * kPanel * 4;
+    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64),
+                  x2 = _mm512_loadu_si512(xp + 128), x3 = _mm512_loadu_si512(xp + 192);
+    for (int i = 0; i < MQ; ++i) {
+      int32_t v;
+      __builtin_memcpy(&v, q + i * ldq + 4 * t, 4);
+      const __m512i b = _mm512_set1_epi32(v);
+      acc[i][0] = dpbusd(acc[i][0], b, x0);
+      acc[i][1] = dpbusd(acc[i][1], b, x1);
+      acc[i][2] = dpbusd(acc[i][2], b, x2);
+      acc[i][3] = dpbusd(acc[i][3], b, x3);
+    }
+  }
+  for (int i = 0; i < MQ; ++i) {
+    const __m512 tv = _mm512_set1_ps(thr[i]);
+    uint64_t m = 0;
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), _mm512_loadu_ps(scale + 16 * j));
+      const __mmask16 mj = _mm512_cmp_ps_mask(s, tv, _CMP_NLT_UQ);
+      if (mj) {
+        _mm512_storeu_ps(out + i * ldo + 16 * j, s);
+        m |= static_cast<uint64_t>(mj) << (16 * j);
+      }
+    }
+    masks[i] = m;
+  }
+}
+
+using MicroI8F = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, const float*,
+                          const float*, float*, int64_t, uint64_t*);
+const MicroI8F kMicroI8F[kMq] = {&micro_i8_filter<1>, &micro_i8_filter<2>, &micro_i8_filter<3>,
+                                 &micro_i8_filter<4>, &micro_i8_filter<5>, &micro_i8_filter<6>};
+
+void score_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
+                     const int32_t* corr, const float* scale, const float* thr, float* out, int64_t ldo,
+                     uint64_t* masks) {
+  for (int64_t i = 0; i < nq; i += kMq) {
+    const int64_t m = nq - i < kMq ? nq - i : kMq;
+    kMicroI8F[m - 1](q + i * ldq, ldq, panel, d4, corr, scale, thr + i, out + i * ldo, ldo, masks + i);
   }
 }
 
@@ -190,7 +252,7 @@ void score_bf16(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* pane
   }
 }
 
-const Table kTable = {pack_f32, score_f32, filter, score_i8, score_bf16};
+const Table kTable = {pack_f32, score_f32, filter_tile, score_i8, score_i8_filter, score_bf16};
 
 }  // namespace
 
