@@ -647,7 +647,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   }
 
   const topk_gemm::Table* g = topk_gemm::active();
-  auto* ki8 = g != nullptr && g->score_i8 != nullptr ? g->score_i8 : &score_i8_portable;
+  auto* ki8 = &score_i8_portable;
   auto* kbf = g != nullptr && g->score_bf16 != nullptr ? g->score_bf16 : &score_bf16_portable;
   auto* ki8f = g != nullptr ? g->score_i8_filter : nullptr;
   const int64_t n_panels = (n_items + kPanel - 1) / kPanel;

@@ -22,13 +22,10 @@ struct Table {
   // tile[a * ld + j] >= thr[a] or is NaN. One call per panel visit instead of one per query: after the
   // first panels almost every mask is 0 and the scan goes on without touching the selections.
   void (*filter_tile)(const float* tile, int64_t nq, int64_t ld, int64_t n, const float* thr, uint64_t* masks);
-  // out[i * ldo + j] = (sum_t qu_i[t] * x_j[t] - corr[j]) * scale[j]; qu is u8 (q + 128), x s8. nullptr
-  // when the CPU lacks AVX512-VNNI.
-  void (*score_i8)(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
-                   const int32_t* corr, const float* scale, float* out, int64_t ldo);
-  // score_i8 fused with filter_tile (n = kPanel; the caller masks a short panel's tail): masks[i] for
-  // thresholds thr[i], and out[i * ldo + 16 v ..] written only for the 16-score vectors v with a bit set.
-  // nullptr when score_i8 is.
+  // Scores s_ij = (sum_t qu_i[t] * x_j[t] - corr[j]) * scale[j] (qu u8 = q + 128, x s8) of nq queries x
+  // kPanel items, compared with thr[i] as filter_tile does (n = kPanel; the caller masks a short panel's
+  // tail): writes masks[i], and out[i * ldo + 16 v ..] only for the 16-score vectors v with a bit set.
+  // nullptr when the CPU lacks AVX512-VNNI.
   void (*score_i8_filter)(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
                           const int32_t* corr, const float* scale, const float* thr, float* out, int64_t ldo,
                           uint64_t* masks);

@@ -124,36 +124,9 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
   return acc;
 }
 
-template <int MQ>
-void micro_i8(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
-              const float* scale, float* out, int64_t ldo) {
-  __m512i acc[MQ][4];
-  for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
-  for (int64_t t = 0; t < d4; ++t) {
-    const int8_t* xp = panel + t * kPanel * 4;
-    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64),
-                  x2 = _mm512_loadu_si512(xp + 128), x3 = _mm512_loadu_si512(xp + 192);
-    for (int i = 0; i < MQ; ++i) {
-      int32_t v;
-      __builtin_memcpy(&v, q + i * ldq + 4 * t, 4);
-      const __m512i b = _mm512_set1_epi32(v);
-      acc[i][0] = dpbusd(acc[i][0], b, x0);
-      acc[i][1] = dpbusd(acc[i][1], b, x1);
-      acc[i][2] = dpbusd(acc[i][2], b, x2);
-      acc[i][3] = dpbusd(acc[i][3], b, x3);
-    }
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i c = _mm512_loadu_si512(corr + 16 * j);
-    const __m512 s = _mm512_loadu_ps(scale + 16 * j);
-    for (int i = 0; i < MQ; ++i)
-      _mm512_storeu_ps(out + i * ldo + 16 * j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], c)), s));
-  }
-}
-
-// micro_i8 with the comparison against thr[i] in registers: a vector of scores is stored only when one
-// of its lanes passes (after the first panels almost none does).
+// u8 x s8 scores of MQ queries x 64 items (vpdpbusd, from -corr), scaled, compared with thr[i] in
+// registers: a vector of scores is stored only when one of its lanes passes (after the first panels
+// almost none does).
 template <int MQ>
 void micro_i8_filter(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
                      const float* scale, const float* thr, float* out, int64_t ldo, uint64_t* masks) {
@@ -205,17 +178,6 @@ void score_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* pa
   }
 }
 
-using MicroI8 = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, const float*, float*,
-                         int64_t);
-const MicroI8 kMicroI8[kMq] = {&micro_i8<1>, &micro_i8<2>, &micro_i8<3>, &micro_i8<4>, &micro_i8<5>, &micro_i8<6>};
-
-void score_i8(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* corr,
-              const float* scale, float* out, int64_t ldo) {
-  for (int64_t i = 0; i < nq; i += kMq) {
-    const int64_t m = nq - i < kMq ? nq - i : kMq;
-    kMicroI8[m - 1](q + i * ldq, ldq, panel, d4, corr, scale, out + i * ldo, ldo);
-  }
-}
 
 template <int MQ>
 void micro_bf16(const uint16_t* q, int64_t ldq, const uint16_t* panel, int64_t d2, float* out, int64_t ldo) {
@@ -252,7 +214,7 @@ void score_bf16(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* pane
   }
 }
 
-const Table kTable = {pack_f32, score_f32, filter_tile, score_i8, score_i8_filter, score_bf16};
+const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16};
 
 }  // namespace
 
