@@ -5,7 +5,10 @@ Groups (each times rec_engine and its baselines on the same data, one after the 
 - topk single k=10 / k=100: 1 query against N items x 64 (N = --bench-items, 200k by default), 50
   excluded ids: rec_engine.topk vs NumPy (matmul + argpartition + sort) vs torch (mv + topk) vs FAISS
   IndexFlatIP (search k + 50, then drop the excluded ids).
-- topk batch: 256 queries, k=10, 50 excluded per query: the same four.
+- topk batch k=10 / k=100: 256 queries, 50 excluded per query: the same four.
+- in both top-k groups, "rec_engine int8" and "rec_engine bf16": rec_engine.topk on an ItemIndex
+  (reduced-precision scan, shortlist re-scored exactly in float32), each checked for recall@k >= 0.99
+  against the exact result (recorded in extra_info["recall"]) and compared with the fastest baseline.
 - embedding_bag {float32,float16,int8} {sum,mean}: 4096 bags x 20 ids over a 1M x 64 table:
   rec_engine (table in that storage) vs torch embedding_bag on the float32 table (the issue's reference),
   torch on a float16 table / FBGEMM's int8 row-wise op on the same codes, and NumPy (take + sum).
@@ -99,7 +102,9 @@ def run(benchmark, group, impl, fn, check, rounds, threads, n_passes, pass_no, w
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, threads=threads, simd=rec_engine.simd_level(), pass_no=pass_no,
                                 passes=n_passes, **info)
-    check(fn())
+    found = check(fn())
+    if isinstance(found, dict):   # e.g. the recall of a reduced-precision search
+        benchmark.extra_info.update(found)
     benchmark.pedantic(fn, rounds=-(-rounds // n_passes), iterations=1, warmup_rounds=warmup_rounds)
 
 
@@ -133,6 +138,7 @@ class TopkCase:
             s[np.repeat(np.arange(s.shape[0]), N_EXCLUDED), self.excluded[lo:lo + 32].reshape(-1)] = -np.inf
             for k in ks:
                 self.kth[k][lo:lo + 32] = -np.partition(-s, k - 1, axis=1)[:, k - 1]
+        self._item_index = {}
         self.faiss_index = None
         if faiss is not None:
             self.faiss_index = faiss.IndexFlatIP(DIM)
@@ -153,6 +159,27 @@ class TopkCase:
             np.testing.assert_allclose(np.atleast_2d(np.asarray(scores, dtype=np.float64)), exact, rtol=0, atol=TOL_TOPK)
 
 
+    def item_index(self, precision):
+        """The items as a ``rec_engine.ItemIndex`` of that precision (built once, outside the timing)."""
+        if precision not in self._item_index:
+            self._item_index[precision] = rec_engine.ItemIndex(self.items, precision)
+        return self._item_index[precision]
+
+    def check_recall(self, k, ids, scores):
+        """A reduced-precision result: k distinct non-excluded ids, best first, exact float32 scores, and
+        recall@k against the exact top k of at least MIN_RECALL; returns ``{"recall": ...}``."""
+        ids = np.atleast_2d(np.asarray(ids))
+        assert ids.shape == (self.queries.shape[0], k), ids.shape
+        assert (np.diff(np.sort(ids, axis=1), axis=1) > 0).all(), "duplicate ids in a result"
+        assert not (ids[:, :, None] == self.excluded[:, None, :]).any(), "an excluded id was returned"
+        exact = np.einsum("bd,bkd->bk", self.queries.astype(np.float64), self.items[ids].astype(np.float64))
+        np.testing.assert_allclose(np.atleast_2d(np.asarray(scores, dtype=np.float64)), exact, rtol=0, atol=TOL_TOPK)
+        assert (np.diff(exact, axis=1) <= TOL_TOPK).all(), "results are not best first"
+        recall = float((exact >= self.kth[k][:, None] - TOL_TOPK).mean())
+        assert recall >= MIN_RECALL, f"recall@{k} {recall:.4f} < {MIN_RECALL}"
+        return {"recall": recall}
+
+
 def faiss_filtered(index, queries, excluded, k):
     """FAISS has no per-query exclusion for a flat index: search k + 50, drop the excluded, keep k."""
     scores, ids = index.search(queries, k + N_EXCLUDED)
@@ -168,10 +195,13 @@ def single_case(pytestconfig):
 
 @pytest.fixture(scope="module")
 def batch_case(pytestconfig):
-    return TopkCase(pytestconfig.getoption("--bench-items"), BATCH, (10,), seed=2)
+    return TopkCase(pytestconfig.getoption("--bench-items"), BATCH, (10, 100), seed=2)
 
 
-TOPK_IMPLS = ["rec_engine", "numpy", "torch", "faiss"]
+# "rec_engine int8" / "rec_engine bf16": rec_engine.topk on an ItemIndex (reduced-precision scan, shortlist
+# re-scored exactly); the ratio table compares them with the fastest baseline and records their recall.
+TOPK_IMPLS = ["rec_engine", "rec_engine int8", "rec_engine bf16", "numpy", "torch", "faiss"]
+MIN_RECALL = 0.99
 
 
 @pytest.mark.parametrize("k,pass_no,impl", passes([(10, TOPK_IMPLS), (100, TOPK_IMPLS)], PASSES))
@@ -183,6 +213,12 @@ def bench_topk_single(benchmark, single_case, threads, k, pass_no, impl):
         def fn():
             return rec_engine.topk(q, x, k, exclude=ex, num_threads=threads)
         check = lambda r: c.check(k, r.ids, r.scores)  # noqa: E731
+    elif impl.startswith("rec_engine "):
+        index = c.item_index(impl.split()[1])
+
+        def fn():
+            return rec_engine.topk(q, index, k, exclude=ex, num_threads=threads)
+        check = lambda r: c.check_recall(k, r.ids, r.scores)  # noqa: E731
     elif impl == "numpy":
         def fn():
             s = x @ q
@@ -208,15 +244,21 @@ def bench_topk_single(benchmark, single_case, threads, k, pass_no, impl):
     run(benchmark, group, impl, fn, check, ROUNDS_TOPK_SINGLE, threads, PASSES, pass_no, k=k, items=x.shape[0])
 
 
-@pytest.mark.parametrize("pass_no,impl", passes([(TOPK_IMPLS,)], PASSES_SLOW))
-def bench_topk_batch(benchmark, batch_case, threads, pass_no, impl):
-    c, k = batch_case, 10
+@pytest.mark.parametrize("k,pass_no,impl", passes([(10, TOPK_IMPLS), (100, TOPK_IMPLS)], PASSES_SLOW))
+def bench_topk_batch(benchmark, batch_case, threads, k, pass_no, impl):
+    c = batch_case
     q, x = c.queries, c.items
     group = f"topk batch k={k} ({q.shape[0]} queries, {x.shape[0]} x {DIM}, {N_EXCLUDED} excluded per query)"
     if impl == "rec_engine":
         def fn():
             return rec_engine.topk(q, x, k, exclude=c.exclude_lists, num_threads=threads)
         check = lambda r: c.check(k, r.ids, r.scores)  # noqa: E731
+    elif impl.startswith("rec_engine "):
+        index = c.item_index(impl.split()[1])
+
+        def fn():
+            return rec_engine.topk(q, index, k, exclude=c.exclude_lists, num_threads=threads)
+        check = lambda r: c.check_recall(k, r.ids, r.scores)  # noqa: E731
     elif impl == "numpy":
         cols = c.excluded.reshape(-1)
 

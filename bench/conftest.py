@@ -21,7 +21,8 @@ import pytest
 
 import rec_engine
 
-REFERENCE_IMPL = "rec_engine"
+from ratios import REFERENCE as REFERENCE_IMPL, fastest_baseline, label, ratio_cell  # noqa: E402
+
 # rec_engine's default is OpenMP's, which this process shares with torch: torch.set_num_threads(n) (done by
 # the bench module) changes it, so it is read here, before any benchmark runs, and again at the end.
 _DEFAULT_THREADS_AT_START = rec_engine.default_num_threads()
@@ -188,11 +189,12 @@ def _unit_for(seconds: float) -> tuple[str, float]:
 
 
 def collect_rows(benchmarks):
-    """{group: [(impl, median_s, p99_s, rounds), ...]} in run order, the reference impl first.
+    """{group: [(impl, median_s, p99_s, rounds, recall or None), ...]} in run order, the reference first.
 
     Benchmarks with the same group and impl (the interleaved passes of one implementation) are merged:
     their raw round times are pooled before the median and p99 are taken."""
     data: "OrderedDict[str, OrderedDict[str, list]]" = OrderedDict()
+    recall: dict = {}
     for bench in benchmarks:
         rounds = list(getattr(bench.stats, "data", []) or [])
         if not rounds or getattr(bench, "has_error", False):
@@ -200,12 +202,15 @@ def collect_rows(benchmarks):
         impl = str(bench.extra_info.get("impl", bench.name))
         group = bench.group or bench.name.split("[")[0]
         data.setdefault(group, OrderedDict()).setdefault(impl, []).extend(rounds)
+        if "recall" in bench.extra_info:
+            recall[group, impl] = min(recall.get((group, impl), 1.0), float(bench.extra_info["recall"]))
     groups: "OrderedDict[str, list]" = OrderedDict()
     for group, impls in data.items():
         rows = []
         for impl, rounds in impls.items():
             arr = np.asarray(rounds, dtype=np.float64)
-            rows.append((impl, float(np.median(arr)), float(np.percentile(arr, 99)), arr.size))
+            rows.append((impl, float(np.median(arr)), float(np.percentile(arr, 99)), arr.size,
+                         recall.get((group, impl))))
         rows.sort(key=lambda r: r[0] != REFERENCE_IMPL)  # stable: the rest keep run order
         groups[group] = rows
     return groups
@@ -215,21 +220,14 @@ def ratio_table(groups) -> list[str]:
     lines = []
     for group, rows in groups.items():
         ref = next((r for r in rows if r[0] == REFERENCE_IMPL), None)
+        best = fastest_baseline(rows)
         unit = _unit_for(ref[1] if ref is not None else min(r[1] for r in rows))
         lines.append("")
         lines.append(group)
-        lines.append(f"  {'impl':<22}{'median':>12}{'p99':>12}{'rounds':>8}   ratio (baseline median / rec_engine median)")
-        best = None
-        for impl, med, p99, n in rows:
-            if impl == REFERENCE_IMPL:
-                ratio = ""
-            elif ref is None:
-                ratio = f"{impl}/{REFERENCE_IMPL} = n/a (no rec_engine result)"
-            else:
-                ratio = f"{impl}/{REFERENCE_IMPL} = {med / ref[1]:.2f}x"
-                if best is None or med < best[1]:
-                    best = (impl, med)
-            lines.append(f"  {impl:<22}{_fmt_time(med, unit):>12}{_fmt_time(p99, unit):>12}{n:>8}   {ratio}")
+        lines.append(f"  {'impl':<34}{'median':>12}{'p99':>12}{'rounds':>8}   ratio (baseline median / rec_engine median)")
+        for impl, med, p99, n, rec in rows:
+            lines.append(f"  {label(impl, rec):<34}{_fmt_time(med, unit):>12}{_fmt_time(p99, unit):>12}{n:>8}   "
+                         f"{ratio_cell(impl, med, ref, best)}")
         if ref is not None and best is not None:
             verdict = "rec_engine faster" if best[1] > ref[1] else "rec_engine SLOWER"
             lines.append(f"  -> fastest baseline: {best[0]}/{REFERENCE_IMPL} = {best[1] / ref[1]:.2f}x ({verdict})")
@@ -244,11 +242,12 @@ def markdown_report(groups, info) -> str:
         out.append(f"- **{key}**: {value}")
     for group, rows in groups.items():
         ref = next((r for r in rows if r[0] == REFERENCE_IMPL), None)
+        best = fastest_baseline(rows)
         unit = _unit_for(ref[1] if ref is not None else min(r[1] for r in rows))
-        out += ["", f"### {group}", "", "| impl | median | p99 | rounds | baseline / rec_engine |", "|---|---:|---:|---:|---:|"]
-        for impl, med, p99, n in rows:
-            ratio = "" if impl == REFERENCE_IMPL else ("n/a" if ref is None else f"{med / ref[1]:.2f}x")
-            out.append(f"| {impl} | {_fmt_time(med, unit)} | {_fmt_time(p99, unit)} | {n} | {ratio} |")
+        out += ["", f"### {group}", "", "| impl | median | p99 | rounds | ratio |", "|---|---:|---:|---:|---|"]
+        for impl, med, p99, n, rec in rows:
+            out.append(f"| {label(impl, rec)} | {_fmt_time(med, unit)} | {_fmt_time(p99, unit)} | {n} | "
+                       f"{ratio_cell(impl, med, ref, best)} |")
     return "\n".join(out) + "\n"
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = "rec_engine"
+sys.path.insert(0, str(HERE))
+from ratios import REFERENCE, fastest_baseline, label, ratio_cell  # noqa: E402
 
 
 def load(paths):
@@ -47,8 +49,9 @@ def load(paths):
 
 
 def rows_by_group(data):
-    """{group: [(impl, median_s, p99_s, rounds)]} with rec_engine first, passes merged."""
+    """{group: [(impl, median_s, p99_s, rounds, recall or None)]} with rec_engine first, passes merged."""
     raw: "OrderedDict[str, OrderedDict[str, list]]" = OrderedDict()
+    recall: dict = {}
     for b in data["benchmarks"]:
         stats = b.get("stats") or {}
         rounds = stats.get("data") or []
@@ -59,12 +62,16 @@ def rows_by_group(data):
         impl = str((b.get("extra_info") or {}).get("impl", b.get("name")))
         group = b.get("group") or b.get("name", "?").split("[")[0]
         raw.setdefault(group, OrderedDict()).setdefault(impl, []).extend(rounds)
+        info = b.get("extra_info") or {}
+        if "recall" in info:
+            recall[group, impl] = min(recall.get((group, impl), 1.0), float(info["recall"]))
     groups = OrderedDict()
     for group, impls in raw.items():
         rows = []
         for impl, r in impls.items():
             a = np.asarray(r, dtype=np.float64)
-            rows.append((impl, float(np.median(a)), float(np.percentile(a, 99)), int(a.size)))
+            rows.append((impl, float(np.median(a)), float(np.percentile(a, 99)), int(a.size),
+                         recall.get((group, impl))))
         rows.sort(key=lambda row: row[0] != REFERENCE)
         groups[group] = rows
     return groups
@@ -109,17 +116,16 @@ def markdown(files) -> str:
         summary = []
         for group, rows in rows_by_group(data).items():
             ref = next((r for r in rows if r[0] == REFERENCE), None)
-            out += [f"### {group}", "", "| impl | median | p99 | rounds | baseline / rec_engine |",
-                    "|---|---:|---:|---:|---:|"]
-            for impl, med, p99, n in rows:
-                ratio = "" if impl == REFERENCE else ("n/a" if ref is None else f"{med / ref[1]:.2f}x")
-                out.append(f"| {impl} | {fmt(med)} | {fmt(p99)} | {n} | {ratio} |")
+            best = fastest_baseline(rows)
+            out += [f"### {group}", "", "| impl | median | p99 | rounds | ratio |", "|---|---:|---:|---:|---|"]
+            for impl, med, p99, n, rec in rows:
+                out.append(f"| {label(impl, rec)} | {fmt(med)} | {fmt(p99)} | {n} | {ratio_cell(impl, med, ref, best)} |")
             out.append("")
             if ref is not None and len(rows) > 1:
-                ratios = ", ".join(f"{impl} {med / ref[1]:.2f}x" for impl, med, _, _ in rows if impl != REFERENCE)
+                ratios = ", ".join(ratio_cell(r[0], r[1], ref, best) for r in rows if r[0] != REFERENCE)
                 summary.append(f"| {group} | {fmt(ref[1])} | {ratios} |")
         if summary:
-            out += ["### summary", "", "| group | rec_engine median | baseline / rec_engine |", "|---|---:|---|"]
+            out += ["### summary", "", "| group | rec_engine median | ratios |", "|---|---:|---|"]
             out += summary + [""]
     return "\n".join(out) + "\n"
 
