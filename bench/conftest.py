@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 # OPENBLAS_* as this process found them, before the bench module overrides OPENBLAS_CORETYPE around
 # `import faiss` (see bench_kernels.py).
 _ENV_AT_START = {name: os.environ.get(name) for name in
-                 ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS",
                   "MKL_NUM_THREADS", "REC_ENGINE_SIMD")}
 
 
