@@ -192,6 +192,30 @@ def test_exported_bundle_scores_like_pytorch_and_quantized_tables_stay_within_th
         assert np.median(bound) < 0.05                               # and the bound says something
 
 
+@pytest.mark.parametrize("kind", ["widedeep", "deepfm", "xdeepfm"])
+def test_batch_norm_exports_with_its_running_statistics(kind, mixed, tmp_path):
+    """With ``batch_norm`` the MLP normalizes by statistics gathered in training: eval-mode PyTorch, the
+    exported ONNX dense part and training-mode batches must not be confused."""
+    schema, batch = mixed
+    torch.manual_seed(3)
+    model = CtrModel(kind, schema, dim=6, params={**SMALL, "init_std": 0.3, "batch_norm": True, "dropout": 0.2})
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns, "batch_norm=True built no BatchNorm layer"
+    model.train()
+    with torch.no_grad():                    # move the running statistics far from mean 0 / variance 1
+        for _ in range(30):
+            model(torch.from_numpy(batch.indices), torch.from_numpy(batch.offsets), torch.from_numpy(batch.weights))
+    model.eval()
+    assert all(float(bn.running_var.sub(1).abs().max()) > 0.05 for bn in bns)
+    ref = _torch_logits(model, batch)
+    assert ref.std() > 0.05
+    scorer = load_ctr_scorer(export_ctr(model, tmp_path / kind))
+    assert np.abs(scorer.logits(batch) - ref).max() <= 1e-4
+    one = scorer.logits(batch.take([5]))     # batch 1 must not normalize by its own statistics
+    assert abs(one[0] - ref[5]) <= 1e-4
+    assert model.training is False
+
+
 def test_scorer_needs_neither_torch_nor_the_training_models(mixed, tmp_path):
     schema, batch = mixed
     model = _random_model("deepfm", schema)
