@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 
 from . import pipeline
@@ -70,7 +73,34 @@ def _demo(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM stop training the way Ctrl-C does (the loop keeps the best epoch, which is then
+    evaluated and exported), also in a job started in the background, which begins with SIGINT ignored;
+    the previous handlers are put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in saved:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
 def _train(args) -> int:
+    with _stop_signals():
+        return _run_train(args)
+
+
+def _run_train(args) -> int:
     import torch
 
     fam = pipeline.family_of(args.model)

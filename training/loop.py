@@ -140,39 +140,38 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
         t0 = time.perf_counter()
         if hasattr(model, "train"):
             model.train()
-        try:
+        try:   # an interrupt anywhere in the epoch (training, validation, bookkeeping) stops cleanly
             loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
             if hasattr(model, "eval"):
                 model.eval()
             metrics = validate()
+            if monitor not in metrics:
+                raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored metric {monitor!r}")
+            row = {"epoch": epoch, "loss": loss, **{k: float(v) for k, v in metrics.items()},
+                   "seconds": time.perf_counter() - t0}
+            value = row[monitor]
+            improved = value > best_value if higher_is_better else value < best_value
+            if improved:   # copy first, then record the best epoch and its weights together
+                state = copy.deepcopy(model.state_dict()) if hasattr(model, "state_dict") else None
+                best_value, stale, hist.best_epoch, best_state = value, 0, epoch, state
+            else:
+                stale += 1
+            hist.epochs.append(row)
+            log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") + f"  ({row['seconds']:.1f}s)"
+                + ("  *" if improved else ""))
+            if not improved and config.patience and stale >= config.patience:
+                hist.stopped_early = True
+                log(f"early stop: no better {monitor} for {stale} epochs; best epoch {hist.best_epoch}")
+                break
         except KeyboardInterrupt:
             if hist.best_epoch < 1:
                 raise
             hist.stopped_early = True
             log(f"interrupted in epoch {epoch}: keeping best epoch {hist.best_epoch}")
             break
-        if monitor not in metrics:
-            raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored metric {monitor!r}")
-        row = {"epoch": epoch, "loss": loss, **{k: float(v) for k, v in metrics.items()},
-               "seconds": time.perf_counter() - t0}
-        hist.epochs.append(row)
-        value = row[monitor]
-        improved = value > best_value if higher_is_better else value < best_value
-        log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  "
-            + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") + f"  ({row['seconds']:.1f}s)"
-            + ("  *" if improved else ""))
-        if improved:
-            best_value, stale, hist.best_epoch = value, 0, epoch
-            if hasattr(model, "state_dict"):
-                best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if config.patience and stale >= config.patience:
-                hist.stopped_early = True
-                log(f"early stop: no better {monitor} for {stale} epochs; best epoch {hist.best_epoch}")
-                break
     if best_state is not None:
         model.load_state_dict(best_state)
     if hasattr(model, "eval"):

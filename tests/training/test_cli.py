@@ -81,3 +81,39 @@ def test_evaluating_a_bundle_on_data_with_another_schema_is_refused(tmp_path, ca
     rc, _, err = _run(capsys, "evaluate", str(out), "--seed", "3")
     assert rc == 2 and "does not match" in err
     assert np.isfinite(open_bundle(out).meta["metrics"]["auc"])
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_ends_training_with_the_best_epoch_even_in_a_background_job(tmp_path, sig):
+    """A job started in the background from a script begins with SIGINT ignored; SIGINT or SIGTERM (what
+    `timeout` sends) must still stop training, keep the best epoch, and write the bundle and metrics."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, metrics = tmp_path / "b", tmp_path / "m.json"
+    code = "import sys; from rec_engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "train", "mf", "--data", "synthetic", "--epochs", "100000", "--patience", "0",
+         "--batch-size", "256", "--threads", "1", "--no-progress", "--out", str(out), "--metrics-json", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        lines, deadline = [], time.monotonic() + 240
+        for line in proc.stdout:                       # wait for a few validated epochs
+            lines.append(line)
+            if line.startswith("epoch 3/"):
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        proc.send_signal(getattr(signal, sig))
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text
+    assert "interrupted in epoch" in text and "keeping best epoch" in text
+    data = json.loads(metrics.read_text())
+    assert 1 <= data["best_epoch"] <= 100 and data["metrics"]["recall@20"] > 0
+    assert open_bundle(out).kind == "mf"
