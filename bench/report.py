@@ -100,6 +100,8 @@ def machine_lines(data):
              f"- core: {info.get('rec_engine_core', '?')}"]
     if info.get("openblas_core"):
         lines.append(f"- OpenBLAS cores: {info['openblas_core']}")
+    if info.get("env_at_start"):
+        lines.append(f"- environment: {info['env_at_start']}")
     if info.get("transparent_hugepages"):
         lines.append(f"- transparent hugepages: {info['transparent_hugepages']}")
     if data.get("datetime"):
