@@ -226,6 +226,23 @@ def test_user_uniform_pairs_are_positives_with_users_and_their_items_uniform():
             3, np.random.default_rng(0))
 
 
+def test_lr_decay_sets_each_epochs_learning_rate(synthetic, monkeypatch):
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    config = quiet(epochs=3, dim=8, patience=0, lr=0.04, batch_size=1 << 20, params={"lr_decay": 0.5})
+    train_graph("mf", synthetic, config, log=lambda s: None)
+    np.testing.assert_allclose(seen, [0.04, 0.02, 0.01])          # one batch an epoch
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="lr_decay must be in"):
+            train_graph("mf", synthetic, quiet(epochs=1, params={"lr_decay": bad}), log=lambda s: None)
+
+
 def test_sampling_param_is_checked_and_user_sampling_learns(synthetic):
     with pytest.raises(ValueError, match="sampling must be"):
         train_graph("mf", synthetic, quiet(epochs=1, params={"sampling": "items"}), log=lambda s: None)

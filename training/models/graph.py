@@ -299,7 +299,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     so prefer large batches). ``config.params``: ``reg`` (1e-4, L2 on the batch's ego embeddings),
     ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`), ``sampling``
     ("interaction", the default: every train interaction once an epoch; or "user": as many pairs drawn by
-    :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme). After each epoch Recall@20 on
+    :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme), ``lr_decay`` (1.0: the learning
+    rate of epoch ``e`` is ``lr * lr_decay ** (e - 1)``). After each epoch Recall@20 on
     ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
 
     Returns
@@ -316,6 +317,9 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     sampling = str(config.params.get("sampling", "interaction"))
     if sampling not in ("interaction", "user"):
         raise ValueError(f"sampling must be 'interaction' or 'user', got {sampling!r}")
+    lr_decay = float(config.params.get("lr_decay", 1.0))
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = NegativeSampler(split.train)
     n = len(split.train)
@@ -327,6 +331,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
         return Progress(steps, len(steps), f"{kind} epoch {epoch}", enabled=config.progress)
 
     def train_epoch(epoch: int, progress: Progress) -> float:
+        for group in opt.param_groups:   # exponential decay: lr * lr_decay ** (epoch - 1)
+            group["lr"] = config.lr * lr_decay ** (epoch - 1)
         for rows in progress:
             if sampling == "user":
                 users, pos = sampler.sample_pairs(rows.shape[0], rng)
