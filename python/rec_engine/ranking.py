@@ -23,12 +23,13 @@ from .bundle import Bundle, BundleError
 from .features import EncodedBatch, Schema
 
 RANKING_KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
-# Calls of up to _BIND_MAX_ROWS examples pool straight into input buffers bound once to an ONNX Runtime
-# IOBinding (per thread and batch size, _BIND_SIZES sizes kept per thread): no input or output array is
-# allocated and session.run's feed / fetch conversions (~7 us a call) are skipped. Larger calls, where
-# that is noise, allocate as usual.
-_BIND_MAX_ROWS = 1024
-_BIND_SIZES = 4
+# Small calls (up to _BIND_MAX_ROWS examples and _BIND_MAX_FLOATS embedding values) pool straight into
+# input buffers bound once to an ONNX Runtime IOBinding, kept per thread and batch size (every size up to
+# the limit: under ~1 MB a thread for a 26-field, dim-16 model): no input or output array is allocated and
+# session.run's feed / fetch conversions (~7 us a call) are skipped. Larger calls, where those 7 us are
+# noise, go through session.run.
+_BIND_MAX_ROWS = 32
+_BIND_MAX_FLOATS = 1 << 15
 
 
 class _Store:
@@ -143,6 +144,12 @@ class CtrRanker:
         self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
         self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
         self._tls = threading.local()   # .bound: {batch size: (emb [n F, d], lin [n F, 1], IOBinding, out [n])}
+        meta = next((o for o in self.session.get_outputs() if o.name == self.output), None)
+        out_shape = list(meta.shape) if meta is not None else []
+        bindable = (meta is not None and meta.type == "tensor(float)"     # logits [n] or [n, 1]
+                    and (len(out_shape) == 1 or (len(out_shape) == 2 and out_shape[1] == 1)))
+        self._out_rank = len(out_shape)
+        self._bind_rows = min(_BIND_MAX_ROWS, _BIND_MAX_FLOATS // max(1, self.n_fields * self.dim)) if bindable else 0
         # InferenceSession.run_with_iobinding is a Python wrapper around the binding's method of the same
         # name; call that directly when this ONNX Runtime has it (~1 us of a 40 us batch-1 call)
         native = getattr(self.session, "_sess", None)
@@ -163,34 +170,27 @@ class CtrRanker:
                     self.linear.pool(indices, offsets, weights, **args))
 
     def _bound(self, n: int):
-        """This thread's input / output buffers for ``n`` examples, bound to an IOBinding of the session
-        (None when the dense part's output is not float32 [n] or [n, 1])."""
+        """This thread's input / output buffers for ``n`` examples, bound to an IOBinding of the session."""
         cache = getattr(self._tls, "bound", None)
         if cache is None:
             cache = self._tls.bound = {}
-        b = cache.get(n, False)
-        if b is False:
+        b = cache.get(n)
+        if b is None:
             F, d = self.n_fields, self.dim
             emb, lin = np.zeros((n, F, d), np.float32), np.zeros((n, F), np.float32)
+            out = np.zeros((n,) if self._out_rank == 1 else (n, 1), np.float32)
             e, li = self._feed
-            (ref,) = self._run([self.output], {e: emb, li: lin}, None)   # the output's shape and type
-            b = None
-            if ref.dtype == np.float32 and ref.size == n and ref.ndim in (1, 2):
-                out = np.empty(ref.shape, np.float32)
-                io = self.session.io_binding()
-                io.bind_cpu_input(e, emb)
-                io.bind_cpu_input(li, lin)
-                io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-                b = (emb.reshape(n * F, d), lin.reshape(n * F, 1), io, out.reshape(-1))
-            if len(cache) >= _BIND_SIZES:
-                cache.pop(next(iter(cache)))
-            cache[n] = b
+            io = self.session.io_binding()
+            io.bind_cpu_input(e, emb)
+            io.bind_cpu_input(li, lin)
+            io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            b = cache[n] = (emb.reshape(n * F, d), lin.reshape(n * F, 1), io, out.reshape(-1))
         return b
 
     def _score_bags(self, indices, offsets, weights, n: int) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout)."""
-        b = self._bound(n) if n <= _BIND_MAX_ROWS else None
-        if b is not None:
+        if n <= self._bind_rows:
+            b = self._bound(n)
             try:
                 self._emb_pool(indices, offsets, weights, "sum", self._nt, True, b[0])
                 self._lin_pool(indices, offsets, weights, "sum", self._nt, True, b[1])
