@@ -322,14 +322,16 @@ def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng
     ranker = load_ranking(open_bundle(trained.bundle("deepfm")))
     feats = trained.ctr_data.extra["entity_features"]
     assert ranker._bind_rows == ranking._BIND_MAX_ROWS            # a small model: the row limit applies
-    sizes = [1, 2, 3, 5, 8, 13, ranking._BIND_MAX_ROWS, ranking._BIND_MAX_ROWS + 1, 200]
+    sizes = [1, 2, 3, 5, 8, 13, 64, ranking._BIND_MAX_ROWS, ranking._BIND_MAX_ROWS + 1, 700]
     jobs = [(int(rng.integers(0, 400)), rng.integers(0, 300, n)) for n in sizes for _ in range(2)]
     batches = [_full_rows(ranker, feats, u, c, CTX) for u, c in jobs]
     want = [1 / (1 + np.exp(-ranker.logits(b).astype(np.float64))) for b in batches]
     first = [ranker(b) for b in batches]                   # kept while later calls reuse the buffers
     for got, w in zip(first, want):
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-6)
-    assert sorted(ranker._tls.bound) == [n for n in sizes if n <= ranking._BIND_MAX_ROWS]   # one buffer set a size
+    assert sorted(ranker._tls.bound) == [n for n in sizes if n <= ranking._BIND_MAX_ROWS]   # a binding a size ...
+    assert all(b[0].base is not None and np.shares_memory(b[0], ranker._tls.buffers[0])       # ... over one buffer
+               for b in ranker._tls.bound.values())
 
     errors, barrier = [], threading.Barrier(8)
 

@@ -23,13 +23,13 @@ from .bundle import Bundle, BundleError
 from .features import EncodedBatch, Schema
 
 RANKING_KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
-# Small calls (up to _BIND_MAX_ROWS examples and _BIND_MAX_FLOATS embedding values) pool straight into
-# input buffers bound once to an ONNX Runtime IOBinding, kept per thread and batch size (every size up to
-# the limit: under ~1 MB a thread for a 26-field, dim-16 model): no input or output array is allocated and
-# session.run's feed / fetch conversions (~7 us a call) are skipped. Larger calls, where those 7 us are
-# noise, go through session.run.
-_BIND_MAX_ROWS = 32
-_BIND_MAX_FLOATS = 1 << 15
+# Calls of up to _BIND_MAX_ROWS examples (and _BIND_MAX_FLOATS embedding values) pool straight into input
+# buffers bound to an ONNX Runtime IOBinding: no input or output array is allocated per call and
+# session.run's feed / fetch conversions are skipped (~7 us at batch 1, ~30 us at batch 64). Each thread
+# keeps one buffer set of the largest size (at most 0.5 MB of embeddings) and one IOBinding per batch size
+# over its leading rows, so requests whose candidate count varies reuse the same memory.
+_BIND_MAX_ROWS = 256
+_BIND_MAX_FLOATS = 1 << 17
 
 
 class _Store:
@@ -143,7 +143,8 @@ class CtrRanker:
         self._ctx_cache: dict = {}      # context key -> (rows [Fc] or None, emb [Fc, d], lin [Fc])
         self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
         self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
-        self._tls = threading.local()   # .bound: {batch size: (emb [n F, d], lin [n F, 1], IOBinding, out [n])}
+        self._tls = threading.local()   # .buffers (emb, lin, out of the largest size), .bound: {n: (emb [n F, d],
+        #                                 lin [n F, 1], IOBinding, out [n]) over their leading rows}
         meta = next((o for o in self.session.get_outputs() if o.name == self.output), None)
         out_shape = list(meta.shape) if meta is not None else []
         bindable = (meta is not None and meta.type == "tensor(float)"     # logits [n] or [n, 1]
@@ -170,21 +171,25 @@ class CtrRanker:
                     self.linear.pool(indices, offsets, weights, **args))
 
     def _bound(self, n: int):
-        """This thread's input / output buffers for ``n`` examples, bound to an IOBinding of the session."""
-        cache = getattr(self._tls, "bound", None)
+        """This thread's input / output buffers for ``n`` examples (the leading rows of its buffer set),
+        bound to an IOBinding of the session."""
+        tls = self._tls
+        cache = getattr(tls, "bound", None)
         if cache is None:
-            cache = self._tls.bound = {}
+            rows, F, d = self._bind_rows, self.n_fields, self.dim
+            tls.buffers = (np.zeros((rows, F, d), np.float32), np.zeros((rows, F), np.float32),
+                           np.zeros((rows,) if self._out_rank == 1 else (rows, 1), np.float32))
+            cache = tls.bound = {}
         b = cache.get(n)
         if b is None:
-            F, d = self.n_fields, self.dim
-            emb, lin = np.zeros((n, F, d), np.float32), np.zeros((n, F), np.float32)
-            out = np.zeros((n,) if self._out_rank == 1 else (n, 1), np.float32)
+            emb, lin, out = (a[:n] for a in tls.buffers)     # C-contiguous leading rows
             e, li = self._feed
             io = self.session.io_binding()
             io.bind_cpu_input(e, emb)
             io.bind_cpu_input(li, lin)
             io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            b = cache[n] = (emb.reshape(n * F, d), lin.reshape(n * F, 1), io, out.reshape(-1))
+            b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), io,
+                            out.reshape(-1))
         return b
 
     def _score_bags(self, indices, offsets, weights, n: int) -> np.ndarray:
