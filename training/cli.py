@@ -47,7 +47,9 @@ def add_commands(sub) -> None:
     t.add_argument("--dim", type=int, default=TrainConfig.dim)
     t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--patience", type=int, default=TrainConfig.patience,
-                   help="stop after this many epochs without a better validation metric (0: never)")
+                   help="stop after this many validations without a better metric (0: never)")
+    t.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
+                   help="validate after every N-th epoch (and the last); the best validated epoch is kept")
     t.add_argument("--threads", type=int, default=None, help="torch / core threads (default: all cores)")
     t.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="model-specific setting, e.g. --param mlp=[400,400,400] --param n_layers=3 (repeatable)")
@@ -107,7 +109,8 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         dim=args.dim, seed=args.seed, patience=args.patience, num_threads=args.threads,
+                         dim=args.dim, seed=args.seed, patience=args.patience, eval_every=args.eval_every,
+                         num_threads=args.threads,
                          progress=not args.no_progress and sys.stderr.isatty(), params=dict(args.param))
     t0 = time.perf_counter()
     data = pipeline.load_data(args.data, fam, seed=args.seed)

@@ -28,13 +28,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     dim: int = 16
     seed: int = 0
-    patience: int = 3             # epochs without improvement before stopping; 0 = never stop early
+    patience: int = 3             # validations without improvement before stopping; 0 = never stop early
+    eval_every: int = 1           # validate after every eval_every-th epoch (and after the last one)
     num_threads: int | None = None
     progress: bool = True         # draw a progress bar on stderr
     params: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "dim"):
+        for name in ("epochs", "batch_size", "dim", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -107,9 +108,10 @@ class History:
 def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: Callable[[], dict],
         config: TrainConfig, *, monitor: str, higher_is_better: bool = True,
         log: Callable[[str], None] = print, make_progress: Callable[[int], Progress] | None = None) -> History:
-    """Train for up to ``config.epochs`` epochs, validating after each; keep the weights of the best
-    epoch by ``monitor`` (restored into ``model`` at the end) and stop after ``config.patience`` epochs
-    without improvement.
+    """Train for up to ``config.epochs`` epochs, validating after every ``config.eval_every``-th one and
+    after the last; keep the weights of the best validated epoch by ``monitor`` (restored into ``model``
+    at the end) and stop after ``config.patience`` validations without improvement. Epochs that are not
+    validated get a history row with their loss only.
 
     ``train_epoch(epoch, progress)`` runs one epoch and returns its mean loss; it should iterate its
     batches through ``progress`` (a :class:`Progress` or None) and call ``progress.add_loss``.
@@ -144,6 +146,11 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
             loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
+            if epoch % config.eval_every and epoch != config.epochs:    # not a validation epoch
+                row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
+                hist.epochs.append(row)
+                log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  ({row['seconds']:.1f}s)")
+                continue
             if hasattr(model, "eval"):
                 model.eval()
             metrics = validate()
@@ -164,7 +171,7 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
                 + ("  *" if improved else ""))
             if not improved and config.patience and stale >= config.patience:
                 hist.stopped_early = True
-                log(f"early stop: no better {monitor} for {stale} epochs; best epoch {hist.best_epoch}")
+                log(f"early stop: no better {monitor} for {stale} validations; best epoch {hist.best_epoch}")
                 break
         except KeyboardInterrupt:
             if hist.best_epoch < 1:

@@ -17,8 +17,8 @@ from rec_engine_train.data.synthetic import make_synthetic
 from rec_engine_train.evaluate import popularity_vectors
 from rec_engine_train.export_graph import export_graph, export_popularity, load_graph_scorer
 from rec_engine_train.loop import TrainConfig
-from rec_engine_train.models.graph import (KINDS, NGCF, CoreSpmm, LightGCN, NegativeSampler, final_embeddings,
-                                           graph_adjacency, train_graph)
+from rec_engine_train.models.graph import (KINDS, MF, NGCF, CorePropagate, CoreSpmm, GatherRows, LightGCN,
+                                           NegativeSampler, _BprModel, final_embeddings, graph_adjacency, train_graph)
 
 
 # ----------------------------------------------------------------------------- references and data
@@ -105,6 +105,83 @@ def test_core_spmm_forward_and_backward_match_torch_sparse():
 
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[0.25, 0.25, 0.25, 0.25], [0.1, 0.5, 0.0, 0.4], [1.0]])
+def test_core_propagate_forward_and_backward_match_layer_by_layer_torch_sparse(weights):
+    train = small_graph(seed=2)
+    adj = graph_adjacency(train)
+    a = torch_sparse(adj)
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(adj.shape[0], 5, generator=g)
+    w = torch.randn(adj.shape[0], 5, generator=g)
+
+    x = x0.clone().requires_grad_(True)
+    y = CorePropagate.apply(x, adj, weights, None)
+    (y * w).sum().backward()
+
+    x_ref = x0.clone().requires_grad_(True)
+    layer, y_ref = x_ref, weights[0] * x_ref
+    for wk in weights[1:]:
+        layer = torch.sparse.mm(a, layer)
+        y_ref = y_ref + wk * layer
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="float32"):
+        CorePropagate.apply(x0.double(), adj, weights, None)
+
+
+def test_gather_rows_matches_indexing_with_repeated_rows():
+    g = torch.Generator().manual_seed(0)
+    table0 = torch.randn(11, 4, generator=g)
+    index = torch.tensor([3, 0, 3, 10, 3, 7], dtype=torch.int64)       # repeats accumulate
+    upstream = torch.randn(6, 4, generator=g)
+    t1, t2 = table0.clone().requires_grad_(True), table0.clone().requires_grad_(True)
+    (GatherRows.apply(t1, index) * upstream).sum().backward()
+    (t2[index] * upstream).sum().backward()
+    torch.testing.assert_close(GatherRows.apply(table0, index), table0[index])
+    torch.testing.assert_close(t1.grad, t2.grad)
+    assert t1.grad[3].abs().sum() > 0 and t1.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bpr_loss_with_k_negatives_is_the_loss_of_the_repeated_triples(k):
+    """LightGCN's fused loss, the generic one, and the plain loss over B * k explicit triples agree in
+    value and gradient (the L2 term included)."""
+    train = small_graph(seed=6, n_users=20, n_items=15, n=90)
+    torch.manual_seed(0)
+    models = [LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6),
+              MF(train.n_users, train.n_items, 6)]
+    rng = np.random.default_rng(1)
+    users = torch.from_numpy(rng.integers(0, train.n_users, 12))
+    pos = torch.from_numpy(rng.integers(0, train.n_items, 12))
+    neg = torch.from_numpy(rng.integers(0, train.n_items, (12, k)))
+    for model in models:
+        results = []
+        for fn, args in ((type(model).bpr_loss, (users, pos, neg)),
+                         (_BprModel.bpr_loss, (users, pos, neg)),
+                         (_BprModel.bpr_loss, (users.repeat_interleave(k), pos.repeat_interleave(k), neg.reshape(-1)))):
+            model.zero_grad()
+            loss = fn(model, *args, 0.3)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        for loss, grads in results[1:]:
+            torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-7)
+            for g1, g0 in zip(grads, results[0][1]):
+                torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="BPR batch"):
+        models[0].bpr_loss(users, pos[:5], neg, 0.1)
+
+
+def test_n_negatives_param_is_checked_and_training_with_it_learns(synthetic):
+    with pytest.raises(ValueError, match="n_negatives must be"):
+        train_graph("mf", synthetic, quiet(epochs=1, params={"n_negatives": 0}), log=lambda s: None)
+    config = quiet(epochs=25, dim=16, patience=4, lr=0.05, params={"n_layers": 3, "n_negatives": 4})
+    model, _ = train_graph("lightgcn", synthetic, config, log=lambda s: None)
+    pop = recall_at(*popularity_vectors(synthetic.train.item_counts(), synthetic.train.n_users),
+                    synthetic.train, synthetic.test)
+    assert recall_at(*final_embeddings(model), synthetic.train, synthetic.test) >= 1.5 * pop
 
 
 def test_graph_adjacency_is_the_symmetric_normalized_adjacency():

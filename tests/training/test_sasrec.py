@@ -249,3 +249,22 @@ def test_loading_and_scoring_a_bundle_does_not_import_torch(exported):
             f"print(s.recommend([np.array({hist[0].tolist()})], 3).ids.shape, 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False" and "(1, 3)" in out.stdout
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_fast_dropout_drops_a_fraction_p_scales_the_rest_and_is_the_identity_in_eval(p):
+    from rec_engine_train.models.sasrec import _Dropout
+
+    torch.manual_seed(0)
+    drop = _Dropout(p)
+    x = torch.randn(200, 500).abs() + 0.5
+    x.requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - p) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    y.sum().backward()                                      # the gradient flows through the kept entries only
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    drop.eval()
+    assert drop(x) is x
+    assert _Dropout(0.0).train()(x) is x

@@ -73,6 +73,53 @@ class CoreSpmm(torch.autograd.Function):
         return _core_spmm(ctx.adj, grad, ctx.num_threads), None, None
 
 
+class CorePropagate(torch.autograd.Function):
+    """LightGCN's whole propagation ``sum_k w_k A_hat^k x`` in one call of the core (the layer sum fused
+    into the products). ``A_hat`` is symmetric, so the operator is self-adjoint and the gradient is the
+    same propagation of ``grad``: three SpMMs forward and three backward, no intermediate layers kept.
+
+    Call it as ``CorePropagate.apply(x, adj, layer_weights, num_threads)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, adj: CsrMatrix, layer_weights: list[float],
+                num_threads: int | None = None) -> torch.Tensor:
+        ctx.adj, ctx.layer_weights, ctx.num_threads = adj, layer_weights, num_threads
+        return _core_propagate(adj, x, layer_weights, num_threads)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _core_propagate(ctx.adj, grad, ctx.layer_weights, ctx.num_threads), None, None, None
+
+
+def _core_propagate(adj: CsrMatrix, x: torch.Tensor, layer_weights: list[float],
+                    num_threads: int | None) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError(f"CorePropagate needs a float32 CPU tensor, got {x.dtype} on {x.device}")
+    out = rec_engine.propagate(adj, x.detach().contiguous().numpy(), len(layer_weights) - 1,
+                               np.asarray(layer_weights, np.float32), num_threads=num_threads)
+    return torch.from_numpy(out)
+
+
+class GatherRows(torch.autograd.Function):
+    """``table[index]`` for a 1-D int64 ``index``, with the backward pass a plain ``index_add_`` (torch's
+    own backward of indexing, an accumulating ``index_put_``, is several times slower on the CPU).
+
+    Call it as ``GatherRows.apply(table, index)``.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = table.shape
+        return torch.index_select(table, 0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_add_(0, index, grad), None
+
+
 def _core_spmm(adj: CsrMatrix, x: torch.Tensor, num_threads: int | None) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError(f"CoreSpmm needs a float32 CPU tensor, got {x.dtype} on {x.device}")
@@ -101,13 +148,28 @@ class _BprModel(nn.Module):
 
     def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float) -> torch.Tensor:
         """Mean BPR loss ``-log sigmoid(s(u, pos) - s(u, neg))`` plus ``reg`` times the LightGCN-style L2
-        term ``(|e_u|^2 + |e_pos|^2 + |e_neg|^2) / 2 / batch`` on the batch's ego embeddings."""
+        term ``(|e_u|^2 + |e_pos|^2 + |e_neg|^2) / 2 / batch`` on the batch's ego embeddings.
+
+        ``neg`` is ``[B]`` or ``[B, k]``: with ``k`` negatives per (user, positive) pair the loss is that
+        of the ``B * k`` triples (each pair repeated with each of its negatives), the L2 term included."""
+        users, pos, neg, k = _triples(users, pos, neg)
         user_vecs, item_vecs = self.propagate()
-        u, p, n = user_vecs[users], item_vecs[pos], item_vecs[neg]
-        loss = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
+        u, p, n = user_vecs[users], item_vecs[pos], item_vecs[neg.reshape(-1)].reshape(*neg.shape, -1)
+        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - (u.unsqueeze(1) * n).sum(2)).mean()
         user_ego, item_ego = self.ego()
-        l2 = (user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum() + item_ego[neg].pow(2).sum()) / 2
-        return loss + reg * l2 / users.shape[0]
+        l2 = (k * (user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum())
+              + item_ego[neg.reshape(-1)].pow(2).sum()) / 2
+        return loss + reg * l2 / (users.shape[0] * k)
+
+
+def _triples(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+    """Check a BPR batch; ``neg`` becomes ``[B, k]``."""
+    if neg.dim() == 1:
+        neg = neg.unsqueeze(1)
+    if users.dim() != 1 or pos.shape != users.shape or neg.dim() != 2 or neg.shape[0] != users.shape[0]:
+        raise ValueError(f"BPR batch needs users [B], pos [B] and neg [B] or [B, k]; got "
+                         f"{tuple(users.shape)}, {tuple(pos.shape)}, {tuple(neg.shape)}")
+    return users, pos, neg, neg.shape[1]
 
 
 class MF(_BprModel):
@@ -157,12 +219,22 @@ class LightGCN(_BprModel):
         return self.embedding[:self.n_users], self.embedding[self.n_users:]
 
     def propagate(self):
-        e = self.embedding
-        out = self.layer_weights[0] * e
-        for w in self.layer_weights[1:]:
-            e = CoreSpmm.apply(e, self.adj, self.num_threads)
-            out = out + w * e
+        out = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
         return out[:self.n_users], out[self.n_users:]
+
+    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float) -> torch.Tensor:
+        """:meth:`_BprModel.bpr_loss`, with users and items gathered from the node table in one index
+        (one scatter each for the final and the ego rows in the backward pass instead of six)."""
+        users, pos, neg, k = _triples(users, pos, neg)
+        final = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
+        b = users.shape[0]
+        nodes = torch.cat([users, pos + self.n_users, neg.reshape(-1) + self.n_users])
+        u, p, n = GatherRows.apply(final, nodes).split([b, b, b * k])
+        n = n.reshape(b, k, -1)
+        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - (u.unsqueeze(1) * n).sum(2)).mean()
+        sq = GatherRows.apply(self.embedding, nodes).pow(2).sum(1)
+        l2 = (k * sq[:2 * b].sum() + sq[2 * b:].sum()) / 2
+        return loss + reg * l2 / (b * k)
 
 
 class NGCF(_BprModel):
@@ -300,7 +372,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`), ``sampling``
     ("interaction", the default: every train interaction once an epoch; or "user": as many pairs drawn by
     :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme), ``lr_decay`` (1.0: the learning
-    rate of epoch ``e`` is ``lr * lr_decay ** (e - 1)``). After each epoch Recall@20 on
+    rate of epoch ``e`` is ``lr * lr_decay ** (e - 1)``), ``n_negatives`` (1: negatives drawn per pair, each
+    making a BPR triple with it; more give each full-graph propagation more triples). After each epoch Recall@20 on
     ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
 
     Returns
@@ -317,6 +390,9 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     sampling = str(config.params.get("sampling", "interaction"))
     if sampling not in ("interaction", "user"):
         raise ValueError(f"sampling must be 'interaction' or 'user', got {sampling!r}")
+    n_negatives = int(config.params.get("n_negatives", 1))
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
     lr_decay = float(config.params.get("lr_decay", 1.0))
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
@@ -338,7 +414,7 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
                 users, pos = sampler.sample_pairs(rows.shape[0], rng)
             else:
                 users, pos = split.train.users[rows], split.train.items[rows]
-            neg = torch.from_numpy(sampler.sample(users, rng))
+            neg = torch.from_numpy(sampler.sample(np.repeat(users[:, None], n_negatives, axis=1), rng))
             loss = model.bpr_loss(torch.from_numpy(users), torch.from_numpy(pos), neg, reg)
             opt.zero_grad()
             loss.backward()
