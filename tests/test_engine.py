@@ -1,6 +1,7 @@
 """The Engine: two-stage results against a slow PyTorch reference, feedback, fold-in, event log, swaps."""
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 
@@ -229,14 +230,22 @@ def test_sasrec_retrieval_follows_the_history_and_observed_items(trained_sasrec)
         np.testing.assert_array_equal(e.recommend(5000, k=10).items, reference(np.array([3, 9])))
 
 
-@pytest.mark.parametrize("sharpen", [0.0, 0.3])
-def test_gfcf_bundle_is_served_and_folds_observed_items_in(trained, tmp_path, sharpen):
+@pytest.mark.parametrize("sharpen, solver, steps, legacy_meta", [(0.0, "euler", 1, False), (0.3, "euler", 1, False),
+                                                                 (0.3, "euler", 1, True), (1.5, "rk4", 2, False)])
+def test_gfcf_bundle_is_served_and_folds_observed_items_in(trained, tmp_path, sharpen, solver, steps, legacy_meta):
     from rec_engine_train.export_gfcf import export_gfcf
     from rec_engine_train.models.gfcf import GFCF
 
     split = trained.graph_data
-    model = GFCF(alpha=0.3, k_ideal=32, sharpen=sharpen, svd="exact").fit(split.train)
-    with Engine.load(export_gfcf(model, tmp_path / "gfcf")) as e:
+    model = GFCF(alpha=0.3, k_ideal=32, sharpen=sharpen, sharpen_solver=solver, sharpen_steps=steps,
+                 svd="exact").fit(split.train)
+    path = export_gfcf(model, tmp_path / "gfcf")
+    if legacy_meta:          # a bundle written before meta.sharpen_poly: one Euler step of meta.sharpen
+        manifest = path / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        assert doc["meta"].pop("sharpen_poly") == [1.0, -sharpen]
+        manifest.write_text(json.dumps(doc))
+    with Engine.load(path) as e:
         for u in (0, 9, 250):
             rec = e.recommend(u, k=10)
             ref = model.recommend(np.array([u]), k=10)

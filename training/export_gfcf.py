@@ -5,7 +5,10 @@ matrix and ``V`` its top ``k`` right singular vectors, the scores of a user with
 (1 x n_items) are::
 
     s = lin(r) + alpha * (r @ items_lowrank_query) @ items_lowrank^T
-    lin(r) = R~^T (R~ r^T)                      (then, when meta.sharpen = t > 0:  lin <- lin - t R~^T R~ lin)
+    lin(r) = R~^T (R~ r^T)                      (then, sharpened:  lin <- sum_j c_j P^j lin,  P = R~^T R~)
+
+with ``c = meta.sharpen_poly`` (lowest power first; ``[1]`` means no sharpening; bundles written before
+it existed hold only ``meta.sharpen = t``, which means ``c = [1, -t]``).
 
 Arrays (``bundle.array(name)``):
 
@@ -18,15 +21,14 @@ Arrays (``bundle.array(name)``):
 
 Tables (``bundle.table(name)``, float32 unless ``table_dtype`` says otherwise):
 
-- ``items_lowrank`` [n_items, k]: ``D_i^1/2 V`` (already passed through the sharpening step when
-  ``sharpen > 0``), the item factor of the low-rank part.
+- ``items_lowrank`` [n_items, k]: ``D_i^1/2 V`` (already passed through the sharpening polynomial), the item factor of the low-rank part.
 - ``items_lowrank_query`` [n_items, k]: ``D_i^-1/2 V``; ``r @ items_lowrank_query`` is a user's factor,
   so a new row (fold-in) gets its factor from its items alone.
 - ``users_lowrank`` [n_users, k]: ``alpha * r_u @ items_lowrank_query`` for every train user (alpha
   included), so the low-rank part of a train user is ``users_lowrank[u] @ items_lowrank^T``.
 
 Meta: ``n_users``, ``n_items``, ``alpha``, ``k_ideal`` (= k, the columns of the low-rank tables),
-``sharpen``, ``svd``, ``n_iter``, ``oversample``, ``seed``, ``metrics``.
+``sharpen``, ``sharpen_solver``, ``sharpen_steps``, ``sharpen_poly``, ``svd``, ``n_iter``, ``oversample``, ``seed``, ``metrics``.
 """
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, f
     }
     tables = {"items_lowrank": model.v_right, "items_lowrank_query": model.v_left, "users_lowrank": users_lowrank}
     meta = {"n_users": model.n_users, "n_items": model.n_items, "alpha": model.alpha,
-            "k_ideal": int(model.v_left.shape[1]), "sharpen": model.sharpen, "svd": model.svd,
+            "k_ideal": int(model.v_left.shape[1]), "sharpen": model.sharpen,
+            "sharpen_solver": model.sharpen_solver, "sharpen_steps": model.sharpen_steps,
+            "sharpen_poly": [float(c) for c in model.sharpen_poly], "svd": model.svd,
             "n_iter": model.n_iter, "oversample": model.oversample, "seed": model.seed,
             "metrics": dict(metrics or {})}
     return write_bundle(path, kind="gfcf", meta=meta, tables=tables, arrays=arrays, table_dtype=table_dtype,

@@ -139,3 +139,47 @@ def propagate(adj, embeddings, n_layers: int = 3, layer_weights=None, *,
     if a.shape[0] != a.shape[1]:
         raise ValueError(f"propagation needs a square adjacency, got shape {a.shape}")
     return _core.lightgcn_propagate(a.indptr, a.indices, a.data, x, w, threads_arg(num_threads))
+
+
+def sharpening_polynomial(t: float, steps: int = 1, solver: str = "euler") -> np.ndarray:
+    """Coefficients (lowest power first, float64) of the polynomial ``q`` with ``x(t) = q(P) x(0)`` for
+    ``steps`` equal steps of ``solver`` on BSPM's sharpening ODE ``dx/dt = -P x`` over time ``t``.
+
+    For this linear ODE one Euler step of size ``h`` is ``I - hP`` and one classical Runge-Kutta step
+    is the 4th-order Taylor polynomial of ``exp(-hP)``; ``steps`` steps are its ``steps``-th power.
+    ``t = 0`` gives ``[1.0]`` (no sharpening).
+
+    Raises
+    ------
+    ValueError  ``t`` negative or not finite, ``steps < 1``, an unknown ``solver`` ("euler" or "rk4").
+    """
+    if not np.isfinite(t) or t < 0:
+        raise ValueError(f"sharpening time must be a finite number >= 0, got {t}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if solver not in ("euler", "rk4"):
+        raise ValueError(f"solver must be 'euler' or 'rk4', got {solver!r}")
+    if t == 0:
+        return np.ones(1)
+    h = float(t) / int(steps)
+    step = [1.0, -h] if solver == "euler" else [1.0, -h, h ** 2 / 2, -h ** 3 / 6, h ** 4 / 24]
+    poly = np.ones(1)
+    for _ in range(int(steps)):
+        poly = np.polynomial.polynomial.polymul(poly, step)
+    return poly
+
+
+def apply_polynomial(coeffs, operator, x: np.ndarray) -> np.ndarray:
+    """``sum_j coeffs[j] * operator^j (x)`` by Horner's rule: ``len(coeffs) - 1`` calls of ``operator``
+    (a linear map, e.g. two :func:`spmm` calls), no power of it ever formed. Returns ``x`` itself when
+    ``coeffs == [1]``."""
+    c = np.asarray(coeffs, dtype=np.float64).reshape(-1)
+    if c.size == 0:
+        raise ValueError("coeffs must hold at least one coefficient")
+    if c.size == 1 and c[0] == 1.0:
+        return x
+    y = c[-1] * x
+    for cj in c[-2::-1]:
+        y = operator(y)
+        y += cj * x
+    return y

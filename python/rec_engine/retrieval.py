@@ -22,7 +22,7 @@ import numpy as np
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .embedding import EmbeddingTable
-from .graph import CsrMatrix, spmm
+from .graph import CsrMatrix, apply_polynomial, spmm
 from .online import OnlineState
 from .sequential import SASRecScorer
 from .topk import IdLists, TopK, topk
@@ -163,7 +163,7 @@ class SequentialRetrieval(_Retrieval):
 class FilterRetrieval(_Retrieval):
     """GF-CF bundles (format: ``rec_engine_train.export_gfcf``): the scores of a user with binary item
     row ``r`` are ``lin(r) + alpha * (r @ items_lowrank_query) @ items_lowrank^T`` with
-    ``lin(r) = R~^T (R~ r^T)`` (minus ``t * lin P`` when sharpened). ``R~ r^T`` and ``R~^T y`` touch only the
+    ``lin(r) = R~^T (R~ r^T)`` (then ``sum_j c_j lin P^j`` when sharpened, ``c = meta["sharpen_poly"]``). ``R~ r^T`` and ``R~^T y`` touch only the
     rows of the user's items and of the users sharing them, so a request costs a few thousand
     multiply-adds plus one pass over the low-rank item factors."""
 
@@ -171,7 +171,12 @@ class FilterRetrieval(_Retrieval):
         meta = bundle.meta
         self.kind = bundle.kind
         self.n_users, self.n_items = int(meta["n_users"]), int(meta["n_items"])
-        self.alpha, self.sharpen = float(meta["alpha"]), float(meta.get("sharpen", 0.0))
+        self.alpha = float(meta["alpha"])
+        sharpen = float(meta.get("sharpen", 0.0))      # older bundles: one Euler step of size sharpen
+        self.sharpen_poly = np.asarray(meta.get("sharpen_poly", [1.0, -sharpen] if sharpen > 0 else [1.0]),
+                                       np.float64)
+        if self.sharpen_poly.ndim != 1 or self.sharpen_poly.size == 0 or not np.isfinite(self.sharpen_poly).all():
+            raise BundleError(f"{bundle.path}: meta sharpen_poly must be a non-empty list of finite numbers")
         indptr, indices, data = bundle.array("norm_indptr"), bundle.array("norm_indices"), bundle.array("norm_data")
         self.norm = CsrMatrix(indptr, indices, data, (self.n_users, self.n_items))
         rows = np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(indptr))
@@ -197,11 +202,13 @@ class FilterRetrieval(_Retrieval):
         y = self._weighted_rows(self.norm_t, items, np.ones(len(items)), self.n_users)      # R~ r^T
         users = np.flatnonzero(y)
         lin = self._weighted_rows(self.norm, users, y[users], self.n_items)                # R~^T y
-        if self.sharpen > 0:
-            p_lin = spmm(self.norm_t, spmm(self.norm, lin[:, None].astype(np.float32)))[:, 0]
-            lin = lin - self.sharpen * p_lin
+        lin = apply_polynomial(self.sharpen_poly, self._apply_p, lin)
         q = self.query.pool(items, np.array([0, len(items)], np.int64), mode="sum", include_last_offset=True)[0]
         return (lin + self.alpha * (self.items @ q)).astype(np.float32)
+
+    def _apply_p(self, x: np.ndarray) -> np.ndarray:
+        """``P x = R~^T (R~ x)`` for a vector over items (float64 in and out, float32 products)."""
+        return spmm(self.norm_t, spmm(self.norm, x[:, None].astype(np.float32)))[:, 0].astype(np.float64)
 
     def retrieve(self, user, n, online, *, exclude=None, candidates=None, num_threads=None):
         items = np.unique(self.seen(user, online))

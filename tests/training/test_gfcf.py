@@ -23,9 +23,10 @@ def small():
     return make_synthetic(n_users=300, n_items=150, seed=3).implicit().train
 
 
-def dense_reference(train: Interactions, rows: np.ndarray, alpha: float, k: int, sharpen: float = 0.0):
+def dense_reference(train: Interactions, rows: np.ndarray, alpha: float, k: int, sharpen: float = 0.0,
+                    solver: str = "euler", steps: int = 1):
     """Scores of the binary rows ``rows`` [B, n_items] from dense float64 algebra: ``R~^T R~`` built
-    densely, ``V`` from an exact SVD."""
+    densely, ``V`` from an exact SVD, the sharpening ODE ``ds/dt = -s P`` stepped explicitly."""
     r = np.zeros((train.n_users, train.n_items))
     r[train.users, train.items] = 1.0
     du, di = r.sum(1), r.sum(0)
@@ -35,8 +36,18 @@ def dense_reference(train: Interactions, rows: np.ndarray, alpha: float, k: int,
     p = norm.T @ norm
     v = np.linalg.svd(norm)[2][:k].T
     s = rows @ p + alpha * (rows * inv_i) @ v @ (v.T * np.sqrt(di))
-    if sharpen:
-        s = s @ (np.eye(train.n_items) - sharpen * p)
+    h = sharpen / steps
+    for _ in range(steps if sharpen else 0):
+        def f(x):
+            return -x @ p
+        if solver == "euler":
+            s = s + h * f(s)
+        else:
+            k1 = f(s)
+            k2 = f(s + h / 2 * k1)
+            k3 = f(s + h / 2 * k2)
+            k4 = f(s + h * k3)
+            s = s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return s
 
 
@@ -46,12 +57,16 @@ def train_rows(train: Interactions, users) -> np.ndarray:
     return r[np.asarray(users)]
 
 
-@pytest.mark.parametrize("svd,sharpen", [("randomized", 0.0), ("exact", 0.0), ("scipy", 0.0), ("randomized", 0.6)])
-def test_scores_equal_the_dense_reference(small, svd, sharpen):
+@pytest.mark.parametrize("svd,sharpen,solver,steps", [
+    ("randomized", 0.0, "euler", 1), ("exact", 0.0, "euler", 1), ("scipy", 0.0, "euler", 1),
+    ("randomized", 0.6, "euler", 1), ("exact", 0.9, "euler", 3), ("randomized", 2.5, "rk4", 1),
+    ("exact", 3.0, "rk4", 2)])
+def test_scores_equal_the_dense_reference(small, svd, sharpen, solver, steps):
     k = 8
-    model = GFCF(alpha=0.3, k_ideal=k, sharpen=sharpen, svd=svd, n_iter=12, batch_size=64).fit(small)
+    model = GFCF(alpha=0.3, k_ideal=k, sharpen=sharpen, sharpen_solver=solver, sharpen_steps=steps, svd=svd,
+                 n_iter=12, batch_size=64).fit(small)
     users = np.arange(small.n_users)
-    ref = dense_reference(small, train_rows(small, users), 0.3, k, sharpen)
+    ref = dense_reference(small, train_rows(small, users), 0.3, k, sharpen, solver, steps)
     got = model.scores(users)
     assert got.shape == (small.n_users, small.n_items) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
@@ -113,8 +128,9 @@ def test_fold_in_linear_part_uses_fitted_degrees_and_a_refit_uses_the_new_ones(s
     assert not np.allclose(folded, refit.scores([u]), rtol=1e-3)
 
 
-def test_export_bundle_reproduces_the_scores(small, tmp_path):
-    model = GFCF(alpha=0.3, k_ideal=8, sharpen=0.4).fit(small)
+@pytest.mark.parametrize("solver, steps", [("euler", 1), ("rk4", 1)])
+def test_export_bundle_reproduces_the_scores(small, tmp_path, solver, steps):
+    model = GFCF(alpha=0.3, k_ideal=8, sharpen=0.4, sharpen_solver=solver, sharpen_steps=steps).fit(small)
     b = open_bundle(export_gfcf(model, tmp_path / "gfcf", metrics={"recall@20": 0.5}))
     assert b.kind == "gfcf" and b.meta["k_ideal"] == 8 and b.meta["n_items"] == small.n_items
     norm = sp.csr_matrix((b.array("norm_data"), b.array("norm_indices"), b.array("norm_indptr")),
@@ -124,7 +140,12 @@ def test_export_bundle_reproduces_the_scores(small, tmp_path):
     for j in range(5):
         rows[j, train[j]] = 1.0
     lin = (norm.T @ (norm @ rows.T)).T
-    lin = lin - b.meta["sharpen"] * (norm.T @ (norm @ lin.T)).T
+    power, sharpened = lin, 0.0
+    for c in b.meta["sharpen_poly"]:             # sum_j c_j lin P^j, with P = R~^T R~
+        sharpened = sharpened + c * power
+        power = (norm.T @ (norm @ power.T)).T
+    assert len(b.meta["sharpen_poly"]) == (2 if solver == "euler" else 5)
+    lin = sharpened
     low_train = b.table("users_lowrank").to_numpy()[:5] @ b.table("items_lowrank").to_numpy().T
     low_new = b.meta["alpha"] * (rows @ b.table("items_lowrank_query").to_numpy()) @ b.table("items_lowrank").to_numpy().T
     np.testing.assert_allclose(lin + low_train, model.scores(np.arange(5)), rtol=1e-4, atol=1e-6)
@@ -180,3 +201,36 @@ def test_gowalla_recall_on_a_user_subset():
     m = ranking_metrics(ranked, take_lists(test, users), (20,))
     assert m["recall@20"] >= 0.175, (m, time.perf_counter() - t0)
     assert m["ndcg@20"] >= 0.14, m
+
+
+def test_sharpening_polynomial_is_the_solvers_steps_on_the_ode_and_checks_its_arguments():
+    from rec_engine.graph import apply_polynomial, sharpening_polynomial
+
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    p = q @ np.diag(rng.uniform(0, 1, 6)) @ q.T               # symmetric, spectrum in [0, 1] like R~^T R~
+    x = rng.standard_normal((6, 3))
+    for t, solver, steps in ((2.5, "rk4", 1), (1.0, "rk4", 4), (0.7, "euler", 1), (0.9, "euler", 3)):
+        ref, h = x.copy(), t / steps
+        for _ in range(steps):
+            if solver == "euler":
+                ref = ref - h * p @ ref
+            else:
+                k1 = -p @ ref
+                k2 = -p @ (ref + h / 2 * k1)
+                k3 = -p @ (ref + h / 2 * k2)
+                ref = ref + h / 6 * (k1 + 2 * k2 + 2 * k3 - p @ (ref + h * k3))
+        got = apply_polynomial(sharpening_polynomial(t, steps, solver), lambda y: p @ y, x)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sharpening_polynomial(0.0, 3, "rk4"), [1.0])
+    assert apply_polynomial([1.0], lambda y: 2 * y, x) is x
+    # RK4 with many steps approaches exp(-tP)
+    w, v = np.linalg.eigh(p)
+    np.testing.assert_allclose(apply_polynomial(sharpening_polynomial(2.0, 50, "rk4"), lambda y: p @ y, x),
+                               v @ np.diag(np.exp(-2.0 * w)) @ v.T @ x, rtol=1e-6, atol=1e-7)
+    for bad, match in (((-1.0, 1, "euler"), "time"), ((np.nan, 1, "euler"), "time"), ((1.0, 0, "euler"), "steps"),
+                       ((1.0, 1, "heun"), "solver")):
+        with pytest.raises(ValueError, match=match):
+            sharpening_polynomial(*bad)
+    with pytest.raises(ValueError, match="solver"):
+        GFCF(sharpen=1.0, sharpen_solver="rk5")

@@ -10,9 +10,12 @@ binary row ``r`` (1 x n_items) are::
     s = r P  +  alpha * r D_i^-1/2 V V^T D_i^1/2,        P = R~^T R~
 
 with ``V`` the top ``k_ideal`` right singular vectors of ``R~`` (the ideal low-pass filter). GF-CF uses
-``alpha = 0.3``, ``k_ideal = 256``. With ``sharpen > 0`` the scores pass through one Euler step of BSPM's
-sharpening ODE ``ds/dt = -s P`` over time ``sharpen``: ``s' = s (I - sharpen * P)`` (``sharpen = 0`` is
-plain GF-CF).
+``alpha = 0.3``, ``k_ideal = 256``. With ``sharpen > 0`` the scores then follow BSPM's sharpening ODE
+``ds/dt = -s P`` over time ``sharpen`` ("early merge": the low-pass part is sharpened too), solved by
+``sharpen_steps`` steps of ``sharpen_solver``: for this linear ODE that is ``s' = s q(P)`` with ``q`` a
+polynomial (:func:`rec_engine.graph.sharpening_polynomial`: one Euler step is ``I - tP``, one RK4 step the
+4th-order Taylor polynomial of ``exp(-tP)``), applied by Horner's rule. ``sharpen = 0`` is plain GF-CF;
+BSPM-EM's Gowalla setting is ``alpha = 0.2``, ``k_ideal = 448``, ``sharpen = 2.5``, one RK4 step.
 
 How it is computed (never as a dense ``n_items x n_items`` matrix)
 ----------------------------------------------------------------
@@ -39,8 +42,9 @@ For a batch of ``B`` users the scores are built transposed, as an ``n_items x B`
 4. :meth:`GFCF.scores` / :meth:`GFCF.fold_in` return the dense scores: the low-rank part is one BLAS
    ``sgemm`` (``Q = r D_i^-1/2 V`` by :func:`rec_engine.spmm` over the batch's CSR rows, then
    ``S^T += alpha * (D_i^1/2 V) Q^T`` accumulated in place).
-5. Sharpening (``sharpen > 0``) applies ``P`` once more to ``S_lin^T`` (two core SpMMs); its effect on the
-   low-rank part is folded into the item factor once at fit: ``(I - t P) D_i^1/2 V``.
+5. Sharpening (``sharpen > 0``) applies ``P`` to ``S_lin^T`` once per degree of ``q`` (two core SpMMs
+   each: once for Euler, four times for one RK4 step); its effect on the low-rank part is folded into
+   the item factor once at fit: ``q(P) D_i^1/2 V``.
 
 The SVD is a randomized SVD (Halko, Martinsson & Tropp 2011) with ``oversample`` extra columns and
 ``n_iter`` subspace (power) iterations whose products with ``R~`` and ``R~^T`` run through
@@ -67,6 +71,7 @@ from scipy.linalg.blas import sgemm
 
 import rec_engine
 from rec_engine import CsrMatrix, IdLists, TopK
+from rec_engine.graph import apply_polynomial, sharpening_polynomial
 
 from ..data.containers import Interactions
 from ..evaluate import take_lists
@@ -84,7 +89,10 @@ class GFCF:
     k_ideal : int
         Singular vectors in the ideal low-pass filter (GF-CF: 256); 0 disables that part.
     sharpen : float
-        BSPM sharpening time of one Euler step (0: plain GF-CF).
+        BSPM sharpening time (0: plain GF-CF).
+    sharpen_solver : {"euler", "rk4"}
+    sharpen_steps : int
+        Steps of the solver over the sharpening time.
     svd : {"randomized", "exact", "scipy"}
     n_iter, oversample : int
         Randomized SVD: subspace iterations and extra columns.
@@ -97,7 +105,8 @@ class GFCF:
         Threads of the core's products (default: OpenMP's).
     """
 
-    def __init__(self, alpha: float = 0.3, k_ideal: int = 256, *, sharpen: float = 0.0, svd: str = "randomized",
+    def __init__(self, alpha: float = 0.3, k_ideal: int = 256, *, sharpen: float = 0.0,
+                 sharpen_solver: str = "euler", sharpen_steps: int = 1, svd: str = "randomized",
                  n_iter: int = 4, oversample: int = 64, batch_size: int = 1024, rank_batch: int = 64,
                  seed: int = 0,
                  num_threads: int | None = None):
@@ -112,6 +121,8 @@ class GFCF:
         if svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
         self.alpha, self.k_ideal, self.sharpen = float(alpha), int(k_ideal), float(sharpen)
+        self.sharpen_poly = sharpening_polynomial(self.sharpen, sharpen_steps, sharpen_solver)
+        self.sharpen_solver, self.sharpen_steps = sharpen_solver, int(sharpen_steps)
         self.svd, self.n_iter, self.oversample = svd, int(n_iter), int(oversample)
         self.batch_size, self.rank_batch = int(batch_size), int(rank_batch)
         self.seed, self.num_threads = int(seed), num_threads
@@ -165,8 +176,8 @@ class GFCF:
         self.singular_values = s
         self.v_left = np.ascontiguousarray(v * self._inv_i[:, None], dtype=np.float32)
         self.v_right = np.ascontiguousarray(v * np.sqrt(di)[:, None], dtype=np.float32)
-        if self.sharpen > 0:      # the low-rank part through the sharpening step, once: V^T D^1/2 (I - t P)
-            self.v_right = self.v_right - self.sharpen * self._apply_p(self.v_right)
+        # the low-rank part through the sharpening, once: q(P) D^1/2 V
+        self.v_right = np.ascontiguousarray(self._sharpen_t(self.v_right), dtype=np.float32)
         self._fitted = True
         return self
 
@@ -206,14 +217,16 @@ class GFCF:
         """``P x_t = R~^T (R~ x_t)`` for a dense float32 ``x_t`` [n_items, B] (two core SpMMs)."""
         return self._spmm(self.norm_t, self._spmm(self.norm, x_t))
 
+    def _sharpen_t(self, x_t: np.ndarray) -> np.ndarray:
+        """``q(P) x_t`` (``x_t`` itself without sharpening)."""
+        return apply_polynomial(self.sharpen_poly, self._apply_p, x_t)
+
     def _linear_t(self, rows: sp.csr_matrix) -> np.ndarray:
         """The linear part ``r P`` (sharpened when ``sharpen > 0``) of the binary rows ``rows`` (B x n_items
         CSR, float32), transposed: float32 C-contiguous [n_items, B]."""
         y = (self._norm_sp @ rows.T).toarray()                          # R~ r^T, n_users x B
         s_t = self._spmm(self.norm_t, y)                                  # R~^T R~ r^T
-        if self.sharpen > 0:
-            s_t -= self.sharpen * self._apply_p(s_t)
-        return s_t
+        return np.ascontiguousarray(self._sharpen_t(s_t), dtype=np.float32)
 
     def _scores_t(self, rows: sp.csr_matrix) -> np.ndarray:
         """Scores of the binary rows ``rows`` (B x n_items CSR, float32), transposed: float32 C-contiguous

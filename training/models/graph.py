@@ -227,13 +227,16 @@ class LightGCN(_BprModel):
         (one scatter each for the final and the ego rows in the backward pass instead of six)."""
         users, pos, neg, k = _triples(users, pos, neg)
         final = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
-        b = users.shape[0]
+        b, n_nodes = users.shape[0], self.embedding.shape[0]
         nodes = torch.cat([users, pos + self.n_users, neg.reshape(-1) + self.n_users])
         u, p, n = GatherRows.apply(final, nodes).split([b, b, b * k])
-        n = n.reshape(b, k, -1)
-        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - (u.unsqueeze(1) * n).sum(2)).mean()
-        sq = GatherRows.apply(self.embedding, nodes).pow(2).sum(1)
-        l2 = (k * sq[:2 * b].sum() + sq[2 * b:].sum()) / 2
+        neg_scores = torch.bmm(n.reshape(b, k, -1), u.unsqueeze(2)).squeeze(2)            # [B, k]
+        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - neg_scores).mean()
+        # the L2 term sum over triples of |e|^2 / 2 is sum over nodes of count * |e_node|^2 / 2: one pass over
+        # the table instead of a gather (and a scatter back) of all B * (2 + k) rows
+        counts = torch.bincount(nodes[2 * b:], minlength=n_nodes).to(self.embedding.dtype)
+        counts += k * torch.bincount(nodes[:2 * b], minlength=n_nodes).to(self.embedding.dtype)
+        l2 = (counts * self.embedding.pow(2).sum(1)).sum() / 2
         return loss + reg * l2 / (b * k)
 
 
