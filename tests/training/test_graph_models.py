@@ -174,14 +174,42 @@ def test_bpr_loss_with_k_negatives_is_the_loss_of_the_repeated_triples(k):
         models[0].bpr_loss(users, pos[:5], neg, 0.1)
 
 
+def test_dynamic_negatives_are_each_groups_highest_scored_candidate_and_the_loss_is_theirs():
+    train = small_graph(seed=7, n_users=20, n_items=15, n=90)
+    torch.manual_seed(1)
+    rng = np.random.default_rng(2)
+    users = torch.from_numpy(rng.integers(0, train.n_users, 10))
+    pos = torch.from_numpy(rng.integers(0, train.n_items, 10))
+    cands = torch.from_numpy(rng.integers(0, train.n_items, (10, 2 * 3)))       # k = 2 groups of c = 3
+    for model in (LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6), MF(train.n_users, train.n_items, 6)):
+        uv, iv = (t.detach().numpy().astype(np.float64) for t in model.propagate())
+        scores = np.einsum("bgcd,bd->bgc", iv[cands.numpy().reshape(10, 2, 3)], uv[users.numpy()])
+        chosen = np.take_along_axis(cands.numpy().reshape(10, 2, 3), scores.argmax(2)[:, :, None], 2)[:, :, 0]
+        model.zero_grad()
+        loss = model.bpr_loss(users, pos, cands, 0.2, candidates=3)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = model.bpr_loss(users, pos, torch.from_numpy(chosen), 0.2)
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad)
+        with pytest.raises(ValueError, match="multiple of candidates"):
+            model.bpr_loss(users, pos, cands[:, :5], 0.2, candidates=3)
+
+
 def test_n_negatives_param_is_checked_and_training_with_it_learns(synthetic):
     with pytest.raises(ValueError, match="n_negatives must be"):
         train_graph("mf", synthetic, quiet(epochs=1, params={"n_negatives": 0}), log=lambda s: None)
-    config = quiet(epochs=25, dim=16, patience=4, lr=0.05, params={"n_layers": 3, "n_negatives": 4})
-    model, _ = train_graph("lightgcn", synthetic, config, log=lambda s: None)
+    with pytest.raises(ValueError, match="dns_candidates must be"):
+        train_graph("mf", synthetic, quiet(epochs=1, params={"dns_candidates": 0}), log=lambda s: None)
     pop = recall_at(*popularity_vectors(synthetic.train.item_counts(), synthetic.train.n_users),
                     synthetic.train, synthetic.test)
-    assert recall_at(*final_embeddings(model), synthetic.train, synthetic.test) >= 1.5 * pop
+    for params in ({"n_negatives": 4}, {"n_negatives": 2, "dns_candidates": 4}):
+        config = quiet(epochs=25, dim=16, patience=4, lr=0.05, params={"n_layers": 3, **params})
+        model, _ = train_graph("lightgcn", synthetic, config, log=lambda s: None)
+        assert recall_at(*final_embeddings(model), synthetic.train, synthetic.test) >= 1.5 * pop, params
 
 
 def test_graph_adjacency_is_the_symmetric_normalized_adjacency():

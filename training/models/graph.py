@@ -146,20 +146,39 @@ class _BprModel(nn.Module):
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float) -> torch.Tensor:
+    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float,
+                 candidates: int = 1) -> torch.Tensor:
         """Mean BPR loss ``-log sigmoid(s(u, pos) - s(u, neg))`` plus ``reg`` times the LightGCN-style L2
         term ``(|e_u|^2 + |e_pos|^2 + |e_neg|^2) / 2 / batch`` on the batch's ego embeddings.
 
         ``neg`` is ``[B]`` or ``[B, k]``: with ``k`` negatives per (user, positive) pair the loss is that
-        of the ``B * k`` triples (each pair repeated with each of its negatives), the L2 term included."""
+        of the ``B * k`` triples (each pair repeated with each of its negatives), the L2 term included.
+        With ``candidates = c > 1``, ``neg`` holds ``k * c`` columns, ``k`` groups of ``c`` candidates, and
+        each group's negative is its candidate the model currently scores highest for the user (dynamic
+        negative sampling, Zhang et al. 2013; chosen without gradient)."""
         users, pos, neg, k = _triples(users, pos, neg)
         user_vecs, item_vecs = self.propagate()
+        if candidates > 1:
+            neg, k = _hardest(user_vecs.detach(), item_vecs.detach(), users, neg, candidates), k // candidates
         u, p, n = user_vecs[users], item_vecs[pos], item_vecs[neg.reshape(-1)].reshape(*neg.shape, -1)
         loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - (u.unsqueeze(1) * n).sum(2)).mean()
         user_ego, item_ego = self.ego()
         l2 = (k * (user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum())
               + item_ego[neg.reshape(-1)].pow(2).sum()) / 2
         return loss + reg * l2 / (users.shape[0] * k)
+
+
+def _hardest(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: torch.Tensor, neg: torch.Tensor,
+             candidates: int) -> torch.Tensor:
+    """Of each group of ``candidates`` consecutive columns of ``neg`` [B, k * c], the item with the highest
+    ``<user_vecs[user], item_vecs[item]>``: [B, k] (first of equal scores)."""
+    b, width = neg.shape
+    if width % candidates:
+        raise ValueError(f"neg has {width} columns, not a multiple of candidates={candidates}")
+    with torch.no_grad():
+        cand = torch.index_select(item_vecs, 0, neg.reshape(-1)).reshape(b, width, -1)
+        scores = torch.bmm(cand, torch.index_select(user_vecs, 0, users).unsqueeze(2)).reshape(b, -1, candidates)
+        return neg.reshape(b, -1, candidates).gather(2, scores.argmax(2, keepdim=True)).squeeze(2)
 
 
 def _triples(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
@@ -222,11 +241,16 @@ class LightGCN(_BprModel):
         out = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
         return out[:self.n_users], out[self.n_users:]
 
-    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float) -> torch.Tensor:
+    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float,
+                 candidates: int = 1) -> torch.Tensor:
         """:meth:`_BprModel.bpr_loss`, with users and items gathered from the node table in one index
         (one scatter each for the final and the ego rows in the backward pass instead of six)."""
         users, pos, neg, k = _triples(users, pos, neg)
         final = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
+        if candidates > 1:
+            fixed = final.detach()
+            neg = _hardest(fixed[:self.n_users], fixed[self.n_users:], users, neg, candidates)
+            k //= candidates
         b, n_nodes = users.shape[0], self.embedding.shape[0]
         nodes = torch.cat([users, pos + self.n_users, neg.reshape(-1) + self.n_users])
         u, p, n = GatherRows.apply(final, nodes).split([b, b, b * k])
@@ -376,7 +400,9 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     ("interaction", the default: every train interaction once an epoch; or "user": as many pairs drawn by
     :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme), ``lr_decay`` (1.0: the learning
     rate of epoch ``e`` is ``lr * lr_decay ** (e - 1)``), ``n_negatives`` (1: negatives drawn per pair, each
-    making a BPR triple with it; more give each full-graph propagation more triples). After each epoch Recall@20 on
+    making a BPR triple with it; more give each full-graph propagation more triples), ``dns_candidates``
+    (1: uniform negatives; ``c > 1``: each negative is the highest-scored of ``c`` uniform candidates,
+    dynamic negative sampling, see :meth:`_BprModel.bpr_loss`). After each epoch Recall@20 on
     ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
 
     Returns
@@ -396,6 +422,9 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     n_negatives = int(config.params.get("n_negatives", 1))
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1, got {n_negatives}")
+    candidates = int(config.params.get("dns_candidates", 1))
+    if candidates < 1:
+        raise ValueError(f"dns_candidates must be >= 1, got {candidates}")
     lr_decay = float(config.params.get("lr_decay", 1.0))
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
@@ -417,8 +446,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
                 users, pos = sampler.sample_pairs(rows.shape[0], rng)
             else:
                 users, pos = split.train.users[rows], split.train.items[rows]
-            neg = torch.from_numpy(sampler.sample(np.repeat(users[:, None], n_negatives, axis=1), rng))
-            loss = model.bpr_loss(torch.from_numpy(users), torch.from_numpy(pos), neg, reg)
+            neg = torch.from_numpy(sampler.sample(np.repeat(users[:, None], n_negatives * candidates, axis=1), rng))
+            loss = model.bpr_loss(torch.from_numpy(users), torch.from_numpy(pos), neg, reg, candidates)
             opt.zero_grad()
             loss.backward()
             opt.step()
