@@ -253,10 +253,10 @@ def test_loading_and_scoring_a_bundle_does_not_import_torch(exported):
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
 def test_fast_dropout_drops_a_fraction_p_scales_the_rest_and_is_the_identity_in_eval(p):
-    from rec_engine_train.models.sasrec import _Dropout
+    from rec_engine_train.models.layers import FastDropout
 
     torch.manual_seed(0)
-    drop = _Dropout(p)
+    drop = FastDropout(p)
     x = torch.randn(200, 500).abs() + 0.5
     x.requires_grad_(True)
     y = drop(x)
@@ -267,4 +267,4 @@ def test_fast_dropout_drops_a_fraction_p_scales_the_rest_and_is_the_identity_in_
     torch.testing.assert_close(x.grad, kept.float() / (1 - p))
     drop.eval()
     assert drop(x) is x
-    assert _Dropout(0.0).train()(x) is x
+    assert FastDropout(0.0).train()(x) is x

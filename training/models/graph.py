@@ -23,6 +23,7 @@ from rec_engine import CsrMatrix
 from ..data.containers import ImplicitSplit, Interactions
 from ..evaluate import evaluate_retrieval
 from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
+from .layers import FastDropout
 
 KINDS = ("mf", "lightgcn", "ngcf")
 
@@ -160,12 +161,14 @@ class _BprModel(nn.Module):
         user_vecs, item_vecs = self.propagate()
         if candidates > 1:
             neg, k = _hardest(user_vecs.detach(), item_vecs.detach(), users, neg, candidates), k // candidates
-        u, p, n = user_vecs[users], item_vecs[pos], item_vecs[neg.reshape(-1)].reshape(*neg.shape, -1)
-        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - (u.unsqueeze(1) * n).sum(2)).mean()
+        b, neg = users.shape[0], neg.reshape(-1)
+        u, p = GatherRows.apply(user_vecs, users), GatherRows.apply(item_vecs, pos)
+        n = GatherRows.apply(item_vecs, neg).reshape(b, k, -1)
+        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - torch.bmm(n, u.unsqueeze(2)).squeeze(2)).mean()
         user_ego, item_ego = self.ego()
-        l2 = (k * (user_ego[users].pow(2).sum() + item_ego[pos].pow(2).sum())
-              + item_ego[neg.reshape(-1)].pow(2).sum()) / 2
-        return loss + reg * l2 / (users.shape[0] * k)
+        l2 = (k * (GatherRows.apply(user_ego, users).pow(2).sum() + GatherRows.apply(item_ego, pos).pow(2).sum())
+              + GatherRows.apply(item_ego, neg).pow(2).sum()) / 2
+        return loss + reg * l2 / (b * k)
 
 
 def _hardest(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: torch.Tensor, neg: torch.Tensor,
@@ -292,7 +295,7 @@ class NGCF(_BprModel):
         for lin in (*self.w1, *self.w2):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def ego(self):
         return self.embedding[:self.n_users], self.embedding[self.n_users:]

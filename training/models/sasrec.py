@@ -43,27 +43,12 @@ from ..data.containers import SequenceData
 from ..evaluate import evaluate_sampled, sample_unseen
 from rec_engine.sequential import check_candidates, pad_histories
 from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
+from .layers import FastDropout
 
 DEFAULTS = {"max_len": 50, "n_blocks": 2, "n_heads": 1, "dropout": 0.2, "pre_ln": True,
             "n_negatives_valid": 100}
 _MODEL_PARAMS = ("max_len", "n_blocks", "n_heads", "dropout", "pre_ln")
 _LN_EPS = 1e-8
-
-
-class _Dropout(nn.Module):
-    """``nn.Dropout`` with the mask drawn by ``torch.rand_like``: the same function, several times faster
-    on the CPU than torch's Bernoulli sampling (which was ~40% of a training step at this model's size).
-    The identity in eval mode, so exported graphs hold no trace of it."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * keep
 
 
 class _CausalSelfAttention(nn.Module):
@@ -74,7 +59,7 @@ class _CausalSelfAttention(nn.Module):
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.attn_dropout = _Dropout(dropout)
+        self.attn_dropout = FastDropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
@@ -92,7 +77,7 @@ class _PointWiseFeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.dropout = _Dropout(dropout)
+        self.dropout = FastDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.dropout(self.fc1(x))))
@@ -105,7 +90,7 @@ class _Block(nn.Module):
         self.attn_norm, self.ffn_norm = nn.LayerNorm(dim, eps=_LN_EPS), nn.LayerNorm(dim, eps=_LN_EPS)
         self.attn = _CausalSelfAttention(dim, n_heads, dropout)
         self.ffn = _PointWiseFeedForward(dim, dropout)
-        self.attn_dropout, self.ffn_dropout = _Dropout(dropout), _Dropout(dropout)
+        self.attn_dropout, self.ffn_dropout = FastDropout(dropout), FastDropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         if self.pre_ln:
@@ -134,7 +119,7 @@ class SASRecEncoder(nn.Module):
         self.dim, self.max_len = int(dim), int(max_len)
         self.scale = math.sqrt(self.dim)
         self.pos_emb = nn.Parameter(torch.empty(self.max_len, self.dim))
-        self.emb_dropout = _Dropout(dropout)
+        self.emb_dropout = FastDropout(dropout)
         self.blocks = nn.ModuleList(_Block(self.dim, n_heads, dropout, pre_ln) for _ in range(n_blocks))
         self.last_norm = nn.LayerNorm(self.dim, eps=_LN_EPS)
 
