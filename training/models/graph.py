@@ -95,9 +95,7 @@ class CorePropagate(torch.autograd.Function):
 
 def _core_propagate(adj: CsrMatrix, x: torch.Tensor, layer_weights: list[float],
                     num_threads: int | None) -> torch.Tensor:
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise TypeError(f"CorePropagate needs a float32 CPU tensor, got {x.dtype} on {x.device}")
-    out = rec_engine.propagate(adj, x.detach().contiguous().numpy(), len(layer_weights) - 1,
+    out = rec_engine.propagate(adj, _float32_numpy(x, "CorePropagate"), len(layer_weights) - 1,
                                np.asarray(layer_weights, np.float32), num_threads=num_threads)
     return torch.from_numpy(out)
 
@@ -122,10 +120,14 @@ class GatherRows(torch.autograd.Function):
 
 
 def _core_spmm(adj: CsrMatrix, x: torch.Tensor, num_threads: int | None) -> torch.Tensor:
+    return torch.from_numpy(rec_engine.spmm(adj, _float32_numpy(x, "CoreSpmm"), num_threads=num_threads))
+
+
+def _float32_numpy(x: torch.Tensor, who: str) -> np.ndarray:
+    """The core's view of ``x`` (no copy when it is already a contiguous float32 CPU tensor)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise TypeError(f"CoreSpmm needs a float32 CPU tensor, got {x.dtype} on {x.device}")
-    out = rec_engine.spmm(adj, x.detach().contiguous().numpy(), num_threads=num_threads)
-    return torch.from_numpy(out)
+        raise TypeError(f"{who} needs a float32 CPU tensor, got {x.dtype} on {x.device}")
+    return x.detach().contiguous().numpy()
 
 
 # ----------------------------------------------------------------------------- models
