@@ -1,4 +1,6 @@
 """SASRec: the exported encoder against the PyTorch model, causality, padding, learning, bad input."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ from rec_engine_train.data.synthetic import make_synthetic  # noqa: E402
 from rec_engine_train.evaluate import evaluate_sampled, popularity_score_fn  # noqa: E402
 from rec_engine_train.export_sasrec import export_sasrec, load_sasrec_scorer, pad_histories  # noqa: E402
 from rec_engine_train.loop import TrainConfig  # noqa: E402
-from rec_engine_train.models.sasrec import SASRec, score, train_sasrec, user_vectors  # noqa: E402
+from rec_engine_train.models.sasrec import (SASRec, _batch_logits, length_groups, score, train_sasrec,  # noqa: E402
+                                           user_vectors)
 
 N_ITEMS, DIM, MAX_LEN = 300, 16, 20
 
@@ -173,6 +176,77 @@ def test_histories_longer_than_max_len_keep_their_latest_items():
     np.testing.assert_array_equal(ids[0], long[-MAX_LEN:])
     np.testing.assert_array_equal(ids[1, -3:], long[:3])
     np.testing.assert_array_equal(mask.sum(1), [MAX_LEN, 3])
+
+
+def _brute_force_cost(widths, max_groups, group_cost):
+    """Cheapest split of the sorted distinct widths into at most max_groups contiguous groups."""
+    values = np.unique(widths)
+    best = None
+    for g in range(1, max_groups + 1):
+        for cut in itertools.combinations(range(1, values.size), g - 1):
+            edges = [0, *cut, values.size]
+            cost = sum(((widths >= values[a]) & (widths <= values[b - 1])).sum() * values[b - 1] + group_cost
+                       for a, b in zip(edges[:-1], edges[1:]))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_length_groups_partition_the_rows_at_the_brute_force_optimum():
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        widths = rng.integers(1, rng.integers(2, 16), rng.integers(1, 25))
+        max_groups, group_cost = int(rng.integers(1, 5)), int(rng.integers(0, 40))
+        groups = length_groups(widths, max_groups, group_cost)
+        assert 1 <= len(groups) <= max_groups
+        np.testing.assert_array_equal(np.sort(np.concatenate(groups)), np.arange(widths.size))
+        cost = sum(g.size * widths[g].max() + group_cost for g in groups)
+        assert cost == _brute_force_cost(widths, max_groups, group_cost)
+    assert length_groups(np.array([], np.int64)) == []
+    # free groups: one per distinct width; expensive groups: a single group
+    w = np.array([3, 1, 3, 2, 1])
+    assert sorted(tuple(sorted(g)) for g in length_groups(w, 5, 0)) == [(0, 2), (1, 4), (3,)]
+    assert len(length_groups(w, 5, 10 ** 6)) == 1
+
+
+def test_length_grouped_training_logits_and_gradients_match_the_full_width_batch():
+    """The training step trims rows by length; with dropout off its logits and gradients are the
+    full-width batch's."""
+    model = random_model(seed=4).train()
+    for m in model.modules():
+        if hasattr(m, "p"):
+            m.p = 0.0
+    rng = np.random.default_rng(12)
+    lengths = np.concatenate([[2, 2, MAX_LEN + 1, MAX_LEN + 5], rng.integers(2, MAX_LEN + 3, 60)])
+    hist = [rng.integers(0, N_ITEMS, n) for n in lengths]
+    ids, mask = pad_histories(hist, MAX_LEN + 1, N_ITEMS)
+    seq = np.where(mask > 0, ids + 1, 0)
+    neg = rng.integers(1, N_ITEMS + 1, (seq.shape[0], MAX_LEN))
+
+    def grads(pos_logit, neg_logit):
+        model.zero_grad()
+        (torch.sigmoid(pos_logit).square().sum() + torch.sigmoid(neg_logit).sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    pos_t = torch.from_numpy(seq[:, 1:])
+    real = pos_t != 0
+    h = model(torch.from_numpy(seq[:, :-1]))
+    ref_pos = (h * model.item_emb(pos_t)).sum(-1)[real]
+    ref_neg = (h * model.item_emb(torch.from_numpy(neg))).sum(-1)[real]
+    got_pos, got_neg = _batch_logits(model, seq, neg)
+    # same multiset of (row, position) targets: compare after sorting by value
+    assert got_pos.shape == ref_pos.shape == (int(real.sum()),)
+    np.testing.assert_allclose(np.sort(got_pos.detach().numpy()), np.sort(ref_pos.detach().numpy()), atol=1e-5)
+    np.testing.assert_allclose(np.sort(got_neg.detach().numpy()), np.sort(ref_neg.detach().numpy()), atol=1e-5)
+    for a, b in zip(grads(ref_pos, ref_neg), grads(got_pos, got_neg)):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_user_vectors_of_mixed_lengths_in_small_chunks_match_one_by_one():
+    model = random_model(seed=5)
+    hist = random_histories(np.random.default_rng(13), 40)
+    together = user_vectors(model, hist, batch_size=7)
+    alone = np.concatenate([user_vectors(model, [h]) for h in hist])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ learning

@@ -220,14 +220,19 @@ def user_vectors(model: SASRec, histories: Sequence, batch_size: int = 1024) -> 
     """
     ids, mask = _internal_ids(histories, model, model.max_len)
     out = np.empty((ids.shape[0], model.dim), np.float32)
+    # Shortest histories first, each chunk trimmed to its longest: left padding never changes the output.
+    lengths = mask.sum(1).astype(np.int64)
+    order = np.argsort(lengths, kind="stable")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[0], batch_size):
-                seq = torch.from_numpy(ids[start:start + batch_size])
-                m = torch.from_numpy(mask[start:start + batch_size])
-                out[start:start + len(seq)] = model.encoder(model.item_emb(seq), m).numpy()
+                rows = order[start:start + batch_size]
+                w = max(int(lengths[rows[-1]]), 1)
+                seq = torch.from_numpy(ids[rows, -w:])
+                m = torch.from_numpy(mask[rows, -w:])
+                out[rows] = model.encoder(model.item_emb(seq), m).numpy()
     finally:
         model.train(was_training)
     return out
@@ -250,6 +255,82 @@ def score(model: SASRec, users_hist: Sequence, candidates) -> np.ndarray:
     users = user_vectors(model, users_hist)
     items = model.item_emb.weight.detach().numpy()[cand + 1]       # [U, C, d]
     return np.einsum("ucd,ud->uc", items, users).astype(np.float32)
+
+
+# Users per scoring call in evaluation: user_vectors sorts a call's histories by length and trims each
+# chunk to its longest, so large calls waste little on padding (the sampled candidates do not depend on it).
+_EVAL_USERS = 8192
+# A group of rows costs about as much fixed work as this many extra positions (measured on one core).
+_GROUP_COST = 256
+
+
+def length_groups(widths: np.ndarray, max_groups: int = 4, group_cost: int = _GROUP_COST) -> list[np.ndarray]:
+    """Split rows into at most ``max_groups`` groups of similar width that minimise
+    ``sum(rows * widest row) + group_cost * groups``, the positions a trimmed batch computes.
+
+    ``widths`` int [B]; returns row indices per group (together a permutation of ``range(B)``), narrowest
+    group first. Exact: a dynamic programme over the distinct widths, in sorted order."""
+    widths = np.asarray(widths, np.int64)
+    if widths.size == 0:
+        return []
+    values, counts = np.unique(widths, return_counts=True)
+    u = values.size
+    before = np.concatenate([[0], np.cumsum(counts)])              # rows narrower than values[i]
+    # cost[i, j]: one group holding the distinct widths i..j-1 (rows before[j] - before[i], width values[j-1])
+    i, j = np.arange(u + 1)[:, None], np.arange(u + 1)[None, :]
+    cost = np.where(i < j, (before[j] - before[i]) * values[np.maximum(j - 1, 0)] + group_cost, np.iinfo(np.int64).max // 4)
+    best, cuts = cost[0], []
+    totals = [best[u]]
+    for _ in range(1, max_groups):
+        step = best[:, None] + cost
+        cuts.append(np.argmin(step, axis=0))
+        best = step[cuts[-1], np.arange(u + 1)]
+        totals.append(best[u])
+    g = int(np.argmin(totals))
+    bounds, j_end = [], u
+    for c in reversed(cuts[:g]):
+        bounds.append(int(c[j_end]))
+        j_end = bounds[-1]
+    edges = [0] + bounds[::-1] + [u]
+    order = np.argsort(widths, kind="stable")
+    return [order[before[a]:before[b]] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _batch_logits(model: SASRec, seq: np.ndarray, neg: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the next item and of its negative at every target position of a training batch.
+
+    ``seq`` int64 [B, max_len + 1] left-padded internal ids (input ``seq[:, :-1]``, targets ``seq[:, 1:]``),
+    ``neg`` int64 [B, max_len] one negative per target position. Most histories are far shorter than
+    ``max_len``, so rows are grouped by length (:func:`length_groups`) and each group runs trimmed to its
+    longest row: left padding never changes a real position's output (positions are indexed from the end
+    and padded keys are masked), so this is the same loss as the full-width batch for a fraction of the
+    work. One embedding lookup serves every group, so the table's gradient is accumulated once.
+    Returns two float32 vectors over the target positions (targets != 0), in group order."""
+    targets = seq[:, 1:]
+    widths = np.maximum((targets != 0).sum(1), 1)
+    groups = length_groups(widths)
+    parts, shapes, real = [], [], []
+    for rows in groups:
+        w = int(widths[rows].max())
+        inp, tgt = seq[rows, -w - 1:-1], targets[rows, -w:]
+        r = tgt != 0
+        parts += [inp.ravel(), tgt[r], neg[rows, -w:][r]]
+        shapes.append(inp.shape)
+        real.append(r)
+    emb = model.item_emb(torch.from_numpy(np.concatenate(parts)))
+    pos_logits, neg_logits, at = [], [], 0
+    for (b, w), r in zip(shapes, real):
+        inp_ids = parts[3 * len(pos_logits)]
+        x = emb[at:at + b * w].reshape(b, w, model.dim)
+        mask = torch.from_numpy((inp_ids != 0).reshape(b, w).astype(np.float32))
+        at += b * w
+        n = int(r.sum())
+        p, q = emb[at:at + n], emb[at + n:at + 2 * n]
+        at += 2 * n
+        h = model.encoder.sequence(x, mask)[torch.from_numpy(r)]
+        pos_logits.append((h * p).sum(-1))
+        neg_logits.append((h * q).sum(-1))
+    return torch.cat(pos_logits), torch.cat(neg_logits)
 
 
 def _params(config: TrainConfig) -> dict:
@@ -297,13 +378,8 @@ def train_sasrec(data: SequenceData, config: TrainConfig,
     def train_epoch(epoch: int, progress: Progress | None) -> float:
         total, count = 0.0, 0
         for rows in (progress if progress is not None else batches(n, config.batch_size, rng)):
-            seq = seqs[rows]
-            pos = torch.from_numpy(seq[:, 1:])
-            neg = torch.from_numpy(sample_unseen(train_lists, users[rows], data.n_items, max_len, rng) + 1)
-            h = model(torch.from_numpy(seq[:, :-1]))
-            real = pos != 0
-            pos_logit = (h * model.item_emb(pos)).sum(-1)[real]
-            neg_logit = (h * model.item_emb(neg)).sum(-1)[real]
+            neg = sample_unseen(train_lists, users[rows], data.n_items, max_len, rng) + 1
+            pos_logit, neg_logit = _batch_logits(model, seqs[rows], neg)
             loss = (F.binary_cross_entropy_with_logits(pos_logit, torch.ones_like(pos_logit))
                     + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit)))
             opt.zero_grad(set_to_none=True)
@@ -317,7 +393,8 @@ def train_sasrec(data: SequenceData, config: TrainConfig,
 
     def validate() -> dict:
         return evaluate_sampled(lambda u, cands: score(model, [data.train[i] for i in u], cands), data,
-                                split="valid", n_negatives=int(p["n_negatives_valid"]), seed=config.seed, ks=(10,))
+                                split="valid", n_negatives=int(p["n_negatives_valid"]), seed=config.seed, ks=(10,),
+                                batch_size=_EVAL_USERS)
 
     def make_progress(epoch: int) -> Progress:
         return Progress(batches(n, config.batch_size, rng), n_batches, f"sasrec {epoch}/{config.epochs}",
