@@ -147,12 +147,13 @@ def test_gather_rows_matches_indexing_with_repeated_rows():
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_bpr_loss_with_k_negatives_is_the_loss_of_the_repeated_triples(k):
-    """LightGCN's fused loss, the generic one, and the plain loss over B * k explicit triples agree in
-    value and gradient (the L2 term included)."""
+    """The fused losses (LightGCN's node table, NGCF's per-layer tables), the generic one, and the plain
+    loss over B * k explicit triples agree in value and gradient (the L2 term included)."""
     train = small_graph(seed=6, n_users=20, n_items=15, n=90)
     torch.manual_seed(0)
     models = [LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6),
-              MF(train.n_users, train.n_items, 6)]
+              MF(train.n_users, train.n_items, 6),
+              NGCF(graph_adjacency(train), train.n_users, train.n_items, 6, dropout=0.0)]
     rng = np.random.default_rng(1)
     users = torch.from_numpy(rng.integers(0, train.n_users, 12))
     pos = torch.from_numpy(rng.integers(0, train.n_items, 12))
@@ -181,7 +182,8 @@ def test_dynamic_negatives_are_each_groups_highest_scored_candidate_and_the_loss
     users = torch.from_numpy(rng.integers(0, train.n_users, 10))
     pos = torch.from_numpy(rng.integers(0, train.n_items, 10))
     cands = torch.from_numpy(rng.integers(0, train.n_items, (10, 2 * 3)))       # k = 2 groups of c = 3
-    for model in (LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6), MF(train.n_users, train.n_items, 6)):
+    for model in (LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6), MF(train.n_users, train.n_items, 6),
+                  NGCF(graph_adjacency(train), train.n_users, train.n_items, 6, dropout=0.0)):
         uv, iv = (t.detach().numpy().astype(np.float64) for t in model.propagate())
         scores = np.einsum("bgcd,bd->bgc", iv[cands.numpy().reshape(10, 2, 3)], uv[users.numpy()])
         chosen = np.take_along_axis(cands.numpy().reshape(10, 2, 3), scores.argmax(2)[:, :, None], 2)[:, :, 0]

@@ -173,17 +173,50 @@ class _BprModel(nn.Module):
         return loss + reg * l2 / (b * k)
 
 
-def _hardest(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: torch.Tensor, neg: torch.Tensor,
-             candidates: int) -> torch.Tensor:
+def _hardest(user_vecs, item_vecs, users: torch.Tensor, neg: torch.Tensor, candidates: int) -> torch.Tensor:
     """Of each group of ``candidates`` consecutive columns of ``neg`` [B, k * c], the item with the highest
-    ``<user_vecs[user], item_vecs[item]>``: [B, k] (first of equal scores)."""
+    ``<user_vecs[user], item_vecs[item]>``: [B, k] (first of equal scores). ``user_vecs`` and ``item_vecs``
+    are tables, or lists of tables whose column-wise concatenation is the vector (scores add up per table,
+    so the concatenation is never built)."""
     b, width = neg.shape
     if width % candidates:
         raise ValueError(f"neg has {width} columns, not a multiple of candidates={candidates}")
+    if isinstance(user_vecs, torch.Tensor):
+        user_vecs, item_vecs = [user_vecs], [item_vecs]
+    flat = neg.reshape(-1)
     with torch.no_grad():
-        cand = torch.index_select(item_vecs, 0, neg.reshape(-1)).reshape(b, width, -1)
-        scores = torch.bmm(cand, torch.index_select(user_vecs, 0, users).unsqueeze(2)).reshape(b, -1, candidates)
+        scores = sum(torch.bmm(torch.index_select(it, 0, flat).reshape(b, width, -1),
+                               torch.index_select(ut, 0, users).unsqueeze(2))
+                     for ut, it in zip(user_vecs, item_vecs))
+        scores = scores.reshape(b, -1, candidates)
         return neg.reshape(b, -1, candidates).gather(2, scores.argmax(2, keepdim=True)).squeeze(2)
+
+
+def _node_bpr_loss(model: "_BprModel", ego: torch.Tensor, tables: list[torch.Tensor], users: torch.Tensor,
+                   pos: torch.Tensor, neg: torch.Tensor, reg: float, candidates: int) -> torch.Tensor:
+    """:meth:`_BprModel.bpr_loss` for a model whose final vector of node ``v`` (users first, then items) is
+    ``cat([t[v] for t in tables])`` and whose ego embeddings are the node table ``ego``.
+
+    Users and items are gathered from each node table in one index (one scatter per table in the backward
+    pass), the concatenation is built for the batch's rows only, and the L2 term comes from node counts."""
+    users, pos, neg, k = _triples(users, pos, neg)
+    nu = model.n_users
+    if candidates > 1:
+        fixed = [t.detach() for t in tables]
+        neg = _hardest([t[:nu] for t in fixed], [t[nu:] for t in fixed], users, neg, candidates)
+        k //= candidates
+    b, n_nodes = users.shape[0], ego.shape[0]
+    nodes = torch.cat([users, pos + nu, neg.reshape(-1) + nu])
+    rows = [GatherRows.apply(t, nodes) for t in tables]
+    u, p, n = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)).split([b, b, b * k])
+    neg_scores = torch.bmm(n.reshape(b, k, -1), u.unsqueeze(2)).squeeze(2)                # [B, k]
+    loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - neg_scores).mean()
+    # the L2 term sum over triples of |e|^2 / 2 is sum over nodes of count * |e_node|^2 / 2: one pass over
+    # the table instead of a gather (and a scatter back) of all B * (2 + k) rows
+    counts = torch.bincount(nodes[2 * b:], minlength=n_nodes).to(ego.dtype)
+    counts += k * torch.bincount(nodes[:2 * b], minlength=n_nodes).to(ego.dtype)
+    l2 = (counts * ego.pow(2).sum(1)).sum() / 2
+    return loss + reg * l2 / (b * k)
 
 
 def _triples(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
@@ -248,25 +281,9 @@ class LightGCN(_BprModel):
 
     def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float,
                  candidates: int = 1) -> torch.Tensor:
-        """:meth:`_BprModel.bpr_loss`, with users and items gathered from the node table in one index
-        (one scatter each for the final and the ego rows in the backward pass instead of six)."""
-        users, pos, neg, k = _triples(users, pos, neg)
+        """:meth:`_BprModel.bpr_loss` fused over the node table (:func:`_node_bpr_loss`)."""
         final = CorePropagate.apply(self.embedding, self.adj, self.layer_weights, self.num_threads)
-        if candidates > 1:
-            fixed = final.detach()
-            neg = _hardest(fixed[:self.n_users], fixed[self.n_users:], users, neg, candidates)
-            k //= candidates
-        b, n_nodes = users.shape[0], self.embedding.shape[0]
-        nodes = torch.cat([users, pos + self.n_users, neg.reshape(-1) + self.n_users])
-        u, p, n = GatherRows.apply(final, nodes).split([b, b, b * k])
-        neg_scores = torch.bmm(n.reshape(b, k, -1), u.unsqueeze(2)).squeeze(2)            # [B, k]
-        loss = -F.logsigmoid((u * p).sum(1, keepdim=True) - neg_scores).mean()
-        # the L2 term sum over triples of |e|^2 / 2 is sum over nodes of count * |e_node|^2 / 2: one pass over
-        # the table instead of a gather (and a scatter back) of all B * (2 + k) rows
-        counts = torch.bincount(nodes[2 * b:], minlength=n_nodes).to(self.embedding.dtype)
-        counts += k * torch.bincount(nodes[:2 * b], minlength=n_nodes).to(self.embedding.dtype)
-        l2 = (counts * self.embedding.pow(2).sum(1)).sum() / 2
-        return loss + reg * l2 / (b * k)
+        return _node_bpr_loss(self, self.embedding, [final], users, pos, neg, reg, candidates)
 
 
 class NGCF(_BprModel):
@@ -302,7 +319,8 @@ class NGCF(_BprModel):
     def ego(self):
         return self.embedding[:self.n_users], self.embedding[self.n_users:]
 
-    def propagate(self):
+    def layers(self) -> list[torch.Tensor]:
+        """``[E_0, normalized E_1, ..., normalized E_K]``, node tables [n_users + n_items, d] each."""
         e = self.embedding
         layers = [e]
         for w1, w2 in zip(self.w1, self.w2):
@@ -310,8 +328,17 @@ class NGCF(_BprModel):
             e = F.leaky_relu(w1(side + e) + w2(side * e), negative_slope=0.2)
             e = self.dropout(e)
             layers.append(F.normalize(e, p=2, dim=1))
-        out = torch.cat(layers, dim=1)
+        return layers
+
+    def propagate(self):
+        out = torch.cat(self.layers(), dim=1)
         return out[:self.n_users], out[self.n_users:]
+
+    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg: float,
+                 candidates: int = 1) -> torch.Tensor:
+        """:meth:`_BprModel.bpr_loss` over the layer tables (:func:`_node_bpr_loss`): the ``d * (K + 1)``
+        -wide concatenation is built for the batch's rows only, never for the whole graph."""
+        return _node_bpr_loss(self, self.embedding, self.layers(), users, pos, neg, reg, candidates)
 
 
 def _check_adjacency(adj: CsrMatrix, n_users: int, n_items: int) -> None:
