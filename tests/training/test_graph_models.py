@@ -17,8 +17,8 @@ from rec_engine_train.data.synthetic import make_synthetic
 from rec_engine_train.evaluate import popularity_vectors
 from rec_engine_train.export_graph import export_graph, export_popularity, load_graph_scorer
 from rec_engine_train.loop import TrainConfig
-from rec_engine_train.models.graph import (KINDS, MF, NGCF, CorePropagate, CoreSpmm, GatherRows, LightGCN,
-                                           NegativeSampler, _BprModel, final_embeddings, graph_adjacency, train_graph)
+from rec_engine_train.models.graph import (KINDS, MF, NGCF, CorePropagate, CoreSpmm, EdgeDropout, GatherRows,
+                                           LightGCN, NegativeSampler, _BprModel, final_embeddings, graph_adjacency, train_graph)
 
 
 # ----------------------------------------------------------------------------- references and data
@@ -487,3 +487,43 @@ def test_scoring_a_bundle_does_not_import_torch(trained, synthetic, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["(2,", "3)", "False"]
+
+
+def test_edge_dropout_drops_whole_undirected_edges_scales_the_rest_and_is_unbiased():
+    train = small_graph(seed=8, n_users=30, n_items=25, n=200)
+    adj = graph_adjacency(train)
+    dense = adj.to_scipy().toarray()
+    drop = EdgeDropout(adj, 0.3, seed=0)
+    mean, kept = np.zeros_like(dense), []
+    for _ in range(400):
+        sample = drop.sample()
+        m = sample.to_scipy().toarray()
+        np.testing.assert_array_equal(m, m.T)                               # symmetric: whole edges
+        nz = m != 0
+        assert not (nz & (dense == 0)).any()                                # no new edges
+        np.testing.assert_allclose(m[nz], dense[nz] / 0.7, rtol=1e-6)       # kept entries scaled
+        kept.append(nz.sum() / (dense != 0).sum())
+        mean += m / 400
+    assert abs(np.mean(kept) - 0.7) < 0.01
+    np.testing.assert_allclose(mean, dense, atol=0.08 * dense.max())       # E[sample] = adj
+    assert EdgeDropout(adj, 0.0, seed=0).sample() is adj
+    with pytest.raises(ValueError, match="edge_dropout"):
+        EdgeDropout(adj, 1.0, seed=0)
+
+
+def test_ngcf_edge_dropout_acts_in_training_only_and_training_with_it_learns(synthetic):
+    train = synthetic.train
+    torch.manual_seed(0)
+    model = NGCF(graph_adjacency(train), train.n_users, train.n_items, 8, dropout=0.0, edge_dropout=0.5)
+    model.eval()
+    a = torch.cat(model.propagate(), 0)
+    torch.testing.assert_close(torch.cat(model.propagate(), 0), a)
+    model.train()
+    b = torch.cat(model.propagate(), 0)
+    assert (b - a).abs().max() > 1e-3
+    config = quiet(epochs=25, dim=16, patience=4, params={"edge_dropout": 0.2}, **LEARNING["ngcf"])
+    model, hist = train_graph("ngcf", synthetic, config, log=lambda s: None)
+    assert model.edge_dropout.p == 0.2
+    pop = recall_at(*popularity_vectors(synthetic.train.item_counts(), synthetic.train.n_users),
+                    synthetic.train, synthetic.test)
+    assert recall_at(*final_embeddings(model), synthetic.train, synthetic.test) >= 1.5 * pop

@@ -55,6 +55,41 @@ def graph_adjacency(train: Interactions, *, num_threads: int | None = None) -> C
     return adj
 
 
+class EdgeDropout:
+    """Drops each undirected edge of a symmetric adjacency (a train interaction: both of its entries) with
+    probability ``p`` and scales the kept entries by ``1 / (1 - p)``: the NGCF authors' "node dropout" (which
+    drops entries of the normalized adjacency), kept symmetric so that :class:`CoreSpmm` and
+    :class:`CorePropagate` stay self-adjoint. A fresh graph every call of :meth:`sample`.
+
+    Parameters
+    ----------
+    adj : CsrMatrix  symmetric (:func:`graph_adjacency`)
+    p : float in [0, 1)
+    seed : int  of the generator that picks the edges
+    """
+
+    def __init__(self, adj: CsrMatrix, p: float, seed: int):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"edge_dropout must be in [0, 1), got {p}")
+        self.adj, self.p = adj, float(p)
+        n = adj.shape[0]
+        self.rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(adj.indptr))
+        cols = adj.indices.astype(np.int64)
+        _, self.edge = np.unique(np.minimum(self.rows, cols) * n + np.maximum(self.rows, cols), return_inverse=True)
+        self.edge = self.edge.reshape(-1)
+        self.n_edges = int(self.edge.max()) + 1 if self.edge.size else 0
+        self.data = (adj.data / (1.0 - self.p)).astype(np.float32)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> CsrMatrix:
+        if self.p == 0.0:
+            return self.adj
+        keep = (self.rng.random(self.n_edges) >= self.p)[self.edge]
+        indptr = np.zeros(self.adj.shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(self.rows[keep], minlength=self.adj.shape[0]), out=indptr[1:])
+        return CsrMatrix(indptr, self.adj.indices[keep], self.data[keep], self.adj.shape)
+
+
 class CoreSpmm(torch.autograd.Function):
     """``A_hat @ x`` through the core's SpMM, with the gradient ``A_hat^T @ grad = A_hat @ grad``.
 
@@ -297,12 +332,15 @@ class NGCF(_BprModel):
     dim : int  size ``d`` of every layer
     n_layers : int  number of layers ``K``
     dropout : float  message dropout after each layer (training only)
+    edge_dropout : float  the authors' node dropout: each training step propagates over the graph with
+        this fraction of its edges dropped (:class:`EdgeDropout`; training only)
     """
 
     kind = "ngcf"
 
     def __init__(self, adj: CsrMatrix, n_users: int, n_items: int, dim: int, n_layers: int = 3,
-                 dropout: float = 0.1, num_threads: int | None = None, params: dict | None = None):
+                 dropout: float = 0.1, num_threads: int | None = None, params: dict | None = None,
+                 edge_dropout: float = 0.0):
         super().__init__(n_users, n_items, n_layers, params or {})
         _check_adjacency(adj, n_users, n_items)
         if not 0.0 <= dropout < 1.0:
@@ -315,6 +353,8 @@ class NGCF(_BprModel):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.dropout = FastDropout(dropout)
+        # seeded from torch's generator (seed_everything); drawn only when used, so p = 0 leaves it as it was
+        self.edge_dropout = EdgeDropout(adj, edge_dropout, int(torch.randint(2 ** 62, ())) if edge_dropout else 0)
 
     def ego(self):
         return self.embedding[:self.n_users], self.embedding[self.n_users:]
@@ -323,8 +363,9 @@ class NGCF(_BprModel):
         """``[E_0, normalized E_1, ..., normalized E_K]``, node tables [n_users + n_items, d] each."""
         e = self.embedding
         layers = [e]
+        adj = self.edge_dropout.sample() if self.training else self.adj
         for w1, w2 in zip(self.w1, self.w2):
-            side = CoreSpmm.apply(e, self.adj, self.num_threads)
+            side = CoreSpmm.apply(e, adj, self.num_threads)
             e = F.leaky_relu(w1(side + e) + w2(side * e), negative_slope=0.2)
             e = self.dropout(e)
             layers.append(F.normalize(e, p=2, dim=1))
@@ -351,7 +392,7 @@ def _check_adjacency(adj: CsrMatrix, n_users: int, n_items: int) -> None:
 
 def build_model(kind: str, train: Interactions, config: TrainConfig) -> _BprModel:
     """An untrained ``kind`` model for ``train``'s users and items (``config.dim``, ``config.params``:
-    ``n_layers`` (3), ``layer_weights`` (LightGCN), ``dropout`` (NGCF, 0.1))."""
+    ``n_layers`` (3), ``layer_weights`` (LightGCN), ``dropout`` (NGCF, 0.1), ``edge_dropout`` (NGCF, 0.0))."""
     if kind not in KINDS:
         raise ValueError(f"unknown graph model kind {kind!r}; expected one of {KINDS}")
     p = dict(config.params)
@@ -363,7 +404,7 @@ def build_model(kind: str, train: Interactions, config: TrainConfig) -> _BprMode
         return LightGCN(adj, train.n_users, train.n_items, config.dim, n_layers, p.get("layer_weights"),
                         num_threads=config.num_threads, params=p)
     return NGCF(adj, train.n_users, train.n_items, config.dim, n_layers, float(p.get("dropout", 0.1)),
-                num_threads=config.num_threads, params=p)
+                num_threads=config.num_threads, params=p, edge_dropout=float(p.get("edge_dropout", 0.0)))
 
 
 # ----------------------------------------------------------------------------- negative sampling
@@ -428,7 +469,7 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     An epoch visits every train interaction once as a (user, positive) pair with a fresh uniform
     negative, in shuffled batches of ``config.batch_size`` (the whole graph is propagated once per batch,
     so prefer large batches). ``config.params``: ``reg`` (1e-4, L2 on the batch's ego embeddings),
-    ``n_layers``, ``layer_weights``, ``dropout`` (see :func:`build_model`), ``sampling``
+    ``n_layers``, ``layer_weights``, ``dropout``, ``edge_dropout`` (see :func:`build_model`), ``sampling``
     ("interaction", the default: every train interaction once an epoch; or "user": as many pairs drawn by
     :meth:`NegativeSampler.sample_pairs`, the LightGCN authors' scheme), ``lr_decay`` (1.0: the learning
     rate of epoch ``e`` is ``lr * lr_decay ** (e - 1)``), ``n_negatives`` (1: negatives drawn per pair, each
