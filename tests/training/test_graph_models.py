@@ -18,7 +18,8 @@ from rec_engine_train.evaluate import popularity_vectors
 from rec_engine_train.export_graph import export_graph, export_popularity, load_graph_scorer
 from rec_engine_train.loop import TrainConfig
 from rec_engine_train.models.graph import (KINDS, MF, NGCF, CorePropagate, CoreSpmm, EdgeDropout, GatherRows,
-                                           LightGCN, NegativeSampler, _BprModel, final_embeddings, graph_adjacency, train_graph)
+                                           LightGCN, NegativeSampler, _BprModel, final_embeddings, graph_adjacency,
+                                           train_graph)
 
 
 # ----------------------------------------------------------------------------- references and data
@@ -182,7 +183,8 @@ def test_dynamic_negatives_are_each_groups_highest_scored_candidate_and_the_loss
     users = torch.from_numpy(rng.integers(0, train.n_users, 10))
     pos = torch.from_numpy(rng.integers(0, train.n_items, 10))
     cands = torch.from_numpy(rng.integers(0, train.n_items, (10, 2 * 3)))       # k = 2 groups of c = 3
-    for model in (LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6), MF(train.n_users, train.n_items, 6),
+    for model in (LightGCN(graph_adjacency(train), train.n_users, train.n_items, 6),
+                  MF(train.n_users, train.n_items, 6),
                   NGCF(graph_adjacency(train), train.n_users, train.n_items, 6, dropout=0.0)):
         uv, iv = (t.detach().numpy().astype(np.float64) for t in model.propagate())
         scores = np.einsum("bgcd,bd->bgc", iv[cands.numpy().reshape(10, 2, 3)], uv[users.numpy()])

@@ -278,7 +278,8 @@ def length_groups(widths: np.ndarray, max_groups: int = 4, group_cost: int = _GR
     before = np.concatenate([[0], np.cumsum(counts)])              # rows narrower than values[i]
     # cost[i, j]: one group holding the distinct widths i..j-1 (rows before[j] - before[i], width values[j-1])
     i, j = np.arange(u + 1)[:, None], np.arange(u + 1)[None, :]
-    cost = np.where(i < j, (before[j] - before[i]) * values[np.maximum(j - 1, 0)] + group_cost, np.iinfo(np.int64).max // 4)
+    cost = np.where(i < j, (before[j] - before[i]) * values[np.maximum(j - 1, 0)] + group_cost,
+                    np.iinfo(np.int64).max // 4)
     best, cuts = cost[0], []
     totals = [best[u]]
     for _ in range(1, max_groups):
