@@ -31,7 +31,7 @@ from rec_engine.features import EncodedBatch, Schema
 
 from ..data.containers import CtrData
 from ..evaluate import evaluate_ctr
-from ..loop import History, Progress, TrainConfig, adam, batches, fit, seed_everything
+from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
 
 KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
 _FM_KINDS = ("fm", "deepfm")
@@ -235,7 +235,7 @@ def train_ctr(kind: str, data: CtrData, config: TrainConfig, log: Callable[[str]
         model.check_batch(getattr(data, split), f"data.{split}")
 
     emb_l2 = float(config.params.get("emb_l2", 0.0))
-    opt = adam([
+    opt = torch.optim.Adam([
         {"params": [model.embedding, model.linear], "weight_decay": emb_l2},
         {"params": list(model.dense.parameters()), "weight_decay": config.weight_decay},
     ], lr=config.lr)

@@ -22,7 +22,7 @@ from rec_engine import CsrMatrix
 
 from ..data.containers import ImplicitSplit, Interactions
 from ..evaluate import evaluate_retrieval
-from ..loop import History, Progress, TrainConfig, adam, batches, fit, seed_everything
+from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
 from .layers import FastDropout
 
 KINDS = ("mf", "lightgcn", "ngcf")
@@ -501,7 +501,7 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     lr_decay = float(config.params.get("lr_decay", 1.0))
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
-    opt = adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = NegativeSampler(split.train)
     n = len(split.train)
     train_lists = split.train.by_user()

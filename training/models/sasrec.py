@@ -42,7 +42,7 @@ from rec_engine import IdLists
 from ..data.containers import SequenceData
 from ..evaluate import evaluate_sampled, sample_unseen
 from rec_engine.sequential import check_candidates, pad_histories
-from ..loop import History, Progress, TrainConfig, adam, batches, fit, seed_everything
+from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
 from .layers import FastDropout
 
 DEFAULTS = {"max_len": 50, "n_blocks": 2, "n_heads": 1, "dropout": 0.2, "pre_ln": True,
@@ -372,7 +372,7 @@ def train_sasrec(data: SequenceData, config: TrainConfig,
         raise ValueError("no user has 2 or more training items: SASRec has nothing to learn from")
     seqs, _ = _internal_ids([data.train[u] for u in users], model, max_len + 1)     # [U', max_len + 1]
     train_lists = IdLists.from_lists(data.train)
-    opt = adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
     n = users.size
     n_batches = -(-n // config.batch_size)
 
