@@ -111,11 +111,11 @@ def evaluate_model(name: str, model, data, *, ks=(10, 20), seed: int = 0) -> dic
 
         return ev.evaluate_ctr(data.test.labels, predict_ctr(model, data.test))
     if fam == "sequential":
-        from .models.sasrec import _EVAL_USERS, score
+        from .models.sasrec import EVAL_USERS, score
 
         hist = [s if v < 0 else s.tolist() + [int(v)] for s, v in zip(data.train, data.valid)]
         return ev.evaluate_sampled(lambda users, cands: score(model, [hist[u] for u in users], cands), data,
-                                   split="test", seed=seed, ks=(10,), batch_size=_EVAL_USERS)
+                                   split="test", seed=seed, ks=(10,), batch_size=EVAL_USERS)
     train_lists, test_lists = data.train.by_user(), data.test.by_user()
     if name == "popularity":
         users, items = ev.popularity_vectors(model, data.train.n_users)

@@ -516,6 +516,9 @@ def test_edge_dropout_drops_whole_undirected_edges_scales_the_rest_and_is_unbias
 def test_ngcf_edge_dropout_acts_in_training_only_and_training_with_it_learns(synthetic):
     train = synthetic.train
     torch.manual_seed(0)
+    assert NGCF(graph_adjacency(train), train.n_users, train.n_items, 8).edge_dropout is None
+    with pytest.raises(ValueError, match="edge_dropout"):
+        NGCF(graph_adjacency(train), train.n_users, train.n_items, 8, edge_dropout=-0.1)
     model = NGCF(graph_adjacency(train), train.n_users, train.n_items, 8, dropout=0.0, edge_dropout=0.5)
     model.eval()
     a = torch.cat(model.propagate(), 0)

@@ -197,7 +197,8 @@ class _BprModel(nn.Module):
         users, pos, neg, k = _triples(users, pos, neg)
         user_vecs, item_vecs = self.propagate()
         if candidates > 1:
-            neg, k = _hardest(user_vecs.detach(), item_vecs.detach(), users, neg, candidates), k // candidates
+            neg = _hardest([user_vecs.detach()], [item_vecs.detach()], users, neg, candidates)
+            k //= candidates
         b, neg = users.shape[0], neg.reshape(-1)
         u, p = GatherRows.apply(user_vecs, users), GatherRows.apply(item_vecs, pos)
         n = GatherRows.apply(item_vecs, neg).reshape(b, k, -1)
@@ -208,16 +209,15 @@ class _BprModel(nn.Module):
         return loss + reg * l2 / (b * k)
 
 
-def _hardest(user_vecs, item_vecs, users: torch.Tensor, neg: torch.Tensor, candidates: int) -> torch.Tensor:
+def _hardest(user_vecs: list[torch.Tensor], item_vecs: list[torch.Tensor], users: torch.Tensor,
+             neg: torch.Tensor, candidates: int) -> torch.Tensor:
     """Of each group of ``candidates`` consecutive columns of ``neg`` [B, k * c], the item with the highest
     ``<user_vecs[user], item_vecs[item]>``: [B, k] (first of equal scores). ``user_vecs`` and ``item_vecs``
-    are tables, or lists of tables whose column-wise concatenation is the vector (scores add up per table,
-    so the concatenation is never built)."""
+    are lists of tables whose column-wise concatenation is the vector (scores add up per table, so the
+    concatenation is never built)."""
     b, width = neg.shape
     if width % candidates:
         raise ValueError(f"neg has {width} columns, not a multiple of candidates={candidates}")
-    if isinstance(user_vecs, torch.Tensor):
-        user_vecs, item_vecs = [user_vecs], [item_vecs]
     flat = neg.reshape(-1)
     with torch.no_grad():
         scores = sum(torch.bmm(torch.index_select(it, 0, flat).reshape(b, width, -1),
@@ -353,8 +353,10 @@ class NGCF(_BprModel):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.dropout = FastDropout(dropout)
-        # seeded from torch's generator (seed_everything); drawn only when used, so p = 0 leaves it as it was
-        self.edge_dropout = EdgeDropout(adj, edge_dropout, int(torch.randint(2 ** 62, ())) if edge_dropout else 0)
+        # seeded from torch's generator (seed_everything); none without edge dropout, so p = 0 leaves the
+        # generator as it was and builds no per-entry edge map
+        self.edge_dropout = (EdgeDropout(adj, edge_dropout, int(torch.randint(2 ** 62, ())))
+                             if edge_dropout else None)
 
     def ego(self):
         return self.embedding[:self.n_users], self.embedding[self.n_users:]
@@ -363,7 +365,7 @@ class NGCF(_BprModel):
         """``[E_0, normalized E_1, ..., normalized E_K]``, node tables [n_users + n_items, d] each."""
         e = self.embedding
         layers = [e]
-        adj = self.edge_dropout.sample() if self.training else self.adj
+        adj = self.edge_dropout.sample() if self.training and self.edge_dropout is not None else self.adj
         for w1, w2 in zip(self.w1, self.w2):
             side = CoreSpmm.apply(e, adj, self.num_threads)
             e = F.leaky_relu(w1(side + e) + w2(side * e), negative_slope=0.2)

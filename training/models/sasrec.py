@@ -259,7 +259,7 @@ def score(model: SASRec, users_hist: Sequence, candidates) -> np.ndarray:
 
 # Users per scoring call in evaluation: user_vectors sorts a call's histories by length and trims each
 # chunk to its longest, so large calls waste little on padding (the sampled candidates do not depend on it).
-_EVAL_USERS = 8192
+EVAL_USERS = 8192
 # A group of rows costs about as much fixed work as this many extra positions (measured on one core).
 _GROUP_COST = 256
 
@@ -310,20 +310,20 @@ def _batch_logits(model: SASRec, seq: np.ndarray, neg: np.ndarray) -> tuple[torc
     targets = seq[:, 1:]
     widths = np.maximum((targets != 0).sum(1), 1)
     groups = length_groups(widths)
-    parts, shapes, real = [], [], []
+    parts, inputs, real = [], [], []
     for rows in groups:
         w = int(widths[rows].max())
         inp, tgt = seq[rows, -w - 1:-1], targets[rows, -w:]
         r = tgt != 0
         parts += [inp.ravel(), tgt[r], neg[rows, -w:][r]]
-        shapes.append(inp.shape)
+        inputs.append(inp)
         real.append(r)
     emb = model.item_emb(torch.from_numpy(np.concatenate(parts)))
     pos_logits, neg_logits, at = [], [], 0
-    for (b, w), r in zip(shapes, real):
-        inp_ids = parts[3 * len(pos_logits)]
+    for inp, r in zip(inputs, real):
+        b, w = inp.shape
         x = emb[at:at + b * w].reshape(b, w, model.dim)
-        mask = torch.from_numpy((inp_ids != 0).reshape(b, w).astype(np.float32))
+        mask = torch.from_numpy((inp != 0).astype(np.float32))
         at += b * w
         n = int(r.sum())
         p, q = emb[at:at + n], emb[at + n:at + 2 * n]
@@ -395,7 +395,7 @@ def train_sasrec(data: SequenceData, config: TrainConfig,
     def validate() -> dict:
         return evaluate_sampled(lambda u, cands: score(model, [data.train[i] for i in u], cands), data,
                                 split="valid", n_negatives=int(p["n_negatives_valid"]), seed=config.seed, ks=(10,),
-                                batch_size=_EVAL_USERS)
+                                batch_size=EVAL_USERS)
 
     def make_progress(epoch: int) -> Progress:
         return Progress(batches(n, config.batch_size, rng), n_batches, f"sasrec {epoch}/{config.epochs}",
