@@ -11,6 +11,7 @@ import pytest
 from rec_engine import propagate
 from rec_engine.bundle import BundleError
 from rec_engine.engine import Engine
+from rec_engine.keys import UnknownKeyError
 from rec_engine.graph import normalized_adjacency
 from serving_fixtures import torch_two_stage
 
@@ -73,7 +74,7 @@ def test_fold_in_moves_the_user_vector_like_a_repropagation(trained):
         seen = set(split.train.by_user()[user].tolist())
         new_items = [i for i in np.argsort(-split.train.item_counts()) if i not in seen][:8]
         e.observe(user, new_items)
-        folded = retr.user_vectors(np.array([user]), e.online)[0][0]
+        folded = retr.user_vectors([e._version.user_state(user, e.online)])[0][0]
     # re-propagate the whole graph with the new edges, from the same layer-0 embeddings
     users = np.concatenate([split.train.users, np.full(len(new_items), user)])
     items = np.concatenate([split.train.items, np.asarray(new_items, np.int64)])
@@ -188,14 +189,14 @@ def test_k_larger_than_what_is_left_pads_and_candidates_restrict(engine, trained
 
 @pytest.mark.parametrize("call, exc, match", [
     (lambda e: e.recommend("7"), TypeError, "user must be an integer"),
-    (lambda e: e.recommend(-1), ValueError, "non-negative"),
     (lambda e: e.recommend(1, k=-3), ValueError, "k must be >= 0"),
     (lambda e: e.recommend(1, k=2.5), TypeError, "k must be an integer"),
-    (lambda e: e.recommend(1, candidates=[1, 10**6]), IndexError, "item id 1000000 is out of range"),
-    (lambda e: e.recommend(1, candidates=[1.5]), TypeError, "integer item ids"),
+    (lambda e: e.recommend(1, candidates=[1, 10**6]), UnknownKeyError, "candidates: unknown item key 1000000 "),
+    (lambda e: e.recommend(1, candidates=[1.5]), TypeError, "candidates: keys of this map are integers"),
+    (lambda e: e.recommend(1, exclude=["3"]), TypeError, "exclude: keys of this map are integers, got str"),
     (lambda e: e.recommend(1, context={"colour": "red"}), ValueError, "does not know: \\['colour'\\]"),
     (lambda e: e.observe(1, []), ValueError, "at least one item"),
-    (lambda e: e.observe(1, [300]), IndexError, "item id 300 is out of range"),
+    (lambda e: e.observe(1, [300]), UnknownKeyError, "items: unknown item key 300 "),
     (lambda e: e.observe(True, [3]), TypeError, "user must be an integer"),
 ])
 def test_bad_requests_raise_clear_errors(engine, call, exc, match):

@@ -102,19 +102,43 @@ def test_unknown_user_gets_the_fallback(server):
 
 
 @pytest.mark.parametrize("payload, fragment", [
-    ({"user": "12"}, "user"),
     ({"user": 1.5}, "user"),
-    ({"user": -1}, "user"),
+    ({"user": 2**63}, "user"),
+    ({"user": "x" * 2000}, "user"),
+    ({"user": None}, "user"),
     ({"user": 1, "k": -2}, "k"),
     ({"user": 1, "k": 100000}, "k"),
     ({"user": 1, "colour": "red"}, "colour"),
     ({"k": 3}, "user"),
-    ({"user": 1, "candidates": ["a"]}, "candidates"),
+    ({"user": 1, "candidates": [1.5]}, "candidates"),
+    ({"user": 1, "exclude": [[1]]}, "exclude"),
 ])
 def test_wrong_types_get_422_naming_the_field(server, payload, fragment):
     client, _ = server
     status, body = client.request("POST", "/recommend", payload)
     assert status == 422 and fragment in body["detail"]
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ({"user": "12"}, "user must be an integer key"),
+    ({"user": 1, "candidates": ["a"]}, "candidates: keys of this map are integers"),
+    ({"user": 1, "exclude": [10**7]}, "exclude: unknown item key 10000000"),
+])
+def test_keys_of_the_wrong_type_or_unknown_items_get_400(server, payload, fragment):
+    client, _ = server
+    status, body = client.request("POST", "/recommend", payload)
+    assert status == 400 and fragment in body["detail"]
+
+
+def test_negative_integer_user_keys_are_keys_and_exclude_is_honoured(server):
+    client, engine = server
+    status, body = client.request("POST", "/recommend", {"user": -5, "k": 3})
+    assert status == 200 and body["fallback"] is True
+    _, first = client.request("POST", "/recommend", {"user": 12, "k": 3, "context": CTX, "return_ids": True})
+    assert first["ids"] == first["items"]           # a bundle without key maps: the keys are the dense ids
+    _, again = client.request("POST", "/recommend", {"user": 12, "k": 3, "context": CTX,
+                                                     "exclude": first["items"][:2]})
+    assert set(first["items"][:2]).isdisjoint(again["items"]) and again["items"][0] == first["items"][2]
 
 
 def test_malformed_json_and_wrong_content(server):
@@ -128,7 +152,7 @@ def test_malformed_json_and_wrong_content(server):
 def test_engine_errors_become_400_with_the_message(server):
     client, _ = server
     status, body = client.request("POST", "/observe", {"user": 1, "items": [10**6]})
-    assert status == 400 and "out of range" in body["detail"]
+    assert status == 400 and "unknown item key 1000000" in body["detail"]
     status, body = client.request("POST", "/recommend", {"user": 1, "context": {"colour": 1}})
     assert status == 400 and "colour" in body["detail"]
 

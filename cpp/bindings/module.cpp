@@ -13,6 +13,7 @@
 #include "rec_engine/embedding.hpp"
 #include "rec_engine/errors.hpp"
 #include "rec_engine/graph.hpp"
+#include "rec_engine/keys.hpp"
 #include "rec_engine/simd.hpp"
 #include "rec_engine/topk.hpp"
 
@@ -276,6 +277,126 @@ PyIdLists take_lists(py::object indptr, py::object ids, int64_t n_queries, const
   return l;
 }
 
+
+// A KeyIndex over NumPy key storage (kept alive here, never copied): int64 keys, or a uint8 UTF-8 blob
+// with int64 offsets. Look-ups take an int64 array (GIL released) or any sequence of Python ints / strs.
+class PyKeyIndex {
+ public:
+  PyKeyIndex(py::handle keys, py::handle offsets) {
+    if (offsets.is_none()) {
+      keys_ = take(keys, "keys", {kI64}, 1);
+      const int64_t n = keys_.shape(0);
+      const int64_t* k = ptr<int64_t>(keys_);
+      build([&] { return KeyIndex::from_ints(k, n); });
+    } else {
+      keys_ = take(keys, "blob", {kU8}, 1);
+      offsets_ = take(offsets, "offsets", {kI64}, 1);
+      const int64_t n = offsets_.shape(0) - 1;
+      if (n < 0) throw py::value_error("offsets must hold n_keys + 1 entries (at least 1)");
+      const int64_t* o = ptr<int64_t>(offsets_);
+      if (o[n] != keys_.shape(0))
+        throw py::value_error("offsets[-1] (" + std::to_string(o[n]) + ") must equal the blob's length (" +
+                              std::to_string(keys_.shape(0)) + ")");
+      const char* b = static_cast<const char*>(keys_.data());
+      build([&] { return KeyIndex::from_strings(b, o, n); });
+    }
+  }
+
+  int64_t size() const { return index_->size(); }
+  bool holds_strings() const { return index_->holds_strings(); }
+
+  // The dense id of one key, -1 when absent; TypeError for a key of the other type.
+  int64_t find(py::handle key) const { return find_one(key, -1); }
+
+  // Dense ids (int64, -1 where absent) of an int64 array or a sequence of keys.
+  py::array_t<int64_t> lookup(py::handle keys) const {
+    using I64 = py::array_t<int64_t, py::array::c_style>;
+    if (py::isinstance<I64>(keys) && py::reinterpret_borrow<py::array>(keys).ndim() == 1 &&
+        py::reinterpret_borrow<py::array>(keys).dtype().attr("isnative").cast<bool>()) {
+      const py::array a = py::reinterpret_borrow<py::array>(keys);
+      if (holds_strings())
+        throw py::type_error("keys of this map are strings, got an int64 array");
+      const int64_t n = a.shape(0);
+      py::array_t<int64_t> out(n);
+      int64_t* o = out.mutable_data();
+      const int64_t* k = ptr<int64_t>(a);
+      {
+        py::gil_scoped_release release;
+        for (int64_t i = 0; i < n; ++i) o[i] = index_->find(k[i]);
+      }
+      return out;
+    }
+    if (py::isinstance<py::str>(keys) || py::isinstance<py::bytes>(keys))
+      throw py::type_error("keys must be a sequence of keys, not a single " +
+                           py::str(py::type::handle_of(keys).attr("__name__")).cast<std::string>());
+    const py::sequence seq = py::reinterpret_borrow<py::sequence>(keys);
+    const int64_t n = static_cast<int64_t>(py::len(keys));
+    py::array_t<int64_t> out(n);
+    int64_t* o = out.mutable_data();
+    for (int64_t i = 0; i < n; ++i) o[i] = find_one(seq[static_cast<size_t>(i)], i);
+    return out;
+  }
+
+  // The string keys of dense ids (a list of str); IndexError for an id outside [0, n).
+  py::list strings(py::handle ids_obj) const {
+    if (!holds_strings()) throw py::type_error("this key map holds integer keys");
+    const py::array ids = take(ids_obj, "ids", {kI64}, 1);
+    const int64_t n = ids.shape(0), size = index_->size();
+    const int64_t* id = ptr<int64_t>(ids);
+    py::list out(n);
+    for (int64_t i = 0; i < n; ++i) {
+      if (id[i] < 0 || id[i] >= size)
+        throw py::index_error("id " + std::to_string(id[i]) + " at position " + std::to_string(i) +
+                              " is outside [0, " + std::to_string(size) + ")");
+      const std::string_view s = index_->string_at(id[i]);
+      PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
+      if (u == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), u);
+    }
+    return out;
+  }
+
+ private:
+  template <class F>
+  void build(F make) {
+    try {
+      py::gil_scoped_release release;
+      index_ = std::make_unique<KeyIndex>(make());
+    } catch (const DuplicateKey& e) {
+      throw py::value_error("duplicate key at positions " + std::to_string(e.first) + " and " +
+                            std::to_string(e.second) + ": keys must be distinct");
+    }
+  }
+
+  int64_t find_one(py::handle key, int64_t pos) const {
+    const std::string where = pos >= 0 ? " at position " + std::to_string(pos) : "";
+    if (holds_strings()) {
+      if (!PyUnicode_Check(key.ptr()))
+        throw py::type_error("keys of this map are strings, got " +
+                             py::str(py::type::handle_of(key).attr("__name__")).cast<std::string>() + where);
+      Py_ssize_t len = 0;
+      const char* s = PyUnicode_AsUTF8AndSize(key.ptr(), &len);
+      if (s == nullptr) throw py::error_already_set();  // e.g. a lone surrogate: not UTF-8
+      return index_->find(std::string_view(s, static_cast<size_t>(len)));
+    }
+    // integers: Python int or a NumPy integer scalar, never bool
+    if (PyBool_Check(key.ptr()) || !(PyLong_Check(key.ptr()) || PyIndex_Check(key.ptr())) ||
+        PyFloat_Check(key.ptr()))
+      throw py::type_error("keys of this map are integers, got " +
+                           py::str(py::type::handle_of(key).attr("__name__")).cast<std::string>() + where);
+    int overflow = 0;
+    py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(key.ptr()));
+    if (!as_int) throw py::error_already_set();
+    const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
+    if (overflow != 0) return -1;  // outside int64: no such key
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return index_->find(static_cast<int64_t>(v));
+  }
+
+  py::array keys_, offsets_;
+  std::unique_ptr<KeyIndex> index_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -293,6 +414,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_simd_level", [](const std::string& name) { set_simd_level(parse_simd_level(name)); });
   m.def("openmp_enabled", &openmp_enabled);
   m.def("default_num_threads", &default_num_threads);
+
+  py::class_<PyKeyIndex>(m, "KeyIndex")
+      .def(py::init<py::handle, py::handle>(), py::arg("keys"), py::arg("offsets") = py::none())
+      .def("find", &PyKeyIndex::find, py::arg("key"))
+      .def("lookup", &PyKeyIndex::lookup, py::arg("keys"))
+      .def("strings", &PyKeyIndex::strings, py::arg("ids"))
+      .def("__len__", &PyKeyIndex::size)
+      .def_property_readonly("holds_strings", &PyKeyIndex::holds_strings);
 
   py::class_<PyEmbeddingTable>(m, "EmbeddingTable")
       .def(py::init<py::handle, py::object>(), py::arg("weights"), py::arg("scale_bias") = py::none())

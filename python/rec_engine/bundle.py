@@ -28,6 +28,7 @@ import numpy as np
 
 from ._core import RecEngineError
 from .embedding import EmbeddingTable
+from .keys import KeyMap
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,7 +68,7 @@ def _jsonable(value: Any) -> Any:
 def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] | None = None,
                  tables: Mapping[str, np.ndarray] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
                  onnx: Mapping[str, bytes | str | os.PathLike] | None = None, table_dtype: str = "float32",
-                 overwrite: bool = False) -> Path:
+                 keys: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a bundle directory at ``path`` and return it.
 
     Parameters
@@ -81,6 +82,10 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
     arrays : mapping of name -> array
         Other arrays, stored as they are (``.npy``, no pickles).
     onnx : mapping of name -> serialized model bytes or a path to an ``.onnx`` file
+    keys : mapping of entity ("user", "item") -> its keys in dense-id order, optional
+        The user's own keys (all int or all str, distinct: a duplicate is a ValueError naming it), stored
+        as arrays ``<entity>_keys*`` (see :mod:`rec_engine.keys`); an entity without keys is served by its
+        dense ids.
     overwrite : bool
         Replace an existing bundle at ``path`` (atomically: the old one stays until the new is complete).
     """
@@ -88,6 +93,16 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
         raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
     if not isinstance(kind, str) or not kind:
         raise ValueError("kind must be a non-empty string")
+    key_arrays: dict[str, np.ndarray] = {}
+    for entity, given in (keys or {}).items():
+        if entity not in ("user", "item"):
+            raise ValueError(f"keys are given for 'user' and 'item', got {entity!r}")
+        if given is not None:
+            km = given if isinstance(given, KeyMap) else KeyMap.from_keys(given)
+            key_arrays.update(km.to_arrays(entity))
+    clash = set(key_arrays) & set(arrays or {})
+    if clash:
+        raise ValueError(f"arrays {sorted(clash)} are reserved for the key maps")
     path = Path(path)
     with _staging(path, overwrite) as tmp:
         files: dict[str, dict] = {}
@@ -106,7 +121,7 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
             if t.scale_bias is not None:
                 put(f"tables/{name}.scale_bias.npy", lambda p, a=t.scale_bias: np.save(p, a, allow_pickle=False))
             table_info[name] = {"rows": t.rows, "dim": t.dim, "dtype": t.dtype}
-        for name, a in (arrays or {}).items():
+        for name, a in {**(arrays or {}), **key_arrays}.items():
             _check_name(name)
             a = np.asarray(a)
             if a.dtype == object:
@@ -215,6 +230,16 @@ class Bundle:
 
     def array(self, name: str, *, mmap: bool = False) -> np.ndarray:
         return np.load(self._file(f"arrays/{name}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def key_map(self, entity: str, n: int) -> KeyMap:
+        """The ``entity``'s ("user" / "item") key map of ``n`` keys (memory-mapped; the identity when the
+        bundle stores no keys). Raises BundleError when the stored map is malformed or of another size."""
+        names = [f"{entity}_keys", f"{entity}_keys_utf8", f"{entity}_keys_offsets"]
+        arrays = {nm: self.array(nm, mmap=True) for nm in names if self.has(f"arrays/{nm}.npy")}
+        try:
+            return KeyMap.from_arrays(arrays, entity, n)
+        except (ValueError, TypeError) as e:
+            raise BundleError(f"bundle {self.path}: {e}") from None
 
     def onnx_path(self, name: str) -> Path:
         return self._file(f"{name}.onnx")

@@ -3,14 +3,19 @@
 ::
 
     engine = Engine.load("bundles/pipeline")          # or a retrieval-only / ranking-only bundle
-    rec = engine.recommend(42, k=10)                  # rec.items, rec.scores, rec.timings
-    engine.observe(42, [1337, 7])                     # seen set, history, fold-in: the next call reflects it
+    rec = engine.recommend("u-42", k=10)              # rec.items (item keys), rec.ids, rec.scores, rec.timings
+    engine.observe("u-42", ["sku-1337", "sku-7"])     # seen set, history, fold-in: the next call reflects it
     engine.swap("bundles/pipeline-v2")                # atomic; in-flight requests finish on the old version
+
+Users and items are named by their own keys (ints or strings, as in the training data; bundles without
+key maps use the dense ids as keys). An unknown user key gets the cold-start answer; an unknown item key
+is an :class:`~rec_engine.keys.UnknownKeyError` naming it.
 
 A *version* is everything loaded from one bundle (retrieval model, ranking model, ONNX sessions); it is
 immutable once built, and every request reads the current one once, so an answer comes wholly from one
 version. What the engine learns online (:class:`~rec_engine.online.OnlineState`) belongs to the engine,
-not to a version: it survives swaps and restarts (through its event log).
+not to a version: it is kept by key, so it survives swaps (to versions with other dense ids) and
+restarts (through its event log).
 """
 from __future__ import annotations
 
@@ -25,30 +30,55 @@ import numpy as np
 
 from ._core import RecEngineError
 from .bundle import BundleError, open_bundle
+from .keys import KeyMap, UnknownKeyError
 from .online import OnlineState
 from .ranking import RANKING_KINDS, CtrRanker, load_ranking
-from .retrieval import load_retrieval
+from .retrieval import UserState, load_retrieval
 from .topk import topk
 
 DEFAULT_CANDIDATES = 500
+_OBSERVED_CACHE_SIZE = 65536     # users whose observed items are kept mapped to a version's ids
 
 
 @dataclass
 class Recommendation:
     """Items best first with their scores (click probability when a ranking model ran, else the retrieval
     score), the version that answered, whether the user got the cold-start fallback, and per-stage
-    timings in milliseconds. Fewer than ``k`` items are padded with id -1 and score -inf."""
+    timings in milliseconds.
 
-    user: int
-    items: np.ndarray
+    ``items`` are the items' own keys (an int64 array, or an object array of str for string keys) and
+    ``ids`` their dense ids in the answering version (the fast path for callers that keep ids). Fewer than
+    ``k`` results are padded with id -1, score -inf and key -1 (integer keys) or None (string keys):
+    ``ids >= 0`` marks the real ones."""
+
+    user: Any
+    ids: np.ndarray
     scores: np.ndarray
     version: str
     fallback: bool = False
     timings: dict = field(default_factory=dict)
+    item_keys: KeyMap | None = field(default=None, repr=False)
+    _items: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def items(self) -> np.ndarray:
+        """The items' keys, computed on first use (the dense ids when the version has no key map)."""
+        if self._items is None:
+            keys = self.item_keys
+            if keys is None or keys.kind == "dense":
+                self._items = self.ids
+            else:
+                real = self.ids >= 0
+                got = keys.keys(self.ids[real])
+                out = np.full(len(self.ids), None if keys.kind == "str" else -1,
+                              dtype=object if keys.kind == "str" else np.int64)
+                out[real] = got
+                self._items = out
+        return self._items
 
 
 class _Version:
-    """Models loaded from one bundle; immutable after construction."""
+    """Models loaded from one bundle; immutable after construction (its caches aside)."""
 
     def __init__(self, path: Path, *, ort_threads: int, verify: bool):
         import onnxruntime as ort
@@ -77,9 +107,37 @@ class _Version:
         if n_r is not None and n_k is not None and n_r != n_k:
             raise BundleError(f"bundle {path}: retrieval has {n_r} items but ranking's item store has {n_k}")
         self.n_items = n_r if n_r is not None else n_k
+        # the user's own keys: items from the retrieval stage (the ranking stage's item store must agree),
+        # users per stage (each stage's user rows are its own dense ids)
+        r_items = rb.key_map("item", n_r) if rb is not None else None
+        k_items = kb.key_map("item", n_k) if kb is not None and n_k is not None else None
+        if r_items is not None and k_items is not None and k_items.kind != "dense" and r_items != k_items:
+            raise BundleError(f"bundle {path}: the retrieval and ranking stages hold different item keys")
+        self.item_keys = r_items or k_items or KeyMap.dense(self.n_items or 0)
+        self.user_keys = rb.key_map("user", self.retrieval.n_users) if rb is not None else None
+        ranking_users = self.ranking.users.n if self.ranking is not None and self.ranking.users is not None else 0
+        self.ranking_user_keys = kb.key_map("user", ranking_users) if kb is not None else None
+        self.key_type = int if self.item_keys.kind != "str" else str
         counts = self.retrieval.item_counts if self.retrieval is not None else None
         # cold start: popular items, ranked by the same top-k (a 1-d "vector" per item)
         self.popular = None if counts is None else np.ascontiguousarray(counts.astype(np.float32)[:, None])
+        self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
+
+    def user_state(self, user, online: OnlineState) -> UserState:
+        """What this version knows of the user with key ``user``: dense id and observed items."""
+        uid = self.user_keys.id(user) if self.user_keys is not None else -1
+        stamp = online.stamp(user)
+        if stamp == 0:
+            return UserState(user, uid)
+        hit = self._observed.get(user)
+        if hit is None or hit[0] != stamp:
+            stamp, keys = online.snapshot(user)
+            ids = self.item_keys.lookup(list(keys))
+            hit = (stamp, np.ascontiguousarray(ids[ids >= 0]))    # items this version does not hold: dropped
+            if len(self._observed) >= _OBSERVED_CACHE_SIZE:
+                self._observed.clear()
+            self._observed[user] = hit
+        return UserState(user, uid, hit[1], hit[0])
 
 
 class Engine:
@@ -119,55 +177,83 @@ class Engine:
     def n_items(self) -> int | None:
         return self._version.n_items
 
+    @property
+    def item_keys(self) -> KeyMap:
+        """The current version's item keys (:class:`~rec_engine.keys.KeyMap`)."""
+        return self._version.item_keys
+
+    @property
+    def user_keys(self) -> KeyMap | None:
+        """The current version's user keys (None for a ranking-only bundle)."""
+        return self._version.user_keys
+
     # ------------------------------------------------------------------ requests
-    def _check_user(self, user) -> int:
-        if isinstance(user, bool) or not isinstance(user, (int, np.integer)):
-            raise TypeError(f"user must be an integer id, got {type(user).__name__}")
-        if user < 0:
-            raise ValueError(f"user ids are non-negative, got {user}")
-        return int(user)
+    def _check_user(self, v: _Version, user):
+        """The user's key, checked for the version's key type (TypeError otherwise)."""
+        if isinstance(user, np.generic):
+            user = user.item()
+        keys = v.user_keys if v.user_keys is not None else v.ranking_user_keys
+        want = str if keys is not None and keys.kind == "str" else int
+        if isinstance(user, bool) or not isinstance(user, want):
+            raise TypeError(f"user must be {'a string' if want is str else 'an integer'} key, "
+                            f"got {type(user).__name__}")
+        return user
 
-    def _check_items(self, items, name: str, n_items: int | None) -> np.ndarray:
-        a = np.asarray(items)
-        if a.dtype.kind not in "iu" and not (a.size == 0):
-            raise TypeError(f"{name} must be integer item ids, got dtype {a.dtype}")
-        a = a.astype(np.int64).reshape(-1)
-        if n_items is not None and a.size and (a.min() < 0 or a.max() >= n_items):
-            bad = int(a[(a < 0) | (a >= n_items)][0])
-            raise IndexError(f"{name}: item id {bad} is out of range [0, {n_items})")
-        return a
+    @staticmethod
+    def _item_ids(v: _Version, items, name: str) -> np.ndarray:
+        """Dense ids of the item keys ``items`` (UnknownKeyError naming an unknown one, TypeError for keys
+        of the wrong type)."""
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
+            raise TypeError(f"{name} must be a sequence of item keys, got {type(items).__name__}")
+        if isinstance(items, np.ndarray) and items.dtype.kind not in "iuUO" and items.size:
+            raise TypeError(f"{name} must be item keys, got an array of dtype {items.dtype}")
+        if isinstance(items, np.ndarray) and items.dtype.kind == "U":
+            items = items.tolist()
+        try:
+            return v.item_keys.ids(items, what="item")
+        except UnknownKeyError as e:
+            raise UnknownKeyError(f"{name}: {e}") from None
+        except TypeError as e:
+            raise TypeError(f"{name}: {e}") from None
 
-    def recommend(self, user: int, k: int = 10, *, exclude_seen: bool = True, candidates=None,
+    def recommend(self, user, k: int = 10, *, exclude_seen: bool = True, exclude=None, candidates=None,
                   context: Mapping[str, Any] | None = None, n_candidates: int | None = None) -> Recommendation:
         """Top ``k`` items for ``user``: retrieval of ``n_candidates`` items by top-k (or the given
         ``candidates``), then ranking by the CTR model when the bundle has one.
 
         Parameters
         ----------
-        user : int
-            User id; an id the model does not know (and that has no observed events) gets the
+        user : int or str
+            The user's key; a key the model does not know (and that has no observed events) gets the
             cold-start fallback: popular items, ranked by the CTR model from ``context`` if there is one.
         k : int
-            Items to return (at most the catalogue; padded with -1 / -inf when fewer are left).
+            Items to return (at most the catalogue; padded with id -1 / score -inf when fewer are left).
         exclude_seen : bool
             Skip items the user interacted with (training data and observed events).
-        candidates : sequence of int, optional
+        exclude : sequence of item keys, optional
+            Never return these items.
+        candidates : sequence of item keys, optional
             Restrict the result to these items.
         context : mapping, optional
             Feature values for the ranking model's context fields (and the user's fields when the
             model does not know the user).
+        n_candidates : int, optional
+            Items retrieved for the ranking stage (default: the pipeline's setting).
         """
-        return self._recommend(self._version, self._check_user(user), k, exclude_seen, candidates, context,
+        v = self._version
+        return self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
                                n_candidates)
 
-    def recommend_batch(self, users: Sequence[int], k: int = 10, **kw) -> list[Recommendation]:
-        """:meth:`recommend` for several users, all answered by the same model version."""
+    def recommend_batch(self, users: Sequence, k: int = 10, *, exclude_seen: bool = True, exclude=None,
+                        candidates=None, context: Mapping[str, Any] | None = None,
+                        n_candidates: int | None = None) -> list[Recommendation]:
+        """:meth:`recommend` for several users (the same options for each), all answered by one version."""
         v = self._version
-        checked = [self._check_user(u) for u in users]
-        return [self._recommend(v, u, k, kw.get("exclude_seen", True), kw.get("candidates"), kw.get("context"),
-                                kw.get("n_candidates")) for u in checked]
+        checked = [self._check_user(v, u) for u in users]
+        return [self._recommend(v, u, k, exclude_seen, exclude, candidates, context, n_candidates)
+                for u in checked]
 
-    def _recommend(self, v: _Version, user: int, k: int, exclude_seen: bool, candidates, context,
+    def _recommend(self, v: _Version, user, k: int, exclude_seen: bool, exclude, candidates, context,
                    n_candidates) -> Recommendation:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an integer, got {type(k).__name__}")
@@ -175,19 +261,21 @@ class Engine:
             raise ValueError(f"k must be >= 0, got {k}")
         t0 = time.perf_counter()
         timings = {}
-        cand = None if candidates is None else self._check_items(candidates, "candidates", v.n_items)
+        cand = None if candidates is None else self._item_ids(v, candidates, "candidates")
+        state = v.user_state(user, self.online)
         seen = None
         if exclude_seen:
-            seen = (v.retrieval.seen(user, self.online) if v.retrieval is not None
-                    else (self.online.items(user) if self.online.items(user) is not None else np.zeros(0, np.int64)))
+            seen = v.retrieval.seen(state) if v.retrieval is not None else state.observed
+        if exclude is not None:
+            extra = self._item_ids(v, exclude, "exclude")
+            seen = extra if seen is None else np.concatenate([seen, extra])
         fallback = False
         if v.retrieval is not None:
             n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
-            res = v.retrieval.retrieve(user, n, self.online, exclude=seen, candidates=cand,
-                                       num_threads=self.num_threads)
+            res = v.retrieval.retrieve(state, n, exclude=seen, candidates=cand, num_threads=self.num_threads)
             if res is None:       # a user the model cannot describe: popular items
                 if v.popular is None:
-                    raise RecEngineError(f"user {user} is unknown and the bundle has no popularity to fall back on")
+                    raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
                 res = topk(np.ones(1, np.float32), v.popular, n, exclude=seen, candidates=cand,
                            num_threads=self.num_threads)
                 fallback = True
@@ -204,7 +292,8 @@ class Engine:
             scores = None
         if v.ranking is not None:
             t1 = time.perf_counter()
-            probs = v.ranking.score_candidates(user, ids, context)
+            ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else -1
+            probs = v.ranking.score_candidates(ruid, ids, context)
             order = np.lexsort((ids, -probs))[:k]
             ids, scores = ids[order], probs[order]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
@@ -214,18 +303,21 @@ class Engine:
             ids = np.concatenate([ids, np.full(pad, -1, np.int64)])
             scores = np.concatenate([scores, np.full(pad, -np.inf, np.float32)])
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return Recommendation(user, ids, scores, v.id, fallback, timings)
+        return Recommendation(user, ids, scores, v.id, fallback, timings, v.item_keys)
 
     # ------------------------------------------------------------------ feedback
-    def observe(self, user: int, items: Sequence[int], **extra) -> None:
-        """Record that ``user`` interacted with ``items`` (in time order). At once: the items join the
-        user's seen set (excluded from then on), its SASRec history, and its LightGCN vector is folded in
-        anew; the events are in the log before this returns."""
-        user = self._check_user(user)
-        items = self._check_items(items, "items", self._version.n_items)
-        if items.size == 0:
+    def observe(self, user, items: Sequence, **extra) -> None:
+        """Record that ``user`` interacted with ``items`` (item keys, in time order). At once: the items
+        join the user's seen set (excluded from then on), its SASRec history, and its LightGCN vector is
+        folded in anew; the events are in the log before this returns. An unknown item key is an
+        :class:`~rec_engine.keys.UnknownKeyError` and nothing is recorded."""
+        v = self._version
+        user = self._check_user(v, user)
+        ids = self._item_ids(v, items, "items")
+        if ids.size == 0:
             raise ValueError("observe needs at least one item")
-        self.online.observe(user, items, **extra)
+        keys = items.tolist() if isinstance(items, np.ndarray) else list(items)
+        self.online.observe(user, keys, **extra)
 
     # ------------------------------------------------------------------ versions
     def swap(self, path) -> str:

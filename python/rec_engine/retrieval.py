@@ -11,11 +11,14 @@ One class per way a bundle produces user vectors:
 - :class:`SequentialRetrieval` (``sasrec``): the user vector is the ONNX encoder's output over the user's
   latest items, looked up in C++; observed items extend the history at once.
 
-Both exclude each user's seen items (training interactions plus observed ones) unless told not to.
+Every class takes a :class:`UserState`: what the engine knows of the user for one request, in the
+version's dense ids (the engine maps the user's own keys). All exclude each user's seen items (training
+interactions plus observed ones) unless told not to.
 """
 from __future__ import annotations
 
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,13 +26,32 @@ from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .embedding import EmbeddingTable
 from .graph import CsrMatrix, apply_polynomial, spmm
-from .online import OnlineState
 from .sequential import SASRecScorer
 from .topk import IdLists, TopK, topk
 
 VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity")
-FILTER_KINDS = ("gfcf",)
+FILTER_KINDS = ("gfcf", "bspm")
 SEQUENTIAL_KINDS = ("sasrec",)
+
+
+_NO_ITEMS = np.zeros(0, np.int64)
+_NO_ITEMS.flags.writeable = False
+_FOLD_CACHE_SIZE = 65536     # folded-in user vectors kept (emptied when full)
+
+
+class UserState(NamedTuple):
+    """A user as one model version sees it for one request.
+
+    key : the user's own key (what caches are keyed by)
+    uid : the user's dense id in the model, -1 when the model does not know the user
+    observed : int64 dense ids of the items observed online (known to this version), oldest first
+    stamp : changes whenever the user gets new events (0: never observed)
+    """
+
+    key: Any
+    uid: int
+    observed: np.ndarray = _NO_ITEMS
+    stamp: int = 0
 
 
 def _csr_lists(bundle: Bundle, indptr: str, ids: str) -> IdLists:
@@ -45,19 +67,19 @@ class _Retrieval:
     n_items: int
     seen_lists: IdLists        # per known user
 
-    def seen(self, user: int, online: OnlineState | None) -> np.ndarray:
-        base = self.seen_lists[user] if 0 <= user < self.n_users else np.zeros(0, np.int64)
-        extra = online.items(user) if online is not None else None
-        return base if extra is None else np.concatenate([base, extra])
+    def seen(self, user: UserState) -> np.ndarray:
+        """The user's train items, then its observed ones (dense ids, repeats possible)."""
+        base = self.seen_lists[user.uid] if 0 <= user.uid < self.n_users else _NO_ITEMS
+        return base if not len(user.observed) else np.concatenate([base, user.observed])
 
-    def user_vectors(self, users: np.ndarray, online: OnlineState | None) -> tuple[np.ndarray, np.ndarray]:
+    def user_vectors(self, users: list[UserState]) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors [B, d] float32, known [B] bool)``; an unknown user (no vector) has a zero row."""
         raise NotImplementedError
 
-    def retrieve(self, user: int, n: int, online: OnlineState | None, *, exclude=None, candidates=None,
+    def retrieve(self, user: UserState, n: int, *, exclude=None, candidates=None,
                  num_threads: int | None = None) -> TopK | None:
         """The ``n`` best items for ``user`` (None when the model cannot describe the user)."""
-        vec, known = self.user_vectors(np.array([user]), online)
+        vec, known = self.user_vectors([user])
         if not known[0]:
             return None
         return topk(vec[0], self.items, n, exclude=exclude, candidates=candidates, num_threads=num_threads)
@@ -78,7 +100,7 @@ class VectorRetrieval(_Retrieval):
         self._fold = None
         self._bundle = bundle
         self._fold_lock = threading.Lock()
-        self._cache: dict[int, tuple[int, np.ndarray]] = {}
+        self._cache: dict = {}     # user key -> (stamp, folded-in vector)
 
     @property
     def folds_in(self) -> bool:
@@ -103,12 +125,13 @@ class VectorRetrieval(_Retrieval):
             return self._fold
 
     def fold_in(self, user: int, items: np.ndarray) -> np.ndarray:
-        """LightGCN vector of ``user`` whose neighbourhood is ``items`` (train + observed): layer k+1 of
-        the user is sum_i e_i^k / sqrt(d_u d_i) with the items' stored layers, d_u = |items| and d_i the
-        item's degree counting the new edges; the result combines layers 0..K by the model's weights."""
+        """LightGCN vector of the user with dense id ``user`` (-1: a user the model does not know) whose
+        neighbourhood is ``items`` (train + observed): layer k+1 of the user is sum_i e_i^k / sqrt(d_u d_i)
+        with the items' stored layers, d_u = |items| and d_i the item's degree counting the new edges;
+        the result combines layers 0..K by the model's weights."""
         table, degrees, weights, ego = self._fold_state()
         items = np.unique(np.asarray(items, np.int64))
-        known = self.seen_lists[user] if 0 <= user < self.n_users else np.zeros(0, np.int64)
+        known = self.seen_lists[user] if 0 <= user < self.n_users else _NO_ITEMS
         d_i = degrees[items] + ~np.isin(items, known)
         w = (1.0 / np.sqrt(len(items) * d_i)).astype(np.float32)
         k = len(weights) - 1
@@ -118,23 +141,24 @@ class VectorRetrieval(_Retrieval):
         e0 = ego.gather(np.array([user]))[0] if 0 <= user < self.n_users else np.zeros(d, np.float32)
         return (weights[0] * e0 + weights[1:] @ hops).astype(np.float32)
 
-    def user_vectors(self, users, online):
-        users = np.asarray(users, np.int64)
-        known = (users >= 0) & (users < self.n_users)
+    def user_vectors(self, users):
         if self.kind == "popularity":
             return np.ones((len(users), 1), np.float32), np.ones(len(users), bool)
+        uids = np.array([u.uid for u in users], np.int64)
+        known = (uids >= 0) & (uids < self.n_users)
         out = np.zeros((len(users), self.items.shape[1]), np.float32)
         if known.any():
-            out[known] = self.users.gather(users[known])
-        if online is not None and self.folds_in:
-            for j, u in enumerate(users.tolist()):
-                stamp = online.stamp(u)
-                if stamp == 0:
+            out[known] = self.users.gather(uids[known])
+        if self.folds_in:
+            for j, u in enumerate(users):
+                if u.stamp == 0 or not len(u.observed):
                     continue
-                hit = self._cache.get(u)
-                if hit is None or hit[0] != stamp:
-                    hit = (stamp, self.fold_in(u, self.seen(u, online)))
-                    self._cache[u] = hit
+                hit = self._cache.get(u.key)
+                if hit is None or hit[0] != u.stamp:
+                    hit = (u.stamp, self.fold_in(u.uid, self.seen(u)))
+                    if len(self._cache) >= _FOLD_CACHE_SIZE:
+                        self._cache.clear()
+                    self._cache[u.key] = hit
                 out[j] = hit[1]
                 known[j] = True
         return out, known
@@ -149,10 +173,9 @@ class SequentialRetrieval(_Retrieval):
         self.n_users = len(self.seen_lists)
         self.item_counts = bundle.array("item_counts") if bundle.has("arrays/item_counts.npy") else None
 
-    def user_vectors(self, users, online):
+    def user_vectors(self, users):
         """The encoder's output over each user's latest items (known history, then observed items)."""
-        users = np.asarray(users, np.int64)
-        hist = [self.seen(int(u), online) for u in users]
+        hist = [self.seen(u) for u in users]
         known = np.array([len(h) > 0 for h in hist], bool)
         out = np.zeros((len(users), self.items.shape[1]), np.float32)
         if known.any():
@@ -210,8 +233,8 @@ class FilterRetrieval(_Retrieval):
         """``P x = R~^T (R~ x)`` for a vector over items (float64 in and out, float32 products)."""
         return spmm(self.norm_t, spmm(self.norm, x[:, None].astype(np.float32)))[:, 0].astype(np.float64)
 
-    def retrieve(self, user, n, online, *, exclude=None, candidates=None, num_threads=None):
-        items = np.unique(self.seen(user, online))
+    def retrieve(self, user, n, *, exclude=None, candidates=None, num_threads=None):
+        items = np.unique(self.seen(user))
         if len(items) == 0:
             return None
         s = self.scores(items)

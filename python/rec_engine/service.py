@@ -2,14 +2,17 @@
 
 Endpoints::
 
-    POST /recommend  {"user": 1, "k": 10, "exclude_seen": true, "candidates": [..], "context": {..}}
-    POST /observe    {"user": 1, "items": [3, 4]}
+    POST /recommend  {"user": "u-1", "k": 10, "exclude_seen": true, "exclude": [..], "candidates": [..],
+                      "context": {..}, "return_ids": false}
+    POST /observe    {"user": "u-1", "items": ["sku-3", "sku-4"]}
     POST /swap       {"bundle": "/path/to/bundle"}     header "Authorization: Bearer <token>"
     GET  /healthz
     GET  /metrics    Prometheus text: requests and errors per endpoint, latency histograms per stage
 
 Handlers are plain functions, so the server runs them in its thread pool, off the event loop: the core
 releases the GIL in its kernels and ONNX Runtime in its sessions, so requests really run in parallel.
+Users and items are the bundle's own keys (JSON strings or integers, as in the training data); a key of
+the other type, or an unknown item key, gets 400 naming it; an unknown user gets the cold-start answer.
 Invalid requests get a 4xx answer with a message; bodies larger than ``max_body`` bytes get 413.
 Run it with ``rec-engine serve BUNDLE --port P`` (needs the ``serve`` extra).
 """
@@ -17,34 +20,40 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Annotated
 
 from ._core import RecEngineError
 from .engine import Engine
 
 MAX_ITEMS_PER_REQUEST = 10_000
+MAX_KEY_LENGTH = 1024
+# a user's or an item's own key: an integer within int64 or a string
+Key = Union[Annotated[int, Field(ge=-2**63, lt=2**63)], Annotated[str, Field(max_length=MAX_KEY_LENGTH)]]
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    user: int = Field(ge=0, lt=2**63)
+    user: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
     exclude_seen: bool = True
-    candidates: Optional[list[int]] = Field(default=None, max_length=MAX_ITEMS_PER_REQUEST)
+    exclude: Optional[list[Key]] = Field(default=None, max_length=MAX_ITEMS_PER_REQUEST)
+    candidates: Optional[list[Key]] = Field(default=None, max_length=MAX_ITEMS_PER_REQUEST)
     context: Optional[dict[str, Any]] = None
+    return_ids: bool = False
 
 
 class ObserveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    user: int = Field(ge=0, lt=2**63)
-    items: list[int] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+    user: Key
+    items: list[Key] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class SwapRequest(BaseModel):
@@ -102,16 +111,19 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     @app.post("/recommend")
     def recommend(req: RecommendRequest):
         try:
-            rec = engine.recommend(req.user, req.k, exclude_seen=req.exclude_seen, candidates=req.candidates,
-                                   context=req.context)
+            rec = engine.recommend(req.user, req.k, exclude_seen=req.exclude_seen, exclude=req.exclude,
+                                   candidates=req.candidates, context=req.context)
         except (ValueError, TypeError, IndexError, RecEngineError) as e:
             raise _bad(e) from None
         for stage in ("retrieval", "ranking", "total"):
             if f"{stage}_ms" in rec.timings:
                 latency.labels(stage).observe(rec.timings[f"{stage}_ms"] / 1e3)
-        keep = rec.items >= 0
-        return {"user": rec.user, "items": rec.items[keep].tolist(), "scores": rec.scores[keep].tolist(),
-                "version": rec.version, "fallback": rec.fallback, "timings": rec.timings}
+        keep = rec.ids >= 0
+        out = {"user": rec.user, "items": rec.items[keep].tolist(), "scores": rec.scores[keep].tolist(),
+               "version": rec.version, "fallback": rec.fallback, "timings": rec.timings}
+        if req.return_ids:
+            out["ids"] = rec.ids[keep].tolist()
+        return out
 
     @app.post("/observe")
     def observe(req: ObserveRequest):
