@@ -6,9 +6,17 @@ The C++ core (``rec_engine._core``) does the heavy lifting; this package is a th
 - :func:`normalized_adjacency`, :func:`spmm`, :func:`propagate`: graph propagation (LightGCN)
 - :func:`topk`: exact top-k with exclusion and candidate subsets
 - :func:`simd_level`, :func:`set_simd_level`: the instruction set in use
+- :class:`Engine`: serving from a bundle (retrieval, ranking, feedback, swaps), by the user's own keys
+- :class:`KeyMap`: the user's own keys <-> dense ids; :func:`open_bundle`, :func:`write_bundle`
+
+Importing the package loads neither ONNX Runtime nor torch: ONNX Runtime is loaded when an Engine (or a
+ranking / sequential model) is first built.
 """
 from ._core import RecEngineError
+from .bundle import Bundle, BundleError, open_bundle, write_bundle, write_pipeline
 from .embedding import EmbeddingTable
+from .engine import Engine, Recommendation
+from .keys import KeyMap, UnknownKeyError
 from .graph import CsrMatrix, normalized_adjacency, propagate, spmm
 from .runtime import (default_num_threads, openmp_enabled, set_simd_level, simd_level,
                       supported_simd_levels)
@@ -17,7 +25,8 @@ from .topk import IdLists, ItemIndex, TopK, topk
 __version__ = "0.1.0"
 
 __all__ = [
-    "CsrMatrix", "EmbeddingTable", "IdLists", "ItemIndex", "RecEngineError", "TopK", "default_num_threads",
-    "normalized_adjacency", "openmp_enabled", "propagate", "set_simd_level", "simd_level", "spmm",
-    "supported_simd_levels", "topk",
+    "Bundle", "BundleError", "CsrMatrix", "EmbeddingTable", "Engine", "IdLists", "ItemIndex", "KeyMap",
+    "RecEngineError", "Recommendation", "TopK", "UnknownKeyError", "default_num_threads", "normalized_adjacency",
+    "open_bundle", "openmp_enabled", "propagate", "set_simd_level", "simd_level", "spmm",
+    "supported_simd_levels", "topk", "write_bundle", "write_pipeline",
 ]

@@ -114,10 +114,11 @@ class _Version:
         if r_items is not None and k_items is not None and k_items.kind != "dense" and r_items != k_items:
             raise BundleError(f"bundle {path}: the retrieval and ranking stages hold different item keys")
         self.item_keys = r_items or k_items or KeyMap.dense(self.n_items or 0)
-        self.user_keys = rb.key_map("user", self.retrieval.n_users) if rb is not None else None
         ranking_users = self.ranking.users.n if self.ranking is not None and self.ranking.users is not None else 0
-        self.ranking_user_keys = kb.key_map("user", ranking_users) if kb is not None else None
-        self.key_type = int if self.item_keys.kind != "str" else str
+        k_users = kb.key_map("user", ranking_users) if kb is not None else None
+        self.user_keys = rb.key_map("user", self.retrieval.n_users) if rb is not None else k_users
+        # the ranking stage's user rows: by its own keys, else (no keys stored) the same dense ids as retrieval
+        self.ranking_user_keys = k_users if k_users is not None and k_users.kind != "dense" else None
         counts = self.retrieval.item_counts if self.retrieval is not None else None
         # cold start: popular items, ranked by the same top-k (a 1-d "vector" per item)
         self.popular = None if counts is None else np.ascontiguousarray(counts.astype(np.float32)[:, None])
@@ -125,7 +126,7 @@ class _Version:
 
     def user_state(self, user, online: OnlineState) -> UserState:
         """What this version knows of the user with key ``user``: dense id and observed items."""
-        uid = self.user_keys.id(user) if self.user_keys is not None else -1
+        uid = self.user_keys.id(user)
         stamp = online.stamp(user)
         if stamp == 0:
             return UserState(user, uid)
@@ -183,8 +184,8 @@ class Engine:
         return self._version.item_keys
 
     @property
-    def user_keys(self) -> KeyMap | None:
-        """The current version's user keys (None for a ranking-only bundle)."""
+    def user_keys(self) -> KeyMap:
+        """The current version's user keys (:class:`~rec_engine.keys.KeyMap`)."""
         return self._version.user_keys
 
     # ------------------------------------------------------------------ requests
@@ -192,8 +193,7 @@ class Engine:
         """The user's key, checked for the version's key type (TypeError otherwise)."""
         if isinstance(user, np.generic):
             user = user.item()
-        keys = v.user_keys if v.user_keys is not None else v.ranking_user_keys
-        want = str if keys is not None and keys.kind == "str" else int
+        want = str if v.user_keys.kind == "str" else int
         if isinstance(user, bool) or not isinstance(user, want):
             raise TypeError(f"user must be {'a string' if want is str else 'an integer'} key, "
                             f"got {type(user).__name__}")
@@ -292,7 +292,7 @@ class Engine:
             scores = None
         if v.ranking is not None:
             t1 = time.perf_counter()
-            ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else -1
+            ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else state.uid
             probs = v.ranking.score_candidates(ruid, ids, context)
             order = np.lexsort((ids, -probs))[:k]
             ids, scores = ids[order], probs[order]

@@ -77,8 +77,9 @@ class KeyMap:
             np.cumsum([len(b) for b in encoded], out=offsets[1:])
             utf8 = np.frombuffer(b"".join(encoded), np.uint8) if encoded else np.zeros(0, np.uint8)
             return cls._from_strings(utf8, offsets)
-        bad = next((k for k in keys if not (_is_int(k) or isinstance(k, str))), None)
-        if bad is not None:
+        pos = next((j for j, k in enumerate(keys) if not (_is_int(k) or isinstance(k, str))), None)
+        if pos is not None:
+            bad = keys[pos]
             raise TypeError(f"keys must be all integers or all strings, got a {type(bad).__name__} ({bad!r})")
         raise TypeError("keys must be all integers or all strings, not a mix of both")
 
