@@ -30,6 +30,9 @@ class TrainConfig:
     seed: int = 0
     patience: int = 3             # validations without improvement before stopping; 0 = never stop early
     eval_every: int = 1           # validate after every eval_every-th epoch (and after the last one)
+    min_epochs: int | None = None  # validations up to this epoch never count toward patience (None: epochs / 10)
+    min_delta: float = 1e-3       # relative: a gain below min_delta * |reference| does not reset patience
+    time_limit: float | None = None   # seconds: stop (keeping the best epoch) before an epoch that would pass it
     num_threads: int | None = None
     progress: bool = True         # draw a progress bar on stderr
     params: dict = field(default_factory=dict)
@@ -42,6 +45,18 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.min_epochs is not None and int(self.min_epochs) < 0:
+            raise ValueError(f"min_epochs must be >= 0, got {self.min_epochs}")
+        if not (self.min_delta >= 0 and math.isfinite(self.min_delta)):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {self.min_delta}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit}")
+
+    @property
+    def warmup_epochs(self) -> int:
+        """``min_epochs``, or when it is None a tenth of ``epochs`` (rounded up): the epochs whose
+        validations never count toward ``patience``, so that the noisy first epochs of a run cannot stop it."""
+        return int(self.min_epochs) if self.min_epochs is not None else math.ceil(self.epochs / 10)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -99,6 +114,7 @@ class History:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
+    stop_reason: str = ""         # "patience", "time limit", "interrupted" or "" (ran every epoch)
 
     @property
     def best(self) -> dict:
@@ -110,8 +126,23 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
         log: Callable[[str], None] = print, make_progress: Callable[[int], Progress] | None = None) -> History:
     """Train for up to ``config.epochs`` epochs, validating after every ``config.eval_every``-th one and
     after the last; keep the weights of the best validated epoch by ``monitor`` (restored into ``model``
-    at the end) and stop after ``config.patience`` validations without improvement. Epochs that are not
-    validated get a history row with their loss only.
+    at the end). Epochs that are not validated get a history row with their loss only.
+
+    Early stopping is made robust to the noise of a validation metric in three ways:
+
+    - ``patience`` counts validations (not epochs) without a *significant* gain: a value counts as one
+      when it beats the reference (the value of the last significant gain) by more than
+      ``config.min_delta * |reference|`` (relative). A smaller gain still updates the kept best weights
+      but does not reset the count, so noise around a plateau neither stops nor prolongs the run;
+      a slow steady climb adds up against the fixed reference and keeps resetting it.
+    - validations in the first ``config.warmup_epochs`` epochs (``min_epochs``; by default a tenth of
+      ``epochs``) never count toward ``patience``: a lucky first validation followed by a dip while the
+      model starts learning cannot stop the run.
+    - ``patience = 0`` never stops early.
+
+    ``config.time_limit`` (seconds) ends training once the next epoch would not finish within it
+    (estimated from the mean epoch so far, validation included); the epoch where that happens is
+    validated even when it is not a validation epoch, so the best weights are never older than needed.
 
     ``train_epoch(epoch, progress)`` runs one epoch and returns its mean loss; it should iterate its
     batches through ``progress`` (a :class:`Progress` or None) and call ``progress.add_loss``.
@@ -135,9 +166,13 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
 
 def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, make_progress) -> History:
     hist = History(monitor)
-    best_value = -math.inf if higher_is_better else math.inf
+    sign = 1.0 if higher_is_better else -1.0
+    best_value = -math.inf           # sign * metric of the kept weights
+    reference = -math.inf            # sign * metric of the last significant gain (patience counts from it)
     best_state = None
     stale = 0
+    warmup = config.warmup_epochs
+    t_start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         if hasattr(model, "train"):
@@ -146,7 +181,10 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
             loss = float(train_epoch(epoch, make_progress(epoch) if make_progress else None))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower the learning rate")
-            if epoch % config.eval_every and epoch != config.epochs:    # not a validation epoch
+            elapsed = time.perf_counter() - t_start
+            out_of_time = (config.time_limit is not None and epoch < config.epochs
+                           and elapsed + elapsed / epoch > config.time_limit)
+            if epoch % config.eval_every and epoch != config.epochs and not out_of_time:    # not a validation epoch
                 row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
                 hist.epochs.append(row)
                 log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  ({row['seconds']:.1f}s)")
@@ -158,25 +196,33 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
                 raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored metric {monitor!r}")
             row = {"epoch": epoch, "loss": loss, **{k: float(v) for k, v in metrics.items()},
                    "seconds": time.perf_counter() - t0}
-            value = row[monitor]
-            improved = value > best_value if higher_is_better else value < best_value
+            value = sign * row[monitor]
+            improved = value > best_value
             if improved:   # copy first, then record the best epoch and its weights together
                 state = copy.deepcopy(model.state_dict()) if hasattr(model, "state_dict") else None
-                best_value, stale, hist.best_epoch, best_state = value, 0, epoch, state
-            else:
+                best_value, hist.best_epoch, best_state = value, epoch, state
+            if reference == -math.inf or value > reference + config.min_delta * abs(reference):
+                reference, stale = value, 0
+            elif epoch > warmup:
                 stale += 1
             hist.epochs.append(row)
             log(f"epoch {epoch}/{config.epochs}  loss {loss:.4f}  "
                 + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users") + f"  ({row['seconds']:.1f}s)"
                 + ("  *" if improved else ""))
-            if not improved and config.patience and stale >= config.patience:
-                hist.stopped_early = True
-                log(f"early stop: no better {monitor} for {stale} validations; best epoch {hist.best_epoch}")
+            if config.patience and stale >= config.patience:
+                hist.stopped_early, hist.stop_reason = True, "patience"
+                log(f"early stop: no gain in {monitor} above {config.min_delta:g} (relative) for {stale} "
+                    f"validations after epoch {warmup}; best epoch {hist.best_epoch}")
+                break
+            if out_of_time:
+                hist.stopped_early, hist.stop_reason = True, "time limit"
+                log(f"time limit: {elapsed:.0f}s of {config.time_limit:g}s spent after epoch {epoch}; "
+                    f"best epoch {hist.best_epoch}")
                 break
         except KeyboardInterrupt:
             if hist.best_epoch < 1:
                 raise
-            hist.stopped_early = True
+            hist.stopped_early, hist.stop_reason = True, "interrupted"
             log(f"interrupted in epoch {epoch}: keeping best epoch {hist.best_epoch}")
             break
     if best_state is not None:
