@@ -322,18 +322,33 @@ class PyKeyIndex {
       const int64_t* k = ptr<int64_t>(a);
       {
         py::gil_scoped_release release;
-        for (int64_t i = 0; i < n; ++i) o[i] = index_->find(k[i]);
+        index_->find_many(k, n, o);
       }
       return out;
     }
     if (py::isinstance<py::str>(keys) || py::isinstance<py::bytes>(keys))
       throw py::type_error("keys must be a sequence of keys, not a single " +
                            py::str(py::type::handle_of(keys).attr("__name__")).cast<std::string>());
-    const py::sequence seq = py::reinterpret_borrow<py::sequence>(keys);
-    const int64_t n = static_cast<int64_t>(py::len(keys));
+    // a list or tuple (or anything else, copied to one): the keys are read with the GIL held, then found
+    // in one batch
+    py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(keys.ptr(), "keys must be a sequence"));
+    if (!fast) throw py::error_already_set();
+    const int64_t n = static_cast<int64_t>(PySequence_Fast_GET_SIZE(fast.ptr()));
+    PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
     py::array_t<int64_t> out(n);
     int64_t* o = out.mutable_data();
-    for (int64_t i = 0; i < n; ++i) o[i] = find_one(seq[static_cast<size_t>(i)], i);
+    if (holds_strings()) {
+      std::vector<std::string_view> views(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) views[i] = utf8_of(items[i], i);
+      index_->find_many(views.data(), n, o);
+    } else {
+      std::vector<int64_t> ints(static_cast<size_t>(n));
+      std::vector<int64_t> outside;  // positions of integers beyond int64: never found
+      for (int64_t i = 0; i < n; ++i)
+        if (!int_of(items[i], i, &ints[i])) outside.push_back(i);
+      index_->find_many(ints.data(), n, o);
+      for (int64_t i : outside) o[i] = -1;
+    }
     return out;
   }
 
@@ -368,29 +383,38 @@ class PyKeyIndex {
     }
   }
 
-  int64_t find_one(py::handle key, int64_t pos) const {
-    const std::string where = pos >= 0 ? " at position " + std::to_string(pos) : "";
-    if (holds_strings()) {
-      if (!PyUnicode_Check(key.ptr()))
-        throw py::type_error("keys of this map are strings, got " +
-                             py::str(py::type::handle_of(key).attr("__name__")).cast<std::string>() + where);
-      Py_ssize_t len = 0;
-      const char* s = PyUnicode_AsUTF8AndSize(key.ptr(), &len);
-      if (s == nullptr) throw py::error_already_set();  // e.g. a lone surrogate: not UTF-8
-      return index_->find(std::string_view(s, static_cast<size_t>(len)));
-    }
-    // integers: Python int or a NumPy integer scalar, never bool
-    if (PyBool_Check(key.ptr()) || !(PyLong_Check(key.ptr()) || PyIndex_Check(key.ptr())) ||
-        PyFloat_Check(key.ptr()))
-      throw py::type_error("keys of this map are integers, got " +
-                           py::str(py::type::handle_of(key).attr("__name__")).cast<std::string>() + where);
-    int overflow = 0;
-    py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(key.ptr()));
+  static std::string where(int64_t pos) { return pos >= 0 ? " at position " + std::to_string(pos) : ""; }
+  static std::string type_name(PyObject* o) {
+    return py::str(py::type::handle_of(py::handle(o)).attr("__name__")).cast<std::string>();
+  }
+
+  // The UTF-8 bytes of a str key (valid while the str lives); TypeError for anything else.
+  static std::string_view utf8_of(PyObject* key, int64_t pos) {
+    if (!PyUnicode_Check(key)) throw py::type_error("keys of this map are strings, got " + type_name(key) + where(pos));
+    Py_ssize_t len = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(key, &len);
+    if (s == nullptr) throw py::error_already_set();  // e.g. a lone surrogate: not UTF-8
+    return {s, static_cast<size_t>(len)};
+  }
+
+  // An integer key (Python int or NumPy integer, never bool) into *v; false when it is outside int64.
+  static bool int_of(PyObject* key, int64_t pos, int64_t* v) {
+    if (PyBool_Check(key) || PyFloat_Check(key) || !(PyLong_Check(key) || PyIndex_Check(key)))
+      throw py::type_error("keys of this map are integers, got " + type_name(key) + where(pos));
+    py::object as_int = py::reinterpret_steal<py::object>(PyNumber_Index(key));
     if (!as_int) throw py::error_already_set();
-    const long long v = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
-    if (overflow != 0) return -1;  // outside int64: no such key
-    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    return index_->find(static_cast<int64_t>(v));
+    int overflow = 0;
+    const long long x = PyLong_AsLongLongAndOverflow(as_int.ptr(), &overflow);
+    if (overflow != 0) return false;
+    if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+    *v = static_cast<int64_t>(x);
+    return true;
+  }
+
+  int64_t find_one(py::handle key, int64_t pos) const {
+    if (holds_strings()) return index_->find(utf8_of(key.ptr(), pos));
+    int64_t v = 0;
+    return int_of(key.ptr(), pos, &v) ? index_->find(v) : -1;
   }
 
   py::array keys_, offsets_;

@@ -1,6 +1,7 @@
 #include "rec_engine/keys.hpp"
 
 #include <cstring>
+#include <type_traits>
 
 namespace rec_engine {
 namespace {
@@ -77,19 +78,64 @@ void KeyIndex::build() {
   }
 }
 
+template <class Key>
+int64_t KeyIndex::probe(uint64_t h, const Key& key) const {
+  for (uint64_t s = h & mask_;; s = (s + 1) & mask_) {
+    const int32_t id = slots_[s];
+    if constexpr (std::is_same_v<Key, int64_t>) {
+      if (id < 0 || ints_[id] == key) return id;
+    } else {
+      if (id < 0 || string_at(id) == key) return id;
+    }
+  }
+}
+
 int64_t KeyIndex::find(int64_t key) const {
   if (blob_ != nullptr) return -1;
-  for (uint64_t s = mix64(static_cast<uint64_t>(key)) & mask_;; s = (s + 1) & mask_) {
-    const int32_t id = slots_[s];
-    if (id < 0 || ints_[id] == key) return id;
-  }
+  return probe(mix64(static_cast<uint64_t>(key)), key);
 }
 
 int64_t KeyIndex::find(std::string_view key) const {
   if (blob_ == nullptr) return -1;
-  for (uint64_t s = hash_bytes(key.data(), key.size()) & mask_;; s = (s + 1) & mask_) {
-    const int32_t id = slots_[s];
-    if (id < 0 || string_at(id) == key) return id;
+  return probe(hash_bytes(key.data(), key.size()), key);
+}
+
+namespace {
+constexpr int64_t kAhead = 8;  // keys whose buckets are in flight
+}
+
+void KeyIndex::find_many(const int64_t* keys, int64_t n, int64_t* out) const {
+  if (blob_ != nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = -1;
+    return;
+  }
+  std::vector<uint64_t> h(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) h[i] = mix64(static_cast<uint64_t>(keys[i]));
+  for (int64_t i = 0; i < n && i < kAhead; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(&slots_[h[i + kAhead] & mask_]);
+    out[i] = probe(h[i], keys[i]);
+  }
+}
+
+void KeyIndex::find_many(const std::string_view* keys, int64_t n, int64_t* out) const {
+  if (blob_ == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = -1;
+    return;
+  }
+  std::vector<uint64_t> h(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) h[i] = hash_bytes(keys[i].data(), keys[i].size());
+  // two stages in flight: the bucket of key i + 2A, then the stored key (offsets) of key i + A
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 2 * kAhead < n) __builtin_prefetch(&slots_[h[i + 2 * kAhead] & mask_]);
+    if (i + kAhead < n) {
+      const int32_t id = slots_[h[i + kAhead] & mask_];
+      if (id >= 0) {
+        __builtin_prefetch(&offsets_[id]);
+        __builtin_prefetch(blob_ + offsets_[id]);
+      }
+    }
+    out[i] = probe(h[i], keys[i]);
   }
 }
 

@@ -12,6 +12,7 @@
 #include "kernels/kernels.hpp"
 #include "rec_engine/embedding.hpp"
 #include "rec_engine/graph.hpp"
+#include "rec_engine/keys.hpp"
 #include "rec_engine/simd.hpp"
 #include "rec_engine/topk.hpp"
 
@@ -155,8 +156,60 @@ static void test_pool_and_graph_api() {
   CHECK(a.indices[0] == 2 && close(a.data[0], 1.f / std::sqrt(2.f), 1e-6f), "adjacency value");
 }
 
+static void test_key_index() {
+  std::mt19937_64 g(5);
+  // integer keys spread over int64, found one by one and in batches; absent keys give -1
+  std::vector<int64_t> keys(5000);
+  for (auto& x : keys) x = static_cast<int64_t>(g());
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  std::shuffle(keys.begin(), keys.end(), g);
+  const int64_t n = static_cast<int64_t>(keys.size());
+  KeyIndex ints = KeyIndex::from_ints(keys.data(), n);
+  std::vector<int64_t> probes(keys.begin(), keys.end()), out(keys.size() + 3);
+  probes.push_back(INT64_MIN);
+  probes.push_back(42);
+  probes.push_back(-1);
+  ints.find_many(probes.data(), static_cast<int64_t>(probes.size()), out.data());
+  for (int64_t i = 0; i < n; ++i) CHECK(out[i] == i && ints.find(keys[i]) == i, "int key %lld", (long long)i);
+  for (size_t i = keys.size(); i < probes.size(); ++i) {
+    const int64_t at = std::find(keys.begin(), keys.end(), probes[i]) - keys.begin();
+    CHECK(out[i] == (at < n ? at : -1), "probe %lld", (long long)probes[i]);
+  }
+  CHECK(ints.find(std::string_view("x")) == -1, "a string in an int index is absent");
+  // string keys, including the empty one and bytes that are not ASCII
+  std::vector<std::string> strs = {"", "a", "007", "7", "caf\xc3\xa9", "sku-1837", std::string(100, 'z')};
+  for (int i = 0; i < 300; ++i) strs.push_back("k" + std::to_string(i * 7919));
+  std::string blob;
+  std::vector<int64_t> offs = {0};
+  for (const auto& s : strs) {
+    blob += s;
+    offs.push_back(static_cast<int64_t>(blob.size()));
+  }
+  const int64_t m = static_cast<int64_t>(strs.size());
+  KeyIndex si = KeyIndex::from_strings(blob.data(), offs.data(), m);
+  std::vector<std::string_view> views(strs.begin(), strs.end());
+  views.push_back("07");
+  views.push_back("k1");
+  std::vector<int64_t> sout(views.size());
+  si.find_many(views.data(), static_cast<int64_t>(views.size()), sout.data());
+  for (int64_t i = 0; i < m; ++i) CHECK(sout[i] == i && si.find(views[i]) == i, "string key %lld", (long long)i);
+  CHECK(sout[m] == -1 && sout[m + 1] == -1, "absent strings");
+  CHECK(si.string_at(2) == "007", "string_at");
+  // duplicates are refused, naming both positions
+  std::vector<int64_t> dup = {3, 9, 3};
+  bool thrown = false;
+  try {
+    KeyIndex::from_ints(dup.data(), 3);
+  } catch (const DuplicateKey& e) {
+    thrown = e.first == 0 && e.second == 2;
+  }
+  CHECK(thrown, "duplicate int keys");
+}
+
 int main() {
   test_half_conversion();
+  test_key_index();
   for (SimdLevel level : supported_simd_levels()) {
     set_simd_level(level);
     const k::KernelTable& t = k::active();
