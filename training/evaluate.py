@@ -1,7 +1,9 @@
 """Evaluation protocols: all-item ranking with the core's top-k, sampled ranking, and CTR.
 
 - :func:`evaluate_retrieval`: the LightGCN protocol. Every user with a test item ranks all items it did
-  not train on, by :func:`rec_engine.topk` over the exported vectors, exactly as serving would.
+  not train on, by :func:`rec_engine.topk` over the exported vectors, exactly as serving would;
+  :func:`evaluate_recommender` is the same protocol for any model that ranks all items for a user
+  (graph filters, item-item models).
 - :func:`evaluate_sampled`: the SASRec protocol. The held-out item competes with 100 sampled items the
   user never interacted with; ties count against the model.
 - :func:`evaluate_ctr`: AUC and log loss of predicted click probabilities.
@@ -88,6 +90,34 @@ def evaluate_retrieval(user_vecs, item_vecs, train, test, ks: Sequence[int] = (2
     n_users, n_items = user_vecs.shape[0], item_vecs.shape[0]
     train = _as_lists(train, n_users, "train")
     test = _as_lists(test, n_users, "test")
+
+    def recommend(rows: np.ndarray, k: int) -> np.ndarray:
+        return topk(user_vecs[rows], item_vecs, k=k, metric=metric, exclude=take_lists(train, rows)).ids
+
+    return evaluate_recommender(recommend, test, n_items, ks, batch_size=batch_size, item_counts=item_counts,
+                                users=users)
+
+
+def evaluate_recommender(recommend: Callable[[np.ndarray, int], np.ndarray], test, n_items: int,
+                         ks: Sequence[int] = (20,), *, batch_size: int = 4096, item_counts=None,
+                         users=None) -> dict[str, float]:
+    """All-item top-k evaluation (LightGCN protocol) of any model that ranks all items for a user.
+
+    Parameters
+    ----------
+    recommend : callable ``(users int64 [B], k) -> ids int64 [B, w]``, ``w <= k``
+        Each user's best items first, its train items already left out, slots without an item -1.
+    test : IdLists (or a sequence of arrays), one list per user: the relevant items
+    n_items : int  catalogue size (for coverage)
+    ks, batch_size, item_counts, users : as in :func:`evaluate_retrieval`
+
+    Returns
+    -------
+    dict: :func:`~rec_engine_train.metrics.ranking_metrics` keys, ``"coverage@k"`` (and ``"novelty@k"``)
+    for every ``k``, and ``"users"``, the number of users evaluated (those with a test item).
+    """
+    test = test if isinstance(test, IdLists) else IdLists.from_lists(list(test))
+    n_users = len(test)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ks = _cutoffs(ks)
@@ -99,7 +129,9 @@ def evaluate_retrieval(user_vecs, item_vecs, train, test, ks: Sequence[int] = (2
     ranked = np.full((chosen.size, k_max), -1, dtype=np.int64)
     for start in range(0, chosen.size, batch_size):
         rows = chosen[start:start + batch_size]
-        ids = topk(user_vecs[rows], item_vecs, k=k_max, metric=metric, exclude=take_lists(train, rows)).ids
+        ids = np.asarray(recommend(rows, k_max))
+        if ids.ndim != 2 or ids.shape[0] != rows.size or ids.shape[1] > k_max:
+            raise ValueError(f"recommend returned shape {ids.shape} for {rows.size} users and k={k_max}")
         ranked[start:start + rows.size, :ids.shape[1]] = ids
     out = ranking_metrics(ranked, take_lists(test, chosen), ks)
     for k in ks:
