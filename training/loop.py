@@ -150,7 +150,8 @@ def fit(model, train_epoch: Callable[[int, Progress | None], float], validate: C
     ``validate()`` returns metrics, among them ``monitor``. ``config.num_threads`` sets torch's threads
     for the duration. Ctrl-C (KeyboardInterrupt) during an epoch, once an epoch has been validated, stops
     training like early stopping does: the best epoch's weights are kept and the caller goes on (a long
-    run can be cut short and still be evaluated and exported).
+    run can be cut short and still be evaluated and exported); an interrupt after some epochs but before
+    the first validation (``eval_every > 1``) validates and keeps the weights as they are.
     """
     if config.num_threads:      # torch's setting is process-wide: restored when training ends
         import torch
@@ -221,7 +222,18 @@ def _fit(model, train_epoch, validate, config, monitor, higher_is_better, log, m
                 break
         except KeyboardInterrupt:
             if hist.best_epoch < 1:
-                raise
+                if epoch == 1:          # nothing trained yet: the interrupt aborts
+                    raise
+                # epochs trained but none validated yet (eval_every > 1): the weights as they are now are
+                # validated and kept rather than thrown away
+                if hasattr(model, "eval"):
+                    model.eval()
+                metrics = validate()
+                row = {"epoch": epoch, "loss": math.nan, **{k: float(v) for k, v in metrics.items()},
+                       "seconds": time.perf_counter() - t0, "interrupted": True}
+                del hist.epochs[epoch - 1:]
+                hist.epochs.append(row)
+                hist.best_epoch, best_state = epoch, None
             hist.stopped_early, hist.stop_reason = True, "interrupted"
             log(f"interrupted in epoch {epoch}: keeping best epoch {hist.best_epoch}")
             break

@@ -55,6 +55,18 @@ def test_ctrl_c_keeps_the_best_epoch_once_one_exists():
                TrainConfig(epochs=10), monitor="m", log=lambda _s: None)
     assert hist.best_epoch == 1 and len(hist.epochs) == 1 and model.w.item() == 1.0
 
+    def interrupted_in_epoch_3(epoch, _progress):
+        model.w.data.fill_(epoch + 0.5)
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return 1.0
+
+    model = Counter()      # epochs trained, none validated yet (eval_every 5): the weights as they are are kept
+    hist = fit(model, interrupted_in_epoch_3, lambda: {"m": float(model.w.item())},
+               TrainConfig(epochs=10, eval_every=5), monitor="m", log=lambda _s: None)
+    assert hist.best_epoch == 3 and hist.best["m"] == 3.5 and hist.best["interrupted"] and model.w.item() == 3.5
+    assert len(hist.epochs) == 3 and hist.stop_reason == "interrupted"
+
     def interrupted_at_once(epoch, _progress):
         raise KeyboardInterrupt
 
