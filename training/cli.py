@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -34,22 +35,45 @@ def add_commands(sub) -> None:
     d.add_argument("--requests", type=int, default=500, help="recommend calls timed for the latency table")
     d.set_defaults(handler=_demo)
 
-    t = sub.add_parser("train", help="train a model and export it as a bundle",
+    t = sub.add_parser("train", help="train a model and export it as a bundle", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train MODEL on --data, print validation metrics each epoch (early stopping on "
-                                   "them), evaluate on the test split and write a bundle to --out.")
+                                   "them), evaluate on the test split and write a bundle to --out.\nSettings not "
+                                   "given take the model's defaults (`rec-engine train MODEL --help` lists them), "
+                                   "then TrainConfig's.",
+                       epilog="defaults per model: rec-engine train MODEL --help")
+    t.add_argument("-h", "--help", action=_ModelHelp, help="show this help (with MODEL first: its defaults and "
+                                                            "search space) and exit")
     t.add_argument("model", help=f"one of: {', '.join(pipeline.MODEL_NAMES)}")
     t.add_argument("--data", default="synthetic", help="'synthetic' (default) or a path to real data")
     t.add_argument("--out", required=True, help="bundle directory to write")
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    t.add_argument("--lr", type=float, default=TrainConfig.lr)
-    t.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    t.add_argument("--dim", type=int, default=TrainConfig.dim)
+    t.add_argument("--epochs", type=int, default=None, help="(default: per model)")
+    t.add_argument("--batch-size", type=int, default=None, help="(default: per model)")
+    t.add_argument("--lr", type=float, default=None, help="(default: per model)")
+    t.add_argument("--weight-decay", type=float, default=None, help="(default: per model, else 0)")
+    t.add_argument("--dim", type=int, default=None, help="(default: per model)")
     t.add_argument("--seed", type=int, default=TrainConfig.seed)
-    t.add_argument("--patience", type=int, default=TrainConfig.patience,
-                   help="stop after this many validations without a better metric (0: never)")
-    t.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
-                   help="validate after every N-th epoch (and the last); the best validated epoch is kept")
+    t.add_argument("--patience", type=int, default=None,
+                   help="stop after this many validations without a gain above --min-delta (0: never; default: "
+                        "per model)")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="validate after every N-th epoch (and the last); the best validated epoch is kept "
+                        "(default: per model)")
+    t.add_argument("--min-epochs", type=int, default=None,
+                   help="validations up to this epoch never count toward --patience (default: a tenth of --epochs)")
+    t.add_argument("--min-delta", type=float, default=None,
+                   help=f"relative gain of the validation metric that resets --patience (default: "
+                        f"{TrainConfig.min_delta:g})")
+    t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop training (keeping the best epoch) before an epoch that would end past this")
+    t.add_argument("--tune", type=int, default=None, metavar="N",
+                   help="random search of N settings (the first: the defaults) on a validation split cut from the "
+                        "training data; the best is refitted on all of it, evaluated on test, and the search is "
+                        "printed and recorded in the bundle (meta.metrics.tune). Flags and params given "
+                        "explicitly are not searched")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="with --tune: seconds for the search; no setting starts once it is spent (the refit "
+                        "is not counted)")
     t.add_argument("--threads", type=int, default=None, help="torch / core threads (default: all cores)")
     t.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="model-specific setting, e.g. --param mlp=[400,400,400] --param n_layers=3 (repeatable)")
@@ -102,27 +126,65 @@ def _train(args) -> int:
         return _run_train(args)
 
 
+_CONFIG_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "dim", "patience", "eval_every", "min_epochs",
+                 "min_delta")
+
+
+class _ModelHelp(argparse.Action):
+    """``-h`` / ``--help``: the parser's help, then the defaults of MODEL when it came first (else of all)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import defaults
+
+        parser.print_help()
+        model = getattr(namespace, "model", None)
+        kinds = [model] if model in pipeline.MODEL_NAMES else list(pipeline.MODEL_NAMES)
+        print()
+        print("\n".join(defaults.describe(k) for k in kinds))
+        parser.exit()
+
+
 def _run_train(args) -> int:
     import torch
 
+    from . import defaults
+
     fam = pipeline.family_of(args.model)
+    if args.tune is None and args.time_budget is not None:
+        raise ValueError("--time-budget is the search's budget: give --tune N too (--time-limit bounds one run)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         dim=args.dim, seed=args.seed, patience=args.patience, eval_every=args.eval_every,
-                         num_threads=args.threads,
-                         progress=not args.no_progress and sys.stderr.isatty(), params=dict(args.param))
     t0 = time.perf_counter()
     data = pipeline.load_data(args.data, fam, seed=args.seed)
     print(f"data: {args.data} ({type(data).__name__}) loaded in {time.perf_counter() - t0:.1f}s")
-    result = pipeline.train(args.model, data, config)
+    explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+    config = defaults.resolve_config(args.model, data, explicit, dict(args.param), seed=args.seed,
+                                     num_threads=args.threads, time_limit=args.time_limit,
+                                     progress=not args.no_progress and sys.stderr.isatty())
+    record = None
+    if args.tune is not None:
+        from . import tune
+
+        searched = tune.tune(args.model, data, config, args.tune, time_budget=args.time_budget,
+                             fixed=set(explicit) | {k for k, _ in args.param})
+        result, record = searched.result, searched.record
+        print(f"search ({record['validation']}; {record['refit']}):")
+        print(tune.format_table(searched))
+    else:
+        result = pipeline.train(args.model, data, config)
     print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
-    out = pipeline.export(result, data, args.out, table_dtype=args.table_dtype, overwrite=args.overwrite)
+    exported = result if record is None else dataclasses.replace(result, metrics={**result.metrics, "tune": record})
+    out = pipeline.export(exported, data, args.out, table_dtype=args.table_dtype, overwrite=args.overwrite)
     wall = time.perf_counter() - t0
     print(f"bundle: {out}  (train {result.train_seconds:.1f}s, total {wall:.1f}s)")
     if args.metrics_json:
-        pipeline.write_metrics(args.metrics_json, result, data=args.data, config=config.__dict__, wall_seconds=wall,
-                               bundle=str(out))
+        final = record["config"] if record else {**{k: getattr(config, k) for k in _CONFIG_FLAGS},
+                                                  "params": config.params}
+        pipeline.write_metrics(args.metrics_json, result, data=args.data, config={**config.__dict__, **final},
+                               wall_seconds=wall, bundle=str(out), **({"tune": record} if record else {}))
     return 0
 
 
