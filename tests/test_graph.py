@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from rec_engine import CsrMatrix, normalized_adjacency, propagate, spmm
+from rec_engine.graph import LightGCNFoldIn
 
 DIMS = [1, 7, 16, 17, 64]
 RTOL = 1e-5
@@ -602,3 +603,42 @@ def test_spmm_and_propagate_are_bit_identical_for_any_thread_count(simd, rng, di
     for nt in (2, 3, 5):
         np.testing.assert_array_equal(spmm(adj, x, num_threads=nt), s1)
         np.testing.assert_array_equal(propagate(adj, x, 3, num_threads=nt), p1)
+
+
+def test_csr_transpose_equals_scipy_with_sorted_rows(rng):
+    m = CsrMatrix.from_scipy(random_csr(rng, 40, 25, 0.2, empty_rows=(0, 7)))
+    t = m.transpose()
+    ref = m.to_scipy().T.tocsr()
+    ref.sort_indices()
+    assert t.shape == (25, 40)
+    np.testing.assert_array_equal(t.indptr, ref.indptr)
+    np.testing.assert_array_equal(t.indices, ref.indices)
+    np.testing.assert_array_equal(t.data, ref.data)
+
+
+@pytest.mark.parametrize("n_layers, layer_weights", [(3, None), (2, [0.5, 0.3, 0.2]), (1, None), (0, None)])
+def test_lightgcn_fold_in_is_one_row_of_the_propagation(rng, n_layers, layer_weights):
+    """A train user given its own items gets its propagated vector; a new user (or new edges) gets the row
+    of a propagation over the graph with those edges added, the other nodes' layers kept."""
+    n_users, n_items, d = 30, 20, 8
+    users, items = random_interactions(rng, n_users, n_items, 150)
+    users, items = np.concatenate([users, [5, 5]]), np.concatenate([items, items[:2]])      # repeats count once
+    adj = normalized_adjacency(users, items, n_users, n_items)
+    ego = rng.standard_normal((n_users + n_items, d)).astype(np.float32)
+    fold = LightGCNFoldIn(adj, ego[:n_users], ego[n_users:], n_layers, layer_weights)
+    full = propagate(adj, ego, n_layers, layer_weights)
+    for u in (0, 5, 29):
+        own = items[users == u]
+        np.testing.assert_allclose(fold.user_vector(u, own), full[u], rtol=1e-5, atol=1e-6)
+    # an unknown user with items [1, 2, 3]: the one-hop-exact layer 1 of a graph where it is a new node
+    new = np.array([1, 2, 3, 3])
+    adj2 = ref_adjacency(np.concatenate([users, [n_users] * 4]), np.concatenate([items, new]), n_users + 1, n_items)
+    ego2 = np.concatenate([ego[:n_users], np.zeros((1, d), np.float32), ego[n_users:]])
+    layer1 = (adj2 @ ego2)[n_users]
+    got = fold.user_vector(-1, new)
+    w = np.full(n_layers + 1, 1 / (n_layers + 1)) if layer_weights is None else np.asarray(layer_weights)
+    if n_layers == 1:
+        np.testing.assert_allclose(got, w[1] * layer1, rtol=1e-5, atol=1e-6)
+    assert got.shape == (d,) and got.dtype == np.float32
+    with pytest.raises(ValueError, match="layer_weights"):
+        LightGCNFoldIn(adj, ego[:n_users], ego[n_users:], 2, [1.0])

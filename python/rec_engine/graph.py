@@ -1,4 +1,5 @@
-"""Sparse graph propagation: the normalized user-item adjacency, SpMM and LightGCN propagation."""
+"""Sparse graph propagation: the normalized user-item adjacency, SpMM, LightGCN propagation and its fold-in
+of one user (the serving side of a LightGCN bundle; training imports the same code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ import numpy as np
 
 from . import _core
 from ._convert import as_count, as_float32, as_ids, threads_arg
+from .embedding import EmbeddingTable
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,15 @@ class CsrMatrix:
 
     def __matmul__(self, dense) -> np.ndarray:
         return spmm(self, dense)
+
+    def transpose(self) -> "CsrMatrix":
+        """The CSR of this matrix's transpose (each new row's ids ascending), sharing nothing with it."""
+        n_rows, n_cols = self.shape
+        rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(self.indptr))
+        order = np.argsort(self.indices, kind="stable")
+        indptr = np.zeros(n_cols + 1, np.int64)
+        np.cumsum(np.bincount(self.indices, minlength=n_cols), out=indptr[1:])
+        return CsrMatrix(indptr, rows[order].astype(np.int32), np.ascontiguousarray(self.data[order]), (n_cols, n_rows))
 
 
 def as_csr(a) -> CsrMatrix:
@@ -141,45 +152,69 @@ def propagate(adj, embeddings, n_layers: int = 3, layer_weights=None, *,
     return _core.lightgcn_propagate(a.indptr, a.indices, a.data, x, w, threads_arg(num_threads))
 
 
-def sharpening_polynomial(t: float, steps: int = 1, solver: str = "euler") -> np.ndarray:
-    """Coefficients (lowest power first, float64) of the polynomial ``q`` with ``x(t) = q(P) x(0)`` for
-    ``steps`` equal steps of ``solver`` on BSPM's sharpening ODE ``dx/dt = -P x`` over time ``t``.
+class LightGCNFoldIn:
+    """LightGCN vectors of users from their items, the items' layers kept as trained: one row of
+    :func:`propagate` over the graph where the user's edges are its given items.
 
-    For this linear ODE one Euler step of size ``h`` is ``I - hP`` and one classical Runge-Kutta step
-    is the 4th-order Taylor polynomial of ``exp(-hP)``; ``steps`` steps are its ``steps``-th power.
-    ``t = 0`` gives ``[1.0]`` (no sharpening).
+    Layer ``k + 1`` of the user is ``sum_i e_i^k / sqrt(d_u d_i)`` over its distinct items ``i``, with
+    ``e_i^k`` the item's layer ``k`` in the trained graph, ``d_u`` the number of items and ``d_i`` the
+    item's degree in the trained graph plus one when ``i`` is a new edge of the user; the vector is
+    ``sum_k w_k e_u^k`` with ``e_u^0`` the user's trained layer-0 embedding (zero for a user the model does
+    not know). A train user given exactly its train items gets its trained vector.
 
-    Raises
-    ------
-    ValueError  ``t`` negative or not finite, ``steps < 1``, an unknown ``solver`` ("euler" or "rk4").
+    Parameters
+    ----------
+    adj : CsrMatrix  the normalized adjacency the model was trained with (:func:`normalized_adjacency`:
+        users ``0 .. n_users - 1``, then items)
+    users_ego : EmbeddingTable or float32 array [n_users, d]  layer-0 user embeddings
+    items_ego : EmbeddingTable or float32 array [n_items, d]  layer-0 item embeddings
+    n_layers : int  K
+    layer_weights : K + 1 floats, optional  default: the mean of layers 0..K
+    num_threads : int, optional  threads of the set-up propagation
+
+    Notes
+    -----
+    Building it propagates the whole graph ``K - 1`` times (the items' layers ``0 .. K-1``, kept side by side
+    as one ``[n_items, K * d]`` table); each vector is then one pooling over the user's items. Methods only
+    read; they may be called from many threads at once.
     """
-    if not np.isfinite(t) or t < 0:
-        raise ValueError(f"sharpening time must be a finite number >= 0, got {t}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if solver not in ("euler", "rk4"):
-        raise ValueError(f"solver must be 'euler' or 'rk4', got {solver!r}")
-    if t == 0:
-        return np.ones(1)
-    h = float(t) / int(steps)
-    step = [1.0, -h] if solver == "euler" else [1.0, -h, h ** 2 / 2, -h ** 3 / 6, h ** 4 / 24]
-    poly = np.ones(1)
-    for _ in range(int(steps)):
-        poly = np.polynomial.polynomial.polymul(poly, step)
-    return poly
 
+    def __init__(self, adj: CsrMatrix, users_ego, items_ego, n_layers: int, layer_weights=None, *,
+                 num_threads: int | None = None):
+        self.users_ego = users_ego if isinstance(users_ego, EmbeddingTable) else EmbeddingTable(users_ego)
+        items = items_ego.to_numpy() if isinstance(items_ego, EmbeddingTable) else as_float32(items_ego, "items_ego")
+        self.n_users, self.n_items = self.users_ego.rows, items.shape[0]
+        self.dim = self.users_ego.dim
+        k = as_count(n_layers, "n_layers")
+        if adj.shape != (self.n_users + self.n_items,) * 2 or items.shape[1] != self.dim:
+            raise ValueError(f"adj {adj.shape}, users_ego {self.users_ego.shape} and items_ego {items.shape} do not "
+                             "describe one graph (adj is (n_users + n_items) square, users first)")
+        w = np.full(k + 1, 1.0 / (k + 1)) if layer_weights is None else np.asarray(layer_weights, np.float64)
+        if w.shape != (k + 1,):
+            raise ValueError(f"layer_weights needs n_layers + 1 = {k + 1} entries, got {w.size}")
+        self.layer_weights = w.astype(np.float32)
+        self.adj = adj
+        layers = [np.concatenate([self.users_ego.to_numpy(), items])]
+        for _ in range(k - 1):
+            layers.append(spmm(adj, layers[-1], num_threads=num_threads))
+        self.item_layers = EmbeddingTable(np.ascontiguousarray(                   # [n_items, K * d]
+            np.concatenate([lay[self.n_users:] for lay in layers[:k]], axis=1))) if k else None
+        self.item_degrees = np.diff(adj.indptr)[self.n_users:].astype(np.float64)
 
-def apply_polynomial(coeffs, operator, x: np.ndarray) -> np.ndarray:
-    """``sum_j coeffs[j] * operator^j (x)`` by Horner's rule: ``len(coeffs) - 1`` calls of ``operator``
-    (a linear map, e.g. two :func:`spmm` calls), no power of it ever formed. Returns ``x`` itself when
-    ``coeffs == [1]``."""
-    c = np.asarray(coeffs, dtype=np.float64).reshape(-1)
-    if c.size == 0:
-        raise ValueError("coeffs must hold at least one coefficient")
-    if c.size == 1 and c[0] == 1.0:
-        return x
-    y = c[-1] * x
-    for cj in c[-2::-1]:
-        y = operator(y)
-        y += cj * x
-    return y
+    def user_vector(self, user: int, items) -> np.ndarray:
+        """The vector (float32 [d]) of the user with dense id ``user`` (-1: a user the model does not know)
+        whose items are ``items`` (train + new ones, repeats count once)."""
+        items = np.unique(np.asarray(items, np.int64).reshape(-1))
+        known = 0 <= user < self.n_users
+        w = self.layer_weights
+        e0 = self.users_ego.gather(np.array([user]))[0] if known else np.zeros(self.dim, np.float32)
+        k = len(w) - 1
+        if k == 0 or len(items) == 0:
+            return (w[0] * e0).astype(np.float32)
+        train = (self.adj.indices[self.adj.indptr[user]:self.adj.indptr[user + 1]] - self.n_users
+                 if known else np.zeros(0, np.int64))
+        d_i = self.item_degrees[items] + ~np.isin(items, train)
+        weights = (1.0 / np.sqrt(len(items) * d_i)).astype(np.float32)
+        hops = self.item_layers.pool(items, np.array([0, len(items)], np.int64), weights, mode="sum",
+                                     include_last_offset=True).reshape(k, self.dim)
+        return (w[0] * e0 + w[1:] @ hops).astype(np.float32)

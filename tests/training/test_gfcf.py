@@ -212,7 +212,7 @@ def test_gowalla_recall_on_a_user_subset():
 
 
 def test_sharpening_polynomial_is_the_solvers_steps_on_the_ode_and_checks_its_arguments():
-    from rec_engine.graph import apply_polynomial, sharpening_polynomial
+    from rec_engine.graph_filter import apply_polynomial, sharpening_polynomial
 
     rng = np.random.default_rng(0)
     q = np.linalg.qr(rng.standard_normal((6, 6)))[0]
@@ -242,3 +242,20 @@ def test_sharpening_polynomial_is_the_solvers_steps_on_the_ode_and_checks_its_ar
             sharpening_polynomial(*bad)
     with pytest.raises(ValueError, match="solver"):
         GFCF(sharpen=1.0, sharpen_solver="rk5")
+
+
+def test_training_scores_with_the_serving_filter_one_user_or_a_block(small):
+    """GFCF scores through rec_engine.graph_filter.GraphFilter: its one-user path (serving's) and its block
+    path (training's) agree, and CsrMatrix.transpose matches SciPy's."""
+    model = GFCF(alpha=0.3, k_ideal=8, sharpen=0.5, sharpen_solver="rk4").fit(small)
+    f = model.graph_filter
+    lists = small.by_user()
+    for u in (0, 17, 123):
+        np.testing.assert_allclose(f.user_scores(np.concatenate([lists[u], lists[u][:2]])), model.scores(u),
+                                   rtol=1e-5, atol=1e-6)
+    t = model.norm.to_scipy().T.tocsr()
+    np.testing.assert_array_equal(model.norm_t.indptr, t.indptr)
+    np.testing.assert_array_equal(model.norm_t.indices, t.indices)
+    np.testing.assert_array_equal(model.norm_t.data, t.data)
+    with pytest.raises(IndexError, match="item id 150"):
+        f.user_scores(np.array([3, 150]))

@@ -13,17 +13,20 @@ with ``V`` the top ``k_ideal`` right singular vectors of ``R~`` (the ideal low-p
 ``alpha = 0.3``, ``k_ideal = 256``. With ``sharpen > 0`` the scores then follow BSPM's sharpening ODE
 ``ds/dt = -s P`` over time ``sharpen`` ("early merge": the low-pass part is sharpened too), solved by
 ``sharpen_steps`` steps of ``sharpen_solver``: for this linear ODE that is ``s' = s q(P)`` with ``q`` a
-polynomial (:func:`rec_engine.graph.sharpening_polynomial`: one Euler step is ``I - tP``, one RK4 step the
+polynomial (:func:`rec_engine.graph_filter.sharpening_polynomial`: one Euler step is ``I - tP``, one RK4 step the
 4th-order Taylor polynomial of ``exp(-tP)``), applied by Horner's rule. ``sharpen = 0`` is plain GF-CF;
 BSPM-EM's Gowalla setting is ``alpha = 0.2``, ``k_ideal = 448``, ``sharpen = 2.5``, one RK4 step.
 
 How it is computed (never as a dense ``n_items x n_items`` matrix)
 ----------------------------------------------------------------
-For a batch of ``B`` users the scores are built transposed, as an ``n_items x B`` block ``S^T``:
+This module fits (degrees, normalization, SVD); the scoring is serving's
+:class:`rec_engine.graph_filter.GraphFilter` (:attr:`GFCF.graph_filter`), so training evaluates exactly what
+a bundle answers with. For a batch of ``B`` users the scores are built transposed, as an ``n_items x B``
+block ``S^T``:
 
-1. ``Y = R~ r_B^T`` (n_users x B): a sparse x sparse product (SciPy), since ``r_B`` holds only the users'
-   few items; it costs ``sum over the batch's items of their degree`` (about 2,000 multiply-adds per
-   Gowalla user) and is then made dense. Doing it as a core SpMM over a dense ``r_B^T`` would cost
+1. ``Y = R~ r_B^T`` (n_users x B): a sparse x sparse product (NumPy, into a dense block), since ``r_B``
+   holds only the users' few items; it costs ``sum over the batch's items of their degree`` (about 2,000
+   multiply-adds per Gowalla user). Doing it as a core SpMM over a dense ``r_B^T`` would cost
    ``nnz(R~) * B`` (800,000 per user), about twice the whole remaining work.
 2. ``S^T = R~^T Y`` (n_items x B): :func:`rec_engine.spmm` with the CSR of ``R~^T`` built once at fit
    (``nnz(R~) * B`` multiply-adds, parallel over item rows). This is the cheapest exact association:
@@ -39,9 +42,9 @@ For a batch of ``B`` users the scores are built transposed, as an ``n_items x B`
    the train items and selects in one cache-blocked pass (ties: lower id first). Selecting from a dense
    score block instead (``torch.topk`` / ``np.argpartition`` over ``[B, n_items]``) measured 1.5x to 20x
    slower, mostly for the transpose of the ``n_items x B`` block.
-4. :meth:`GFCF.scores` / :meth:`GFCF.fold_in` return the dense scores: the low-rank part is one BLAS
-   ``sgemm`` (``Q = r D_i^-1/2 V`` by :func:`rec_engine.spmm` over the batch's CSR rows, then
-   ``S^T += alpha * (D_i^1/2 V) Q^T`` accumulated in place).
+4. :meth:`GFCF.scores` / :meth:`GFCF.fold_in` return the dense scores: the low-rank part is
+   ``Q = r D_i^-1/2 V`` by :func:`rec_engine.spmm` over the batch's CSR rows, then
+   ``S^T += alpha * (D_i^1/2 V) Q^T`` by BLAS, a chunk of items at a time.
 5. Sharpening (``sharpen > 0``) applies ``P`` to ``S_lin^T`` once per degree of ``q`` (two core SpMMs
    each: once for Euler, four times for one RK4 step); its effect on the low-rank part is folded into
    the item factor once at fit: ``q(P) D_i^1/2 V``.
@@ -67,11 +70,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import solve_triangular
-from scipy.linalg.blas import sgemm
 
 import rec_engine
 from rec_engine import CsrMatrix, IdLists, TopK
-from rec_engine.graph import apply_polynomial, sharpening_polynomial
+from rec_engine.graph_filter import GraphFilter, sharpen, sharpening_polynomial
 
 from ..data.containers import Interactions
 from ..evaluate import take_lists
@@ -159,9 +161,8 @@ class GFCF:
         self._inv_i = _inv_sqrt(di)
         norm = r.multiply(inv_u[:, None]).multiply(self._inv_i[None, :]).tocsr().astype(np.float32)
         norm.sort_indices()
-        self._norm_sp = norm
         self.norm = CsrMatrix.from_scipy(norm)
-        self.norm_t = CsrMatrix.from_scipy(norm.T.tocsr())
+        self.norm_t = self.norm.transpose()
         self.train_lists = IdLists(r.indptr.astype(np.int64), r.indices.astype(np.int64))
         self.user_degree, self.item_degree = du, di
         self.item_counts = train.item_counts()
@@ -175,9 +176,10 @@ class GFCF:
             s, v = np.zeros(0), np.zeros((n_items, 0))
         self.singular_values = s
         self.v_left = np.ascontiguousarray(v * self._inv_i[:, None], dtype=np.float32)
-        self.v_right = np.ascontiguousarray(v * np.sqrt(di)[:, None], dtype=np.float32)
         # the low-rank part through the sharpening, once: q(P) D^1/2 V
-        self.v_right = np.ascontiguousarray(self._sharpen_t(self.v_right), dtype=np.float32)
+        self.v_right = sharpen(self.sharpen_poly, self.norm, self.norm_t,
+                               np.ascontiguousarray(v * np.sqrt(di)[:, None], dtype=np.float32),
+                               num_threads=self.num_threads)
         self._fitted = True
         return self
 
@@ -209,36 +211,17 @@ class GFCF:
             raise ValueError(f"R~ has rank below k_ideal={k}: lower k_ideal")
         return s, (bt @ evecs[:, top]) / s
 
-    # ------------------------------------------------------------------------------------------ scoring
     def _spmm(self, a: CsrMatrix, x: np.ndarray) -> np.ndarray:
         return rec_engine.spmm(a, np.ascontiguousarray(x, dtype=np.float32), num_threads=self.num_threads)
 
-    def _apply_p(self, x_t: np.ndarray) -> np.ndarray:
-        """``P x_t = R~^T (R~ x_t)`` for a dense float32 ``x_t`` [n_items, B] (two core SpMMs)."""
-        return self._spmm(self.norm_t, self._spmm(self.norm, x_t))
-
-    def _sharpen_t(self, x_t: np.ndarray) -> np.ndarray:
-        """``q(P) x_t`` (``x_t`` itself without sharpening)."""
-        return apply_polynomial(self.sharpen_poly, self._apply_p, x_t)
-
-    def _linear_t(self, rows: sp.csr_matrix) -> np.ndarray:
-        """The linear part ``r P`` (sharpened when ``sharpen > 0``) of the binary rows ``rows`` (B x n_items
-        CSR, float32), transposed: float32 C-contiguous [n_items, B]."""
-        y = (self._norm_sp @ rows.T).toarray()                          # R~ r^T, n_users x B
-        s_t = self._spmm(self.norm_t, y)                                  # R~^T R~ r^T
-        return np.ascontiguousarray(self._sharpen_t(s_t), dtype=np.float32)
-
-    def _scores_t(self, rows: sp.csr_matrix) -> np.ndarray:
-        """Scores of the binary rows ``rows`` (B x n_items CSR, float32), transposed: float32 C-contiguous
-        [n_items, B] (a Fortran-ordered [B, n_items] block)."""
-        s_t = self._linear_t(rows)
-        if self.v_left.shape[1] and self.alpha != 0.0:
-            q = self._spmm(CsrMatrix.from_scipy(rows), self.v_left)      # r D^-1/2 V, B x k
-            # S (B x n_items, Fortran order = s_t's memory) += alpha * Q @ (D^1/2 V)^T, in place
-            out = sgemm(self.alpha, q.T, self.v_right.T, beta=1.0, c=s_t.T, trans_a=1, overwrite_c=1)
-            if not np.shares_memory(out, s_t):
-                raise RuntimeError("sgemm did not accumulate in place")
-        return s_t
+    # ------------------------------------------------------------------------------------------ scoring
+    @property
+    def graph_filter(self) -> GraphFilter:
+        """The serving code's filter (:class:`rec_engine.graph_filter.GraphFilter`) over the fitted
+        matrices: what an exported bundle answers with (built on each access; it holds no copies)."""
+        self._check_fitted()
+        return GraphFilter(self.norm, self.v_left, self.v_right, self.alpha, self.sharpen_poly,
+                           norm_t=self.norm_t, num_threads=self.num_threads)
 
     def _check_users(self, users) -> tuple[np.ndarray, bool]:
         self._check_fitted()
@@ -296,10 +279,11 @@ class GFCF:
         return out[0] if single else out
 
     def _blocks(self, rows: sp.csr_matrix) -> np.ndarray:
+        f = self.graph_filter
         out = np.empty((rows.shape[0], self.n_items), np.float32)
         for start in range(0, rows.shape[0], self.batch_size):
             block = rows[start:start + self.batch_size]
-            out[start:start + block.shape[0]] = self._scores_t(block).T
+            out[start:start + block.shape[0]] = f.scores_t(CsrMatrix.from_scipy(block)).T
         return out
 
     def recommend(self, users, k: int = 20, exclude="train") -> TopK:
@@ -333,6 +317,7 @@ class GFCF:
                 raise IndexError(f"exclude holds an item id outside [0, {self.n_items})")
             ex_rows = np.arange(u.size)
         width = min(int(k), self.n_items)
+        f = self.graph_filter
         rows = self._user_rows(u)
         b = min(self.rank_batch, max(u.size, 1))
         n_low = self.v_right.shape[1] if self.alpha != 0.0 else 0
@@ -343,12 +328,12 @@ class GFCF:
         ids, vals = [], []
         for start in range(0, u.size, b):
             stop = min(start + b, u.size)
-            block = rows[start:stop]
-            items[:, :stop - start] = self._linear_t(block)
+            block = CsrMatrix.from_scipy(rows[start:stop])
+            items[:, :stop - start] = f.linear_t(block)
             queries = np.zeros((stop - start, b + n_low), np.float32)
             queries[:, :stop - start] = np.eye(stop - start, dtype=np.float32)
             if n_low:
-                queries[:, b:] = self.alpha * self._spmm(CsrMatrix.from_scipy(block), self.v_left)
+                queries[:, b:] = self.alpha * f.user_factors(block)
             excl = None if ex is None else take_lists(ex, ex_rows[start:stop])
             top = rec_engine.topk(queries, items, width, exclude=excl, num_threads=self.num_threads)
             ids.append(top.ids)
