@@ -67,12 +67,15 @@ class SyntheticWorld:
         Weight of ``taste . item`` in :meth:`ctr_logit`.
     ctr_bias : float
         Intercept of :meth:`ctr_logit`, calibrated for a positive rate near ``ctr_rate``.
+    keys : dict or None
+        The data sets' ``keys``: None (the dense ids are the keys), or with ``string_keys=True`` the strings
+        ``"u-<id>"`` and ``"sku-<id, 4 digits or more>"`` (``"u-17"``, ``"sku-0042"``) in dense-id order.
     """
 
     def __init__(self, n_users: int = 1000, n_items: int = 500, n_factors: int = 8, seed: int = 0,
                  events_per_user: int = 30, n_clusters: int = 20, n_brands: int = 40, n_tags: int = 30,
                  zipf: float = 1.0, pop_weight: float = 0.5, signal: float = 1.5, stay: float = 0.85,
-                 ctr_rate: float = 0.3, ctr_interaction: float = 1.0):
+                 ctr_rate: float = 0.3, ctr_interaction: float = 1.0, string_keys: bool = False):
         if n_users < 1 or n_items < 2 or n_factors < 1:
             raise ValueError(f"need n_users >= 1, n_items >= 2, n_factors >= 1, got {n_users}, {n_items}, {n_factors}")
         if not 1 <= n_clusters <= n_items:
@@ -83,7 +86,7 @@ class SyntheticWorld:
             raise ValueError(f"stay must be in [0, 1] and ctr_rate in (0, 1), got {stay}, {ctr_rate}")
         self.n_users, self.n_items, self.n_factors, self.n_clusters = n_users, n_items, n_factors, n_clusters
         self.seed, self.events_per_user, self.stay, self.pop_weight = seed, events_per_user, stay, pop_weight
-        self.ctr_interaction = ctr_interaction
+        self.ctr_interaction, self.string_keys = ctr_interaction, string_keys
         rng = np.random.default_rng(seed)
         self._rng_seeds = rng.integers(0, 2**63 - 1, size=4)       # one stream per data set
         f = n_factors
@@ -138,6 +141,14 @@ class SyntheticWorld:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < ctr_rate else (lo, mid)
         self.ctr_bias = (lo + hi) / 2
+
+    @property
+    def keys(self) -> dict | None:
+        if not self.string_keys:
+            return None
+        users = np.array([f"u-{u}" for u in range(self.n_users)], dtype=object)
+        items = np.array([f"sku-{i:04d}" for i in range(self.n_items)], dtype=object)
+        return {"user": users, "item": items}
 
     # ------------------------------------------------------------------------------------ ground truth
     def scores(self) -> np.ndarray:
@@ -196,7 +207,8 @@ class SyntheticWorld:
             sel = sel[np.lexsort((p[sel], users[sel]))]
             return Interactions(users[sel], items[sel], U, I, timestamps=p[sel])
 
-        return ImplicitSplit(train=part(is_train), test=part(is_test), valid=part(is_valid), name="synthetic")
+        return ImplicitSplit(train=part(is_train), test=part(is_test), valid=part(is_valid), name="synthetic",
+                             keys=self.keys)
 
     def sequences(self) -> SequenceData:
         """Leave-last-out sequences: per user a length in ``[events_per_user // 2, 3 * events_per_user // 2]``
@@ -228,7 +240,7 @@ class SyntheticWorld:
         train = [seq[u, :lengths[u] - 2].copy() for u in range(U)]
         valid = seq[rows, lengths - 2]
         test = seq[rows, lengths - 1]
-        return SequenceData(train=train, valid=valid, test=test, n_items=I, name="synthetic")
+        return SequenceData(train=train, valid=valid, test=test, n_items=I, name="synthetic", keys=self.keys)
 
     def ctr(self, n_examples: int = 20000, valid_frac: float = 0.1, test_frac: float = 0.2,
             hash_buckets: int = 1) -> CtrData:
@@ -277,7 +289,7 @@ class SyntheticWorld:
             "item": {"item_id": all_items, "category": self.category, "brand": self.brand,
                      "tags": [t.tolist() for t in self.tags], "price": self.price}}
         return CtrData(schema=schema, train=enc["train"], valid=enc["valid"], test=enc["test"],
-                       name="synthetic-ctr", extra=extra)
+                       name="synthetic-ctr", extra=extra, keys=self.keys)
 
 
 def make_synthetic(n_users: int = 1000, n_items: int = 500, n_factors: int = 8, seed: int = 0,
@@ -286,6 +298,7 @@ def make_synthetic(n_users: int = 1000, n_items: int = 500, n_factors: int = 8, 
     ``n_clusters`` (20), ``n_brands`` (40), ``n_tags`` (30), ``zipf`` (1.0, popularity exponent),
     ``pop_weight`` (0.5), ``signal`` (1.5, scale of the latent affinity), ``stay`` (0.85, probability the
     next item of a sequence stays in the previous item's cluster), ``ctr_rate`` (0.3, target positive
-    rate), ``ctr_interaction`` (1.0, weight of ``taste . item`` in the click logit)."""
+    rate), ``ctr_interaction`` (1.0, weight of ``taste . item`` in the click logit), ``string_keys`` (False:
+    the data sets' ``keys`` are None; True: ``"u-17"`` / ``"sku-0042"`` strings, the draws unchanged)."""
     return SyntheticWorld(n_users=n_users, n_items=n_items, n_factors=n_factors, seed=seed,
                           events_per_user=events_per_user, **kwargs)
