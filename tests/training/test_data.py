@@ -295,10 +295,13 @@ def _write(path, text):
     return path
 
 
-def test_lightgcn_non_integer_token_names_file_and_line(tmp_path):
+def test_lightgcn_non_integer_token_makes_string_keys_and_bad_utf8_names_file_and_line(tmp_path):
     _write(tmp_path / "train.txt", "0 1 2\n1 3\n\n2 4 x5 6\n")
     _write(tmp_path / "test.txt", "0 3\n")
-    with pytest.raises(DataFormatError, match=r"train\.txt:4: .*'x5'"):
+    split = load_lightgcn(tmp_path)                   # 'x5' is a key: the item keys are strings as written
+    assert split.keys["item"].tolist() == ["1", "2", "3", "4", "6", "x5"] and split.keys["user"].tolist() == [0, 1, 2]
+    (tmp_path / "train.txt").write_bytes(b"0 1 2\n1 3\n\n2 4 x\xff 6\n")
+    with pytest.raises(DataFormatError, match=r"train\.txt:4: item key is not UTF-8"):
         load_lightgcn(tmp_path)
 
 
@@ -310,12 +313,15 @@ def test_lightgcn_duplicate_user_line_is_an_error(tmp_path):
 
 
 def test_sasrec_bad_lines_name_file_and_line(tmp_path):
-    with pytest.raises(DataFormatError, match=r"a\.txt:2: expected 2 integers"):
+    with pytest.raises(DataFormatError, match=r"a\.txt:2: expected 2 fields"):
         load_sasrec(_write(tmp_path / "a.txt", "1 2\n1 2 3\n"))
-    with pytest.raises(DataFormatError, match=r"b\.txt:3: ids are 1-based"):
-        load_sasrec(_write(tmp_path / "b.txt", "1 2\n1 3\n0 4\n"))
-    with pytest.raises(DataFormatError, match=r"c\.txt:1: "):
-        load_sasrec(_write(tmp_path / "c.txt", "1 2.5\n"))
+    with pytest.raises(DataFormatError, match=r"b\.txt:3: NUL byte"):
+        load_sasrec(_write(tmp_path / "b.txt", "1 2\n1 3\n0\x00 4\n"))
+    with pytest.raises(DataFormatError, match=r"c\.txt:2: user key is not UTF-8"):
+        (tmp_path / "c.txt").write_bytes(b"1 2\n\xe9 2\n")
+        load_sasrec(tmp_path / "c.txt")
+    seq = load_sasrec(_write(tmp_path / "d.txt", "1 2.5\n0 4\n"))        # keys as written, not errors
+    assert seq.keys["user"].tolist() == [0, 1] and seq.keys["item"].tolist() == ["2.5", "4"]
 
 
 def test_libfm_field_count_and_label_errors_name_the_line(tmp_path):
@@ -345,5 +351,5 @@ def test_csv_missing_column_and_non_numbers_name_file_and_line(tmp_path):
 
 
 def test_movielens_bad_line_names_file_and_line(tmp_path):
-    with pytest.raises(DataFormatError, match=r"ratings\.dat:2: expected 4 integers"):
+    with pytest.raises(DataFormatError, match=r"ratings\.dat:2: expected 4 fields"):
         load_movielens(_write(tmp_path / "ratings.dat", "1::2::3::4\n1::2::3\n"))
