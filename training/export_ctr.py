@@ -34,7 +34,8 @@ def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
 
 
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,
-               entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False) -> Path:
+               entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False,
+               keys: Mapping | None = None) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.ctr.CtrModel`) as a bundle at ``path``.
 
     Parameters
@@ -50,6 +51,8 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
         fields of each entity. The schema's other fields come from the request's context.
     overwrite : bool
         Replace an existing bundle at ``path``.
+    keys : mapping, optional
+        The users' own keys, ``{"user": [...], "item": [...]}`` in dense-id order (stored by ``write_bundle``).
 
     Returns
     -------
@@ -77,8 +80,9 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
             arrays.update({f"{entity}_features_indices": enc.indices, f"{entity}_features_offsets": enc.offsets,
                            f"{entity}_features_weights": enc.weights})
             meta["entity_fields"][entity] = [n for n in model.schema.names if n in cols]
+    extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind=model.kind, meta=meta, tables=tables, arrays=arrays, onnx={"dense": dense_bytes},
-                        table_dtype=table_dtype, overwrite=overwrite)
+                        table_dtype=table_dtype, overwrite=overwrite, **extra)
 
 
 def load_ctr_scorer(bundle_path: str | os.PathLike, *, intra_op_threads: int = 1,

@@ -1,4 +1,6 @@
-"""Export a fitted GF-CF model (:class:`rec_engine_train.models.gfcf.GFCF`) as a bundle of kind "gfcf".
+"""Export a fitted GF-CF model (:class:`rec_engine_train.models.gfcf.GFCF`) as a bundle of kind "gfcf" or
+"bspm" (the same format; both are served by ``rec_engine.retrieval.FilterRetrieval``), and read one back
+(:func:`load_gfcf`) for batch scoring.
 
 Bundle format (what serving is written against). With ``R~ = D_u^-1/2 R D_i^-1/2`` the normalized train
 matrix and ``V`` its top ``k`` right singular vectors, the scores of a user with binary item row ``r``
@@ -38,14 +40,19 @@ from typing import Mapping
 
 import numpy as np
 
-from rec_engine.bundle import write_bundle
+import scipy.sparse as sp
+
+from rec_engine import CsrMatrix, IdLists
+from rec_engine.bundle import Bundle, BundleError, open_bundle, write_bundle
+from rec_engine.kinds import get_kind
 
 from .models.gfcf import GFCF
 
 
 def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, float] | None = None,
-                table_dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write the fitted ``model`` as a bundle of kind "gfcf" at ``path`` (format in the module docstring).
+                table_dtype: str = "float32", overwrite: bool = False, kind: str = "gfcf",
+                keys: Mapping | None = None) -> Path:
+    """Write the fitted ``model`` as a bundle at ``path`` (format in the module docstring).
 
     Parameters
     ----------
@@ -53,6 +60,9 @@ def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, f
     metrics : mapping, optional  evaluation results recorded in the meta
     table_dtype : {"float32", "float16", "int8"}  storage of the low-rank tables
     overwrite : bool  replace an existing bundle
+    kind : str  the bundle's kind, a kind of the "filter" family: "gfcf" (default) or "bspm" (what the CLI
+        names a sharpened filter); both hold the same format
+    keys : mapping, optional  the users' own keys (``{"user": [...], "item": [...]}`` in dense-id order)
 
     Returns
     -------
@@ -62,10 +72,13 @@ def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, f
     ------
     TypeError  ``model`` is not a GFCF.
     RuntimeError  ``model`` is not fitted.
+    ValueError  ``kind`` is not a filter kind.
     """
     if not isinstance(model, GFCF):
         raise TypeError(f"export_gfcf needs a GFCF model, got {type(model).__name__}")
     model._check_fitted()
+    if get_kind(kind).family != "filter":
+        raise ValueError(f"export_gfcf writes kinds of the filter family, not {kind!r}")
     users = np.arange(model.n_users, dtype=np.int64)
     users_lowrank = np.zeros((model.n_users, model.v_left.shape[1]), np.float32)
     for start in range(0, model.n_users, model.batch_size):
@@ -84,5 +97,35 @@ def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, f
             "sharpen_poly": [float(c) for c in model.sharpen_poly], "svd": model.svd,
             "n_iter": model.n_iter, "oversample": model.oversample, "seed": model.seed,
             "metrics": dict(metrics or {})}
-    return write_bundle(path, kind="gfcf", meta=meta, tables=tables, arrays=arrays, table_dtype=table_dtype,
-                        overwrite=overwrite)
+    extra = {} if keys is None else {"keys": keys}
+    return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=arrays, table_dtype=table_dtype,
+                        overwrite=overwrite, **extra)
+
+
+def load_gfcf(bundle: Bundle | str | os.PathLike, *, num_threads: int | None = None) -> GFCF:
+    """A fitted :class:`GFCF` rebuilt from a filter bundle (kinds "gfcf", "bspm"), for its batched
+    :meth:`~GFCF.recommend` (the serving path, ``FilterRetrieval``, scores one user at a time). Its scores
+    are the exporting model's (the tables dequantized when stored as float16 / int8)."""
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    if get_kind(b.kind).family != "filter":
+        raise BundleError(f"bundle {b.path} has kind {b.kind!r}, not a graph filter (gfcf, bspm)")
+    meta = b.meta
+    n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
+    sharpen = float(meta.get("sharpen", 0.0))
+    model = GFCF(alpha=float(meta["alpha"]), k_ideal=int(meta["k_ideal"]), sharpen=sharpen,
+                 sharpen_solver=meta.get("sharpen_solver", "euler"), sharpen_steps=int(meta.get("sharpen_steps", 1)),
+                 seed=int(meta.get("seed", 0)), num_threads=num_threads)
+    model.sharpen_poly = np.asarray(meta.get("sharpen_poly", [1.0, -sharpen] if sharpen > 0 else [1.0]), np.float64)
+    norm = sp.csr_matrix((b.array("norm_data"), b.array("norm_indices"), b.array("norm_indptr")),
+                         shape=(n_users, n_items))
+    model._norm_sp = norm
+    model.norm = CsrMatrix.from_scipy(norm)
+    model.norm_t = CsrMatrix.from_scipy(norm.T.tocsr())
+    model._inv_i = b.array("item_inv_sqrt_degree").astype(np.float64)
+    model.train_lists = IdLists(b.array("train_indptr"), b.array("train_items"))
+    model.item_counts = b.array("item_counts")
+    model.v_left = np.ascontiguousarray(b.table("items_lowrank_query").to_numpy())
+    model.v_right = np.ascontiguousarray(b.table("items_lowrank").to_numpy())
+    model.n_users, model.n_items = n_users, n_items
+    model._fitted = True
+    return model

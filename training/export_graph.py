@@ -23,11 +23,12 @@ import numpy as np
 import rec_engine
 from rec_engine import IdLists, TopK
 from rec_engine.bundle import BundleError, open_bundle, write_bundle
+from rec_engine.kinds import names
 
 from .data.containers import Interactions
 from .evaluate import popularity_vectors, take_lists
 
-GRAPH_KINDS = ("mf", "lightgcn", "ngcf", "popularity")
+GRAPH_KINDS = names(family="graph")         # the registry's vector kinds: mf, lightgcn, ngcf, popularity
 
 
 def _train_lists(train: Interactions) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +47,8 @@ def _graph_arrays(train: Interactions) -> dict[str, np.ndarray]:
 
 
 def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, table_dtype: str = "float32",
-                 metrics: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
+                 metrics: Mapping[str, float] | None = None, overwrite: bool = False,
+                 keys: Mapping | None = None) -> Path:
     """Write a trained MF / LightGCN / NGCF model (from :func:`rec_engine_train.models.graph.train_graph`)
     as a bundle at ``path`` and return the path.
 
@@ -56,6 +58,7 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
     split_train : Interactions  the interactions the model was trained on (graph and exclusion lists)
     table_dtype : {"float32", "float16", "int8"}  storage of the embedding tables
     metrics : mapping, optional  evaluation results to record in the meta
+    keys : mapping, optional  the users' own keys (``{"user": [...], "item": [...]}`` in dense-id order)
 
     Raises
     ------
@@ -79,11 +82,12 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
             "n_layers": model.n_layers, "layer_weights": model.layer_weights, "params": dict(model.params),
             "metrics": dict(metrics or {})}
     return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=_graph_arrays(split_train),
-                        table_dtype=table_dtype, overwrite=overwrite)
+                        table_dtype=table_dtype, overwrite=overwrite, **_keys(keys))
 
 
 def export_popularity(item_counts, train: Interactions, path: str | os.PathLike, *,
-                      metrics: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
+                      metrics: Mapping[str, float] | None = None, overwrite: bool = False,
+                      keys: Mapping | None = None) -> Path:
     """Write the popularity baseline as a bundle of kind "popularity": ``users`` is ``[n_users, 1]`` of
     ones and ``items`` ``[n_items, 1]`` the counts, so it scores like any graph bundle.
 
@@ -91,6 +95,7 @@ def export_popularity(item_counts, train: Interactions, path: str | os.PathLike,
     ----------
     item_counts : array_like of numbers, shape (n_items,)  e.g. ``train.item_counts()``
     train : Interactions  for the adjacency, the exclusion lists and the sizes
+    keys : mapping, optional  the users' own keys, as in :func:`export_graph`
     """
     counts = np.asarray(item_counts)
     if counts.shape != (train.n_items,):
@@ -100,7 +105,12 @@ def export_popularity(item_counts, train: Interactions, path: str | os.PathLike,
     meta = {"n_users": train.n_users, "n_items": train.n_items, "dim": 1, "n_layers": 0,
             "layer_weights": None, "params": {}, "metrics": dict(metrics or {})}
     return write_bundle(path, kind="popularity", meta=meta, tables=tables, arrays=_graph_arrays(train),
-                        overwrite=overwrite)
+                        overwrite=overwrite, **_keys(keys))
+
+
+def _keys(keys: Mapping | None) -> dict:
+    """``write_bundle``'s ``keys`` argument, passed only when there are keys."""
+    return {} if keys is None else {"keys": keys}
 
 
 class GraphScorer:

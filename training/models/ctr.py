@@ -28,14 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rec_engine.features import EncodedBatch, Schema
+from rec_engine.kinds import names
 
 from ..data.containers import CtrData
 from ..evaluate import evaluate_ctr
 from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
 
-KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
+KINDS = names(family="ctr")          # from the registry: lr, fm, widedeep, deepfm, xdeepfm
 _FM_KINDS = ("fm", "deepfm")
 _MLP_KINDS = ("widedeep", "deepfm", "xdeepfm")
+_BUILT = ("lr", "xdeepfm") + _FM_KINDS + _MLP_KINDS      # the kinds this module knows how to build
 
 DEFAULT_MLP = (128, 64)
 DEFAULT_CIN = (64, 64)
@@ -45,6 +47,9 @@ def check_kind(kind: str) -> str:
     """Return ``kind`` if it is a known model kind; raise ValueError listing the known kinds otherwise."""
     if kind not in KINDS:
         raise ValueError(f"unknown CTR model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if kind not in _BUILT:
+        raise ValueError(f"CTR kind {kind!r} is registered (rec_engine.kinds) but rec_engine_train.models.ctr "
+                         "cannot build it")
     return kind
 
 

@@ -19,13 +19,14 @@ from torch import nn
 
 import rec_engine
 from rec_engine import CsrMatrix
+from rec_engine.kinds import names
 
 from ..data.containers import ImplicitSplit, Interactions
 from ..evaluate import evaluate_retrieval
 from ..loop import History, Progress, TrainConfig, batches, fit, seed_everything
 from .layers import FastDropout
 
-KINDS = ("mf", "lightgcn", "ngcf")
+KINDS = names(family="graph", epochs=True)      # from the registry: mf, lightgcn, ngcf
 
 
 # ----------------------------------------------------------------------------- graph
@@ -405,8 +406,11 @@ def build_model(kind: str, train: Interactions, config: TrainConfig) -> _BprMode
     if kind == "lightgcn":
         return LightGCN(adj, train.n_users, train.n_items, config.dim, n_layers, p.get("layer_weights"),
                         num_threads=config.num_threads, params=p)
-    return NGCF(adj, train.n_users, train.n_items, config.dim, n_layers, float(p.get("dropout", 0.1)),
-                num_threads=config.num_threads, params=p, edge_dropout=float(p.get("edge_dropout", 0.0)))
+    if kind == "ngcf":
+        return NGCF(adj, train.n_users, train.n_items, config.dim, n_layers, float(p.get("dropout", 0.1)),
+                    num_threads=config.num_threads, params=p, edge_dropout=float(p.get("edge_dropout", 0.0)))
+    raise ValueError(f"graph kind {kind!r} is registered (rec_engine.kinds) but rec_engine_train.models.graph "
+                     "cannot build it")
 
 
 # ----------------------------------------------------------------------------- negative sampling
