@@ -161,7 +161,8 @@ class ItemItemScorer:
         One id gives 1-D results, a batch 2-D."""
         u = np.asarray(users)
         if u.dtype.kind not in "iu" or u.ndim > 1:
-            raise TypeError(f"users must be an integer id or a 1-D array of them, got dtype {u.dtype} and shape {u.shape}")
+            raise TypeError(f"users must be an integer id or a 1-D array of them, got dtype {u.dtype} and "
+                            f"shape {u.shape}")
         out = self.recommend(self.user_lists(u), k, exclude="items" if exclude_seen else None,
                              num_threads=num_threads)
         return TopK(out.ids[0], out.scores[0]) if u.ndim == 0 else out

@@ -126,7 +126,8 @@ def test_a_catalogue_too_large_for_memory_is_refused_saying_what_it_needs(data, 
     with pytest.raises(ValueError, match=r"dense 47 x 47 item-item matrix: .* above max_items=40"):
         EASE(max_items=40).fit(data)
     monkeypatch.setattr(ease_mod, "available_memory", lambda: 1000)
-    with pytest.raises(ValueError, match=r"needs a dense 47 x 47 .*only 0.0 GiB of memory is available \(dtype=float32"):
+    with pytest.raises(ValueError, match=r"needs a dense 47 x 47 .*only 0.0 GiB of memory is available "
+                                         r"\(dtype=float32"):
         EASE().fit(data)
     EASE(max_items=47).fit(data)                               # an explicit bound replaces the memory check
 
