@@ -193,3 +193,35 @@ def test_cli_prints_the_table_and_records_the_search_in_the_bundle(tmp_path, cap
     doc = json.loads(mj.read_text())
     assert doc["tune"]["chosen"] == record["chosen"] and doc["config"]["lr"] == record["chosen"]["lr"]
     assert "recall@20" in doc["metrics"] and "tune" not in doc["metrics"]
+
+
+def test_settings_resolve_explicit_then_the_models_defaults_then_trainconfigs(graph):
+    cfg = defaults.resolve_config("lightgcn", graph, {"lr": 0.02, "epochs": None}, {"reg": 1e-4}, seed=3)
+    assert cfg.lr == 0.02 and cfg.params["reg"] == 1e-4                          # explicit
+    assert cfg.epochs == 400 and cfg.dim == 64 and cfg.params["dns_candidates"] == 8   # the model's defaults
+    assert cfg.weight_decay == TrainConfig.weight_decay and cfg.min_delta == TrainConfig.min_delta  # TrainConfig's
+    assert cfg.seed == 3 and cfg.warmup_epochs == 40
+    ctr = defaults.resolve_config("deepfm", None)
+    assert ctr.params["mlp"] == [400, 400, 400] and ctr.dim == 10
+    # k_ideal is capped by the data (a quarter of its smaller side), unless given explicitly
+    assert defaults.resolve_params("gfcf", graph)["k_ideal"] == 80 // 4
+    assert defaults.resolve_params("gfcf", graph, {"k_ideal": 40})["k_ideal"] == 40
+    assert set(defaults.search_space("bspm", graph)["k_ideal"].values) == {20}
+    for kind in pipeline.MODEL_NAMES:              # every kind has a description, and its defaults build a config
+        assert defaults.describe(kind).startswith(f"defaults of {kind}:")
+        if pipeline.family_of(kind) == "graph":
+            defaults.resolve_config(kind, graph)
+
+
+def test_train_help_after_the_model_lists_its_defaults(capsys):
+    from rec_engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "lightgcn", "--help"])
+    out = capsys.readouterr().out
+    assert "defaults of lightgcn:" in out and "dns_candidates=8" in out and "--tune searches: lr" in out
+    assert "defaults of mf:" not in out and "--time-budget" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "defaults of mf:" in out and "defaults of sasrec:" in out
