@@ -46,6 +46,9 @@ def add_commands(sub) -> None:
                                                             "search space) and exit")
     t.add_argument("model", help=f"one of: {', '.join(pipeline.MODEL_NAMES)}")
     t.add_argument("--data", default="synthetic", help="'synthetic' (default) or a path to real data")
+    t.add_argument("--data-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="options of a .csv/.tsv interactions file: user=, item=, time=, weight= (column names; "
+                        "common ones are found without options), min_weight=, sep=, split=, test=, valid=")
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--epochs", type=int, default=None, help="(default: per model)")
     t.add_argument("--batch-size", type=int, default=None, help="(default: per model)")
@@ -91,6 +94,8 @@ def add_commands(sub) -> None:
                                    "another are skipped with a note).")
     e.add_argument("bundle")
     e.add_argument("--data", default="synthetic", help="'synthetic' (default) or a path to real data")
+    e.add_argument("--data-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="options of a .csv/.tsv interactions file, as in train")
     e.add_argument("--stage", action="append", choices=("retrieval", "ranking"), default=None,
                    help="pipeline bundles: evaluate only this stage (repeatable; default: every stage)")
     e.add_argument("--seed", type=int, default=0, help="seed of the synthetic data / sampled negatives")
@@ -164,7 +169,7 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = pipeline.load_data(args.data, fam, seed=args.seed)
+    data = pipeline.load_data(args.data, fam, seed=args.seed, data_options=dict(args.data_option) or None)
     print(f"data: {args.data} ({type(data).__name__}) loaded in {time.perf_counter() - t0:.1f}s")
     explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
     config = defaults.resolve_config(args.model, data, explicit, dict(args.param), seed=args.seed,
@@ -206,7 +211,7 @@ def _evaluate(args) -> int:
                   "kinds": {s: bundle.meta["kinds"][s] for s in per_stage}}
     else:
         fam = pipeline.family_of(bundle.kind)
-        data = pipeline.load_data(args.data, fam, seed=args.seed)
+        data = pipeline.load_data(args.data, fam, seed=args.seed, data_options=dict(args.data_option) or None)
         metrics = pipeline.evaluate_bundle(bundle, data, seed=args.seed)
         print(f"{bundle.kind} {args.bundle}: " + _line(metrics))
         result = {"bundle": args.bundle, "kind": bundle.kind, "data": args.data, "metrics": metrics}

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import kinds
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .graph import CsrMatrix, LightGCNFoldIn
@@ -32,9 +33,10 @@ from .graph_filter import GraphFilter
 from .sequential import SASRecScorer
 from .topk import IdLists, TopK, topk
 
-VECTOR_KINDS = ("mf", "lightgcn", "ngcf", "popularity")
-FILTER_KINDS = ("gfcf", "bspm")
-SEQUENTIAL_KINDS = ("sasrec",)
+# the kinds each class serves, read from the registry (rec_engine.kinds)
+VECTOR_KINDS = kinds.names(family="graph")
+FILTER_KINDS = kinds.names(family="filter")
+SEQUENTIAL_KINDS = kinds.names(family="sequential")
 
 
 _NO_ITEMS = np.zeros(0, np.int64)
@@ -197,11 +199,14 @@ class FilterRetrieval(_Retrieval):
 
 
 def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
-    if bundle.kind in VECTOR_KINDS:
-        return VectorRetrieval(bundle)
-    if bundle.kind in FILTER_KINDS:
-        return FilterRetrieval(bundle)
-    if bundle.kind in SEQUENTIAL_KINDS:
-        return SequentialRetrieval(bundle, session_options)
-    raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
-                         f"({', '.join(VECTOR_KINDS + FILTER_KINDS + SEQUENTIAL_KINDS)})")
+    """The retrieval model of ``bundle``, served by the class of its kind's family (rec_engine.kinds)."""
+    serving = {"graph": VectorRetrieval, "filter": FilterRetrieval,
+               "sequential": lambda b: SequentialRetrieval(b, session_options)}
+    try:
+        kind = kinds.get_kind(bundle.kind)
+    except ValueError:
+        kind = None
+    if kind is None or kind.stage != "retrieval" or kind.family not in serving:
+        raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
+                             f"({', '.join(k.name for k in kinds.kinds(stage='retrieval'))})")
+    return serving[kind.family](bundle)
