@@ -40,8 +40,6 @@ from typing import Mapping
 
 import numpy as np
 
-import scipy.sparse as sp
-
 from rec_engine import CsrMatrix, IdLists
 from rec_engine.bundle import Bundle, BundleError, open_bundle, write_bundle
 from rec_engine.kinds import get_kind
@@ -116,11 +114,8 @@ def load_gfcf(bundle: Bundle | str | os.PathLike, *, num_threads: int | None = N
                  sharpen_solver=meta.get("sharpen_solver", "euler"), sharpen_steps=int(meta.get("sharpen_steps", 1)),
                  seed=int(meta.get("seed", 0)), num_threads=num_threads)
     model.sharpen_poly = np.asarray(meta.get("sharpen_poly", [1.0, -sharpen] if sharpen > 0 else [1.0]), np.float64)
-    norm = sp.csr_matrix((b.array("norm_data"), b.array("norm_indices"), b.array("norm_indptr")),
-                         shape=(n_users, n_items))
-    model._norm_sp = norm
-    model.norm = CsrMatrix.from_scipy(norm)
-    model.norm_t = CsrMatrix.from_scipy(norm.T.tocsr())
+    model.norm = CsrMatrix(b.array("norm_indptr"), b.array("norm_indices"), b.array("norm_data"), (n_users, n_items))
+    model.norm_t = model.norm.transpose()
     model._inv_i = b.array("item_inv_sqrt_degree").astype(np.float64)
     model.train_lists = IdLists(b.array("train_indptr"), b.array("train_items"))
     model.item_counts = b.array("item_counts")

@@ -79,7 +79,7 @@ def closed_form_params(name: str, params: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ data
-_MOVIELENS = ("ratings.csv", "ratings.dat", "u.data")
+_MOVIELENS = ("ratings.dat", "u.data")        # ratings.csv goes through the CSV / TSV interactions reader
 
 
 class _WrongData(ValueError):
@@ -90,7 +90,7 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
               data_options: dict | None = None):
     """The data a model family trains on, from ``source`` ("synthetic" or a path; see the module doc).
 
-    A ``.csv`` / ``.tsv`` file (or, with ``data_options``, a directory's ``ratings.csv``) is a table of
+    A ``.csv`` / ``.tsv`` file (or a directory's ``ratings.csv``) is a table of
     user-item events read by :func:`~rec_engine_train.data.loaders.load_interaction_data` with
     ``data_options`` (its :data:`~rec_engine_train.data.loaders.INTERACTION_OPTIONS`: column names,
     ``min_weight``, ``split``, ...; string values, as ``--data-option KEY=VALUE`` gives them); columns named
@@ -106,7 +106,9 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data source {source!r} does not exist (use 'synthetic' or a path)")
-    table = path / "ratings.csv" if data_options and path.is_dir() else path
+    # a directory holding a ratings.csv (MovieLens ml-latest*) and no LightGCN split reads that table
+    table = path / "ratings.csv" if path.is_dir() and (path / "ratings.csv").is_file() and not (
+        path / "train.txt").exists() else path
     if table.is_file() and table.suffix.lower() in (".csv", ".tsv"):
         if family not in ("graph", "sequential"):
             raise _WrongData(f"{table} holds user-item interactions (graph or sequential data), but the model "
