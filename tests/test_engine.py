@@ -325,23 +325,24 @@ def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng
     8 threads at once."""
     import threading
 
-    from rec_engine import ranking
+    from rec_engine import ctr_runner
     from rec_engine.bundle import open_bundle
     from rec_engine.ranking import load_ranking
 
     ranker = load_ranking(open_bundle(trained.bundle("deepfm")))
+    runner = ranker.runner
     feats = trained.ctr_data.extra["entity_features"]
-    assert ranker._bind_rows == ranking._BIND_MAX_ROWS            # a small model: the row limit applies
-    sizes = [1, 2, 3, 5, 8, 13, 64, ranking._BIND_MAX_ROWS, ranking._BIND_MAX_ROWS + 1, 700]
+    assert runner._bind_rows == ctr_runner._BIND_MAX_ROWS          # a small model: the row limit applies
+    sizes = [1, 2, 3, 5, 8, 13, 64, ctr_runner._BIND_MAX_ROWS, ctr_runner._BIND_MAX_ROWS + 1, 700]
     jobs = [(int(rng.integers(0, 400)), rng.integers(0, 300, n)) for n in sizes for _ in range(2)]
     batches = [_full_rows(ranker, feats, u, c, CTX) for u, c in jobs]
     want = [1 / (1 + np.exp(-ranker.logits(b).astype(np.float64))) for b in batches]
     first = [ranker(b) for b in batches]                   # kept while later calls reuse the buffers
     for got, w in zip(first, want):
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-6)
-    assert sorted(ranker._tls.bound) == [n for n in sizes if n <= ranking._BIND_MAX_ROWS]   # a binding a size ...
-    assert all(b[0].base is not None and np.shares_memory(b[0], ranker._tls.buffers[0])       # ... over one buffer
-               for b in ranker._tls.bound.values())
+    assert sorted(runner._tls.bound) == [n for n in sizes if n <= ctr_runner._BIND_MAX_ROWS]   # a binding a size ...
+    assert all(b[0].base is not None and np.shares_memory(b[0], runner._tls.buffers[0])         # ... over one buffer
+               for b in runner._tls.bound.values())
 
     errors, barrier = [], threading.Barrier(8)
 
@@ -363,6 +364,6 @@ def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng
         th.join(timeout=300)
     assert not any(th.is_alive() for th in threads) and not errors, errors
     # ONNX Runtime's public run_with_iobinding (the path taken when its binding internals differ) gives the same
-    ranker._run_io = ranker.session.run_with_iobinding
+    runner._run_io = runner.session.run_with_iobinding
     for b, w in list(zip(batches, want))[::3]:
         np.testing.assert_allclose(ranker(b), w, rtol=0, atol=1e-6)

@@ -1,5 +1,7 @@
-"""Ranking: the second stage. A CTR model's sparse features are looked up by the C++ core and its dense
-part runs in ONNX Runtime.
+"""Ranking: the second stage. A CTR model scores a user's candidates: this module joins each example's
+features (the item's and the user's from the bundle's feature stores, the rest from the request's
+context) into bags; :class:`~rec_engine.ctr_runner.CtrRunner` looks them up in the C++ core and runs the
+dense part in ONNX Runtime.
 
 A ranking bundle (kinds ``lr``, ``fm``, ``widedeep``, ``deepfm``, ``xdeepfm``) holds the feature schema, the
 shared ``embedding`` and ``linear`` tables, the ONNX ``dense`` part (inputs ``emb`` [B, F, d] and ``lin``
@@ -11,25 +13,16 @@ field's hashed bucket.
 """
 from __future__ import annotations
 
-import math
-import threading
 from typing import Any, Mapping
 
 import numpy as np
 
-from ._convert import threads_arg
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
+from .ctr_runner import CtrRunner
 from .features import EncodedBatch, Schema
 
 RANKING_KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
-# Calls of up to _BIND_MAX_ROWS examples (and _BIND_MAX_FLOATS embedding values) pool straight into input
-# buffers bound to an ONNX Runtime IOBinding: no input or output array is allocated per call and
-# session.run's feed / fetch conversions are skipped (~7 us at batch 1, ~30 us at batch 64). Each thread
-# keeps one buffer set of the largest size (at most 0.5 MB of embeddings) and one IOBinding per batch size
-# over its leading rows, so requests whose candidate count varies reuse the same memory.
-_BIND_MAX_ROWS = 256
-_BIND_MAX_FLOATS = 1 << 17
 
 
 class _Store:
@@ -74,11 +67,13 @@ _KEY_TYPES = frozenset([type(None), bool, int, float, str, bytes, np.bool_, np.i
 
 
 class CtrRanker:
-    """A ranking bundle opened for scoring: core pooling, then the ONNX dense part (no torch).
+    """A ranking bundle opened for scoring: features joined into bags here, then core pooling and the ONNX
+    dense part (:attr:`runner`, a :class:`~rec_engine.ctr_runner.CtrRunner`; no torch).
 
     Call it with an :class:`~rec_engine.features.EncodedBatch` for click probabilities (or use
     :meth:`logits`), or score a user's candidates with :meth:`score_candidates`. Safe to call from
-    several threads at once (the tables and the ONNX session are).
+    several threads at once (the stores, the tables and the ONNX session are; the context caches are
+    plain dicts that at worst encode a context twice).
 
     Parameters
     ----------
@@ -90,8 +85,6 @@ class CtrRanker:
     """
 
     def __init__(self, bundle: Bundle, session_options=None, *, num_threads: int | None = 1):
-        import onnxruntime as ort
-
         meta = bundle.meta
         missing = [k for k in ("schema", "dim") if k not in meta] + ([] if bundle.has("dense.onnx") else ["dense.onnx"])
         if missing:
@@ -106,14 +99,15 @@ class CtrRanker:
         self.linear = bundle.table("linear")
         if self.embedding.rows != self.schema.n_rows or self.linear.rows != self.schema.n_rows:
             raise BundleError(f"bundle {bundle.path}: tables do not have the schema's {self.schema.n_rows} rows")
-        if session_options is None:
-            session_options = ort.SessionOptions()
-            session_options.intra_op_num_threads = 1
-            session_options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(bundle.onnx_path("dense")), sess_options=session_options,
-                                            providers=["CPUExecutionProvider"])
+        if self.embedding.dim != self.dim:
+            raise BundleError(f"bundle {bundle.path}: table embedding has {self.embedding.dim} columns, meta dim "
+                              f"is {self.dim}")
         self.inputs = tuple(meta.get("inputs", ("emb", "lin")))
         self.output = meta.get("output", "logit")
+        self.runner = CtrRunner(self.embedding, self.linear, bundle.onnx_path("dense"), n_fields=self.n_fields,
+                                inputs=self.inputs, output=self.output, session_options=session_options,
+                                num_threads=num_threads)
+        self.session = self.runner.session
         groups = meta.get("entity_fields") or {}
         names = self.schema.names
         self.user_fields = [n for n in names if n in set(groups.get("user", ()))]
@@ -126,13 +120,11 @@ class CtrRanker:
         self.items = _Store(bundle, "item_features", len(self.item_fields)) if self.item_fields else None
         self.users = _Store(bundle, "user_features", len(self.user_fields)) if self.user_fields else None
         self.n_items = self.items.n if self.items is not None else None
-        # the request path calls the core directly (the facade's argument checks and conversions cost more
-        # than the lookups at small batches; arrays of the wrong kind fall back to it)
-        self._nt = 0 if num_threads is None else threads_arg(num_threads)
-        self._emb_pool = self.embedding._table.pool
-        self._lin_pool = self.linear._table.pool
-        self._run = self.session.run
-        self._feed = tuple(self.inputs[:2])
+        # the runner's methods, bound once (the request path looks them up on every call)
+        self._pool_arrays = self.runner.pool_arrays
+        self._score_bags = self.runner.score_bags
+        self._logits = self.runner.logits
+        self._sigmoid = self.runner.sigmoid
         self._names = set(names)
         self._sel = {"item": _selector(self.item_pos), "user": _selector(self.user_pos),
                      "ctx": _selector(self.ctx_pos)}
@@ -143,70 +135,8 @@ class CtrRanker:
         self._ctx_cache: dict = {}      # context key -> (rows [Fc] or None, emb [Fc, d], lin [Fc])
         self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
         self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
-        self._tls = threading.local()   # .buffers (emb, lin, out of the largest size), .bound: {n: (emb [n F, d],
-        #                                 lin [n F, 1], IOBinding, out [n]) over their leading rows}
-        meta = next((o for o in self.session.get_outputs() if o.name == self.output), None)
-        out_shape = list(meta.shape) if meta is not None else []
-        bindable = (meta is not None and meta.type == "tensor(float)"     # logits [n] or [n, 1]
-                    and (len(out_shape) == 1 or (len(out_shape) == 2 and out_shape[1] == 1)))
-        self._out_rank = len(out_shape)
-        self._bind_rows = min(_BIND_MAX_ROWS, _BIND_MAX_FLOATS // max(1, self.n_fields * self.dim)) if bindable else 0
-        # InferenceSession.run_with_iobinding is a Python wrapper around the binding's method of the same
-        # name; call that directly when this ONNX Runtime has it (~1 us of a 40 us batch-1 call)
-        native = getattr(self.session, "_sess", None)
-        if hasattr(native, "run_with_iobinding") and hasattr(self.session.io_binding(), "_iobinding"):
-            self._run_io = lambda io, _run=native.run_with_iobinding: _run(io._iobinding, None)
-        else:
-            self._run_io = self.session.run_with_iobinding
 
-    # ------------------------------------------------------------------ the two halves
-    def _pool_arrays(self, indices, offsets, weights) -> tuple[np.ndarray, np.ndarray]:
-        """Sum-pooled ``emb [bags, dim]`` and ``lin [bags, 1]`` of bags given as in an EncodedBatch."""
-        try:   # C-contiguous int32/int64 indices, int64 offsets, float32 weights: straight to the core
-            return (self._emb_pool(indices, offsets, weights, "sum", self._nt, True),
-                    self._lin_pool(indices, offsets, weights, "sum", self._nt, True))
-        except (TypeError, ValueError):   # other dtypes / layouts: the facade converts them (or says why not)
-            args = dict(mode="sum", include_last_offset=True, num_threads=self.num_threads)
-            return (self.embedding.pool(indices, offsets, weights, **args),
-                    self.linear.pool(indices, offsets, weights, **args))
-
-    def _bound(self, n: int):
-        """This thread's input / output buffers for ``n`` examples (the leading rows of its buffer set),
-        bound to an IOBinding of the session."""
-        tls = self._tls
-        cache = getattr(tls, "bound", None)
-        if cache is None:
-            rows, F, d = self._bind_rows, self.n_fields, self.dim
-            tls.buffers = (np.zeros((rows, F, d), np.float32), np.zeros((rows, F), np.float32),
-                           np.zeros((rows,) if self._out_rank == 1 else (rows, 1), np.float32))
-            cache = tls.bound = {}
-        b = cache.get(n)
-        if b is None:
-            emb, lin, out = (a[:n] for a in tls.buffers)     # C-contiguous leading rows
-            e, li = self._feed
-            io = self.session.io_binding()
-            io.bind_cpu_input(e, emb)
-            io.bind_cpu_input(li, lin)
-            io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), io,
-                            out.reshape(-1))
-        return b
-
-    def _score_bags(self, indices, offsets, weights, n: int) -> np.ndarray:
-        """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout)."""
-        if n <= self._bind_rows:
-            b = self._bound(n)
-            try:
-                self._emb_pool(indices, offsets, weights, "sum", self._nt, True, b[0])
-                self._lin_pool(indices, offsets, weights, "sum", self._nt, True, b[1])
-            except (TypeError, ValueError):   # arrays of other kinds: the general path converts or explains
-                pass
-            else:
-                self._run_io(b[2])
-                return self._sigmoid(b[3])
-        emb, lin = self._pool_arrays(indices, offsets, weights)
-        return self._sigmoid(self._logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields)))
-
+    # ------------------------------------------------------------------ examples -> bags
     def _pool(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         emb, lin = self._pool_arrays(batch.indices, batch.offsets, batch.weights)
         return emb, lin[:, 0]
@@ -218,20 +148,6 @@ class CtrRanker:
             size = max(n, 2 * len(seq[1]), 1024)
             seq = self._seq = (np.arange(size + 1, dtype=np.int64), np.ones(size, np.float32))
         return seq[0][:n + 1], seq[1][:n]
-
-    def _logits(self, emb: np.ndarray, lin: np.ndarray) -> np.ndarray:
-        e, li = self._feed
-        (out,) = self._run([self.output], {e: emb, li: lin}, None)
-        return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
-
-    @staticmethod
-    def _sigmoid(z: np.ndarray) -> np.ndarray:
-        """``0.5 * (1 + tanh(z / 2))`` in float64 (no overflow), rounded to float32."""
-        if len(z) == 1:   # the same float64 operations on a scalar, without five array allocations
-            out = np.empty(1, np.float32)
-            out[0] = (1.0 + math.tanh(0.5 * z.item())) * 0.5
-            return out
-        return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)
 
     def pool(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
         """``emb`` float32 ``[n, F, dim]`` and ``lin`` float32 ``[n, F]`` of the ``n`` examples of ``batch``."""
