@@ -10,7 +10,7 @@ Groups (each times rec_engine and its baselines on the same data, one after the 
   (reduced-precision scan, shortlist re-scored exactly in float32), each checked for recall@k >= 0.99
   against the exact result (recorded in extra_info["recall"]) and compared with the fastest baseline.
 - embedding_bag {float32,float16,int8} {sum,mean}: 4096 bags x 20 ids over a 1M x 64 table:
-  rec_engine (table in that storage) vs torch embedding_bag on the float32 table (the issue's reference),
+  rec_engine (table in that storage) vs torch embedding_bag on the float32 table (the reference),
   torch on a float16 table / FBGEMM's int8 row-wise op on the same codes, and NumPy (take + sum).
 - request lookup: 26 bags x 20 ids on a 100k x 16 table, one call: rec_engine vs torch embedding_bag.
 - topk sweep: latency against corpus size and batch size (for bench/report.py's plots).
@@ -65,7 +65,7 @@ BATCH = 256
 BAGS, BAG_LEN = 4096, 20
 TOL_TOPK = 1e-3  # absolute, on scores of magnitude ~10 (float32 dot products of 64 N(0,1) pairs)
 
-# Rounds per implementation and case, in all (at least 20: the issue asks for the median of 20
+# Rounds per implementation and case, in all (at least 20: medians are taken over 20
 # repetitions or more). They are split into PASSES interleaved passes: the implementations of a case
 # take turns (rec_engine, numpy, torch, faiss, rec_engine, numpy, ...), each pass a benchmark of its own
 # whose first, untimed call checks the answer and warms up; the ratio table merges the passes of an
@@ -347,7 +347,7 @@ def bench_embedding_bag(benchmark, bag_case, threads, dtype, mode, pass_no, impl
 
         def fn():
             return table.pool(c.ids, mode=mode, num_threads=threads)
-    elif impl == "torch-f32":  # the issue's reference: torch on the float32 table, whatever rec_engine stores
+    elif impl == "torch-f32":  # the reference: torch on the float32 table, whatever rec_engine stores
         ref_dtype = "float32"
 
         def fn():

@@ -41,7 +41,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-threads", type=int, default=2,
                     help="threads for rec_engine (num_threads=), torch.set_num_threads and FAISS (default 2)")
     group.addoption("--bench-items", type=int, default=200_000,
-                    help="items in the top-k corpus (default 200000; the issue's full size is 1000000)")
+                    help="items in the top-k corpus (default 200000; the full size is 1000000)")
     group.addoption("--bench-table-rows", type=int, default=1_000_000,
                     help="rows of the embedding-bag table (default 1000000)")
     group.addoption("--bench-pass-table", action="store_true",

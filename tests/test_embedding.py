@@ -793,7 +793,7 @@ def test_quantize_int8_of_a_range_overflowing_float32_raises_value_error():
         EmbeddingTable.quantize(w, "int8")
 
 
-# ------------------------------------------------------------------ register-blocked row loops (issue 6)
+# ------------------------------------------------------------------ register-blocked row loops
 # The pooling kernel keeps a bag's sum in registers, 64 floats at a time (4 x 16 AVX-512 lanes, 8 x 8
 # AVX2 lanes), with a masked last register: dims around those block edges exercise every shape.
 BLOCK_DIMS = [1, 8, 9, 31, 47, 63, 64, 65, 100, 127, 128, 129, 200]

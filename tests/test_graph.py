@@ -581,7 +581,7 @@ def test_csr_matrix_whose_shape_disagrees_with_indptr_is_rejected():
         CsrMatrix(np.array([0, 1, 2], np.int64), np.array([0, 1]), np.ones(2, np.float32), (2, 3))
 
 
-# ------------------------------------------------------------ register-blocked row loops (issue 6)
+# ------------------------------------------------------------ register-blocked row loops
 @pytest.mark.parametrize("dim", [1, 9, 17, 63, 64, 65, 129])
 @pytest.mark.parametrize("n_layers", [0, 1, 2, 3, 4])
 def test_propagate_at_register_block_edges_matches_reference(simd, rng, dim, n_layers):

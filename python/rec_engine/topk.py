@@ -104,7 +104,7 @@ class ItemIndex:
     -----
     Measured recall@k against the exact float32 top-k (1M items x 64, 256 queries, 50 excluded ids per
     query, k = 10 and 100): 1.0 for int8 and bf16 on Gaussian and on clustered items with the default
-    shortlist, and still 1.0 with a shortlist of only ``k + 16``; ``bench/bench_topk_issue6.py`` prints
+    shortlist, and still 1.0 with a shortlist of only ``k + 16``; ``bench/bench_topk_vs_baselines.py`` prints
     it. A larger shortlist costs scan time (the per-query selection grows with it). Only the
     inner product metric is supported; ``candidates`` fall back to the exact float32 scorer.
     """

@@ -1,8 +1,8 @@
-"""Issue 6 top-k targets, every row beside NumPy, PyTorch and FAISS (tuned), in one run.
+"""Top-k latency, recall and peak memory, every row beside NumPy, PyTorch and FAISS (tuned), in one run.
 
 A script, not a pytest-benchmark suite (it holds no ``bench_*`` functions, so pytest collects nothing):
 
-    PYTHONPATH=... python bench/bench_topk_issue6.py [--bench-items 1000000] [--reps 20] [--threads 2] [--json PATH]
+    PYTHONPATH=... python bench/bench_topk_vs_baselines.py [--bench-items 1000000] [--reps 20] [--threads 2] [--json PATH]
 
 Rows: 1 query and 256 queries against N x 64 float32 items, k = 10 and 100, 50 excluded ids per query;
 rec_engine exact float32 and the reduced-precision ItemIndex modes (int8, bf16; shortlist re-scored
