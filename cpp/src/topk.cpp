@@ -1,20 +1,23 @@
 // Exact top-k by inner product or cosine with exclusion and candidate subsets.
 //
-// Full scans score block by block (a tile of up to kQueryTile queries x kItemBlock items, small enough
-// for L2) and keep a running selection (bounded heap) per query. Large batches are split by queries
-// (each thread owns a contiguous range of queries and scans all items); a single query or a small batch
-// is split by items (one contiguous item range per thread, selections merged at the end). Memory stays
-// at O(threads * min(B, kQueryGroup) * k) plus the output, never B x N. Candidate subsets are scored
-// per query (parallel over queries).
+// Row-major full scans score block by block (a tile of up to kQueryTile queries x kItemBlock items,
+// small enough for L2) and keep a running Selection per query (a buffer of 2k entries cut back to the k
+// best when full). A batch of at least kQueryTile queries per thread is split by queries (each thread
+// owns a contiguous range of queries and scans all items); a single query or a smaller batch is split by
+// items (one contiguous item range per thread, selections merged at the end). Memory stays at
+// O(threads * min(B, kQueryGroup) * k) plus the output, never B x N. Candidate subsets are scored per
+// query (parallel over queries).
 //
-// With AVX-512 (topk_gemm::active() != nullptr) full scans take the packed path instead: each thread
-// owns a contiguous range of kPanel-item panels, packs each panel once (transposed, so that a
-// register-blocked kernel scores 6 queries x 64 items per step from broadcast query values), scores
-// every query of the group against it, drops in SIMD the scores below each query's current k-th best,
-// and merges the per-thread selections at the end. Every float32 score is one FMA chain over the
-// dimensions (see kernels/topk_gemm.hpp), so results do not depend on the thread count or the batch.
-// Reduced precision (topk_quantized) scans pre-packed bf16/int8 panels the same way into a shortlist
-// and re-scores it exactly.
+// At the avx512 level (topk_gemm::active() != nullptr) full scans of kPackedMinQueries (4) or more
+// queries take the packed path instead: each thread owns a contiguous range of kPanel-item panels, packs
+// each panel once (transposed, so that a register-blocked kernel scores 6 queries x 64 items per step
+// from broadcast query values), scores every query of the group against it, drops in SIMD the scores
+// below each query's current k-th best, and merges the per-thread selections at the end. Every float32
+// score there is one FMA chain over the dimensions (see kernels/topk_gemm.hpp), so results do not depend
+// on the thread count or on how many queries (4 or more) share the call; fewer queries take the
+// row-major path, whose sum order differs, so a score can differ in its last bit between a lone query and
+// the same query inside a batch. Reduced precision (topk_quantized) scans pre-packed bf16/int8 panels the
+// same way into a shortlist and re-scores it exactly.
 #include "rec_engine/topk.hpp"
 
 #include <algorithm>
@@ -272,11 +275,11 @@ struct PanelWork {
   std::vector<uint8_t> qbuf;
 };
 
-// Scans panels [pa, pb) for queries [q_begin, q_end) into sels[q - q_begin]. prepare(panel) readies
-// a panel; score(panel, q0, nq, tile, thr, masks) writes nq x kPanel scores (row stride kPanel; only the
-// first min(kPanel, n_items - panel * kPanel) columns are items) and returns false, or compares them with
-// thr[a] itself, writes masks[a] (see filter_tile) and the 16-score vectors with a bit set, and returns
-// true.
+// Scans panels [pa, pb) for queries [q_begin, q_end) into sels[q - q_begin]. prepare(panel, nx) readies
+// a panel of nx items; score(panel, q0, nq, tile, thr, masks) writes nq x kPanel scores (row stride
+// kPanel; only the first min(kPanel, n_items - panel * kPanel) columns are items) and returns false, or
+// compares them with thr[a] itself, writes masks[a] (see filter_tile) and the 16-score vectors with a bit
+// set, and returns true.
 template <class Prepare, class Score>
 void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
                  PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, Prepare prepare, Score score) {
@@ -334,8 +337,8 @@ void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
   }
 }
 
-// Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for
-// queries [g0, g0 + ng), then merges each query's per-thread selections into out (width entries).
+// Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for a group
+// of ng queries, then merges each query's per-thread selections and hands the result to emit(a, sel).
 template <class Scan, class Emit>
 void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector<Entry>& storage,
                 Scan scan, Emit emit) {
@@ -422,9 +425,10 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
         item_inv[i] = inv_norm(k, items + i * dim, dim);
     });
   }
-  // The packed path pays a transpose per item panel, which only a batch amortizes: a query or two stream
-  // the rows as they are (memory-bound; the per-pair sum order differs from the packed one, so a score
-  // can differ in its last bit between a lone query and the same query inside a batch).
+  // The packed path pays a transpose per item panel, which only a batch amortizes: fewer than
+  // kPackedMinQueries queries stream the rows as they are (memory-bound; the per-pair sum order differs
+  // from the packed one, so a score can differ in its last bit between a lone query and the same query
+  // inside a batch).
   const topk_gemm::Table* g = n_queries >= kPackedMinQueries ? topk_gemm::active() : nullptr;
   if (g != nullptr) {
     const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
@@ -532,7 +536,8 @@ inline float quantize_row(const float* v, int64_t d, int8_t* out) {
   return scale;
 }
 
-// Portable scorers for the quantized panels (the scalar and avx2 levels; same layout as the kernels).
+// Portable scorers for the quantized panels (same layout as the kernels): the scalar and avx2 levels, and
+// avx512 CPUs without VNNI (int8) or AVX512-BF16 (bf16).
 void score_i8_portable(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panel, int64_t d4,
                        const int32_t* corr, const float* scale, float* out, int64_t ldo) {
   for (int64_t i = 0; i < nq; ++i)
