@@ -72,7 +72,8 @@ def sharpen(coeffs, norm: CsrMatrix, norm_t: CsrMatrix, x_t: np.ndarray, *,
             num_threads: int | None = None) -> np.ndarray:
     """``q(P) x_t`` for a block ``x_t`` [n_items, B] (``q``: ``coeffs``, lowest power first), ``P x = R~^T (R~ x)``
     by two core SpMMs per degree of ``q``: float32 C-contiguous [n_items, B] (``x_t`` itself when ``q = [1]``
-    and ``x_t`` is one). Training applies it once at fit to the low-rank item factor."""
+    and ``x_t`` is already float32 C-contiguous). Training applies it once at fit to the low-rank item
+    factor."""
     def apply_p(v: np.ndarray) -> np.ndarray:
         return spmm(norm_t, spmm(norm, v, num_threads=num_threads), num_threads=num_threads)
     return np.ascontiguousarray(apply_polynomial(coeffs, apply_p, x_t), dtype=np.float32)

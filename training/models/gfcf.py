@@ -99,8 +99,11 @@ class GFCF:
     n_iter, oversample : int
         Randomized SVD: subspace iterations and extra columns.
     batch_size : int
-        Users per block in :meth:`scores` / :meth:`recommend` (memory ~ ``4 * (n_users + n_items) * batch_size``
+        Users per block in :meth:`scores` / :meth:`fold_in` (memory ~ ``4 * (n_users + n_items) * batch_size``
         bytes).
+    rank_batch : int
+        Users per block in :meth:`recommend` (one :func:`rec_engine.topk` call each; its item matrix has
+        ``rank_batch + k_ideal`` columns).
     seed : int
         Seed of the randomized SVD's test matrix.
     num_threads : int, optional
