@@ -13,7 +13,9 @@ Validation data per family (the test split is never looked at during the search)
 
 Trial 1 is the base setting (the model's defaults under the explicit flags); trials 2..N draw every
 searched setting from :func:`rec_engine_train.defaults.search_space`, except those given explicitly
-(which stay fixed). A trial gets at most ``remaining budget / trials left`` seconds (``time_limit``: an
+(which stay fixed). The best trial is the earliest whose metric is within ``min_delta`` (relative, the
+early-stopping threshold) of the highest: smaller differences are noise, and the defaults stay unless a
+setting beats them by more. A trial gets at most ``remaining budget / trials left`` seconds (``time_limit``: an
 epoch-trained model stops, keeping its best epoch; a closed-form fit cannot be cut); once the budget is
 spent, no trial starts (they are listed as skipped).
 
@@ -251,7 +253,10 @@ def tune(name: str, data, base: TrainConfig, n_trials: int, *, time_budget: floa
     if not done:
         raise RuntimeError(f"tune {name}: no setting trained successfully: "
                            + "; ".join(f"trial {t.index}: {t.error or t.status}" for t in trials))
-    best = max(done, key=lambda t: (t.metric, -t.index))
+    # metrics within min_delta (relative, as in early stopping) of the best are ties: noise, resolved toward
+    # the earlier trial, so the defaults (trial 1) are only replaced by a setting that is better beyond it
+    top = max(t.metric for t in done)
+    best = min((t for t in done if t.metric >= top - base.min_delta * abs(top)), key=lambda t: t.index)
     search_seconds = _clock() - t_search
     final = apply_setting(base, settings[best.index - 1])
 

@@ -141,6 +141,20 @@ def test_the_time_budget_stops_starting_trials_and_shares_what_is_left(graph, mo
     assert table.count("skipped (time budget spent)") == 2 and "ok (best)" in table
 
 
+def test_gains_within_min_delta_of_the_best_are_ties_resolved_toward_the_defaults(graph, monkeypatch):
+    values = iter([])
+
+    def scripted(name, data, config, log):
+        return pipeline.Result(name, None, None, {}, 0.0), {"recall@20": next(values)}
+
+    monkeypatch.setattr(tune, "_fit_trial", scripted)
+    for min_delta, curve, chosen in [(1e-3, [0.5000, 0.5004, 0.49], 1), (0.0, [0.5000, 0.5004, 0.49], 2),
+                                     (1e-3, [0.5000, 0.5100, 0.5102], 2)]:
+        values = iter(curve)
+        tr = tune.tune("mf", graph, _base("mf", graph, epochs=2, min_delta=min_delta), 3, **QUIET)
+        assert tr.best.index == chosen, (min_delta, curve)
+
+
 def test_a_failing_setting_is_recorded_and_the_search_goes_on(graph, monkeypatch):
     calls = []
 
