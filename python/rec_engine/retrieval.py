@@ -12,6 +12,9 @@ One class per way a bundle scores a user's items:
   interactions count at once.
 - :class:`SequentialRetrieval` (``sasrec``): the user vector is the ONNX encoder's output over the user's
   latest items, looked up in C++; observed items extend the history at once.
+- :class:`ItemItemRetrieval` (``ease``): a user's scores are the sum of its items' rows (train + observed)
+  of an item-item matrix (:class:`~rec_engine.item_item.ItemItemScorer`, the core's embedding bag), so
+  new interactions count at once and a new user is scored like a known one.
 
 Every class takes a :class:`UserState`: what the engine knows of the user for one request, in the
 version's dense ids (the engine maps the user's own keys). Each class's :meth:`~_Retrieval.seen` gives the
@@ -30,6 +33,7 @@ from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .graph import CsrMatrix, LightGCNFoldIn
 from .graph_filter import GraphFilter
+from .item_item import ItemItemScorer
 from .sequential import SASRecScorer
 from .topk import IdLists, TopK, topk
 
@@ -37,6 +41,7 @@ from .topk import IdLists, TopK, topk
 VECTOR_KINDS = kinds.names(family="graph")
 FILTER_KINDS = kinds.names(family="filter")
 SEQUENTIAL_KINDS = kinds.names(family="sequential")
+ITEM_ITEM_KINDS = kinds.names(family="item_item")
 
 
 _NO_ITEMS = np.zeros(0, np.int64)
@@ -198,9 +203,34 @@ class FilterRetrieval(_Retrieval):
                     num_threads=num_threads)
 
 
+class ItemItemRetrieval(_Retrieval):
+    """EASE^R bundles (format: :mod:`rec_engine.item_item`): a user's scores are the sum of the rows of the
+    item-item table of its distinct items (train + observed), one embedding-bag call of the core, then
+    top-k over that score column; no user vector is stored, so a user the model does not know is scored
+    the same way from its observed items."""
+
+    def __init__(self, bundle: Bundle):
+        self.kind = bundle.kind
+        try:
+            self.scorer = ItemItemScorer.from_bundle(bundle)
+        except ValueError as e:
+            raise BundleError(f"{bundle.path}: {e}") from None
+        self.n_users, self.n_items = self.scorer.n_users, self.scorer.n_items
+        self.seen_lists = self.scorer.seen_lists
+        self.item_counts = self.scorer.item_counts
+
+    def retrieve(self, user, n, *, exclude=None, candidates=None, num_threads=None):
+        items = self.seen(user)
+        if len(items) == 0:
+            return None
+        s = self.scorer.user_scores(items, num_threads=num_threads)
+        return topk(np.ones(1, np.float32), s[:, None], n, exclude=exclude, candidates=candidates,
+                    num_threads=num_threads)
+
+
 def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
     """The retrieval model of ``bundle``, served by the class of its kind's family (rec_engine.kinds)."""
-    serving = {"graph": VectorRetrieval, "filter": FilterRetrieval,
+    serving = {"graph": VectorRetrieval, "filter": FilterRetrieval, "item_item": ItemItemRetrieval,
                "sequential": lambda b: SequentialRetrieval(b, session_options)}
     try:
         kind = kinds.get_kind(bundle.kind)

@@ -157,3 +157,53 @@ def test_unfitted_or_empty_input_is_refused(data):
         EASE(l2=10.0).fit(data).recommend([0, 120])
     with pytest.raises(ValueError, match="exclude has 1 lists for 2 users"):
         EASE(l2=10.0).fit(data).scorer.recommend(IdLists.from_lists([[1], [2]]), exclude=[[3]])
+
+
+def test_served_by_the_retrieval_stage_from_train_and_observed_items(data, tmp_path):
+    from rec_engine.retrieval import ItemItemRetrieval, UserState, load_retrieval
+
+    model = EASE(l2=10.0).fit(data)
+    r = load_retrieval(open_bundle(export_ease(model, tmp_path / "ease")))
+    assert isinstance(r, ItemItemRetrieval) and (r.n_users, r.n_items) == (120, 47)
+    b64 = model.B.astype(np.float64)
+    x = dense_x(data)
+    def row_of(items):
+        return np.isin(np.arange(47), items).astype(float)
+
+    for state, row in ((UserState("u4", 4), x[4]),
+                       (UserState("u4", 4, np.array([40, 44, 40]), 2), np.maximum(x[4], row_of([40, 44]))),
+                       (UserState("new", -1, np.array([7, 9]), 1), row_of([7, 9]))):
+        seen = r.seen(state)
+        assert set(seen.tolist()) == set(np.flatnonzero(row).tolist())
+        top = r.retrieve(state, 5, exclude=seen)
+        ref = np.where(row > 0, -np.inf, row @ b64)
+        order = np.lexsort((np.arange(47), -ref))[:5]
+        np.testing.assert_allclose(top.scores, ref[order], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ref[top.ids], ref[order], rtol=1e-5, atol=1e-6)
+        cands = r.retrieve(state, 3, candidates=[1, 2, 3])
+        assert set(cands.ids.tolist()) == {1, 2, 3}
+    assert r.retrieve(UserState("nobody", -1), 5) is None          # nothing known: the engine's fallback
+
+
+def test_the_engine_serves_an_ease_bundle_and_observed_items_count_at_once(data, tmp_path):
+    from rec_engine.engine import Engine
+
+    model = EASE(l2=10.0).fit(data)
+    path = export_ease(model, tmp_path / "ease")
+    b64 = model.B.astype(np.float64)
+    with Engine.load(path) as e:
+        rec = e.recommend(4, k=5)
+        ref = model.recommend(4, k=5)
+        np.testing.assert_array_equal(rec.ids, ref.ids)
+        np.testing.assert_allclose(rec.scores, ref.scores, rtol=1e-6)
+        new = [int(i) for i in rec.ids[:2]]
+        e.observe(4, new)
+        items = np.unique(np.concatenate([model.train_lists[4], new]))
+        s = dense_x(data)[4]
+        s[new] = 1.0
+        s = s @ b64
+        s[items] = -np.inf
+        after = e.recommend(4, k=5)
+        assert not np.isin(after.ids, items).any()
+        np.testing.assert_allclose(after.scores, np.sort(s)[::-1][:5], rtol=1e-5, atol=1e-6)
+        assert e.recommend(10_000, k=3).fallback

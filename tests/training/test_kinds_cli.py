@@ -60,6 +60,14 @@ def test_every_kind_trains_and_its_bundle_evaluates_to_the_reported_metrics(tmp_
     assert b.meta["metrics"][headline] == pytest.approx(reported[headline])
     if not spec.epochs:
         assert doc["history"] == [] and doc["best_epoch"] is None
+    if spec.stage == "retrieval":                           # the engine serves it, by the class of its family
+        from rec_engine.retrieval import load_retrieval
+
+        assert load_retrieval(b).kind == kind
+    else:
+        from rec_engine.ranking import load_ranking
+
+        assert load_ranking(b).schema is not None
     ej = tmp_path / "eval.json"
     rc, stdout, err = _run(capsys, "evaluate", out, "--metrics-json", ej)
     assert rc == 0 and stdout.startswith(f"{kind} "), stdout + err
