@@ -17,12 +17,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import kinds
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .ctr_runner import CtrRunner
 from .features import EncodedBatch, Schema
 
-RANKING_KINDS = ("lr", "fm", "widedeep", "deepfm", "xdeepfm")
+RANKING_KINDS = kinds.names(stage="ranking")     # read from the registry (rec_engine.kinds)
 
 
 class _Store:
