@@ -68,9 +68,9 @@ def test_wrong_family_of_data_and_malformed_file_name_the_file_and_line(tmp_path
     write_lightgcn(make_synthetic(n_users=50, n_items=40).implicit(), d)
     rc, _, err = _run(capsys, "train", "deepfm", "--out", str(tmp_path / "b"), "--data", str(d))
     assert rc == 2 and "holds graph data, but the model needs ctr data" in err
-    lines = (d / "train.txt").read_text().splitlines()
-    lines[3] = lines[3] + " x7"
-    (d / "train.txt").write_text("\n".join(lines) + "\n")
+    lines = (d / "train.txt").read_bytes().splitlines()
+    lines[3] = lines[3] + b" x\xff7"       # (a token that is not an integer is a string key; bad UTF-8 is an error)
+    (d / "train.txt").write_bytes(b"\n".join(lines) + b"\n")
     rc, _, err = _run(capsys, "train", "mf", "--out", str(tmp_path / "b"), "--data", str(d), "--epochs", "1")
     assert rc == 2 and "train.txt:4" in err
 

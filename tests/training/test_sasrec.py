@@ -9,7 +9,7 @@ pytest.importorskip("onnxruntime")
 
 from rec_engine import IdLists  # noqa: E402
 from rec_engine.bundle import open_bundle  # noqa: E402
-from rec_engine.retrieval import load_retrieval  # noqa: E402
+from rec_engine.retrieval import UserState, load_retrieval  # noqa: E402
 
 from rec_engine_train.data.synthetic import make_synthetic  # noqa: E402
 from rec_engine_train.evaluate import evaluate_sampled, popularity_score_fn  # noqa: E402
@@ -114,7 +114,8 @@ def test_bundle_holds_the_items_table_meta_and_what_serving_reads(exported):
     retrieval = load_retrieval(b)
     assert len(retrieval.seen_lists) == len(hist)
     np.testing.assert_array_equal(retrieval.seen_lists[3], hist[3])
-    np.testing.assert_allclose(retrieval.user_vectors(np.arange(len(hist)), None)[0], user_vectors(model, hist),
+    users = [UserState(u, u) for u in range(len(hist))]
+    np.testing.assert_allclose(retrieval.user_vectors(users)[0], user_vectors(model, hist),
                                atol=1e-4)
     counts = np.bincount(np.concatenate(hist), minlength=N_ITEMS)
     np.testing.assert_array_equal(b.array("item_counts"), counts)
