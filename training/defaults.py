@@ -116,7 +116,8 @@ DEFAULTS: dict[str, dict[str, dict]] = {
 # ------------------------------------------------------------------------------------------ search spaces
 _BPR_SPACE = {"lr": LogUniform(1e-3, 2e-2), "reg": LogUniform(1e-5, 1e-2), "dim": Choice((32, 64, 128)),
               "dns_candidates": Choice((1, 4, 8, 16))}
-_DEEP_SPACE = {"lr": LogUniform(3e-4, 1e-2), "dim": Choice((8, 10, 16, 32)), "dropout": Choice((0.0, 0.1, 0.2, 0.3, 0.5)),
+_DEEP_SPACE = {"lr": LogUniform(3e-4, 1e-2), "dim": Choice((8, 10, 16, 32)),
+               "dropout": Choice((0.0, 0.1, 0.2, 0.3, 0.5)),
                "mlp": Choice(((128, 64), (256, 128), (400, 400, 400), (256, 256, 256))),
                "emb_l2": LogUniform(1e-7, 1e-4)}
 _K_IDEAL = Choice((32, 64, 128, 256, 448, 512))
@@ -216,9 +217,8 @@ def describe(kind: str) -> str:
     else:
         lines.append("  no epochs (closed form / training-free): epoch, batch and lr settings do not apply")
     if d["params"]:
-        lines.append("  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in d["params"].items())
-                     + (" (k_ideal capped at a quarter of the smaller side of the train matrix)" if "k_ideal" in d["params"]
-                        else ""))
+        cap = " (k_ideal capped at a quarter of the smaller side of the train matrix)" * ("k_ideal" in d["params"])
+        lines.append("  params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in d["params"].items()) + cap)
     space = SEARCH_SPACES.get(kind, {})
     lines.append("  --tune searches: " + ("; ".join(f"{k} {v}" for k, v in space.items()) if space
                                           else "nothing (no settings)"))

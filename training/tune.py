@@ -202,7 +202,8 @@ def tune(name: str, data, base: TrainConfig, n_trials: int, *, time_budget: floa
         if not isinstance(data, ImplicitSplit):
             raise TypeError(f"{name} tunes on an ImplicitSplit, got {type(data).__name__}")
         tune_data = validation_split(data, fraction, seed=base.seed)
-        how = (f"per user the latest {fraction:.0%} of its train events by timestamp" if data.train.timestamps is not None
+        how = (f"per user the latest {fraction:.0%} of its train events by timestamp"
+               if data.train.timestamps is not None
                else f"per user a random {fraction:.0%} of its train events (seed {base.seed}; no timestamps)")
     elif fam == "sequential":
         if not isinstance(data, SequenceData):
@@ -248,7 +249,8 @@ def tune(name: str, data, base: TrainConfig, n_trials: int, *, time_budget: floa
             trial.epochs, trial.best_epoch, trial.stop_reason = len(hist.epochs), hist.best_epoch, hist.stop_reason
         if fam != "graph":
             results[trial.index] = res
-        log(f"  trial {trial.index}/{n}: {monitor} {trial.metric:.4f}  ({trial.seconds:.1f}s)  {_fmt_setting(trial.setting)}")
+        log(f"  trial {trial.index}/{n}: {monitor} {trial.metric:.4f}  ({trial.seconds:.1f}s)  "
+            f"{_fmt_setting(trial.setting)}")
     done = [t for t in trials if t.status == "ok" and t.metric is not None and math.isfinite(t.metric)]
     if not done:
         raise RuntimeError(f"tune {name}: no setting trained successfully: "
@@ -312,7 +314,9 @@ def format_table(tr: TuneResult) -> str:
     rows = []
     for t in tr.trials:
         metric = "" if t.metric is None else f"{t.metric:.4f}"
-        epochs = "" if t.epochs is None else f"{t.epochs} ({t.best_epoch})" + (", time limit" if t.stop_reason == "time limit" else "")
+        epochs = "" if t.epochs is None else f"{t.epochs} ({t.best_epoch})"
+        if t.stop_reason == "time limit":
+            epochs += ", time limit"
         status = t.status + (" (best)" if t is tr.best else "") + (f": {t.error}" if t.error else "")
         if t.status == "skipped":
             status = "skipped (time budget spent)"
