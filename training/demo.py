@@ -44,7 +44,9 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
           f"SIMD {simd_level()}, bundles in {root}\n")
 
     # ---------------------------------------------------------------- train
-    graph = pipeline.load_data("synthetic", "graph", seed=seed, synthetic=syn)
+    # the interactions carry a shop's own keys ("u-17", "sku-0042"): the bundle, the Engine and the event log
+    # speak them; the CTR examples use the same dense numbering underneath
+    graph = pipeline.load_data("synthetic", "graph", seed=seed, synthetic={**syn, "string_keys": True})
     print("== training LightGCN (retrieval) on", len(graph.train), "interactions")
     lg = pipeline.train("lightgcn", graph, TrainConfig(epochs=15, lr=0.02, dim=32, batch_size=4096, seed=seed,
                                                        patience=3, progress=False))
@@ -68,7 +70,7 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
     engine = Engine.load(pipe, event_log=log_path, num_threads=1)
     ctx = {"hour": 20.0, "device": "ios"}
     print(f"engine version {engine.version}; context {ctx}\n")
-    users = [0, 1, 2]
+    users = [str(k) for k in graph.keys["user"][:3]]
     for u in users:
         rec = engine.recommend(u, k=5, context=ctx)
         print(f"user {u}: items {rec.items.tolist()}  p(click) {_probs(rec.scores)}")
@@ -79,14 +81,14 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
     after = engine.recommend(u, k=5, context=ctx)
     print(f"\nobserve(user {u}, {clicked}) -> seen items excluded, user vector folded in:")
     print(f"user {u}: items {after.items.tolist()}  p(click) {_probs(after.scores)}")
-    cold = engine.recommend(10**6, k=5, context={**ctx, "age": "25-34", "country": "de"})
+    cold = engine.recommend("u-new", k=5, context={**ctx, "age": "25-34", "country": "de"})
     print(f"unknown user (cold start, popular items ranked by context): {cold.items.tolist()}")
 
     # ---------------------------------------------------------------- latency
     rng = np.random.default_rng(seed)
     stages = {"retrieval_ms": [], "ranking_ms": [], "total_ms": []}
     for uid in rng.integers(0, n_users, requests):
-        rec = engine.recommend(int(uid), k=10, context=ctx)
+        rec = engine.recommend(str(graph.keys["user"][uid]), k=10, context=ctx)
         for s in stages:
             stages[s].append(rec.timings[s])
     lat_rows = [(s.removesuffix("_ms"), f"{np.percentile(v, 50):.3f}", f"{np.percentile(v, 99):.3f}")
