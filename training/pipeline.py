@@ -51,14 +51,14 @@ class _DataOf(Mapping):
 FAMILIES = _DataOf()          # model name -> "ctr" | "sequential" | "graph" (the data it trains on)
 MODEL_NAMES = names()         # every registered kind, in registry order
 
-# Settings (``--param``) of the kinds without a training loop and their defaults: the papers' Gowalla
-# settings for the filters (GF-CF: alpha 0.3, 256 singular vectors; BSPM-EM: alpha 0.2, 448 vectors,
-# sharpening time 2.5 in one RK4 step), Steck's L2 for binary data for EASE^R.
-CLOSED_FORM_PARAMS = {
-    "gfcf": {"alpha": 0.3, "k_ideal": 256, "svd": "randomized", "n_iter": 4, "oversample": 64},
-    "bspm": {"alpha": 0.2, "k_ideal": 448, "sharpen": 2.5, "sharpen_solver": "rk4", "sharpen_steps": 1,
-             "svd": "randomized", "n_iter": 4, "oversample": 64},
-    "ease": {"l2": 500.0, "dtype": "float64", "max_items": None},
+# The settings (``--param``) of the kinds without a training loop. Their defaults are the per-model
+# defaults of :mod:`rec_engine_train.defaults` (the papers' settings for the filters: GF-CF alpha 0.3 and 256
+# singular vectors, BSPM-EM alpha 0.2, 448 vectors, sharpening time 2.5 in one RK4 step; EASE's L2), then
+# the model classes' own.
+CLOSED_FORM_SETTINGS = {
+    "gfcf": ("alpha", "k_ideal", "svd", "n_iter", "oversample"),
+    "bspm": ("alpha", "k_ideal", "sharpen", "sharpen_solver", "sharpen_steps", "svd", "n_iter", "oversample"),
+    "ease": ("l2", "dtype", "max_items"),
 }
 
 
@@ -69,13 +69,15 @@ def family_of(name: str) -> str:
 
 
 def closed_form_params(name: str, params: Mapping) -> dict:
-    """``params`` over the defaults of kind ``name`` (see ``CLOSED_FORM_PARAMS``); ValueError for a setting
+    """``params`` over the defaults of kind ``name`` (see ``CLOSED_FORM_SETTINGS``); ValueError for a setting
     the kind does not take."""
-    defaults = CLOSED_FORM_PARAMS[name]
-    unknown = sorted(set(params) - set(defaults))
+    from .defaults import model_defaults
+
+    allowed = CLOSED_FORM_SETTINGS[name]
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"{name} takes the params {', '.join(defaults)}; got unknown {', '.join(unknown)}")
-    return {**defaults, **params}
+        raise ValueError(f"{name} takes the params {', '.join(allowed)}; got unknown {', '.join(unknown)}")
+    return {**model_defaults(name)["params"], **params}
 
 
 # ------------------------------------------------------------------------------------------ data
