@@ -165,15 +165,10 @@ def search_space(kind: str, data=None) -> dict[str, Any]:
     return space
 
 
-_CLOSED_FORM = ("popularity", "gfcf", "bspm", "ease")
-
-
 def is_iterative(kind: str) -> bool:
-    """Whether ``kind`` trains by epochs (the TrainConfig epoch settings apply to it)."""
-    try:
-        from rec_engine.kinds import get_kind
-    except ImportError:         # before the kind registry existed
-        return kind not in _CLOSED_FORM
+    """Whether ``kind`` trains by epochs (the TrainConfig epoch settings apply to it), from the registry."""
+    from rec_engine.kinds import get_kind
+
     return bool(get_kind(kind).epochs)
 
 
