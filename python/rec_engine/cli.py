@@ -6,6 +6,8 @@ import sys
 
 from ._core import RecEngineError
 
+DEFAULT_COALESCE_US = 0       # measured with bench/bench_http.py: see the README's HTTP service section
+
 
 def _serve(args) -> int:
     import os
@@ -14,8 +16,15 @@ def _serve(args) -> int:
         from .service import serve
     except ImportError as e:
         raise ValueError(f"serving needs the serve extra: pip install 'rec_engine[serve]' ({e})") from None
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.coalesce_us < 0:
+        raise ValueError(f"--coalesce-us must be >= 0, got {args.coalesce_us}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
-          event_log=args.event_log, ort_threads=args.ort_threads, num_threads=args.threads, max_body=args.max_body)
+          event_log=args.event_log, ort_threads=args.ort_threads, num_threads=args.threads, max_body=args.max_body,
+          workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch, log_level=args.log_level)
     return 0
 
 
@@ -35,10 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--token-env", default="REC_ENGINE_TOKEN",
                      help="environment variable holding the token that guards POST /swap (unset: swap disabled)")
-    srv.add_argument("--event-log", default=None, help="append-only log of observed events (replayed at start)")
+    srv.add_argument("--event-log", default=None,
+                     help="append-only log of observed events (replayed at start). With --workers > 1 every worker "
+                          "replays it at start and appends to it, but an event observed by one worker is not seen "
+                          "by the others until they restart (a shared event store comes later)")
     srv.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per session")
     srv.add_argument("--threads", type=int, default=1, help="core threads per request")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    srv.add_argument("--workers", type=int, default=1,
+                     help="server processes (uvicorn's multi-process mode: one socket, N spawned workers, each "
+                          "loading the bundle; the memory-mapped tables are shared through the page cache; "
+                          "POST /swap is refused with more than one, restart with the new bundle instead)")
+    srv.add_argument("--coalesce-us", type=int, default=DEFAULT_COALESCE_US,
+                     help="collect concurrent single /recommend requests (same k, exclude_seen, n_candidates; no "
+                          "candidates or exclude lists) for at most this many microseconds into one "
+                          "recommend_batch call; 0: off (default %(default)s, see the README)")
+    srv.add_argument("--max-batch", type=int, default=32, help="most requests in one coalesced batch")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                     help="uvicorn's log level ('warning' drops the access log)")
     srv.set_defaults(handler=_serve)
     import importlib.util
 
