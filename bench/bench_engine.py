@@ -362,7 +362,7 @@ class Case:
                 self.engine_profile["dense"].append(dense[-1])
                 self.engine_profile["rest"].append(ranking - dense[-1])
         finally:
-            del ranker._logits
+            ranker._logits = inner
 
 
 def _pct(values, q) -> float:

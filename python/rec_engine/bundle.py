@@ -145,17 +145,36 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
     return path
 
 
+INDEX_PRECISIONS = ("float32", "int8", "bf16")
+
+
 def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | None = None,
-                   ranking: str | os.PathLike | None = None, n_candidates: int = 500,
+                   ranking: str | os.PathLike | None = None, n_candidates: int = 500, index: str = "float32",
                    overwrite: bool = False) -> Path:
     """Combine a retrieval bundle and a ranking bundle (either may be None) into a pipeline bundle at
-    ``path``: both are copied in, and the pipeline's manifest pins their manifests by sha256."""
+    ``path``: both are copied in, and the pipeline's manifest pins their manifests by sha256.
+
+    ``index`` is the scan the engine serves retrieval with by default: ``"float32"`` (exact), or ``"int8"`` /
+    ``"bf16"`` (a reduced-precision scan whose shortlist is re-scored exactly,
+    :class:`~rec_engine.topk.ItemIndex`): the index arrays are built here and stored in the pipeline
+    (``arrays/index_<precision>_{packed,corr,scale}.npy``, memory-mapped at load, so worker processes share
+    them), and its recall of the exact top ``n_candidates`` on a sample of users goes to ``meta["index"]``."""
     if retrieval is None and ranking is None:
         raise ValueError("a pipeline needs a retrieval bundle, a ranking bundle, or both")
     if n_candidates < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    if index not in INDEX_PRECISIONS:
+        raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
     stages = {name: open_bundle(src) for name, src in (("retrieval", retrieval), ("ranking", ranking))
               if src is not None}
+    index_arrays, index_meta = {}, {"precision": index}
+    if index != "float32":
+        if "retrieval" not in stages:
+            raise ValueError(f"index={index!r} needs a retrieval stage")
+        from .retrieval import build_index   # (retrieval imports this module)
+
+        built, index_meta = build_index(stages["retrieval"], index, n_candidates)
+        index_arrays = {f"index_{index}_{name}": getattr(built, name) for name in ("packed", "corr", "scale")}
     path = Path(path)
     with _staging(path, overwrite) as tmp:
         files = {}
@@ -163,10 +182,15 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
             shutil.copytree(b.path, tmp / name)
             files[f"{name}/{MANIFEST}"] = {"sha256": _sha256(tmp / name / MANIFEST),
                                            "bytes": (tmp / name / MANIFEST).stat().st_size}
+        for name, a in index_arrays.items():
+            target = tmp / "arrays" / f"{name}.npy"
+            target.parent.mkdir(exist_ok=True)
+            np.save(target, np.ascontiguousarray(a), allow_pickle=False)
+            files[f"arrays/{name}.npy"] = {"sha256": _sha256(target), "bytes": target.stat().st_size}
         manifest = {"format_version": FORMAT_VERSION, "kind": "pipeline",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tables": {}, "files": files,
-                    "meta": {"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
-                             "kinds": {name: b.kind for name, b in stages.items()}}}
+                    "meta": _jsonable({"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
+                                       "kinds": {name: b.kind for name, b in stages.items()}, "index": index_meta})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 

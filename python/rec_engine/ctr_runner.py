@@ -2,12 +2,13 @@
 tables over each example's bags, and ONNX Runtime runs the dense part (inputs ``emb`` [B, F, d] and ``lin``
 [B, F], output ``logit`` [B] or [B, 1]); click probabilities are the sigmoid of the logits.
 
-Calls of up to ``_BIND_MAX_ROWS`` examples (and ``_BIND_MAX_FLOATS`` embedding values) pool straight into
-input buffers bound to an ONNX Runtime IOBinding: no input or output array is allocated per call and
-``session.run``'s feed / fetch conversions are skipped (~7 us at batch 1, ~30 us at batch 64). Each thread
-keeps one buffer set of the largest size (at most 0.5 MB of embeddings) and one IOBinding per batch size over
-its leading rows, so requests whose candidate count varies reuse the same memory. Larger calls pool into new
-arrays and go through ``session.run``.
+Calls of up to ``_BIND_MAX_ROWS`` examples (and ``_BIND_MAX_FLOATS`` embedding values: 1024 examples of 26
+fields x 16, so the default 500 candidates of a request always qualify) pool straight into input buffers bound
+to an ONNX Runtime IOBinding: no input or output array is allocated per call and ``session.run``'s feed / fetch
+conversions are skipped (~7 us at batch 1, ~30 us at batch 64). Each thread keeps one buffer set of the largest
+size (at most 4 MB of embeddings) and one IOBinding per batch size over its leading rows, so requests whose
+candidate count varies reuse the same memory. Larger calls (batches of users) pool into new arrays and go
+through ``session.run``.
 
 Which features an example holds (feature stores, the request's context) is the ranker's business:
 :mod:`rec_engine.ranking`.
@@ -23,8 +24,8 @@ import numpy as np
 from ._convert import threads_arg
 from .embedding import EmbeddingTable
 
-_BIND_MAX_ROWS = 256
-_BIND_MAX_FLOATS = 1 << 17
+_BIND_MAX_ROWS = 1024
+_BIND_MAX_FLOATS = 1 << 20
 
 
 class CtrRunner:
@@ -118,6 +119,25 @@ class CtrRunner:
             b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), io,
                             out.reshape(-1))
         return b
+
+    @property
+    def bind_rows(self) -> int:
+        """The most examples a call scores through the bound buffers (0: this model's output cannot be bound)."""
+        return self._bind_rows
+
+    def bound_inputs(self, n: int):
+        """``(emb [n, F, dim], lin [n, F], run)`` for ``1 <= n <= bind_rows``: this thread's bound input
+        buffers, to be filled in place, and ``run()``, which runs the dense part on them and returns the click
+        probabilities (a new array). None when ``n`` is too large."""
+        if not 0 < n <= self._bind_rows:
+            return None
+        b = self._bound(n)
+
+        def run(b=b):
+            self._run_io(b[2])
+            return self.sigmoid(b[3])
+
+        return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
     def score_bags(self, indices, offsets, weights, n: int) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout)."""

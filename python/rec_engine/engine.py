@@ -34,9 +34,11 @@ from .keys import KeyMap, UnknownKeyError
 from .online import OnlineState
 from .ranking import RANKING_KINDS, CtrRanker, load_ranking
 from .retrieval import UserState, load_retrieval
-from .topk import topk
+from .bundle import INDEX_PRECISIONS
+from .topk import IdLists, ItemIndex, TopK, topk
 
 DEFAULT_CANDIDATES = 500
+_NO_IDS = np.zeros(0, np.int64)
 _OBSERVED_CACHE_SIZE = 65536     # users whose observed items are kept mapped to a version's ids
 
 
@@ -80,7 +82,7 @@ class Recommendation:
 class _Version:
     """Models loaded from one bundle; immutable after construction (its caches aside)."""
 
-    def __init__(self, path: Path, *, ort_threads: int, verify: bool):
+    def __init__(self, path: Path, *, ort_threads: int, verify: bool, index: str | None = None):
         import onnxruntime as ort
 
         top = open_bundle(path, verify=verify)
@@ -120,9 +122,49 @@ class _Version:
         # the ranking stage's user rows: by its own keys, else (no keys stored) the same dense ids as retrieval
         self.ranking_user_keys = k_users if k_users is not None and k_users.kind != "dense" else None
         counts = self.retrieval.item_counts if self.retrieval is not None else None
-        # cold start: popular items, ranked by the same top-k (a 1-d "vector" per item)
+        # cold start: popular items, ranked by the same top-k (a 1-d "vector" per item) when candidates are
+        # given, else read off their order, sorted once (popular_order)
         self.popular = None if counts is None else np.ascontiguousarray(counts.astype(np.float32)[:, None])
+        self._popular_order: np.ndarray | None = None
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
+        self.index = self._load_index(top, index)
+
+    def _load_index(self, top, precision: str | None) -> dict:
+        """Sets the retrieval stage's scan (exact float32, or an int8 / bf16 ItemIndex: the bundle's own
+        arrays when it stores them, else built now); returns what is known of it (precision, recall)."""
+        stored = dict(top.meta.get("index") or {}) if top.kind == "pipeline" else {}
+        want = precision if precision is not None else stored.get("precision", "float32")
+        if want not in INDEX_PRECISIONS:
+            raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {want!r}")
+        if want == "float32":
+            return {"precision": "float32"}
+        if self.retrieval is None:
+            raise ValueError(f"index={want!r} needs a retrieval stage; bundle {self.path} has none")
+        names = [f"index_{want}_{a}" for a in ("packed", "corr", "scale")]
+        if stored.get("precision") == want and all(top.has(f"arrays/{n}.npy") for n in names):
+            arrays = [top.array(n, mmap=True) for n in names]
+            self.retrieval.set_index(ItemIndex.from_arrays(self.retrieval.items, want, *arrays))
+            return stored
+        self.retrieval.set_index(ItemIndex(self.retrieval.items, want))
+        return {"precision": want}
+
+    def popular_items(self, n: int, exclude: np.ndarray | None) -> TopK:
+        """The cold-start answer without candidates: the ``n`` most popular items not in ``exclude``, as the
+        top-k over the popularity column gives them (ties: lower id first), read off an order sorted once."""
+        order = self._popular_order
+        if order is None:   # sorted at the first cold start (a stable sort: equal counts keep id order)
+            order = self._popular_order = np.argsort(-self.popular[:, 0], kind="stable")
+        n = min(n, len(order))
+        if exclude is None or not len(exclude):
+            ids = order[:n]
+        else:
+            head = order[:n + len(exclude)]
+            ids = head[~np.isin(head, exclude)][:n]
+        scores = self.popular[ids, 0]
+        if len(ids) < n:
+            ids = np.concatenate([ids, np.full(n - len(ids), -1, np.int64)])
+            scores = np.concatenate([scores, np.full(n - len(scores), -np.inf, np.float32)])
+        return TopK(ids.astype(np.int64, copy=False), scores)
 
     def user_state(self, user, online: OnlineState) -> UserState:
         """What this version knows of the user with key ``user``: dense id and observed items."""
@@ -156,12 +198,20 @@ class Engine:
         Threads of the core's top-k (default: OpenMP's default; 1 in a busy multi-threaded server).
     verify : bool
         Check every bundle file's sha256 at load (default True).
+    index : {"float32", "int8", "bf16"}, optional
+        How retrieval scans the item vectors: exactly in float32, or in reduced precision with the shortlist
+        re-scored exactly (:class:`~rec_engine.topk.ItemIndex`; 2-4x less memory traffic per request; recall of
+        the exact candidates below 1 is possible, see :attr:`index`). Default: the bundle's setting
+        (``write_pipeline(index=...)``, whose stored arrays are then memory-mapped), else float32. Applies to
+        every version this engine loads (swaps too).
     """
 
     def __init__(self, path, *, event_log=None, ort_threads: int = 1, num_threads: int | None = None,
-                 verify: bool = True, fsync: bool = False):
-        self.ort_threads, self.num_threads, self.verify = ort_threads, num_threads, verify
-        self._version = _Version(Path(path), ort_threads=ort_threads, verify=verify)
+                 verify: bool = True, fsync: bool = False, index: str | None = None):
+        if index is not None and index not in INDEX_PRECISIONS:
+            raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
+        self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
+        self._version = _Version(Path(path), ort_threads=ort_threads, verify=verify, index=index)
         self.online = OnlineState(event_log, fsync=fsync)
         self._swap_lock = threading.Lock()
 
@@ -173,6 +223,12 @@ class Engine:
     @property
     def version(self) -> str:
         return self._version.id
+
+    @property
+    def index(self) -> dict:
+        """The current version's retrieval scan: ``{"precision": ...}``, with the recall of the exact top
+        ``recall_at`` measured when the bundle's index was built (``recall``, ``recall_min``, ``recall_users``)."""
+        return dict(self._version.index)
 
     @property
     def n_items(self) -> int | None:
@@ -246,19 +302,98 @@ class Engine:
 
     def recommend_batch(self, users: Sequence, k: int = 10, *, exclude_seen: bool = True, exclude=None,
                         candidates=None, context: Mapping[str, Any] | None = None,
+                        contexts: Sequence[Mapping[str, Any] | None] | None = None,
                         n_candidates: int | None = None) -> list[Recommendation]:
-        """:meth:`recommend` for several users (the same options for each), all answered by one version."""
-        v = self._version
-        checked = [self._check_user(v, u) for u in users]
-        return [self._recommend(v, u, k, exclude_seen, exclude, candidates, context, n_candidates)
-                for u in checked]
+        """:meth:`recommend` for several users, all answered by one version, through the batched core calls:
+        the user vectors in one lookup, one top-k over all users (per-user exclusion lists), and the ranking
+        of every user's candidates in one feature lookup and one ONNX call per chunk of about 16k examples.
+        Each answer equals what :meth:`recommend` returns for that user alone (the batched top-k sums a
+        score's terms in another order, so a retrieval score can differ in its last bit).
 
-    def _recommend(self, v: _Version, user, k: int, exclude_seen: bool, exclude, candidates, context,
-                   n_candidates) -> Recommendation:
+        ``context`` applies to every user, ``contexts`` gives one per user (not both); the other options
+        apply to every user. ``candidates`` (or a bundle without retrieval) answers user by user. The
+        timings of each answer are those of the whole batch (``batch_size`` says how many users)."""
+        v = self._version
+        if isinstance(users, (str, bytes, Mapping)) or not hasattr(users, "__len__"):
+            raise TypeError(f"users must be a sequence of user keys, got {type(users).__name__}")
+        checked = [self._check_user(v, u) for u in users]
+        if contexts is not None:
+            if context is not None:
+                raise ValueError("give context (one for every user) or contexts (one per user), not both")
+            if isinstance(contexts, Mapping) or not hasattr(contexts, "__len__"):
+                raise TypeError(f"contexts must be a sequence of mappings, got {type(contexts).__name__}")
+            contexts = list(contexts)
+            if len(contexts) != len(checked):
+                raise ValueError(f"contexts has {len(contexts)} entries for {len(checked)} users")
+            for j, c in enumerate(contexts):
+                if c is not None and not isinstance(c, Mapping):
+                    raise TypeError(f"contexts[{j}] must be a mapping or None, got {type(c).__name__}")
+        else:
+            contexts = [context] * len(checked)
+        self._check_k(k)
+        if candidates is not None or v.retrieval is None:
+            return [self._recommend(v, u, k, exclude_seen, exclude, candidates, c, n_candidates)
+                    for u, c in zip(checked, contexts)]
+        if not checked:
+            return []
+        t0 = time.perf_counter()
+        extra = None if exclude is None else self._item_ids(v, exclude, "exclude")
+        states = [v.user_state(u, self.online) for u in checked]
+        excludes = []
+        for st in states:
+            seen = v.retrieval.seen(st) if exclude_seen else None
+            if extra is not None:
+                seen = extra if seen is None else np.concatenate([seen, extra])
+            excludes.append(seen if seen is not None else _NO_IDS)
+        n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
+        results = v.retrieval.retrieve_batch(states, n, excludes=excludes, num_threads=self.num_threads)
+        fallback = [r is None for r in results]
+        if any(fallback) and v.popular is None:
+            user = checked[fallback.index(True)]
+            raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
+        ids_list, scores_list = [], []
+        for j, r in enumerate(results):
+            if r is None:
+                r = v.popular_items(n, excludes[j])
+            keep = r.ids >= 0
+            ids_list.append(r.ids[keep])
+            scores_list.append(r.scores[keep])
+        timings = {"retrieval_ms": (time.perf_counter() - t0) * 1e3}
+        if v.ranking is not None:
+            t1 = time.perf_counter()
+            ruids = [v.ranking_user_keys.id(u) if v.ranking_user_keys is not None else st.uid
+                     for u, st in zip(checked, states)]
+            probs = v.ranking.score_candidates_batch(ruids, ids_list, contexts)
+            for j, (ids, p) in enumerate(zip(ids_list, probs)):
+                order = np.lexsort((ids, -p))[:k]
+                ids_list[j], scores_list[j] = ids[order], p[order]
+            timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["batch_size"] = len(checked)
+        return [self._finish(v, u, ids, scores, k, fb, dict(timings))
+                for u, ids, scores, fb in zip(checked, ids_list, scores_list, fallback)]
+
+    @staticmethod
+    def _check_k(k) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an integer, got {type(k).__name__}")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+
+    @staticmethod
+    def _finish(v: _Version, user, ids: np.ndarray, scores: np.ndarray, k: int, fallback: bool,
+                timings: dict) -> Recommendation:
+        """The answer: the best ``k`` (padded with id -1 / score -inf)."""
+        ids, scores = ids[:k], scores[:k].astype(np.float32)
+        if len(ids) < k:
+            pad = k - len(ids)
+            ids = np.concatenate([ids, np.full(pad, -1, np.int64)])
+            scores = np.concatenate([scores, np.full(pad, -np.inf, np.float32)])
+        return Recommendation(user, ids, scores, v.id, fallback, timings, v.item_keys)
+
+    def _recommend(self, v: _Version, user, k: int, exclude_seen: bool, exclude, candidates, context,
+                   n_candidates) -> Recommendation:
+        self._check_k(k)
         t0 = time.perf_counter()
         timings = {}
         cand = None if candidates is None else self._item_ids(v, candidates, "candidates")
@@ -276,8 +411,9 @@ class Engine:
             if res is None:       # a user the model cannot describe: popular items
                 if v.popular is None:
                     raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
-                res = topk(np.ones(1, np.float32), v.popular, n, exclude=seen, candidates=cand,
-                           num_threads=self.num_threads)
+                res = (v.popular_items(n, seen) if cand is None else
+                       topk(np.ones(1, np.float32), v.popular, n, exclude=seen, candidates=cand,
+                            num_threads=self.num_threads))
                 fallback = True
             ids, scores = res.ids, res.scores
             ids, scores = ids[ids >= 0], scores[ids >= 0]
@@ -297,13 +433,8 @@ class Engine:
             order = np.lexsort((ids, -probs))[:k]
             ids, scores = ids[order], probs[order]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
-        ids, scores = ids[:k], scores[:k].astype(np.float32)
-        if len(ids) < k:
-            pad = k - len(ids)
-            ids = np.concatenate([ids, np.full(pad, -1, np.int64)])
-            scores = np.concatenate([scores, np.full(pad, -np.inf, np.float32)])
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return Recommendation(user, ids, scores, v.id, fallback, timings, v.item_keys)
+        return self._finish(v, user, ids, scores, k, fallback, timings)
 
     # ------------------------------------------------------------------ feedback
     def observe(self, user, items: Sequence, **extra) -> None:
@@ -325,7 +456,7 @@ class Engine:
         version id. Requests already running finish on the old version. If the new bundle fails to load,
         this raises and the old version keeps serving."""
         with self._swap_lock:
-            new = _Version(Path(path), ort_threads=self.ort_threads, verify=self.verify)
+            new = _Version(Path(path), ort_threads=self.ort_threads, verify=self.verify, index=self._index)
             self._version = new
             return new.id
 

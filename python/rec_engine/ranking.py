@@ -13,7 +13,7 @@ field's hashed bucket.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -61,6 +61,7 @@ def _selector(pos: np.ndarray):
     return pos
 
 
+_BATCH_ROWS = 16384    # examples per ONNX call of score_candidates_batch (26 fields x 16: 27 MB of inputs)
 _CACHE_SIZE = 4096     # distinct contexts whose encodings are kept (the cache is emptied when full)
 # context values cached by value: for these types equal values (of one type) always encode alike
 _KEY_TYPES = frozenset([type(None), bool, int, float, str, bytes, np.bool_, np.int8, np.int16, np.int32, np.int64,
@@ -238,9 +239,12 @@ class CtrRanker:
             offsets, weights = self._one_entry_bags(N * F)
             return self._score_bags(ids.reshape(-1), offsets, weights, N)
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
-        # place them
-        emb = np.empty((N, F, d), np.float32)
-        lin = np.empty((N, F), np.float32)
+        # place them (into the runner's bound input buffers when the candidates fit)
+        bound = self.runner.bound_inputs(N)
+        if bound is not None:
+            emb, lin, run = bound
+        else:
+            emb, lin, run = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32), None
         e, li = self._pool(self.items.batch.take(cands))
         emb[:, sel["item"]] = e.reshape(N, -1, d)
         lin[:, sel["item"]] = li.reshape(N, -1)
@@ -258,6 +262,99 @@ class CtrRanker:
         if self.context_fields:
             emb[:, sel["ctx"]] = ctx[1]
             lin[:, sel["ctx"]] = ctx[2]
+        return run() if run is not None else self._sigmoid(self._logits(emb, lin))
+
+    def _parts(self, user: int, context: Mapping[str, Any] | None):
+        """``(known, context part, guest part)`` of one request (parts as :meth:`_encode_part` gives them;
+        the guest part describes a user the store does not know, from the context)."""
+        context = context or {}
+        key = self._context_key(context)
+        ctx = None if key is None else self._ctx_cache.get(key)
+        if ctx is None:
+            unknown = set(context) - self._names
+            if unknown:
+                raise ValueError(f"context has fields the ranking model does not know: {sorted(unknown)}")
+            ctx = self._encode_part(context, self.context_fields, key, self._ctx_cache)
+        known = self.users is not None and 0 <= user < self.users.n
+        usr = None
+        if self.user_fields and not known:
+            usr = None if key is None else self._guest_cache.get(key)
+            if usr is None:
+                usr = self._encode_part(context, self.user_fields, key, self._guest_cache)
+        return known, ctx, usr
+
+    def score_candidates_batch(self, users: Sequence[int], candidates: Sequence[np.ndarray],
+                               contexts: Sequence[Mapping[str, Any] | None] | None = None, *,
+                               chunk_rows: int = _BATCH_ROWS) -> list[np.ndarray]:
+        """Click probabilities of each user's candidates: ``[score_candidates(u, c, ctx) for ...]``, computed
+        with one feature lookup and one ONNX call per chunk of about ``chunk_rows`` examples (whole users),
+        so the per-call costs are paid once per chunk rather than once per user."""
+        if self.items is None:
+            raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
+        B = len(users)
+        if len(candidates) != B or (contexts is not None and len(contexts) != B):
+            raise ValueError("users, candidates and contexts must have the same length")
+        cands = [np.asarray(c, np.int64).reshape(-1) for c in candidates]
+        lengths = np.array([len(c) for c in cands], np.int64)
+        flat = np.concatenate(cands) if B else np.zeros(0, np.int64)
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.items.n):
+            raise IndexError(f"candidate ids must be in [0, {self.items.n})")
+        parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
+        out: list[np.ndarray] = []
+        j0 = 0
+        while j0 < B:    # chunks of whole users
+            j1, rows = j0, 0
+            while j1 < B and (j1 == j0 or rows + lengths[j1] <= chunk_rows):
+                rows += int(lengths[j1])
+                j1 += 1
+            s, e = int(lengths[:j0].sum()), int(lengths[:j1].sum())
+            probs = self._score_chunk(users[j0:j1], flat[s:e], lengths[j0:j1], parts[j0:j1])
+            out.extend(np.split(probs, np.cumsum(lengths[j0:j1])[:-1]))
+            j0 = j1
+        return out
+
+    def _score_chunk(self, users, cands: np.ndarray, lengths: np.ndarray, parts) -> np.ndarray:
+        M, F, d = len(cands), self.n_fields, self.dim
+        if M == 0:
+            return np.zeros(0, np.float32)
+        sel = self._sel
+        users_ = self.users
+        single = (self.items.rows is not None and all(c[0] is not None for _, c, _ in parts)
+                  and (not self.user_fields
+                       or all((users_.rows is not None) if kn else (g[0] is not None) for kn, _, g in parts)))
+        if single:   # one row per bag: the [M, F] row matrix, one lookup per table
+            ids = np.empty((M, F), np.int64)
+            ids[:, sel["item"]] = self.items.rows[cands]
+            if self.user_fields:
+                urows = np.stack([users_.rows[int(u)] if kn else g[0] for u, (kn, _, g) in zip(users, parts)])
+                ids[:, sel["user"]] = np.repeat(urows, lengths, axis=0)
+            if self.context_fields:
+                ids[:, sel["ctx"]] = np.repeat(np.stack([c[0] for _, c, _ in parts]), lengths, axis=0)
+            offsets, weights = self._one_entry_bags(M * F)
+            return self._score_bags(ids.reshape(-1), offsets, weights, M)
+        emb = np.empty((M, F, d), np.float32)
+        lin = np.empty((M, F), np.float32)
+        e, li = self._pool(self.items.batch.take(cands))
+        emb[:, sel["item"]] = e.reshape(M, -1, d)
+        lin[:, sel["item"]] = li.reshape(M, -1)
+        if self.user_fields:
+            ue, ul = [], []
+            for u, (kn, _, g) in zip(users, parts):
+                if kn:
+                    fu = users_.n_fields
+                    off = users_.batch.offsets[int(u) * fu:(int(u) + 1) * fu + 1]
+                    a, b = int(off[0]), int(off[-1])
+                    e1, l1 = self._pool_arrays(users_.batch.indices[a:b], off - a, users_.batch.weights[a:b])
+                    ue.append(e1)
+                    ul.append(l1[:, 0])
+                else:
+                    ue.append(g[1])
+                    ul.append(g[2])
+            emb[:, sel["user"]] = np.repeat(np.stack(ue), lengths, axis=0)
+            lin[:, sel["user"]] = np.repeat(np.stack(ul), lengths, axis=0)
+        if self.context_fields:
+            emb[:, sel["ctx"]] = np.repeat(np.stack([c[1] for _, c, _ in parts]), lengths, axis=0)
+            lin[:, sel["ctx"]] = np.repeat(np.stack([c[2] for _, c, _ in parts]), lengths, axis=0)
         return self._sigmoid(self._logits(emb, lin))
 
     @staticmethod

@@ -86,13 +86,42 @@ class _Retrieval:
         """``(vectors [B, d] float32, known [B] bool)``; an unknown user (no vector) has a zero row."""
         raise NotImplementedError
 
+    index = None               # an ItemIndex (int8 / bf16) scanned instead of items, or None (exact float32)
+
+    @property
+    def scan_target(self):
+        """What full scans read: the reduced-precision index when one is set, else the float32 items."""
+        return self.index if self.index is not None else self.items
+
+    def set_index(self, index) -> None:
+        """Scan ``index`` (an :class:`~rec_engine.topk.ItemIndex` over :attr:`items`, or None for the exact
+        float32 scan) from now on. Vector families only; the others score users without a scan of vectors."""
+        if index is not None and (index.items.shape != self.items.shape):
+            raise ValueError(f"the index has shape {index.items.shape}, the items {self.items.shape}")
+        self.index = index
+
     def retrieve(self, user: UserState, n: int, *, exclude=None, candidates=None,
                  num_threads: int | None = None) -> TopK | None:
         """The ``n`` best items for ``user`` (None when the model cannot describe the user)."""
         vec, known = self.user_vectors([user])
         if not known[0]:
             return None
-        return topk(vec[0], self.items, n, exclude=exclude, candidates=candidates, num_threads=num_threads)
+        return topk(vec[0], self.scan_target, n, exclude=exclude, candidates=candidates, num_threads=num_threads)
+
+    def retrieve_batch(self, users: list[UserState], n: int, *, excludes: list | None = None,
+                       num_threads: int | None = None) -> list[TopK | None]:
+        """:meth:`retrieve` for several users (``excludes``: one id array per user, or None): the user
+        vectors in one call, then one batched top-k over the known users."""
+        vecs, known = self.user_vectors(users)
+        rows = np.flatnonzero(known)
+        out: list[TopK | None] = [None] * len(users)
+        if not len(rows):
+            return out
+        ex = None if excludes is None else IdLists.from_lists([excludes[j] for j in rows])
+        res = topk(np.ascontiguousarray(vecs[rows]), self.scan_target, n, exclude=ex, num_threads=num_threads)
+        for r, j in enumerate(rows.tolist()):
+            out[j] = TopK(res.ids[r], res.scores[r])
+        return out
 
 
 class VectorRetrieval(_Retrieval):
@@ -170,7 +199,19 @@ class SequentialRetrieval(_Retrieval):
         return out, known
 
 
-class FilterRetrieval(_Retrieval):
+class _PerUserRetrieval(_Retrieval):
+    """A family that scores each user's items on its own (no user vector, so nothing to batch)."""
+
+    def retrieve_batch(self, users, n, *, excludes=None, num_threads=None):
+        return [self.retrieve(u, n, exclude=None if excludes is None else excludes[j], num_threads=num_threads)
+                for j, u in enumerate(users)]
+
+    def set_index(self, index) -> None:
+        if index is not None:
+            raise ValueError(f"{self.kind} scores users from their items: a reduced-precision index does not apply")
+
+
+class FilterRetrieval(_PerUserRetrieval):
     """GF-CF / BSPM bundles (format: ``rec_engine_train.export_gfcf``): a user's scores are the fitted graph
     filter (:class:`~rec_engine.graph_filter.GraphFilter`) applied to its item row (train + observed
     items); a request touches only the rows of the user's items and of the users sharing them (a few
@@ -203,7 +244,7 @@ class FilterRetrieval(_Retrieval):
                     num_threads=num_threads)
 
 
-class ItemItemRetrieval(_Retrieval):
+class ItemItemRetrieval(_PerUserRetrieval):
     """EASE^R bundles (format: :mod:`rec_engine.item_item`): a user's scores are the sum of the rows of the
     item-item table of its distinct items (train + observed), one embedding-bag call of the core, then
     top-k over that score column; no user vector is stored, so a user the model does not know is scored
@@ -240,3 +281,35 @@ def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
         raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
                              f"({', '.join(k.name for k in kinds.kinds(stage='retrieval'))})")
     return serving[kind.family](bundle)
+
+
+_RECALL_USERS = 256
+
+
+def build_index(bundle: Bundle, precision: str, n: int, *, users: int = _RECALL_USERS, seed: int = 0,
+                num_threads: int | None = None):
+    """``(ItemIndex, meta)``: the ``precision`` index of a vector-family retrieval bundle's items, and its
+    recall of the exact top ``n`` (the user's seen items excluded, as served) over ``users`` known users
+    drawn at random: ``meta = {"precision", "recall", "recall_min", "recall_at", "recall_users"}``."""
+    from .topk import ItemIndex
+
+    r = load_retrieval(bundle)
+    if isinstance(r, _PerUserRetrieval):
+        raise ValueError(f"a {r.kind} bundle scores users from their items: a reduced-precision index does not apply")
+    index = ItemIndex(r.items, precision, num_threads=num_threads)
+    meta = {"precision": precision, "recall_at": int(min(n, r.n_items))}
+    m = min(users, r.n_users)
+    if m > 0:
+        uids = np.sort(np.random.default_rng(seed).choice(r.n_users, m, replace=False))
+        states = [UserState(int(u), int(u)) for u in uids]
+        vecs, known = r.user_vectors(states)
+        rows = np.flatnonzero(known)
+        if len(rows):
+            ex = IdLists.from_lists([r.seen(states[j]) for j in rows])
+            q = np.ascontiguousarray(vecs[rows])
+            exact = topk(q, r.items, n, exclude=ex, num_threads=num_threads).ids
+            approx = topk(q, index, n, exclude=ex, num_threads=num_threads).ids
+            recall = [len(np.intersect1d(a[a >= 0], b[b >= 0])) / max(1, int((a >= 0).sum()))
+                      for a, b in zip(exact, approx)]
+            meta.update(recall=float(np.mean(recall)), recall_min=float(np.min(recall)), recall_users=len(rows))
+    return index, meta

@@ -9,6 +9,7 @@ from . import _core
 from ._convert import as_count, as_float32, as_ids, threads_arg
 
 _METRICS = ("ip", "cosine")
+_PANEL = 64     # items per panel of a reduced-precision index (kPanel in cpp/src/kernels/topk_gemm.hpp)
 
 
 class TopK(NamedTuple):
@@ -120,6 +121,31 @@ class ItemIndex:
         self._shortlist = None if shortlist is None else as_count(shortlist, "shortlist")
         self.packed, self.corr, self.scale = _core.quantize_items(self.items, precision,
                                                                  threads_arg(num_threads))
+
+    @classmethod
+    def from_arrays(cls, items, precision: str, packed, corr, scale, *, shortlist: int | None = None) -> "ItemIndex":
+        """An index from the arrays of one built earlier (``packed``, ``corr``, ``scale``: e.g. saved in a
+        bundle and memory-mapped, so that server processes share them); ``items`` are the float32 vectors it
+        was built from. Sizes are checked here (ValueError); contents are trusted."""
+        if precision not in ("int8", "bf16"):
+            raise ValueError(f"precision must be 'int8' or 'bf16', got {precision!r}")
+        self = cls.__new__(cls)
+        self.items = as_float32(items, "items", ndim=2)
+        self.precision = precision
+        self._shortlist = None if shortlist is None else as_count(shortlist, "shortlist")
+        n, d = self.items.shape
+        rows = -(-n // _PANEL) * _PANEL
+        width = (d + 3) // 4 * 4 if precision == "int8" else (d + 1) // 2 * 2 * 2
+        want = {"packed": (np.uint8, rows * width), "corr": (np.int32, rows), "scale": (np.float32, rows)}
+        got = {"packed": packed, "corr": corr, "scale": scale}
+        for name, (dtype, size) in want.items():
+            a = got[name]
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (size,) or not a.flags.c_contiguous:
+                raise ValueError(f"{precision} index array {name!r} must be C-contiguous {np.dtype(dtype)} of shape "
+                                 f"({size},) for {n} x {d} items, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        self.packed, self.corr, self.scale = packed, corr, scale
+        return self
 
     def shortlist(self, k: int) -> int:
         """Candidates kept per query before the exact re-scoring."""

@@ -1,0 +1,145 @@
+"""Batched recommendation, the reduced-precision retrieval index, the precomputed cold-start fallback and the
+bound ONNX path at large candidate counts: each against single calls, the exact scan or a brute-force
+recomputation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rec_engine import topk
+from rec_engine.bundle import open_bundle, write_pipeline
+from rec_engine.engine import Engine
+from rec_engine.keys import UnknownKeyError
+from serving_fixtures import torch_two_stage
+
+CONTEXTS = [{"hour": 9.0, "device": "android"}, {"hour": 23.0, "device": "ios"}, {}, {"device": "web"}, None]
+
+
+def _same(batch, singles, rtol=1e-5, batched=True):
+    assert len(batch) == len(singles)
+    for b, s in zip(batch, singles):
+        np.testing.assert_array_equal(b.ids, s.ids)
+        np.testing.assert_array_equal(b.items, s.items)
+        np.testing.assert_allclose(b.scores, s.scores, rtol=rtol, atol=1e-6)
+        assert b.fallback == s.fallback and b.version == s.version and b.user == s.user
+        assert b.timings.get("batch_size") == (len(batch) if batched else None)
+
+
+@pytest.mark.parametrize("bundle", ["pipe_a", "lightgcn"])
+@pytest.mark.parametrize("index", [None, "int8"])
+def test_batch_equals_single_calls(trained, rng, bundle, index):
+    """Known users, unknown users (cold start), users with observed events, repeats, per-user contexts."""
+    with Engine.load(trained.bundle(bundle), index=index) as e:
+        e.observe(3, [1, 2, 3])
+        e.observe(50_000, [4, 5])                    # unknown to the model, known online (fold-in)
+        users = [int(u) for u in rng.integers(0, 400, 40)] + [3, 50_000, 90_001, 90_002, 3]
+        ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+        for kw in (dict(), dict(exclude_seen=False), dict(exclude=[7, 8, 9]), dict(n_candidates=120)):
+            k = int(rng.integers(1, 30))
+            batch = e.recommend_batch(users, k, contexts=ctxs, **kw)
+            singles = [e.recommend(u, k, context=c, **kw) for u, c in zip(users, ctxs)]
+            _same(batch, singles)
+            assert any(r.fallback for r in batch) and not all(r.fallback for r in batch)
+        one_ctx = e.recommend_batch(users[:5], 10, context=CONTEXTS[0])
+        _same(one_ctx, [e.recommend(u, 10, context=CONTEXTS[0]) for u in users[:5]])
+
+
+def test_batch_with_candidates_and_the_sequential_family(trained, trained_sasrec, rng):
+    with Engine.load(trained.bundle("pipe_a")) as e:
+        cands = [int(i) for i in rng.choice(300, 40, replace=False)]
+        users = [0, 5, 77, 12345]
+        _same(e.recommend_batch(users, 10, candidates=cands, contexts=CONTEXTS[:4]),
+              [e.recommend(u, 10, candidates=cands, context=c) for u, c in zip(users, CONTEXTS[:4])],
+              batched=False)     # (candidates: answered user by user)
+    _res, _seq, path = trained_sasrec
+    with Engine.load(path) as e:
+        e.observe(2, [10, 11])
+        users = [int(u) for u in rng.integers(0, 300, 20)] + [2, 99_999]
+        _same(e.recommend_batch(users, 15), [e.recommend(u, 15) for u in users])
+
+
+def test_batch_argument_errors(trained):
+    with Engine.load(trained.bundle("pipe_a")) as e:
+        assert e.recommend_batch([], 10) == []
+        with pytest.raises(ValueError, match="not both"):
+            e.recommend_batch([1, 2], context={}, contexts=[{}, {}])
+        with pytest.raises(ValueError, match="2 entries for 3 users"):
+            e.recommend_batch([1, 2, 3], contexts=[{}, {}])
+        with pytest.raises(TypeError, match=r"contexts\[1\]"):
+            e.recommend_batch([1, 2], contexts=[{}, 5])
+        with pytest.raises(TypeError, match="sequence of user keys"):
+            e.recommend_batch("abc")
+        with pytest.raises(TypeError, match="integer key"):
+            e.recommend_batch([1, "x"])
+        with pytest.raises(ValueError, match="k must be >= 0"):
+            e.recommend_batch([1], -1)
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            e.recommend_batch([1], 10, contxt={})
+        with pytest.raises(UnknownKeyError):
+            e.recommend_batch([1], 10, exclude=[10**9])
+        with pytest.raises(ValueError, match="does not know"):
+            e.recommend_batch([1, 2], 10, contexts=[{}, {"no_such_field": 1}])
+
+
+def test_cold_start_order_is_the_popularity_top_k(trained, rng):
+    """The precomputed order gives what top-k over the popularity column gives, with exclusions and ties."""
+    with Engine.load(trained.bundle("lightgcn")) as e:
+        v = e._version
+        counts = rng.integers(0, 5, len(v.popular)).astype(np.float32)   # many ties
+        v.popular = np.ascontiguousarray(counts[:, None])
+        v._popular_order = None
+        for n, n_ex in [(1, 0), (10, 0), (10, 20), (50, 3), (300, 10), (400, 0), (299, 299)]:
+            ex = rng.choice(len(counts), n_ex, replace=True) if n_ex else None
+            got = v.popular_items(n, ex)
+            want = topk(np.ones(1, np.float32), v.popular, n, exclude=ex)
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_array_equal(got.scores, want.scores)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_pipeline_index_is_stored_memory_mapped_and_reported(trained, tmp_path, precision):
+    path = write_pipeline(tmp_path / "p", retrieval=trained.bundle("lightgcn"), ranking=trained.bundle("deepfm"),
+                          n_candidates=50, index=precision)
+    meta = open_bundle(path).meta["index"]
+    assert meta["precision"] == precision and meta["recall_at"] == 50 and meta["recall_users"] > 0
+    assert 0.9 <= meta["recall_min"] <= meta["recall"] <= 1.0
+    with Engine.load(path) as e, Engine.load(trained.bundle("pipe_a")) as exact:
+        assert e.index == meta
+        assert isinstance(e._version.retrieval.index.packed, np.memmap)       # read from the bundle, not rebuilt
+        hits = []
+        for u in range(0, 400, 7):
+            a, b = e.recommend(u, 10, context=CONTEXTS[0]), exact.recommend(u, 10, context=CONTEXTS[0])
+            hits.append(len(set(a.ids.tolist()) & set(b.ids.tolist())) / 10)
+        assert np.mean(hits) >= 0.95
+    with Engine.load(path, index="float32") as e:
+        assert e.index == {"precision": "float32"} and e._version.retrieval.index is None
+    other = "bf16" if precision == "int8" else "int8"
+    with Engine.load(path, index=other) as e:      # another precision than stored: built at load
+        assert e.index == {"precision": other} and e._version.retrieval.index.precision == other
+
+
+def test_index_scores_are_exact_and_bad_settings_are_refused(trained, tmp_path):
+    with Engine.load(trained.bundle("lightgcn"), index="int8") as e:
+        items = e._version.retrieval.items
+        users = e._version.retrieval.users.gather(np.arange(20))
+        for u in range(20):
+            rec = e.recommend(u, 10)
+            np.testing.assert_allclose(rec.scores, items[rec.ids] @ users[u], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="index must be one of"):
+        Engine.load(trained.bundle("lightgcn"), index="int4")
+    with pytest.raises(ValueError, match="index must be one of"):
+        write_pipeline(tmp_path / "x", retrieval=trained.bundle("lightgcn"), index="fp8")
+    with pytest.raises(ValueError, match="needs a retrieval stage"):
+        write_pipeline(tmp_path / "y", ranking=trained.bundle("deepfm"), index="int8")
+
+
+def test_large_candidate_count_through_the_engine_equals_the_torch_reference(trained):
+    """290 candidates (above the former 256-row limit of the bound ONNX path) on the numeric-feature
+    (general) path, and a second request of another size on the same thread."""
+    ctx = {"hour": 9.0, "device": "android"}
+    with Engine.load(trained.bundle("pipe_a")) as e:
+        for user, n in ((0, 290), (7, 260), (0, 290)):
+            rec = e.recommend(user, k=20, context=ctx, n_candidates=n)
+            ref_ids, ref_scores = torch_two_stage(trained, user, 20, n, ctx)
+            np.testing.assert_array_equal(rec.items, ref_ids)
+            np.testing.assert_allclose(rec.scores, ref_scores, atol=1e-5)
