@@ -56,7 +56,8 @@ K = 10
 SEEN_PER_USER = 50
 PASSES = 4                   # rec_engine, numpy+ort, rec_engine, ... (see bench_kernels.py)
 N_AGREE = 5                  # users whose answers both implementations must agree on before timing
-IMPLS = ("rec_engine", "numpy+ort")
+IMPLS = ("rec_engine", "rec_engine int8", "numpy+ort")
+BATCH = 256                  # users of the recommend_batch group
 
 # The 26 fields: (name, kind, vocabulary size; None = the number of users / items). Vocabularies are the
 # text of 0..size-1, as Schema.fit would build them; each categorical field has one hash bucket.
@@ -322,6 +323,11 @@ class Case:
         self.build_s = time.perf_counter() - t
         t = time.perf_counter()
         self.engine = Engine.load(self.path, ort_threads=settings.ort_threads, num_threads=settings.topk_threads)
+        t_index = time.perf_counter()
+        self.engine_int8 = Engine.load(self.path, ort_threads=settings.ort_threads, num_threads=settings.topk_threads,
+                                       index="int8")
+        self.index_build_s = time.perf_counter() - t_index
+        self.recall: dict | None = None                  # the int8 index's recall (index_recall), measured once
         self.plain = PlainPipeline(self.path, settings.ort_threads)
         self.load_s = time.perf_counter() - t
         self.requests = _requests(settings)
@@ -342,27 +348,41 @@ class Case:
             assert len(np.unique(probs)) == K, "tied probabilities: the comparison of orders is not meaningful"
 
     def profile_engine_dense(self, requests) -> None:
-        """Untimed: the time of the engine's ONNX call inside ``recommend`` (its ranker's ``_logits``,
-        wrapped for this pass only) beside the ranking stage of the same call, to split the engine's
-        ranking into the dense part and the rest (features, sigmoid, sort)."""
+        """Untimed: the time of the engine's ONNX call inside ``recommend`` (its runner's bound-buffer run and
+        its ranker's ``_logits``, wrapped for this pass only) beside the ranking stage of the same call, to split
+        the engine's ranking into the dense part and the rest (features, sigmoid, sort)."""
         ranker = self.engine._version.ranking
-        inner = ranker._logits
+        runner = ranker.runner
+        inner_logits, inner_io = ranker._logits, runner._run_io
         dense = []
 
-        def timed(emb, lin):
-            t = time.perf_counter()
-            out = inner(emb, lin)
-            dense.append((time.perf_counter() - t) * 1e3)
-            return out
+        def timing(fn):
+            def timed(*a, **kw):
+                t = time.perf_counter()
+                out = fn(*a, **kw)
+                dense.append((time.perf_counter() - t) * 1e3)
+                return out
+            return timed
 
-        ranker._logits = timed
+        ranker._logits, runner._run_io = timing(inner_logits), timing(inner_io)
         try:
             for user, ctx in requests:
+                dense.clear()
                 ranking = self.engine.recommend(user, k=K, context=ctx).timings["ranking_ms"]
-                self.engine_profile["dense"].append(dense[-1])
-                self.engine_profile["rest"].append(ranking - dense[-1])
+                self.engine_profile["dense"].append(sum(dense))
+                self.engine_profile["rest"].append(ranking - sum(dense))
         finally:
-            ranker._logits = inner
+            ranker._logits, runner._run_io = inner_logits, inner_io
+
+    def index_recall(self, n_users: int = 256) -> dict:
+        """Recall of the int8 engine's retrieval candidates against the exact scan's (top 500, seen items
+        excluded) over ``n_users`` users: ``rec_engine.retrieval.build_index``'s measure."""
+        from rec_engine.bundle import open_bundle
+        from rec_engine.retrieval import build_index
+
+        stage = self.path / json.loads((self.path / "manifest.json").read_text())["meta"]["stages"]["retrieval"]
+        return build_index(open_bundle(stage, verify=False), "int8", N_CANDIDATES, users=n_users,
+                           num_threads=self.settings.topk_threads)[1]
 
 
 def _pct(values, q) -> float:
@@ -377,7 +397,7 @@ def stage_rows(case: Case, impl: str) -> list[tuple[str, list[float]]]:
     wall = np.asarray(rec["wall"])
     named = [s for s in rec if s != "wall"]
     rows = []
-    if impl == "rec_engine":
+    if impl.startswith("rec_engine"):
         rows.append(("retrieval (seen, user vector, top-500)", rec["retrieval"]))
         rows.append(("ranking (features + ORT + sort)", rec["ranking"]))
     else:
@@ -414,6 +434,11 @@ class StageReport:
             for j, (label, ms) in enumerate(rows):
                 tr.write_line(f"  {impl if j == 0 else '':<12}{label:<42}{_pct(ms, 50):>9.3f}{_pct(ms, 99):>9.3f}"
                               f"{100 * float(np.mean(ms)) / wall_mean:>7.1f}%")
+        if case.recall is not None:
+            r = case.recall
+            tr.write_line(f"  rec_engine int8: index built at load in {case.index_build_s:.2f} s; recall of the exact "
+                          f"top {r['recall_at']} candidates over {r.get('recall_users', 0)} users: mean "
+                          f"{r.get('recall', float('nan')):.4f}, min {r.get('recall_min', float('nan')):.4f}")
         d, r = case.engine_profile["dense"], case.engine_profile["rest"]
         if d:
             tr.write_line(f"  rec_engine ranking split ({len(d)} untimed rounds, ONNX call wrapped): dense (ORT) p50 "
@@ -425,6 +450,7 @@ class StageReport:
 def case(request, threads) -> Case:
     c = Case(Settings.from_env(threads))
     c.check_agreement()      # also warms both paths (pages of the tables, ONNX sessions)
+    c.recall = c.index_recall()
     pm = request.config.pluginmanager
     if not pm.has_plugin("rec_engine_stage_report"):
         pm.register(StageReport(c), "rec_engine_stage_report")
@@ -438,10 +464,10 @@ def bench_recommend(benchmark, case, pass_no, impl):
     per_pass = -(-s.rounds // PASSES)
     requests = case.requests[pass_no * per_pass:(pass_no + 1) * per_pass]
     log = case.stages[impl]
-    if impl == "rec_engine":
-        if pass_no == 0:
+    if impl.startswith("rec_engine"):
+        if pass_no == 0 and impl == "rec_engine":
             case.profile_engine_dense(requests)
-        engine = case.engine
+        engine = case.engine if impl == "rec_engine" else case.engine_int8
 
         def fn(user, ctx):
             t = time.perf_counter()
@@ -470,6 +496,45 @@ def bench_recommend(benchmark, case, pass_no, impl):
         impl=impl, pass_no=pass_no, passes=PASSES, items=s.n_items, users=s.n_users, candidates=N_CANDIDATES, k=K,
         model=f"deepfm dim={DIM_CTR} mlp={list(MLP)}", topk_threads=s.topk_threads, ort_threads=s.ort_threads,
         blas_threads=_blas_threads(), simd=rec_engine.simd_level(), stages=stages)
+    if impl == "rec_engine int8":
+        benchmark.extra_info["index_recall"] = case.recall
     if impl == "rec_engine" and pass_no == 0:
         benchmark.extra_info["ranking_split_untimed"] = {
             part: {"p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99)} for part, ms in case.engine_profile.items()}
+
+
+# ============================================================================ recommend_batch
+@pytest.mark.parametrize("impl", ["rec_engine", "single calls"])
+def bench_recommend_batch(benchmark, case, impl):
+    """``recommend_batch`` of 256 users (each with its own context) against the same 256 users asked one
+    ``recommend`` call at a time, on the same engine; the ratio is per user as well as per batch."""
+    s = case.settings
+    rounds = _env_int("REC_BENCH_ENGINE_BATCH_ROUNDS", 3)
+    rng = np.random.default_rng(SEED + 2)
+    batches = []
+    for _ in range(rounds):
+        users = rng.integers(0, s.n_users, BATCH).tolist()
+        ctxs = [{name: int(rng.integers(0, size)) for name, _, size in CONTEXT_FIELDS} for _ in users]
+        batches.append((users, ctxs))
+    engine = case.engine
+    if impl == "rec_engine":
+        users, ctxs = batches[0]
+        got = engine.recommend_batch(users[:16], K, contexts=ctxs[:16])
+        for rec, u, c in zip(got, users, ctxs):     # the batch answers what single calls answer
+            one = engine.recommend(u, K, context=c)
+            np.testing.assert_array_equal(rec.ids, one.ids)
+            np.testing.assert_allclose(rec.scores, one.scores, rtol=0, atol=1e-5)
+
+        def fn(users, ctxs):
+            engine.recommend_batch(users, K, contexts=ctxs)
+    else:
+        def fn(users, ctxs):
+            for u, c in zip(users, ctxs):
+                engine.recommend(u, K, context=c)
+
+    it = iter(batches)
+    benchmark.group = (f"recommend_batch {BATCH} users ({s.n_items} items, {N_CANDIDATES} candidates each ranked "
+                       f"by DeepFM)")
+    benchmark.pedantic(fn, setup=lambda: (next(it), {}), rounds=rounds, iterations=1)
+    benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K,
+                                per_user_ms=benchmark.stats.stats.median / BATCH * 1e3)

@@ -42,6 +42,8 @@ class CtrRunner:
     session_options : onnxruntime.SessionOptions, optional  default: one intra-op and one inter-op thread
         (right for a server running requests in parallel)
     num_threads : int, optional  core threads of the pooling (None: the core's default)
+    batch_threads : int, optional  intra-op threads of a second session, created at the first call for a batch
+        of users (``batch=True``), with spinning off; None: the first session runs them
 
     Notes
     -----
@@ -51,7 +53,7 @@ class CtrRunner:
 
     def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike, *,
                  n_fields: int, inputs=("emb", "lin"), output: str = "logit", session_options=None,
-                 num_threads: int | None = 1):
+                 num_threads: int | None = 1, batch_threads: int | None = None):
         import onnxruntime as ort
 
         self.embedding, self.linear = embedding, linear
@@ -65,6 +67,8 @@ class CtrRunner:
                                             providers=["CPUExecutionProvider"])
         self.inputs = tuple(inputs)
         self.output = output
+        self._onnx_path, self._batch_threads, self._batch_run = str(onnx_path), batch_threads, None
+        self._batch_lock = threading.Lock()
         # the request path calls the core directly (the facade's argument checks and conversions cost more
         # than the lookups at small batches; arrays of the wrong kind fall back to it)
         self._nt = 0 if num_threads is None else threads_arg(num_threads)
@@ -139,9 +143,10 @@ class CtrRunner:
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
-    def score_bags(self, indices, offsets, weights, n: int) -> np.ndarray:
-        """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout)."""
-        if n <= self._bind_rows:
+    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool = False) -> np.ndarray:
+        """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
+        ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``)."""
+        if n <= self._bind_rows and not batch:
             b = self._bound(n)
             try:
                 self._emb_pool(indices, offsets, weights, "sum", self._nt, True, b[0])
@@ -152,13 +157,31 @@ class CtrRunner:
                 self._run_io(b[2])
                 return self.sigmoid(b[3])
         emb, lin = self.pool_arrays(indices, offsets, weights)
-        return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields)))
+        return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
+                                        batch=batch))
 
-    def logits(self, emb: np.ndarray, lin: np.ndarray) -> np.ndarray:
-        """Logits, float32 ``[n]``, of pooled inputs ``emb [n, F, dim]`` and ``lin [n, F]`` (``session.run``)."""
+    def logits(self, emb: np.ndarray, lin: np.ndarray, *, batch: bool = False) -> np.ndarray:
+        """Logits, float32 ``[n]``, of pooled inputs ``emb [n, F, dim]`` and ``lin [n, F]`` (``session.run``;
+        ``batch``: by the batch session when there is one)."""
         e, li = self._feed
-        (out,) = self._run([self.output], {e: emb, li: lin}, None)
+        run = self._batch_session() if batch and self._batch_threads is not None else self._run
+        (out,) = run([self.output], {e: emb, li: lin}, None)
         return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
+
+    def _batch_session(self):
+        """``run`` of the session for large calls (batch_threads intra-op threads, no spinning)."""
+        if self._batch_run is None:
+            import onnxruntime as ort
+
+            with self._batch_lock:
+                if self._batch_run is None:
+                    opts = ort.SessionOptions()
+                    opts.intra_op_num_threads = max(0, int(self._batch_threads))
+                    opts.inter_op_num_threads = 1
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    self._batch_run = ort.InferenceSession(self._onnx_path, sess_options=opts,
+                                                           providers=["CPUExecutionProvider"]).run
+        return self._batch_run
 
     @staticmethod
     def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -82,7 +82,8 @@ class Recommendation:
 class _Version:
     """Models loaded from one bundle; immutable after construction (its caches aside)."""
 
-    def __init__(self, path: Path, *, ort_threads: int, verify: bool, index: str | None = None):
+    def __init__(self, path: Path, *, ort_threads: int, verify: bool, index: str | None = None,
+                 batch_threads: int | None = None):
         import onnxruntime as ort
 
         top = open_bundle(path, verify=verify)
@@ -101,7 +102,7 @@ class _Version:
         else:
             rb, kb, self.n_candidates = top, None, DEFAULT_CANDIDATES
         self.retrieval = load_retrieval(rb, opts) if rb is not None else None
-        self.ranking: CtrRanker | None = load_ranking(kb, opts) if kb is not None else None
+        self.ranking: CtrRanker | None = load_ranking(kb, opts, batch_threads=batch_threads) if kb is not None else None
         if self.retrieval is None and self.ranking is None:
             raise BundleError(f"pipeline bundle {path} names no stage")
         n_r = self.retrieval.n_items if self.retrieval is not None else None
@@ -195,7 +196,8 @@ class Engine:
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
-        Threads of the core's top-k (default: OpenMP's default; 1 in a busy multi-threaded server).
+        Threads of the core's top-k (default: OpenMP's default; 1 in a busy multi-threaded server), and of
+        the ONNX Runtime session that ranks :meth:`recommend_batch`'s candidates (default: all cores).
     verify : bool
         Check every bundle file's sha256 at load (default True).
     index : {"float32", "int8", "bf16"}, optional
@@ -211,7 +213,10 @@ class Engine:
         if index is not None and index not in INDEX_PRECISIONS:
             raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
-        self._version = _Version(Path(path), ort_threads=ort_threads, verify=verify, index=index)
+        # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
+        self._batch_threads = num_threads if num_threads is not None else 0
+        self._version = _Version(Path(path), ort_threads=ort_threads, verify=verify, index=index,
+                                 batch_threads=self._batch_threads)
         self.online = OnlineState(event_log, fsync=fsync)
         self._swap_lock = threading.Lock()
 
@@ -456,7 +461,8 @@ class Engine:
         version id. Requests already running finish on the old version. If the new bundle fails to load,
         this raises and the old version keeps serving."""
         with self._swap_lock:
-            new = _Version(Path(path), ort_threads=self.ort_threads, verify=self.verify, index=self._index)
+            new = _Version(Path(path), ort_threads=self.ort_threads, verify=self.verify, index=self._index,
+                           batch_threads=self._batch_threads)
             self._version = new
             return new.id
 
