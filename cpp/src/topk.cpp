@@ -429,8 +429,9 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
   // kPackedMinQueries queries stream the rows as they are (memory-bound; the per-pair sum order differs
   // from the packed one, so a score can differ in its last bit between a lone query and the same query
   // inside a batch).
-  const topk_gemm::Table* g = n_queries >= kPackedMinQueries ? topk_gemm::active() : nullptr;
+  const topk_gemm::Table* g = topk_gemm::active();
   if (g != nullptr) {
+    const bool stream = n_queries < kPackedMinQueries;
     const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
     const int ntp = static_cast<int>(std::min<int64_t>(nt, n_panels));
     std::vector<PanelWork> work(ntp);
@@ -442,6 +443,17 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
           n_panels, ntp, ng, width, storage,
           [&](int t, int64_t pa, int64_t pb, Selection* sels) {
             PanelWork& w = work[t];
+            if (stream) {  // rows read once, in memory order; inner product compared in the kernel
+              scan_panels(
+                  p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g, [](int64_t, int64_t) {},
+                  [&](int64_t pi, int64_t q0, int64_t nq, float* tile, const float* thr, uint64_t* masks) {
+                    const int64_t nx = std::min(kPanel, n_items - pi * kPanel);
+                    g->stream_f32(queries + q0 * dim, nq, dim, items + pi * kPanel * dim, nx, dim, dim,
+                                  cosine ? nullptr : thr, tile, kPanel, cosine ? nullptr : masks);
+                    return !cosine;
+                  });
+              return;
+            }
             w.panel.resize(static_cast<size_t>(kPanel * dim));
             scan_panels(
                 p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g,

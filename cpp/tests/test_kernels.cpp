@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "kernels/kernels.hpp"
+#include "kernels/topk_gemm.hpp"
 #include "rec_engine/embedding.hpp"
 #include "rec_engine/graph.hpp"
 #include "rec_engine/keys.hpp"
@@ -137,6 +139,109 @@ static void test_topk_api() {
   CHECK(threw, "an excluded id out of range must throw std::out_of_range");
 }
 
+// The streaming single-query scan kernel scores every pair exactly as the avx512 dot_tile does (bit for
+// bit), zero-fills a short panel, and sets the mask bits of scores >= thr or NaN.
+static void test_stream_f32() {
+#if defined(REC_ENGINE_HAVE_X86_KERNELS)
+  bool have = false;
+  for (SimdLevel level : supported_simd_levels()) have = have || level == SimdLevel::avx512;
+  if (!have) return;
+  const auto& st = rec_engine::topk_gemm::avx512_table();
+  const k::KernelTable& dt = k::avx512_table();
+  constexpr int64_t P = rec_engine::topk_gemm::kPanel;
+  std::mt19937 g(11);
+  for (int64_t d : {1, 7, 16, 17, 32, 48, 64, 96, 100, 128, 300})
+    for (int64_t nq : {1, 2, 3})
+      for (int64_t nx : {1, 15, 16, 17, 40, 63, 64}) {
+        const int64_t ldx = d + (d % 3 == 0 ? 5 : 0);  // a row stride larger than d, sometimes
+        auto q = randn(g, nq * d), x = randn(g, nx * ldx);
+        if (nx > 5) x[5 * ldx] = std::numeric_limits<float>::quiet_NaN();
+        std::vector<float> out(nq * P, -7.f), ref(nq * nx), thr(nq);
+        std::vector<uint64_t> masks(nq, ~uint64_t{0});
+        dt.dot_tile(q.data(), nq, d, x.data(), nx, ldx, d, ref.data(), nx);
+        for (int64_t a = 0; a < nq; ++a) thr[a] = a == 0 ? 0.f : (a == 1 ? -1e30f : 2.f);
+        st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, thr.data(), out.data(), P, masks.data());
+        for (int64_t a = 0; a < nq; ++a) {
+          uint64_t want = 0;
+          for (int64_t j = 0; j < P; ++j) {
+            const float v = out[a * P + j];
+            if (j >= nx) {
+              CHECK(v == 0.f, "stream_f32 d=%lld nx=%lld: lane %lld past the items is %g", (long long)d,
+                    (long long)nx, (long long)j, v);
+              continue;
+            }
+            const float r = ref[a * nx + j];
+            CHECK((std::isnan(v) && std::isnan(r)) || std::memcmp(&v, &r, 4) == 0,
+                  "stream_f32 d=%lld nq=%lld nx=%lld (%lld, %lld): %.9g vs dot_tile %.9g", (long long)d,
+                  (long long)nq, (long long)nx, (long long)a, (long long)j, v, r);
+            if (!(r < thr[a])) want |= uint64_t{1} << j;
+          }
+          CHECK(masks[a] == want, "stream_f32 mask d=%lld nq=%lld nx=%lld query %lld", (long long)d,
+                (long long)nq, (long long)nx, (long long)a);
+        }
+        std::vector<float> out2(nq * P);  // without a threshold: the same scores
+        st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, nullptr, out2.data(), P, nullptr);
+        CHECK(std::memcmp(out.data(), out2.data(), 4 * out.size()) == 0, "stream_f32 without masks");
+      }
+#endif
+}
+
+// topk of 1-3 queries (the streaming path at avx512) against brute force: k = 500, n not a multiple of
+// 16 or 64, integer data with many ties (lower id first), exclusions, cosine, 1 and 2 threads agreeing
+// bit for bit.
+static void test_topk_small_batches() {
+  std::mt19937 g(3);
+  std::uniform_int_distribution<int> small(-2, 2);
+  for (int64_t n : {1, 63, 1000, 5003})
+    for (int64_t b : {1, 2, 3})
+      for (int64_t kk : {1, 10, 500}) {
+        const int64_t d = 24;
+        std::vector<float> q(b * d), x(n * d);
+        for (auto& v : q) v = static_cast<float>(small(g));
+        for (auto& v : x) v = static_cast<float>(small(g));
+        std::vector<int64_t> ex_indptr = {0}, ex_ids;
+        for (int64_t qi = 0; qi < b; ++qi) {
+          for (int64_t j = qi; j < n; j += 7) ex_ids.push_back(j);
+          ex_indptr.push_back(static_cast<int64_t>(ex_ids.size()));
+        }
+        for (Metric metric : {Metric::inner_product, Metric::cosine}) {
+          TopkOptions opt;
+          opt.k = kk;
+          opt.metric = metric;
+          opt.exclude = {ex_indptr.data(), ex_ids.data()};
+          const int64_t w = topk_width(kk, n);
+          std::vector<int64_t> ids1(b * w), ids2(b * w);
+          std::vector<float> s1(b * w), s2(b * w);
+          opt.num_threads = 1;
+          topk(q.data(), b, x.data(), n, d, opt, ids1.data(), s1.data());
+          opt.num_threads = 2;
+          topk(q.data(), b, x.data(), n, d, opt, ids2.data(), s2.data());
+          CHECK(ids1 == ids2 && std::memcmp(s1.data(), s2.data(), 4 * s1.size()) == 0,
+                "topk n=%lld b=%lld k=%lld: 1 and 2 threads differ", (long long)n, (long long)b, (long long)kk);
+          if (metric == Metric::cosine) continue;  // integer scores are exact for the inner product only
+          for (int64_t qi = 0; qi < b; ++qi) {
+            std::vector<std::pair<float, int64_t>> all;
+            for (int64_t j = 0; j < n; ++j) {
+              if (std::find(ex_ids.begin() + ex_indptr[qi], ex_ids.begin() + ex_indptr[qi + 1], j) !=
+                  ex_ids.begin() + ex_indptr[qi + 1])
+                continue;
+              float s = 0;
+              for (int64_t t = 0; t < d; ++t) s += q[qi * d + t] * x[j * d + t];
+              all.push_back({s, j});
+            }
+            std::sort(all.begin(), all.end(),
+                      [](auto& a, auto& c) { return a.first > c.first || (a.first == c.first && a.second < c.second); });
+            for (int64_t r = 0; r < w; ++r) {
+              const int64_t want = r < static_cast<int64_t>(all.size()) ? all[r].second : -1;
+              CHECK(ids1[qi * w + r] == want, "topk n=%lld b=%lld k=%lld query %lld rank %lld: id %lld, want %lld",
+                    (long long)n, (long long)b, (long long)kk, (long long)qi, (long long)r,
+                    (long long)ids1[qi * w + r], (long long)want);
+            }
+          }
+        }
+      }
+}
+
 static void test_pool_and_graph_api() {
   std::mt19937 g(3);
   const int64_t rows = 50, d = 9;
@@ -210,12 +315,14 @@ static void test_key_index() {
 int main() {
   test_half_conversion();
   test_key_index();
+  test_stream_f32();
   for (SimdLevel level : supported_simd_levels()) {
     set_simd_level(level);
     const k::KernelTable& t = k::active();
     std::printf("testing kernel table %s\n", t.name);
     test_table(t);
     test_topk_api();
+    test_topk_small_batches();
     test_pool_and_graph_api();
   }
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);

@@ -32,6 +32,13 @@ struct Table {
   // out[i * ldo + j] = bf16 dot products (vdpbf16ps); nullptr when the CPU lacks AVX512-BF16.
   void (*score_bf16)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
                      float* out, int64_t ldo);
+  // Streaming scores of nq (a few) queries against nx <= kPanel row-major items x + j * ldx, read once in
+  // memory order (with a software prefetch ahead): out[i * ldo + j] = <q_i, x_j> for j < kPanel (0 for
+  // j >= nx), summed exactly as kernels::KernelTable::dot_tile at the same level sums (one accumulator over
+  // 16-lane chunks, then the lanes reduced in _mm512_reduce_add_ps's order). When masks is not null, also
+  // bit j of masks[i] (j < nx) is set when out[i * ldo + j] >= thr[i] or is NaN, as filter_tile does.
+  void (*stream_f32)(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t nx, int64_t ldx,
+                     int64_t d, const float* thr, float* out, int64_t ldo, uint64_t* masks);
 };
 
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).

@@ -214,7 +214,102 @@ void score_bf16(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* pane
   }
 }
 
-const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16};
+// ---------------------------------------------------------------------------- streaming float32 scan
+// A few queries against row-major items, read once in memory order (no packing). Each item keeps one
+// accumulator over 16-lane chunks of its row (the tail chunk zero-masked), as the kernels' dot_tile does;
+// sixteen accumulators are then reduced together into one vector of sixteen sums (30 shuffles + 15 adds
+// instead of sixteen horizontal reductions), with the additions of _mm512_reduce_add_ps in its order
+// (lanes i + 8, then + 4, + 2, + 1), so a score equals dot_tile's bit for bit.
+
+// Reduces v[p] (p < 16) to one vector; lane L holds the sum of v[kLaneSrc[L]].
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i)  // lanes i + (i + 8): [A 0..7 | B 0..7]
+    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                          _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // + 4: [A 0..3 | B 0..3 | C 0..3 | D 0..3]
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88),
+                          _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // + 2
+    s3[i] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0x44),
+                          _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));  // + 1
+}
+// reduce16 leaves the sum of input p in lane 4 * (p % 4) + p / 4; this puts it back in lane p.
+inline __m512 unshuffle16(__m512 s) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), s);
+}
+
+// Bytes ahead of the rows being scored that the scan prefetches, one line per kPrefetchStride bytes (the
+// hardware prefetchers fetch the lines in between). Measured on Zen 4: without it the scan reached about
+// 0.7 of a plain read; with it about the plain read.
+constexpr int64_t kPrefetchAhead = 16384;
+constexpr int64_t kPrefetchStride = 256;
+
+// The dot products of q with rows x_p = x + p * ldx, p < m (m <= 16; rows p >= m score 0), in lane p.
+// C > 0: d == 16 * C (unrolled); C == 0: any d.
+template <int C>
+inline __m512 dots16(const float* q, const float* x, int64_t ldx, int64_t d, int m) {
+  __m512 acc[16];
+  for (int p = 0; p < 16; ++p) {
+    __m512 a = _mm512_setzero_ps();
+    if (p < m) {
+      const float* r = x + p * ldx;
+      if (C > 0) {
+        for (int c = 0; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(r + 16 * c), a);
+      } else {
+        int64_t t = 0;
+        for (; t + 16 <= d; t += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + t), _mm512_loadu_ps(r + t), a);
+        if (t < d) {
+          const __mmask16 mk = static_cast<__mmask16>((1u << (d - t)) - 1u);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + t), _mm512_maskz_loadu_ps(mk, r + t), a);
+        }
+      }
+    }
+    acc[p] = a;
+  }
+  return unshuffle16(reduce16(acc));
+}
+
+template <int C>
+void stream_f32_impl(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t nx, int64_t ldx, int64_t d,
+                     const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  if (masks != nullptr)
+    for (int64_t a = 0; a < nq; ++a) masks[a] = 0;
+  const int64_t group_bytes = 16 * ldx * static_cast<int64_t>(sizeof(float));
+  for (int64_t g = 0; g < kPanel; g += 16) {
+    const int m = static_cast<int>(nx - g >= 16 ? 16 : (nx > g ? nx - g : 0));
+    const float* xg = x + g * ldx;
+    if (m > 0) {
+      const char* pf = reinterpret_cast<const char*>(xg) + kPrefetchAhead;
+      for (int64_t o = 0; o < group_bytes; o += kPrefetchStride) _mm_prefetch(pf + o, _MM_HINT_T0);
+    }
+    for (int64_t a = 0; a < nq; ++a) {  // the rows are in L1 for every query after the first
+      const __m512 s = m > 0 ? dots16<C>(q + a * ldq, xg, ldx, d, m) : _mm512_setzero_ps();
+      _mm512_storeu_ps(out + a * ldo + g, s);
+      if (masks != nullptr) {  // not (s < thr): s >= thr, or s NaN
+        const __mmask16 valid = static_cast<__mmask16>(m >= 16 ? 0xffffu : (1u << m) - 1u);
+        const uint64_t mk = _mm512_mask_cmp_ps_mask(valid, s, _mm512_set1_ps(thr[a]), _CMP_NLT_UQ);
+        masks[a] |= mk << g;
+      }
+    }
+  }
+}
+
+void stream_f32(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t nx, int64_t ldx, int64_t d,
+                const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  switch (d) {
+    case 16: return stream_f32_impl<1>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    case 32: return stream_f32_impl<2>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    case 48: return stream_f32_impl<3>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    case 64: return stream_f32_impl<4>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    case 96: return stream_f32_impl<6>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    case 128: return stream_f32_impl<8>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+    default: return stream_f32_impl<0>(q, nq, ldq, x, nx, ldx, d, thr, out, ldo, masks);
+  }
+}
+
+const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32};
 
 }  // namespace
 
