@@ -143,3 +143,37 @@ def test_large_candidate_count_through_the_engine_equals_the_torch_reference(tra
             ref_ids, ref_scores = torch_two_stage(trained, user, 20, n, ctx)
             np.testing.assert_array_equal(rec.items, ref_ids)
             np.testing.assert_allclose(rec.scores, ref_scores, atol=1e-5)
+
+
+def test_int8_ranking_is_stored_reported_and_close_to_float32(trained, tmp_path, rng):
+    pytest.importorskip("onnx", reason="quantizing the ranking model needs the onnx package")
+    path = write_pipeline(tmp_path / "p", retrieval=trained.bundle("lightgcn"), ranking=trained.bundle("deepfm"),
+                          n_candidates=50, ranking_precision="int8")
+    meta = open_bundle(path).meta["ranking"]
+    assert meta["precision"] == "int8" and meta["users"] > 0 and meta["candidates"] == 50
+    assert 0 < meta["max_abs_diff"] < 0.05 and meta["top_overlap"] >= 0.8
+    with Engine.load(path) as e, Engine.load(trained.bundle("pipe_a")) as exact:
+        assert e.ranking_info == meta and exact.ranking_info == {"precision": "float32"}
+        for u in rng.integers(0, 400, 10).tolist():
+            a, b = e.recommend(u, 10, context=CONTEXTS[0]), exact.recommend(u, 10, context=CONTEXTS[0])
+            # the same candidates, scored by the int8 model: what the float32 model says of those items is close
+            pa = exact._version.ranking.score_candidates(u, a.ids, CONTEXTS[0])
+            np.testing.assert_allclose(a.scores, pa, atol=meta["max_abs_diff"] * 4 + 1e-3)
+            assert len(set(a.ids.tolist()) & set(b.ids.tolist())) >= 7
+        # activations are quantized per call (scales from the call's own values): a batch ranks near-ties
+        # of its users slightly differently from single calls
+        for b, one in zip(e.recommend_batch([1, 2, 3], 10, contexts=CONTEXTS[:3]),
+                          [e.recommend(u, 10, context=c) for u, c in zip([1, 2, 3], CONTEXTS[:3])]):
+            assert len(set(b.ids.tolist()) & set(one.ids.tolist())) >= 8
+            np.testing.assert_allclose(np.sort(b.scores), np.sort(one.scores), atol=meta["max_abs_diff"] * 4 + 1e-3)
+    with Engine.load(trained.bundle("pipe_a"), ranking_precision="int8") as e:    # quantized at load
+        assert e.ranking_info == {"precision": "int8"}
+        with Engine.load(path) as stored:
+            np.testing.assert_allclose(e.recommend(5, 10, context=CONTEXTS[1]).scores,
+                                       stored.recommend(5, 10, context=CONTEXTS[1]).scores, atol=1e-6)
+    with Engine.load(path, ranking_precision="float32") as e:
+        assert e.ranking_info == {"precision": "float32"}
+    with pytest.raises(ValueError, match="ranking_precision must be"):
+        Engine.load(path, ranking_precision="fp16")
+    with pytest.raises(ValueError, match="needs a ranking stage"):
+        write_pipeline(tmp_path / "q", retrieval=trained.bundle("lightgcn"), ranking_precision="int8")

@@ -150,7 +150,7 @@ INDEX_PRECISIONS = ("float32", "int8", "bf16")
 
 def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | None = None,
                    ranking: str | os.PathLike | None = None, n_candidates: int = 500, index: str = "float32",
-                   overwrite: bool = False) -> Path:
+                   ranking_precision: str = "float32", overwrite: bool = False) -> Path:
     """Combine a retrieval bundle and a ranking bundle (either may be None) into a pipeline bundle at
     ``path``: both are copied in, and the pipeline's manifest pins their manifests by sha256.
 
@@ -158,7 +158,11 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
     ``"bf16"`` (a reduced-precision scan whose shortlist is re-scored exactly,
     :class:`~rec_engine.topk.ItemIndex`): the index arrays are built here and stored in the pipeline
     (``arrays/index_<precision>_{packed,corr,scale}.npy``, memory-mapped at load, so worker processes share
-    them), and its recall of the exact top ``n_candidates`` on a sample of users goes to ``meta["index"]``."""
+    them), and its recall of the exact top ``n_candidates`` on a sample of users goes to ``meta["index"]``.
+
+    ``ranking_precision="int8"`` also stores the ranking model's dense part with int8 weights
+    (``dense_int8.onnx``, :func:`rec_engine.ranking.quantize_dense`; needs the onnx package here, not at serving
+    time), served by default, with its agreement with the float32 model in ``meta["ranking"]``."""
     if retrieval is None and ranking is None:
         raise ValueError("a pipeline needs a retrieval bundle, a ranking bundle, or both")
     if n_candidates < 1:
@@ -167,6 +171,16 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
         raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
     stages = {name: open_bundle(src) for name, src in (("retrieval", retrieval), ("ranking", ranking))
               if src is not None}
+    if ranking_precision not in ("float32", "int8"):
+        raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {ranking_precision!r}")
+    ranking_meta, dense_int8 = {"precision": ranking_precision}, None
+    if ranking_precision == "int8":
+        if "ranking" not in stages:
+            raise ValueError("ranking_precision='int8' needs a ranking stage")
+        from .ranking import dense_agreement, quantize_dense
+
+        dense_int8 = quantize_dense(stages["ranking"].onnx_path("dense"))
+        ranking_meta.update(dense_agreement(stages["ranking"], dense_int8, n=n_candidates))
     index_arrays, index_meta = {}, {"precision": index}
     if index != "float32":
         if "retrieval" not in stages:
@@ -187,10 +201,14 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
             target.parent.mkdir(exist_ok=True)
             np.save(target, np.ascontiguousarray(a), allow_pickle=False)
             files[f"arrays/{name}.npy"] = {"sha256": _sha256(target), "bytes": target.stat().st_size}
+        if dense_int8 is not None:
+            (tmp / "dense_int8.onnx").write_bytes(dense_int8)
+            files["dense_int8.onnx"] = {"sha256": _sha256(tmp / "dense_int8.onnx"), "bytes": len(dense_int8)}
         manifest = {"format_version": FORMAT_VERSION, "kind": "pipeline",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tables": {}, "files": files,
                     "meta": _jsonable({"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
-                                       "kinds": {name: b.kind for name, b in stages.items()}, "index": index_meta})}
+                                       "kinds": {name: b.kind for name, b in stages.items()}, "index": index_meta,
+                                       "ranking": ranking_meta})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 

@@ -35,7 +35,7 @@ class CtrRunner:
     Parameters
     ----------
     embedding, linear : EmbeddingTable  the shared tables (``[rows, dim]`` and ``[rows, 1]``)
-    onnx_path : path of the dense part
+    onnx_path : path of the dense part, or the serialized model (bytes)
     n_fields : int  F
     inputs : (emb input, lin input) names of the dense part
     output : name of its logit output
@@ -51,7 +51,7 @@ class CtrRunner:
     per thread).
     """
 
-    def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike, *,
+    def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike | bytes, *,
                  n_fields: int, inputs=("emb", "lin"), output: str = "logit", session_options=None,
                  num_threads: int | None = 1, batch_threads: int | None = None):
         import onnxruntime as ort
@@ -63,11 +63,12 @@ class CtrRunner:
             session_options = ort.SessionOptions()
             session_options.intra_op_num_threads = 1
             session_options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
+        model = onnx_path if isinstance(onnx_path, (bytes, bytearray)) else str(onnx_path)
+        self.session = ort.InferenceSession(model, sess_options=session_options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = tuple(inputs)
         self.output = output
-        self._onnx_path, self._batch_threads, self._batch_run = str(onnx_path), batch_threads, None
+        self._onnx_path, self._batch_threads, self._batch_run = model, batch_threads, None
         self._batch_lock = threading.Lock()
         # the request path calls the core directly (the facade's argument checks and conversions cost more
         # than the lookups at small batches; arrays of the wrong kind fall back to it)
