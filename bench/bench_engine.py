@@ -10,6 +10,10 @@ keyed by size.
 Implementations (group ``recommend k=10 (...)``):
 
 - ``rec_engine``: ``Engine.recommend(user, k=10, context=...)`` on the pipeline bundle.
+- ``rec_engine int8``: the same engine with ``index="int8"`` (retrieval scans int8 item codes with VNNI and
+  re-scores a shortlist exactly; the stage table prints the recall of the exact 500 candidates).
+- ``rec_engine int8+int8``: also ``ranking_precision="int8"`` (the dense part with int8 weights, ONNX
+  Runtime's dynamic quantization; probabilities move by ~1e-4, so its top 10 may differ from the others').
 - ``numpy+ort``: :class:`PlainPipeline`, what a service developer would write without rec_engine: the
   same ``.npy`` tables loaded with ``np.load``, ``items @ user_vec``, seen items set to -inf,
   ``argpartition`` + sort of the top 500, the candidates' features gathered with fancy indexing and
@@ -23,7 +27,8 @@ of the wall time are stored in ``benchmark.extra_info["stages"]`` and printed as
 
 Settings: top-k threads of the engine = ``--bench-threads`` (default 2); the rest through the
 environment (conftest.py owns the command-line options): ``REC_BENCH_ENGINE_ITEMS`` (default 1000000),
-``REC_BENCH_ENGINE_USERS`` (100000), ``REC_BENCH_ENGINE_ROUNDS`` (rounds per implementation, 400),
+``REC_BENCH_ENGINE_USERS`` (100000), ``REC_BENCH_ENGINE_ROUNDS`` (rounds per implementation, 400), ``REC_BENCH_ENGINE_BATCH_ROUNDS`` (batches of 256 users per
+implementation in the ``recommend_batch`` group, 3),
 ``REC_BENCH_ORT_THREADS`` (ONNX Runtime intra-op threads of both, 1), ``REC_BENCH_ENGINE_CACHE`` (bundle
 cache folder).
 """
@@ -56,7 +61,7 @@ K = 10
 SEEN_PER_USER = 50
 PASSES = 4                   # rec_engine, numpy+ort, rec_engine, ... (see bench_kernels.py)
 N_AGREE = 5                  # users whose answers both implementations must agree on before timing
-IMPLS = ("rec_engine", "rec_engine int8", "numpy+ort")
+IMPLS = ("rec_engine", "rec_engine int8", "rec_engine int8+int8", "numpy+ort")
 BATCH = 256                  # users of the recommend_batch group
 
 # The 26 fields: (name, kind, vocabulary size; None = the number of users / items). Vocabularies are the
@@ -327,6 +332,8 @@ class Case:
         self.engine_int8 = Engine.load(self.path, ort_threads=settings.ort_threads, num_threads=settings.topk_threads,
                                        index="int8")
         self.index_build_s = time.perf_counter() - t_index
+        self.engine_int8x2 = Engine.load(self.path, ort_threads=settings.ort_threads,
+                                         num_threads=settings.topk_threads, index="int8", ranking_precision="int8")
         self.recall: dict | None = None                  # the int8 index's recall (index_recall), measured once
         self.plain = PlainPipeline(self.path, settings.ort_threads)
         self.load_s = time.perf_counter() - t
@@ -467,7 +474,8 @@ def bench_recommend(benchmark, case, pass_no, impl):
     if impl.startswith("rec_engine"):
         if pass_no == 0 and impl == "rec_engine":
             case.profile_engine_dense(requests)
-        engine = case.engine if impl == "rec_engine" else case.engine_int8
+        engine = {"rec_engine": case.engine, "rec_engine int8": case.engine_int8,
+                  "rec_engine int8+int8": case.engine_int8x2}[impl]
 
         def fn(user, ctx):
             t = time.perf_counter()
