@@ -339,6 +339,10 @@ void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
 
 // Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for a group
 // of ng queries, then merges each query's per-thread selections and hands the result to emit(a, sel).
+// The panels are handed out in chunks (about 16 per thread, dynamically scheduled): on a shared machine a
+// thread that loses its core for a while no longer holds the whole call up, the others take its chunks.
+// Which thread scans which panel does not change the result: a Selection keeps the exact best entries of
+// what it was offered, whatever the order, and the merge keeps the exact best of their union.
 template <class Scan, class Emit>
 void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector<Entry>& storage,
                 Scan scan, Emit emit) {
@@ -347,9 +351,15 @@ void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector
   std::vector<std::vector<Selection>> sels(nt);
   for (int t = 0; t < nt; ++t)
     for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * ng + a) * slots, width);
-  detail::parallel_for(nt, nt, 1, [&](int64_t t) {
-    scan(static_cast<int>(t), n_panels * t / nt, n_panels * (t + 1) / nt, sels[t].data());
-  });
+  if (nt == 1) {
+    scan(0, 0, n_panels, sels[0].data());
+  } else {
+    const int64_t chunk = std::max<int64_t>(1, n_panels / (16 * nt));
+    detail::parallel_for((n_panels + chunk - 1) / chunk, nt, 1, [&](int64_t c) {
+      const int t = detail::thread_id();
+      scan(t, c * chunk, std::min(n_panels, (c + 1) * chunk), sels[t].data());
+    });
+  }
   detail::parallel_for(ng, nt > 1 && ng > 1 ? nt : 1, 16, [&](int64_t a) {
     if (nt == 1) {
       emit(a, sels[0][a]);
