@@ -10,7 +10,8 @@ DeepFM over 26 fields, top 10):
 - ``peer wW``: FastAPI + uvicorn (``--workers W``) over :class:`PeerPipeline`: FAISS ``IndexFlatIP`` over
   the same item vectors (``search(k = 500 + seen)``, the seen items dropped), then the features gathered
   with NumPy and the same ``dense.onnx`` in ONNX Runtime by ``bench_engine.PlainPipeline``'s code (imported,
-  not copied), sigmoid, top 10. FAISS on 1 OpenMP thread, ONNX Runtime on 1, like the server's defaults.
+  not copied), sigmoid, top 10. FAISS on 1 OpenMP thread (``OMP_NUM_THREADS=1`` for both servers: the
+  setting reaches every request thread), ONNX Runtime on 1, like the server's defaults.
 
 Before timing, both services must return the same top items for a few requests. Then, for each client
 count (1, 2, 4, 8, 16), every service in turn gets a fixed number of seconds of load from that many
@@ -156,6 +157,10 @@ def _env() -> dict:
     paths = [str(ROOT / "python"), str(ROOT / ".devpath"), str(HERE)]
     env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("OMP_WAIT_POLICY", "passive")
+    # OpenMP's thread count is per thread: faiss.omp_set_num_threads(1) at start does not reach the server's
+    # request threads, whose FAISS searches would each start a team of every core (oversubscribed under
+    # concurrency). rec_engine passes its thread count to every call; both servers get the same setting.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -448,7 +453,8 @@ def machine() -> dict:
         except Exception:       # noqa: BLE001
             versions[mod] = "?"
     return {"cpu": cpu, "cores": os.cpu_count(), "simd": rec_engine.simd_level(), "python": platform.python_version(),
-            "versions": versions, "OMP_WAIT_POLICY": _env().get("OMP_WAIT_POLICY")}
+            "versions": versions, "OMP_WAIT_POLICY": _env().get("OMP_WAIT_POLICY"),
+            "OMP_NUM_THREADS": _env().get("OMP_NUM_THREADS")}
 
 
 def markdown(result: dict) -> str:
@@ -474,7 +480,8 @@ def markdown(result: dict) -> str:
                      f"{r['client_cpu_us_per_req']:.0f} | {r['server_cores']:.2f} / {r['client_cores']:.2f} / "
                      f"{r['other_cores']:.2f} |")
     if result.get("coalescing"):
-        lines += ["", "Coalesced batches (from each rec_engine server's /metrics at the end): "
+        lines += ["", "Coalesced batches (from each rec_engine server's /metrics at the end; with several workers, the "
+                  "counts of the one worker that answered): "
                   + "; ".join(f"{k}: {v}" for k, v in result["coalescing"].items())]
     if result.get("memory"):
         lines += ["", "## Memory (MiB, /proc/PID/smaps_rollup, after every worker answered requests)", "",
