@@ -46,6 +46,88 @@ def test_scores_do_not_depend_on_threads_or_candidates(simd, rng, metric):
         np.testing.assert_array_equal(cand.scores, batch.scores[b])
 
 
+# ------------------------------------------------------------------ 1-3 queries: the streaming scan
+# (at avx512 the rows are scored 16 at a time straight from the row-major table, compared with each
+# query's threshold in SIMD; at scalar/avx2 the dot_tile blocks). Brute force in NumPy is the reference.
+
+
+@pytest.mark.parametrize("nq", [1, 2, 3])
+@pytest.mark.parametrize("n,d", [(1, 5), (15, 16), (17, 64), (1000, 64), (4099, 48), (2053, 37), (700, 130)])
+@pytest.mark.parametrize("k", [1, 10, 500])
+def test_small_batches_match_numpy_brute_force(simd, rng, nq, n, d, k):
+    q = rng.normal(size=(nq, d)).astype(np.float32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    ex = [rng.choice(n, min(n - 1, 50), replace=False) for _ in range(nq)]
+    for metric in ("ip", "cosine"):
+        res = topk(q, x, k, metric=metric, exclude=ex)
+        assert_topk_close(res, q, x, k, metric=metric, exclude=ex)
+        two = topk(q, x, k, metric=metric, exclude=ex, num_threads=2)
+        np.testing.assert_array_equal(two.ids, res.ids)
+        np.testing.assert_array_equal(two.scores, res.scores)
+        for b in range(nq):  # a query alone scores exactly as inside a batch of 2 or 3
+            one = topk(q[b], x, k, metric=metric, exclude=ex[b])
+            np.testing.assert_array_equal(one.ids, res.ids[b])
+            np.testing.assert_array_equal(one.scores, res.scores[b])
+
+
+@pytest.mark.parametrize("nq", [1, 2, 3])
+@pytest.mark.parametrize("n", [63, 1001, 5000])
+def test_small_batches_integer_ties_are_exact(simd, rng, nq, n):
+    # small integer values: float32 sums are exact, so ids (ties by lower id) and scores equal the reference
+    qi, xi = int_data(rng, nq, n, 20, lo=-1, hi=1)
+    ex = [np.arange(b, n, 5) for b in range(nq)]
+    for k in (7, 500):
+        res = topk(qi, xi, k, exclude=ex, num_threads=2)
+        ref_ids, ref_scores, _ = reference(qi, xi, k, exclude=ex)
+        np.testing.assert_array_equal(res.ids, ref_ids)
+        np.testing.assert_array_equal(res.scores, ref_scores.astype(np.float32))
+
+
+def test_small_batch_nan_item_is_reported(simd, rng):
+    x = rng.normal(size=(3000, 64)).astype(np.float32)
+    x[1777, 5] = np.nan
+    x[2900, 0] = np.nan
+    for nq in (1, 2, 3):
+        q = rng.normal(size=(nq, 64)).astype(np.float32)
+        for threads in (1, 2):
+            with pytest.raises(ValueError, match="item 1777 gives a NaN score"):
+                topk(q, x, 500, num_threads=threads)
+
+
+def test_simd_levels_agree_in_subprocesses_via_environment(rng, tmp_path):
+    # REC_ENGINE_SIMD picks the level at start-up; every level gives the reference ids (k = 500, 1-3 queries)
+    import os
+    import subprocess
+    import sys
+    q = rng.normal(size=(3, 64)).astype(np.float32)
+    x = rng.normal(size=(5003, 64)).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, rec_engine\n"
+        "q = np.load(sys.argv[1]); x = np.load(sys.argv[2])\n"
+        "out = {}\n"
+        "for b in (1, 2, 3):\n"
+        "    r = rec_engine.topk(q[:b], x, 500, exclude=[np.arange(0, 5003, 11)] * b, num_threads=2)\n"
+        "    out[f'ids{b}'] = r.ids; out[f'scores{b}'] = r.scores\n"
+        "np.savez(sys.argv[3], level=rec_engine.simd_level(), **out)\n"
+    )
+    results = {}
+    for level in rec_engine.supported_simd_levels():
+        path = tmp_path / f"{level}.npz"
+        env = dict(os.environ, REC_ENGINE_SIMD=level)
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.npy"), str(tmp_path / "x.npy"), str(path)],
+                       env=env, check=True, timeout=120)
+        results[level] = np.load(path)
+        assert str(results[level]["level"]) == level
+    ex = [np.arange(0, 5003, 11)] * 3
+    for level, r in results.items():
+        for b in (1, 2, 3):
+            assert_topk_close(rec_engine.TopK(r[f"ids{b}"], r[f"scores{b}"]), q[:b], x, 500, exclude=ex[:b])
+            np.testing.assert_allclose(r[f"scores{b}"], results["scalar"][f"scores{b}"], rtol=1e-5, atol=1e-5,
+                                       err_msg=level)
+
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_item_index_with_full_shortlist_equals_exact(simd, rng, precision):
     q = rng.normal(size=(9, 33)).astype(np.float32)

@@ -337,6 +337,54 @@ void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
   }
 }
 
+// The streaming scan of 1-3 queries (avx512): items of panels [pa, pb) for queries [q_begin, q_end), read
+// once in memory order by topk_gemm's stream_f32, which runs on from panel to panel until a score reaches
+// a query's threshold; only then does it come back here, with that panel's scores and masks, to offer the
+// items to the selections. Cosine scores take one panel per call (scaled, then filtered here).
+void scan_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
+                 PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g) {
+  const int64_t nq = q_end - q_begin, d = p.d;
+  w.tile.resize(static_cast<size_t>(nq * kPanel));
+  float* tile = w.tile.data();
+  float thrs[kPackedMinQueries];
+  uint64_t masks[kPackedMinQueries];
+  const float* q = p.queries + q_begin * d;
+  const int64_t end = std::min(pb * kPanel, p.n_items);
+  int64_t i = pa * kPanel;
+  while (i < end) {
+    for (int64_t a = 0; a < nq; ++a) thrs[a] = sels[a].threshold();
+    int64_t i0, nx;
+    if (p.cosine) {
+      nx = g->stream_f32(q, nq, d, p.items + i * d, std::min(kPanel, end - i), d, d, nullptr, tile, kPanel, nullptr);
+      i0 = i;
+      const float* xi = p.item_inv->data() + i0;
+      for (int64_t a = 0; a < nq; ++a) {
+        const float qi = (*p.query_inv)[q_begin + a];
+        float* row = tile + a * kPanel;
+        for (int64_t j = 0; j < nx; ++j) row[j] = (row[j] * qi) * xi[j];
+      }
+      g->filter_tile(tile, nq, kPanel, nx, thrs, masks);
+    } else {
+      const int64_t used = g->stream_f32(q, nq, d, p.items + i * d, end - i, d, d, thrs, tile, kPanel, masks);
+      i0 = i + (used - 1) / kPanel * kPanel;
+      nx = used - (i0 - i);
+    }
+    i = i0 + nx;
+    for (int64_t a = 0; a < nq; ++a) {
+      uint64_t m = masks[a];
+      if (m == 0) continue;
+      Selection& sel = sels[a];
+      float thr = thrs[a];
+      const float* row = tile + a * kPanel;
+      do {
+        const int j = __builtin_ctzll(m);
+        m &= m - 1;
+        consider(p, q_begin + a, sel, thr, row[j], i0 + j, nan_id);
+      } while (m != 0);
+    }
+  }
+}
+
 // Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for a group
 // of ng queries, then merges each query's per-thread selections and hands the result to emit(a, sel).
 // The panels are handed out in chunks (about 16 per thread, dynamically scheduled): on a shared machine a
@@ -453,15 +501,8 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
           n_panels, ntp, ng, width, storage,
           [&](int t, int64_t pa, int64_t pb, Selection* sels) {
             PanelWork& w = work[t];
-            if (stream) {  // rows read once, in memory order; inner product compared in the kernel
-              scan_panels(
-                  p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g, [](int64_t, int64_t) {},
-                  [&](int64_t pi, int64_t q0, int64_t nq, float* tile, const float* thr, uint64_t* masks) {
-                    const int64_t nx = std::min(kPanel, n_items - pi * kPanel);
-                    g->stream_f32(queries + q0 * dim, nq, dim, items + pi * kPanel * dim, nx, dim, dim,
-                                  cosine ? nullptr : thr, tile, kPanel, cosine ? nullptr : masks);
-                    return !cosine;
-                  });
+            if (stream) {
+              scan_stream(p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g);
               return;
             }
             w.panel.resize(static_cast<size_t>(kPanel * dim));

@@ -139,8 +139,9 @@ static void test_topk_api() {
   CHECK(threw, "an excluded id out of range must throw std::out_of_range");
 }
 
-// The streaming single-query scan kernel scores every pair exactly as the avx512 dot_tile does (bit for
-// bit), zero-fills a short panel, and sets the mask bits of scores >= thr or NaN.
+// The streaming scan kernel scores every pair exactly as the avx512 dot_tile does (bit for bit), zero-fills
+// a short panel, sets the mask bits of scores >= thr or NaN, and runs on from panel to panel until a bit
+// is set.
 static void test_stream_f32() {
 #if defined(REC_ENGINE_HAVE_X86_KERNELS)
   bool have = false;
@@ -156,15 +157,15 @@ static void test_stream_f32() {
         const int64_t ldx = d + (d % 3 == 0 ? 5 : 0);  // a row stride larger than d, sometimes
         auto q = randn(g, nq * d), x = randn(g, nx * ldx);
         if (nx > 5) x[5 * ldx] = std::numeric_limits<float>::quiet_NaN();
-        std::vector<float> out(nq * P, -7.f), ref(nq * nx), thr(nq);
+        std::vector<float> out(nq * P, -7.f), all(nq * P, -7.f), ref(nq * nx), thr(nq);
         std::vector<uint64_t> masks(nq, ~uint64_t{0});
         dt.dot_tile(q.data(), nq, d, x.data(), nx, ldx, d, ref.data(), nx);
-        for (int64_t a = 0; a < nq; ++a) thr[a] = a == 0 ? 0.f : (a == 1 ? -1e30f : 2.f);
-        st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, thr.data(), out.data(), P, masks.data());
-        for (int64_t a = 0; a < nq; ++a) {
-          uint64_t want = 0;
+        // without a threshold: every score of the panel, 0 past the items
+        CHECK(st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, nullptr, all.data(), P, nullptr) == nx,
+              "stream_f32 without thr goes through one panel");
+        for (int64_t a = 0; a < nq; ++a)
           for (int64_t j = 0; j < P; ++j) {
-            const float v = out[a * P + j];
+            const float v = all[a * P + j];
             if (j >= nx) {
               CHECK(v == 0.f, "stream_f32 d=%lld nx=%lld: lane %lld past the items is %g", (long long)d,
                     (long long)nx, (long long)j, v);
@@ -174,15 +175,40 @@ static void test_stream_f32() {
             CHECK((std::isnan(v) && std::isnan(r)) || std::memcmp(&v, &r, 4) == 0,
                   "stream_f32 d=%lld nq=%lld nx=%lld (%lld, %lld): %.9g vs dot_tile %.9g", (long long)d,
                   (long long)nq, (long long)nx, (long long)a, (long long)j, v, r);
-            if (!(r < thr[a])) want |= uint64_t{1} << j;
           }
+        for (int64_t a = 0; a < nq; ++a) thr[a] = a == 0 ? 0.f : (a == 1 ? -1e30f : 2.f);
+        CHECK(st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, thr.data(), out.data(), P, masks.data()) == nx,
+              "stream_f32 with thr, one panel");
+        for (int64_t a = 0; a < nq; ++a) {
+          uint64_t want = 0;
+          for (int64_t j = 0; j < nx; ++j)
+            if (!(ref[a * nx + j] < thr[a])) want |= uint64_t{1} << j;
           CHECK(masks[a] == want, "stream_f32 mask d=%lld nq=%lld nx=%lld query %lld", (long long)d,
                 (long long)nq, (long long)nx, (long long)a);
+          if (want != 0)
+            CHECK(std::memcmp(out.data() + a * P, all.data() + a * P, 4 * P) == 0,
+                  "stream_f32 scores of a query with hits d=%lld", (long long)d);
         }
-        std::vector<float> out2(nq * P);  // without a threshold: the same scores
-        st.stream_f32(q.data(), nq, d, x.data(), nx, ldx, d, nullptr, out2.data(), P, nullptr);
-        CHECK(std::memcmp(out.data(), out2.data(), 4 * out.size()) == 0, "stream_f32 without masks");
       }
+  // Several panels: it runs on until the panel holding the one item above the threshold.
+  for (int64_t d : {16, 64, 37}) {
+    const int64_t n = 7 * P + 9;
+    std::vector<float> x(n * d, 0.01f), q(d, 1.f), out(P);
+    for (int64_t hit : {int64_t{0}, 3 * P + 5, n - 1}) {
+      std::fill(x.begin(), x.end(), 0.01f);
+      x[hit * d] = 100.f;
+      const float thr = 50.f;
+      uint64_t mask = 0;
+      const int64_t used = st.stream_f32(q.data(), 1, d, x.data(), n, d, d, &thr, out.data(), P, &mask);
+      const int64_t start = (used - 1) / P * P;
+      CHECK(start <= hit && hit < used && mask == uint64_t{1} << (hit - start),
+            "stream_f32 multi-panel d=%lld hit %lld: used %lld mask %llx", (long long)d, (long long)hit,
+            (long long)used, (unsigned long long)mask);
+      const float none = 1e9f;
+      CHECK(st.stream_f32(q.data(), 1, d, x.data(), n, d, d, &none, out.data(), P, &mask) == n && mask == 0,
+            "stream_f32 without a hit goes through every item");
+    }
+  }
 #endif
 }
 

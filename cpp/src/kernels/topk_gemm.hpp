@@ -32,13 +32,17 @@ struct Table {
   // out[i * ldo + j] = bf16 dot products (vdpbf16ps); nullptr when the CPU lacks AVX512-BF16.
   void (*score_bf16)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
                      float* out, int64_t ldo);
-  // Streaming scores of nq (a few) queries against nx <= kPanel row-major items x + j * ldx, read once in
-  // memory order (with a software prefetch ahead): out[i * ldo + j] = <q_i, x_j> for j < kPanel (0 for
-  // j >= nx), summed exactly as kernels::KernelTable::dot_tile at the same level sums (one accumulator over
-  // 16-lane chunks, then the lanes reduced in _mm512_reduce_add_ps's order). When masks is not null, also
-  // bit j of masks[i] (j < nx) is set when out[i * ldo + j] >= thr[i] or is NaN, as filter_tile does.
-  void (*stream_f32)(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t nx, int64_t ldx,
-                     int64_t d, const float* thr, float* out, int64_t ldo, uint64_t* masks);
+  // Streaming scan of nq <= 3 queries over n row-major items x + j * ldx, read once in memory order, one
+  // panel of kPanel items after another. A score is <q_i, x_j> summed exactly as
+  // kernels::KernelTable::dot_tile at the same level sums it (one accumulator over 16-lane chunks, then
+  // the lanes reduced in _mm512_reduce_add_ps's order). With thr: bit j of masks[i] is set when item j of
+  // the current panel scores >= thr[i] or NaN (as filter_tile); the scan goes on to the next panel while
+  // no bit is set and stops after the first panel with one, which out[i * ldo + j] then holds (the rows
+  // of the queries with a bit set). Without thr (masks unused) it stops after the first panel and out
+  // holds all nq rows (0 past the items). Returns the number of items gone through: the panel described
+  // starts at ((returned - 1) / kPanel) * kPanel.
+  int64_t (*stream_f32)(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx,
+                        int64_t d, const float* thr, float* out, int64_t ldo, uint64_t* masks);
 };
 
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).
