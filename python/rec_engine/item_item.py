@@ -71,7 +71,7 @@ class ItemItemScorer:
         if table.shape != (n_items, n_items):
             raise BundleError(f"bundle {bundle.path}: table item_item is {table.rows} x {table.dim}, "
                               f"meta n_items is {n_items}")
-        seen = IdLists(bundle.array("train_indptr"), bundle.array("train_items"))
+        seen = IdLists(bundle.array("train_indptr", mmap=True), bundle.array("train_items", mmap=True))
         if len(seen) != n_users:
             raise BundleError(f"bundle {bundle.path}: train lists cover {len(seen)} users, meta n_users is {n_users}")
         return cls(table, seen, bundle.array("item_counts"))

@@ -34,8 +34,9 @@ class _Store:
     weight 1 (categorical fields, no missing value), else None."""
 
     def __init__(self, bundle: Bundle, prefix: str, n_fields: int):
-        self.batch = EncodedBatch(bundle.array(f"{prefix}_indices"), bundle.array(f"{prefix}_offsets"),
-                                  bundle.array(f"{prefix}_weights"), n_fields)
+        # memory-mapped: server processes share the stores through the page cache
+        self.batch = EncodedBatch(*(bundle.array(f"{prefix}_{a}", mmap=True) for a in ("indices", "offsets", "weights")),
+                                  n_fields)
         self.n = len(self.batch)
         self.n_fields = n_fields
         self.rows = _single_rows(self.batch)

@@ -65,7 +65,7 @@ class UserState(NamedTuple):
 
 
 def _csr_lists(bundle: Bundle, indptr: str, ids: str) -> IdLists:
-    return IdLists(bundle.array(indptr), bundle.array(ids))
+    return IdLists(bundle.array(indptr, mmap=True), bundle.array(ids, mmap=True))   # shared by server processes
 
 
 class _Retrieval:
