@@ -14,10 +14,23 @@
 // from broadcast query values), scores every query of the group against it, drops in SIMD the scores
 // below each query's current k-th best, and merges the per-thread selections at the end. Every float32
 // score there is one FMA chain over the dimensions (see kernels/topk_gemm.hpp), so results do not depend
-// on the thread count or on how many queries (4 or more) share the call; fewer queries take the
-// row-major path, whose sum order differs, so a score can differ in its last bit between a lone query and
-// the same query inside a batch. Reduced precision (topk_quantized) scans pre-packed bf16/int8 panels the
-// same way into a shortlist and re-scores it exactly.
+// on the thread count or on how many queries (4 or more) share the call.
+//
+// Fewer queries (1-3) are memory-bound: at the avx512 level they take the streaming path (scan_stream,
+// topk_gemm's stream_f32), which reads the row-major items once, in memory order, 16 rows per step, reduces
+// the 16 accumulators together into one vector of scores, compares it with each query's threshold in
+// SIMD and returns to the selections only for a panel with a score at or above a threshold (after the
+// first panels, rarely). It reads the table at about the speed of a plain read of it (bench/bench_scan.py).
+// Its scores are summed as the kernels' dot_tile sums (one accumulator over 16-lane chunks, the lanes
+// reduced in _mm512_reduce_add_ps's order), bit for bit, and the same for 1, 2 or 3 queries; at the
+// scalar and avx2 levels the row-major dot_tile blocks (scan_range) do it. That sum order differs from the
+// packed path's FMA chain, so a score can differ in its last bit between a lone query (or 2-3) and the same
+// query inside a batch of 4 or more; the ids agree except between such near-ties.
+//
+// Item-split scans hand the panels out in chunks, dynamically: which thread scores which item never
+// changes a result (a Selection keeps the exact best of what it is offered, in any order). Reduced
+// precision (topk_quantized) scans pre-packed bf16/int8 panels the same way into a shortlist and
+// re-scores it exactly.
 #include "rec_engine/topk.hpp"
 
 #include <algorithm>

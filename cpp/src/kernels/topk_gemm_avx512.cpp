@@ -267,29 +267,37 @@ inline __m512 dots16_any(const float* q, const float* x, int64_t ldx, int64_t d,
 // time against a plain read of the same table): this order about 0.9 of the plain read; the two rows'
 // loads interleaved about 0.75; the 16 rows unrolled with the accumulators in registers (the compiler
 // interleaves the rows' loads) about 0.7; software prefetching on top of any of them was slower.
-template <int C>
-__attribute__((always_inline)) inline __m512 dots16_full(const __m512 (&qv)[C], const float* x, int64_t ldx,
-                                                         float* buf) {
+// For NQ (1-3) queries at once: each row is loaded once and scored for every query (the loads of a
+// step stay in order), the sums of query i in the lanes of r[i]. (Measured with 3 queries, 1 thread:
+// about 0.8 of a plain read, against 0.65 when the 16 rows were re-read from L1 query after query.)
+template <int C, int NQ>
+__attribute__((always_inline)) inline void dots16_full(const __m512 (&qv)[NQ][C], const float* x, int64_t ldx,
+                                                       float* buf, __m512 (&r)[NQ]) {
 #pragma GCC unroll 1
   for (int p = 0; p < 16; p += 2) {
-    const float* r = x + p * ldx;
-    __m512 a = _mm512_fmadd_ps(qv[0], _mm512_loadu_ps(r), _mm512_setzero_ps());  // as dot_tile: from +0
-    for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(r + 16 * c), a);
-    r += ldx;
-    __m512 b = _mm512_fmadd_ps(qv[0], _mm512_loadu_ps(r), _mm512_setzero_ps());
-    for (int c = 1; c < C; ++c) b = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(r + 16 * c), b);
-    _mm512_store_ps(buf + 16 * p, a);
-    _mm512_store_ps(buf + 16 * p + 16, b);
+    for (int h = 0; h < 2; ++h) {
+      const float* row = x + (p + h) * ldx;
+      __m512 xv = _mm512_loadu_ps(row);
+      __m512 a[NQ];
+      for (int i = 0; i < NQ; ++i) a[i] = _mm512_fmadd_ps(qv[i][0], xv, _mm512_setzero_ps());  // as dot_tile: from +0
+      for (int c = 1; c < C; ++c) {
+        xv = _mm512_loadu_ps(row + 16 * c);
+        for (int i = 0; i < NQ; ++i) a[i] = _mm512_fmadd_ps(qv[i][c], xv, a[i]);
+      }
+      for (int i = 0; i < NQ; ++i) _mm512_store_ps(buf + 256 * i + 16 * (p + h), a[i]);
+    }
   }
-  __m512 acc[16];
-  for (int p = 0; p < 16; ++p) acc[p] = _mm512_load_ps(buf + 16 * p);
-  return reduce16(acc);
+  for (int i = 0; i < NQ; ++i) {
+    __m512 acc[16];
+    for (int p = 0; p < 16; ++p) acc[p] = _mm512_load_ps(buf + 256 * i + 16 * p);
+    r[i] = reduce16(acc);
+  }
 }
 
 // One panel of up to kPanel rows x[0 .. nx) for nq queries: scores in out (when thr is null, or when a
 // query has a bit set: then its whole row of kPanel), masks (when thr is set); returns whether a bit is set.
 // C > 0: d == 16 * C; C == 0: any d.
-template <int C>
+template <int C, int NQ>
 inline bool stream_panel(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t nx, int64_t ldx,
                          int64_t d, const float* thr, float* out, int64_t ldo, uint64_t* masks, float* buf) {
   __m512 sv[3][kPanel / 16];  // nq <= 3 when thr is set (the caller's contract): the scores, kept for hits
@@ -297,24 +305,30 @@ inline bool stream_panel(const float* q, int64_t nq, int64_t ldq, const float* x
   for (int64_t g = 0; g < kPanel; g += 16) {
     const int m = static_cast<int>(nx - g >= 16 ? 16 : (nx > g ? nx - g : 0));
     const float* xg = x + g * ldx;
-    for (int64_t a = 0; a < nq; ++a) {  // the 16 rows are in L1 for every query after the first
-      __m512 s;
-      if constexpr (C > 0) {
-        if (m == 16) {
-          __m512 qv[C > 0 ? C : 1];
-          for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + a * ldq + 16 * c);
-          const __m512 r = dots16_full<C>(qv, xg, ldx, buf);  // lanes shuffled
-          if (thr != nullptr && _mm512_cmp_ps_mask(r, _mm512_set1_ps(thr[a]), _CMP_NLT_UQ) == 0) {
-            sv[a][g / 16] = r;  // no lane passes (in any order): nothing to unshuffle
+    if constexpr (C > 0 && NQ > 0) {
+      if (m == 16) {  // full rows, every query at once
+        __m512 qv[NQ][C > 0 ? C : 1], r[NQ];
+        for (int i = 0; i < NQ; ++i)
+          for (int c = 0; c < C; ++c) qv[i][c] = _mm512_loadu_ps(q + i * ldq + 16 * c);
+        dots16_full<C, NQ>(qv, xg, ldx, buf, r);  // lanes shuffled
+        for (int i = 0; i < NQ; ++i) {
+          if (thr != nullptr && _mm512_cmp_ps_mask(r[i], _mm512_set1_ps(thr[i]), _CMP_NLT_UQ) == 0) {
+            sv[i][g / 16] = r[i];  // no lane passes (in any order): nothing to unshuffle
             continue;
           }
-          s = unshuffle16(r);
-        } else {
-          s = m > 0 ? dots16_any(q + a * ldq, xg, ldx, d, m) : _mm512_setzero_ps();
+          const __m512 s = unshuffle16(r[i]);
+          if (thr == nullptr) {
+            _mm512_storeu_ps(out + i * ldo + g, s);
+            continue;
+          }
+          mq[i] |= static_cast<uint64_t>(_mm512_cmp_ps_mask(s, _mm512_set1_ps(thr[i]), _CMP_NLT_UQ)) << g;
+          sv[i][g / 16] = s;
         }
-      } else {
-        s = m > 0 ? dots16_any(q + a * ldq, xg, ldx, d, m) : _mm512_setzero_ps();
+        continue;
       }
+    }
+    for (int64_t a = 0; a < nq; ++a) {  // any d, or a short group: the 16 rows are in L1 after the first query
+      const __m512 s = m > 0 ? dots16_any(q + a * ldq, xg, ldx, d, m) : _mm512_setzero_ps();
       if (thr == nullptr) {
         _mm512_storeu_ps(out + a * ldo + g, s);
         continue;
@@ -339,30 +353,41 @@ inline bool stream_panel(const float* q, int64_t nq, int64_t ldq, const float* x
 // See Table::stream_f32: panels of kPanel rows from x, until one has a mask bit set (or, without thr, one).
 // The loop stays in this function between hits (after the first panels a hit is rare), so the loads run
 // on without a call, a store of the scores or a return to the selections per panel.
-template <int C>
+template <int C, int NQ>
 int64_t stream_f32_impl(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx, int64_t d,
                         const float* thr, float* out, int64_t ldo, uint64_t* masks) {
-  alignas(64) float buf[16 * 16];
+  alignas(64) float buf[3 * 16 * 16];
   int64_t i = 0;
   while (i < n) {
     const int64_t nx = n - i < kPanel ? n - i : kPanel;
-    const bool hit = stream_panel<C>(q, nq, ldq, x + i * ldx, nx, ldx, d, thr, out, ldo, masks, buf);
+    const bool hit = stream_panel<C, NQ>(q, nq, ldq, x + i * ldx, nx, ldx, d, thr, out, ldo, masks, buf);
     i += nx;
     if (thr == nullptr || hit) break;
   }
   return i;
 }
 
+template <int C>
+int64_t stream_f32_c(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx, int64_t d,
+                     const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  switch (nq) {
+    case 1: return stream_f32_impl<C, 1>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 2: return stream_f32_impl<C, 2>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 3: return stream_f32_impl<C, 3>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    default: return stream_f32_impl<0, 0>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+  }
+}
+
 int64_t stream_f32(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx, int64_t d,
                    const float* thr, float* out, int64_t ldo, uint64_t* masks) {
   switch (d) {
-    case 16: return stream_f32_impl<1>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    case 32: return stream_f32_impl<2>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    case 48: return stream_f32_impl<3>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    case 64: return stream_f32_impl<4>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    case 96: return stream_f32_impl<6>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    case 128: return stream_f32_impl<8>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    default: return stream_f32_impl<0>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 16: return stream_f32_c<1>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 32: return stream_f32_c<2>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 48: return stream_f32_c<3>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 64: return stream_f32_c<4>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 96: return stream_f32_c<6>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    case 128: return stream_f32_c<8>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    default: return stream_f32_impl<0, 0>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
   }
 }
 
