@@ -177,3 +177,28 @@ def test_int8_ranking_is_stored_reported_and_close_to_float32(trained, tmp_path,
         Engine.load(path, ranking_precision="fp16")
     with pytest.raises(ValueError, match="needs a ranking stage"):
         write_pipeline(tmp_path / "q", retrieval=trained.bundle("lightgcn"), ranking_precision="int8")
+
+
+def test_pipeline_command_and_serve_options(trained, tmp_path, capsys, monkeypatch):
+    import json
+
+    from rec_engine import cli
+
+    out = tmp_path / "p"
+    assert cli.main(["pipeline", "--retrieval", str(trained.bundle("lightgcn")), "--ranking",
+                     str(trained.bundle("deepfm")), "--out", str(out), "--candidates", "40", "--index", "int8"]) == 0
+    printed = capsys.readouterr().out
+    meta = open_bundle(out).meta
+    assert meta["n_candidates"] == 40 and meta["index"]["precision"] == "int8"
+    assert f"recall of the exact top 40 over {meta['index']['recall_users']} users" in printed
+    assert cli.main(["pipeline", "--ranking", str(trained.bundle("deepfm")), "--out", str(out)]) == 2   # exists
+    assert "exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", str(out), "--index", "int4"])
+    pytest.importorskip("fastapi", reason="the app factory needs the serve extra")
+    from rec_engine import service
+
+    monkeypatch.setenv(service.SETTINGS_ENV, json.dumps({"bundle": str(out), "index": "bf16"}))
+    app = service._app_from_env()
+    assert app.state.engine.index == {"precision": "bf16"}
+    app.state.engine.close()

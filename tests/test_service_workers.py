@@ -119,7 +119,7 @@ def _run_concurrently(fn, args_list, threads=16):
 @pytest.mark.parametrize("with_contexts", [False, True], ids=["no-context", "contexts"])
 def test_coalesced_answers_are_the_single_calls_answers(engine, with_contexts):
     rng = np.random.default_rng(3)
-    co = Coalescer(engine, window_us=20_000, max_batch=8)
+    co = Coalescer(engine, window_us=20_000, max_batch=8, idle_start=False)
     reqs = []
     for j in range(48):
         user = int(rng.integers(0, 400)) if j % 7 else 10_000 + j      # some unknown users: the fallback
@@ -159,16 +159,47 @@ class _StubEngine:
 
 def test_a_lone_request_waits_at_most_the_window():
     stub = _StubEngine()
-    co = Coalescer(stub, window_us=50_000, max_batch=8)
+    co = Coalescer(stub, window_us=50_000, max_batch=8, idle_start=False)
     t = time.perf_counter()
     assert co.recommend(1, 5, context={"a": 1}) == ("rec", 1, 5, {"a": 1})
     elapsed = time.perf_counter() - t
     assert 0.045 <= elapsed < 0.5 and [c[0] for c in stub.calls] == ["single"]
 
 
+def test_a_request_that_finds_the_coalescer_idle_starts_at_once():
+    """idle_start (the default): nothing in flight, so nothing could join; requests that come while another
+    is in flight still wait for company."""
+    stub = _StubEngine()
+    co = Coalescer(stub, window_us=2_000_000, max_batch=8)
+    t = time.perf_counter()
+    assert co.recommend(1, 5) == ("rec", 1, 5, None)
+    assert time.perf_counter() - t < 1.0 and [c[0] for c in stub.calls] == ["single"]
+    release = threading.Event()
+    slow = _StubEngine()
+    slow_single = slow.recommend
+
+    def held(user, *a, **kw):        # the first request holds the engine until released
+        if user == "first":
+            release.wait(10)
+        return slow_single(user, *a, **kw)
+
+    slow.recommend = held
+    co = Coalescer(slow, window_us=2_000_000, max_batch=3)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(co.recommend, "first", 5)
+        time.sleep(0.2)                                # "first" is in flight: the next two wait and pair up
+        later = [pool.submit(co.recommend, u, 5) for u in (7, 8)]
+        time.sleep(0.2)
+        assert not any(f.done() for f in later)        # waiting for the window or a full batch
+        release.set()
+        assert first.result(10) == ("rec", "first", 5, None)
+        assert [f.result(10) for f in later] == [("rec", 7, 5, None), ("rec", 8, 5, None)]
+    assert [c[0] for c in slow.calls] == ["single", "batch"] and slow.calls[1][2] == [7, 8]
+
+
 def test_a_full_batch_goes_at_once_and_every_wait_is_bounded():
     stub = _StubEngine()
-    co = Coalescer(stub, window_us=10_000_000, max_batch=4)      # a 10 s window: only a full batch leaves early
+    co = Coalescer(stub, window_us=10_000_000, max_batch=4, idle_start=False)   # 10 s: only a full batch leaves early
     t = time.perf_counter()
     got = _run_concurrently(lambda u: co.recommend(u, 5, context={"u": u}), [(u,) for u in range(4)], threads=4)
     assert time.perf_counter() - t < 5
@@ -176,7 +207,7 @@ def test_a_full_batch_goes_at_once_and_every_wait_is_bounded():
     assert [c[0] for c in stub.calls] == ["batch"] and sorted(stub.calls[0][2]) == [0, 1, 2, 3]
 
     stub.calls.clear()
-    co = Coalescer(stub, window_us=30_000, max_batch=64)
+    co = Coalescer(stub, window_us=30_000, max_batch=64, idle_start=False)
     waits = []
 
     def timed(u):
@@ -192,7 +223,7 @@ def test_a_full_batch_goes_at_once_and_every_wait_is_bounded():
 
 def test_a_failing_batch_is_answered_request_by_request():
     stub = _StubEngine()
-    co = Coalescer(stub, window_us=10_000_000, max_batch=4)
+    co = Coalescer(stub, window_us=10_000_000, max_batch=4, idle_start=False)
     users = [0, "boom", 2, 3]
 
     def one(u):
@@ -218,7 +249,7 @@ def test_a_bad_request_in_a_coalesced_batch_gets_its_4xx_and_the_others_succeed(
     good = [{"user": u, "k": 5, "context": ctx} for u in (1, 2, 3, 4, 5, 6)]
     bad = [({"user": "not-an-int", "k": 5, "context": ctx}, 400, "user must be an integer key"),
            ({"user": 8, "k": 5, "context": {"colour": 1}}, 400, "colour")]
-    app = create_app(engine, coalesce_us=200_000, max_batch=len(good) + len(bad))
+    app = create_app(engine, coalesce_us=200_000, max_batch=len(good) + len(bad), coalesce_idle_start=False)
     with running(app) as client:
         bodies = good + [b for b, _, _ in bad]
         got = _run_concurrently(lambda b: client.request("POST", "/recommend", b), [(b,) for b in bodies])

@@ -27,7 +27,25 @@ def _serve(args) -> int:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
           event_log=args.event_log, ort_threads=args.ort_threads, num_threads=args.threads, max_body=args.max_body,
-          workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch, log_level=args.log_level)
+          workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch, log_level=args.log_level,
+          index=args.index, ranking_precision=args.ranking_precision)
+    return 0
+
+
+def _pipeline(args) -> int:
+    from .bundle import open_bundle, write_pipeline
+
+    path = write_pipeline(args.out, retrieval=args.retrieval, ranking=args.ranking, n_candidates=args.candidates,
+                          index=args.index, ranking_precision=args.ranking_precision, overwrite=args.overwrite)
+    meta = open_bundle(path, verify=False).meta
+    print(f"wrote {path} (stages: {', '.join(meta['stages'])}; {meta['n_candidates']} candidates)")
+    idx, rk = meta.get("index", {}), meta.get("ranking", {})
+    if "recall" in idx:
+        print(f"index {idx['precision']}: recall of the exact top {idx['recall_at']} over {idx['recall_users']} "
+              f"users: mean {idx['recall']:.4f}, min {idx['recall_min']:.4f}")
+    if "max_abs_diff" in rk:
+        print(f"ranking {rk['precision']}: largest probability change {rk['max_abs_diff']:.2e}, top-{rk['top_k']} "
+              f"overlap {rk['top_overlap']:.4f} ({rk['users']} users x {rk['candidates']} candidates)")
     return 0
 
 
@@ -65,7 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-batch", type=int, default=32, help="most requests in one coalesced batch")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                      help="uvicorn's log level ('warning' drops the access log)")
+    srv.add_argument("--index", default=None, choices=["float32", "int8", "bf16"],
+                     help="retrieval scan: exact float32, or int8 / bf16 codes with the shortlist re-scored exactly "
+                          "(default: the bundle's setting, else float32)")
+    srv.add_argument("--ranking-precision", default=None, choices=["float32", "int8"],
+                     help="the ranking model's dense part as trained or with int8 weights (default: the bundle's "
+                          "setting, else float32)")
     srv.set_defaults(handler=_serve)
+    pl = sub.add_parser("pipeline", help="combine a retrieval and a ranking bundle into a pipeline bundle",
+                        description="Write a pipeline bundle from a retrieval bundle and/or a ranking bundle, "
+                                    "optionally with an int8/bf16 retrieval index and an int8 ranking model built "
+                                    "in (their recall / agreement against float32 is measured and printed).")
+    pl.add_argument("--retrieval", default=None, help="retrieval bundle")
+    pl.add_argument("--ranking", default=None, help="ranking bundle")
+    pl.add_argument("--out", required=True, help="pipeline bundle to write")
+    pl.add_argument("--candidates", type=int, default=500, help="items retrieved for the ranking stage")
+    pl.add_argument("--index", default="float32", choices=["float32", "int8", "bf16"],
+                    help="the retrieval scan served by default (int8/bf16: the index is stored in the bundle)")
+    pl.add_argument("--ranking-precision", default="float32", choices=["float32", "int8"],
+                    help="int8: store the ranking model's dense part with int8 weights, served by default")
+    pl.add_argument("--overwrite", action="store_true")
+    pl.set_defaults(handler=_pipeline)
     import importlib.util
 
     if importlib.util.find_spec("rec_engine_train") and importlib.util.find_spec("torch"):

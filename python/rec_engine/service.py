@@ -109,12 +109,17 @@ class Coalescer:
     answered by ``engine.recommend`` directly. Engines whose ``recommend_batch`` takes no per-user
     ``contexts`` get batches only when every request of the batch has the same context.
 
+    ``idle_start`` (default): a request that finds no other request in the coalescer starts at once
+    instead of waiting the window, since nothing could join it (one client pays no added wait); requests
+    that arrive while others are in flight wait as above.
+
     Thread-safe; it keeps no thread of its own (the callers' threads do the work). ``stats`` counts
     ``batches`` (batch calls), ``batched`` (requests answered by them), ``singles`` and ``fallbacks``
     (batches answered request by request after their call raised or could not be made).
     """
 
-    def __init__(self, engine: Engine, *, window_us: int, max_batch: int = 32, on_batch=None):
+    def __init__(self, engine: Engine, *, window_us: int, max_batch: int = 32, on_batch=None,
+                 idle_start: bool = True):
         if isinstance(window_us, bool) or not isinstance(window_us, int) or window_us < 0:
             raise ValueError(f"window_us must be an integer >= 0, got {window_us!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -123,6 +128,8 @@ class Coalescer:
         self.on_batch = on_batch                     # called with each batch's size (metrics)
         self._lock = threading.Lock()
         self._open: dict = {}
+        self.idle_start = bool(idle_start)
+        self._inflight = 0                           # requests inside recommend()
         self.stats = {"batches": 0, "batched": 0, "singles": 0, "fallbacks": 0}
         try:
             params = inspect.signature(engine.recommend_batch).parameters
@@ -137,6 +144,18 @@ class Coalescer:
         if self.window_s == 0 or self.max_batch == 1:
             return self._single(user, k, exclude_seen, n_candidates, context)
         key = (k, exclude_seen, n_candidates)
+        with self._lock:
+            alone = self.idle_start and self._inflight == 0 and not self._open
+            self._inflight += 1
+        try:
+            if alone:
+                return self._single(user, k, exclude_seen, n_candidates, context)
+            return self._coalesced(key, user, k, exclude_seen, n_candidates, context)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def _coalesced(self, key, user, k, exclude_seen, n_candidates, context) -> Recommendation:
         with self._lock:
             batch = self._open.get(key)
             leader = batch is None
@@ -206,12 +225,13 @@ class Coalescer:
 
 
 def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 << 20, coalesce_us: int = 0,
-               max_batch: int = 32, swap_refusal: str | None = None, close_engine: bool = False) -> FastAPI:
+               max_batch: int = 32, swap_refusal: str | None = None, close_engine: bool = False,
+               coalesce_idle_start: bool = True) -> FastAPI:
     """The ASGI app serving ``engine``.
 
     ``token`` guards ``/swap`` (no token: swapping over HTTP is off; ``swap_refusal``: always refused with
     409 and that message). ``coalesce_us > 0`` coalesces concurrent single ``/recommend`` requests into
-    batches of up to ``max_batch`` (see :class:`Coalescer`). ``close_engine``: close the engine when the
+    batches of up to ``max_batch`` (see :class:`Coalescer`; ``coalesce_idle_start``: its ``idle_start``). ``close_engine``: close the engine when the
     server shuts down (the app owns it)."""
     lifespan = None
     if close_engine:
@@ -230,7 +250,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                         ["stage"], buckets=_BUCKETS, registry=registry)
     batch_size = Histogram("rec_engine_batch_size", "Requests answered by one coalesced recommend_batch call",
                            buckets=_BATCH_BUCKETS, registry=registry)
-    coalescer = (Coalescer(engine, window_us=coalesce_us, max_batch=max_batch, on_batch=batch_size.observe)
+    coalescer = (Coalescer(engine, window_us=coalesce_us, max_batch=max_batch, on_batch=batch_size.observe,
+                           idle_start=coalesce_idle_start)
                  if coalesce_us > 0 else None)
     app.state.engine = engine
     app.state.registry = registry
@@ -340,7 +361,8 @@ def _app_from_env() -> FastAPI:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers with rec-engine serve --workers N")
     cfg = json.loads(raw)
     engine = Engine.load(cfg["bundle"], event_log=cfg.get("event_log"), ort_threads=cfg.get("ort_threads", 1),
-                         num_threads=cfg.get("num_threads", 1))
+                         num_threads=cfg.get("num_threads", 1), index=cfg.get("index"),
+                         ranking_precision=cfg.get("ranking_precision"))
     return create_app(engine, max_body=cfg.get("max_body", 1 << 20), coalesce_us=cfg.get("coalesce_us", 0),
                       max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True)
 
@@ -348,8 +370,9 @@ def _app_from_env() -> FastAPI:
 def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           event_log: str | None = None, ort_threads: int = 1, num_threads: int | None = 1,
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
-          log_level: str = "info") -> None:
-    """Load ``bundle`` and serve it with uvicorn until interrupted.
+          log_level: str = "info", index: str | None = None, ranking_precision: str | None = None) -> None:
+    """Load ``bundle`` and serve it with uvicorn until interrupted (``index``, ``ranking_precision``: the
+    :class:`~rec_engine.engine.Engine` options of those names).
 
     ``workers=1``: one process (the engine loaded here). ``workers=N > 1``: uvicorn's multi-process mode,
     N spawned worker processes accepting on the socket this process binds; each builds its app with
@@ -366,19 +389,24 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if workers == 1:
-        engine = Engine.load(bundle, event_log=event_log, ort_threads=ort_threads, num_threads=num_threads)
+        engine = Engine.load(bundle, event_log=event_log, ort_threads=ort_threads, num_threads=num_threads,
+                             index=index, ranking_precision=ranking_precision)
         try:
             app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch)
             uvicorn.run(app, host=host, port=port, log_level=log_level)
         finally:
             engine.close()
         return
-    from .bundle import open_bundle
+    from .bundle import INDEX_PRECISIONS, open_bundle
 
     open_bundle(bundle, verify=False)          # a wrong path fails here, once, not in every worker
+    if index is not None and index not in INDEX_PRECISIONS:
+        raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
+    if ranking_precision not in (None, "float32", "int8"):
+        raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {ranking_precision!r}")
     os.environ[SETTINGS_ENV] = json.dumps({
         "bundle": os.path.abspath(bundle), "event_log": None if event_log is None else os.path.abspath(event_log),
         "ort_threads": ort_threads, "num_threads": num_threads, "max_body": max_body, "coalesce_us": coalesce_us,
-        "max_batch": max_batch})
+        "max_batch": max_batch, "index": index, "ranking_precision": ranking_precision})
     uvicorn.run("rec_engine.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
