@@ -129,6 +129,25 @@ def test_simd_levels_agree_in_subprocesses_via_environment(rng, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("nq", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 63, 65, 1000, 4099])
+def test_item_index_small_batches_with_negative_scores_ignore_the_padding(simd, rng, precision, nq, n):
+    # every true score is negative: the zero-padded items of the last panel (score 0) would beat them
+    # all if the scan did not drop them
+    x = np.abs(rng.normal(size=(n, 32))).astype(np.float32) + 0.1
+    q = -np.abs(rng.normal(size=(nq, 32))).astype(np.float32)
+    ex = [rng.choice(n, min(n - 1, 5), replace=False) for _ in range(nq)]
+    for k in (1, 10, 500):
+        res = topk(q, ItemIndex(x, precision, shortlist=n), k, exclude=ex, num_threads=2)
+        # the shortlist is re-scored by the candidates scorer: the same sums as candidates = every item
+        exact = topk(q, x, k, exclude=ex, candidates=[np.arange(n)] * nq)
+        np.testing.assert_array_equal(res.ids, exact.ids)
+        np.testing.assert_array_equal(res.scores, exact.scores)
+        assert_topk_close(res, q, x, k, exclude=ex)
+        assert res.ids.max() < n
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_item_index_with_full_shortlist_equals_exact(simd, rng, precision):
     q = rng.normal(size=(9, 33)).astype(np.float32)
     x = rng.normal(size=(700, 33)).astype(np.float32)

@@ -398,6 +398,43 @@ void scan_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
   }
 }
 
+// The int8 scan of 1-3 queries over panels [pa, pb): topk_gemm's scan_i8_filter runs on from panel to
+// panel until a score reaches a query's threshold, and only then comes back here (as scan_stream does).
+void scan_i8_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
+                    PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, const uint8_t* qu, int64_t dp,
+                    const QuantizedItems& index) {
+  const int64_t nq = q_end - q_begin;
+  w.tile.resize(static_cast<size_t>(nq * kPanel));
+  float* tile = w.tile.data();
+  float thrs[kPackedMinQueries];
+  uint64_t masks[kPackedMinQueries];
+  const int64_t panel_bytes = kPanel * dp;
+  int64_t pi = pa;
+  while (pi < pb) {
+    for (int64_t a = 0; a < nq; ++a) thrs[a] = sels[a].threshold();
+    const int64_t used = g->scan_i8_filter(qu + q_begin * dp, nq, dp,
+                                           reinterpret_cast<const int8_t*>(index.packed + pi * panel_bytes), pb - pi,
+                                           dp / 4, index.corr + pi * kPanel, index.scale + pi * kPanel, thrs, tile,
+                                           kPanel, masks);
+    const int64_t i0 = (pi + used - 1) * kPanel;
+    pi += used;
+    const int64_t nx = std::min(kPanel, p.n_items - i0);
+    for (int64_t a = 0; a < nq; ++a) {
+      uint64_t m = masks[a];
+      if (nx < kPanel) m &= (uint64_t{1} << nx) - 1;
+      if (m == 0) continue;
+      Selection& sel = sels[a];
+      float thr = thrs[a];
+      const float* row = tile + a * kPanel;
+      do {
+        const int j = __builtin_ctzll(m);
+        m &= m - 1;
+        consider(p, q_begin + a, sel, thr, row[j], i0 + j, nan_id);
+      } while (m != 0);
+    }
+  }
+}
+
 // Runs scan(t, panel_begin, panel_end, sels_of_thread) over nt threads splitting the panels, for a group
 // of ng queries, then merges each query's per-thread selections and hands the result to emit(a, sel).
 // The panels are handed out in chunks (about 16 per thread, dynamically scheduled): on a shared machine a
@@ -746,6 +783,10 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
+          if (i8 && ng < kPackedMinQueries && g != nullptr && g->scan_i8_filter != nullptr) {
+            scan_i8_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, qu.data(), dp, index);
+            return;
+          }
           scan_panels(
               p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, [](int64_t, int64_t) {},
               [&](int64_t pi, int64_t q0, int64_t nq, float* tile, const float* thr, uint64_t* masks) {

@@ -43,6 +43,12 @@ struct Table {
   // starts at ((returned - 1) / kPanel) * kPanel.
   int64_t (*stream_f32)(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx,
                         int64_t d, const float* thr, float* out, int64_t ldo, uint64_t* masks);
+  // score_i8_filter over n_panels consecutive panels (kPanel * d4 * 4 bytes apart; corr and scale advance
+  // kPanel a panel) until one has a mask bit set: returns the panels gone through, the last of which
+  // out and masks describe (as score_i8_filter does). nullptr when the CPU lacks AVX512-VNNI.
+  int64_t (*scan_i8_filter)(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panels, int64_t n_panels,
+                            int64_t d4, const int32_t* corr, const float* scale, const float* thr, float* out,
+                            int64_t ldo, uint64_t* masks);
 };
 
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).

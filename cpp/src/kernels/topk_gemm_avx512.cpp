@@ -179,6 +179,25 @@ void score_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* pa
 }
 
 
+// score_i8_filter over n_panels consecutive panels (panel_bytes apart, corr/scale kPanel apart) until one
+// has a mask bit set; returns the panels gone through (the last one is described by out and masks).
+int64_t scan_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panels, int64_t n_panels,
+                       int64_t d4, const int32_t* corr, const float* scale, const float* thr, float* out,
+                       int64_t ldo, uint64_t* masks) {
+  const int64_t panel_bytes = kPanel * d4 * 4;
+  for (int64_t pi = 0; pi < n_panels; ++pi) {
+    const int8_t* panel = panels + pi * panel_bytes;
+    if (nq == 1)
+      micro_i8_filter<1>(q, ldq, panel, d4, corr + pi * kPanel, scale + pi * kPanel, thr, out, ldo, masks);
+    else
+      score_i8_filter(q, nq, ldq, panel, d4, corr + pi * kPanel, scale + pi * kPanel, thr, out, ldo, masks);
+    uint64_t any = 0;
+    for (int64_t a = 0; a < nq; ++a) any |= masks[a];
+    if (any != 0) return pi + 1;
+  }
+  return n_panels;
+}
+
 template <int MQ>
 void micro_bf16(const uint16_t* q, int64_t ldq, const uint16_t* panel, int64_t d2, float* out, int64_t ldo) {
   __m512 acc[MQ][4];
@@ -391,7 +410,7 @@ int64_t stream_f32(const float* q, int64_t nq, int64_t ldq, const float* x, int6
   }
 }
 
-const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32};
+const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32, scan_i8_filter};
 
 }  // namespace
 

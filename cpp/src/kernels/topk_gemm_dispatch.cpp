@@ -27,7 +27,10 @@ const Extras kExtras = detect();
 
 Table make_avx512() {
   Table t = avx512_table();
-  if (!kExtras.vnni) t.score_i8_filter = nullptr;
+  if (!kExtras.vnni) {
+    t.score_i8_filter = nullptr;
+    t.scan_i8_filter = nullptr;
+  }
   if (!kExtras.bf16) t.score_bf16 = nullptr;
   return t;
 }
