@@ -398,30 +398,28 @@ void scan_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
   }
 }
 
-// The int8 scan of 1-3 queries over panels [pa, pb): topk_gemm's scan_i8_filter runs on from panel to
-// panel until a score reaches a query's threshold, and only then comes back here (as scan_stream does).
-void scan_i8_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
-                    PanelWork& w, int64_t& nan_id, const topk_gemm::Table* g, const uint8_t* qu, int64_t dp,
-                    const QuantizedItems& index) {
+// The reduced-precision scan of 1-3 queries over panels [pa, pb): run(pi, n, thrs, tile, masks) (topk_gemm's
+// scan_i8_filter or scan_bf16_filter) goes on from panel pi to the next while no score reaches a query's
+// threshold, for at most n panels, and returns the panels it went through; only then does the scan come
+// back here, for the last of them (as scan_stream does).
+template <class Run>
+void scan_reduced_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, int64_t pb, Selection* sels,
+                         PanelWork& w, int64_t& nan_id, Run run) {
   const int64_t nq = q_end - q_begin;
   w.tile.resize(static_cast<size_t>(nq * kPanel));
   float* tile = w.tile.data();
   float thrs[kPackedMinQueries];
   uint64_t masks[kPackedMinQueries];
-  const int64_t panel_bytes = kPanel * dp;
   int64_t pi = pa;
   while (pi < pb) {
     for (int64_t a = 0; a < nq; ++a) thrs[a] = sels[a].threshold();
-    const int64_t used = g->scan_i8_filter(qu + q_begin * dp, nq, dp,
-                                           reinterpret_cast<const int8_t*>(index.packed + pi * panel_bytes), pb - pi,
-                                           dp / 4, index.corr + pi * kPanel, index.scale + pi * kPanel, thrs, tile,
-                                           kPanel, masks);
+    const int64_t used = run(pi, pb - pi, thrs, tile, masks);
     const int64_t i0 = (pi + used - 1) * kPanel;
     pi += used;
     const int64_t nx = std::min(kPanel, p.n_items - i0);
     for (int64_t a = 0; a < nq; ++a) {
       uint64_t m = masks[a];
-      if (nx < kPanel) m &= (uint64_t{1} << nx) - 1;
+      if (nx < kPanel) m &= (uint64_t{1} << nx) - 1;  // the zero padding of the last panel
       if (m == 0) continue;
       Selection& sel = sels[a];
       float thr = thrs[a];
@@ -783,8 +781,24 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
-          if (i8 && ng < kPackedMinQueries && g != nullptr && g->scan_i8_filter != nullptr) {
-            scan_i8_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, qu.data(), dp, index);
+          if (ng < kPackedMinQueries && g != nullptr && i8 && g->scan_i8_filter != nullptr) {
+            scan_reduced_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t],
+                                [&](int64_t pi, int64_t n, const float* thr, float* tile, uint64_t* masks) {
+                                  return g->scan_i8_filter(
+                                      qu.data() + g0 * dp, ng, dp,
+                                      reinterpret_cast<const int8_t*>(index.packed + pi * panel_bytes), n, dp / 4,
+                                      index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile, kPanel, masks);
+                                });
+            return;
+          }
+          if (ng < kPackedMinQueries && g != nullptr && !i8 && g->scan_bf16_filter != nullptr) {
+            scan_reduced_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t],
+                                [&](int64_t pi, int64_t n, const float* thr, float* tile, uint64_t* masks) {
+                                  return g->scan_bf16_filter(
+                                      qb.data() + g0 * dp, ng, dp,
+                                      reinterpret_cast<const uint16_t*>(index.packed + pi * panel_bytes), n,
+                                      dp / 2, thr, tile, kPanel, masks);
+                                });
             return;
           }
           scan_panels(

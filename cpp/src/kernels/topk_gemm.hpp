@@ -49,6 +49,12 @@ struct Table {
   int64_t (*scan_i8_filter)(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panels, int64_t n_panels,
                             int64_t d4, const int32_t* corr, const float* scale, const float* thr, float* out,
                             int64_t ldo, uint64_t* masks);
+  // score_bf16 over n_panels consecutive panels (kPanel * d2 * 2 values apart), each compared with thr as
+  // filter_tile does, until one has a mask bit set: returns the panels gone through, the last of which
+  // out (all nq rows) and masks describe. nullptr when the CPU lacks AVX512-BF16.
+  int64_t (*scan_bf16_filter)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panels,
+                              int64_t n_panels, int64_t d2, const float* thr, float* out, int64_t ldo,
+                              uint64_t* masks);
 };
 
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).

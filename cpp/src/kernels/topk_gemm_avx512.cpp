@@ -410,7 +410,27 @@ int64_t stream_f32(const float* q, int64_t nq, int64_t ldq, const float* x, int6
   }
 }
 
-const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32, scan_i8_filter};
+// score_bf16 over n_panels consecutive panels (kPanel * d2 * 2 values apart), each compared with thr as
+// filter_tile does, until one has a mask bit set; returns the panels gone through (the last one is
+// described by out and masks).
+int64_t scan_bf16_filter(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panels, int64_t n_panels,
+                         int64_t d2, const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  const int64_t panel_values = kPanel * d2 * 2;
+  for (int64_t pi = 0; pi < n_panels; ++pi) {
+    const uint16_t* panel = panels + pi * panel_values;
+    if (nq == 1)
+      micro_bf16<1>(q, ldq, panel, d2, out, ldo);
+    else
+      score_bf16(q, nq, ldq, panel, d2, out, ldo);
+    filter_tile(out, nq, ldo, kPanel, thr, masks);
+    uint64_t any = 0;
+    for (int64_t a = 0; a < nq; ++a) any |= masks[a];
+    if (any != 0) return pi + 1;
+  }
+  return n_panels;
+}
+
+const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32, scan_i8_filter, scan_bf16_filter};
 
 }  // namespace
 

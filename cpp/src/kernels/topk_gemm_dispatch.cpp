@@ -31,7 +31,10 @@ Table make_avx512() {
     t.score_i8_filter = nullptr;
     t.scan_i8_filter = nullptr;
   }
-  if (!kExtras.bf16) t.score_bf16 = nullptr;
+  if (!kExtras.bf16) {
+    t.score_bf16 = nullptr;
+    t.scan_bf16_filter = nullptr;
+  }
   return t;
 }
 #endif
