@@ -259,8 +259,19 @@ void scan_candidates(const Problem& p, int64_t q, const int64_t* b, int64_t n, S
   float* panel = scores + kChunk;
   const float* qv = p.queries + q * d;
   float thr = sel.threshold();
+  // The candidates' rows are scattered: their cache misses are started a chunk ahead (a shortlist of a
+  // few hundred rows otherwise waits for them one memcpy at a time).
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+  auto prefetch_chunk = [&](int64_t c0) {
+    for (int64_t c = c0; c < std::min(n, c0 + kChunk); ++c) {
+      const char* r = reinterpret_cast<const char*>(p.items + b[c] * d);
+      for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o);
+    }
+  };
+  prefetch_chunk(0);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t nc = std::min(kChunk, n - c0);
+    prefetch_chunk(c0 + kChunk);
     for (int64_t c = 0; c < nc; ++c)
       std::memcpy(rows + c * d, p.items + b[c0 + c] * d, sizeof(float) * static_cast<size_t>(d));
     if (g != nullptr) {  // the same FMA chain as the packed full scan
