@@ -86,7 +86,7 @@ def main():
         def np_topk(k=k):
             s = x @ queries[0]
             s[ex] = -np.inf
-            part = np.argpartition(-s, k)[:k]
+            part = np.argpartition(s, -k)[-k:]
             return part[np.argsort(-s[part], kind="stable")]
         rows.append((f"numpy matvec+argpartition k={k} B=1", "f32", x.nbytes, np_topk))
     index = {}
