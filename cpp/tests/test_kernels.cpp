@@ -212,6 +212,62 @@ static void test_stream_f32() {
 #endif
 }
 
+// The reduced-precision multi-panel scans stop at the first panel with a mask bit and score it as the
+// one-panel kernels do.
+static void test_reduced_scans() {
+#if defined(REC_ENGINE_HAVE_X86_KERNELS)
+  bool have = false;
+  for (SimdLevel level : supported_simd_levels()) have = have || level == SimdLevel::avx512;
+  if (!have) return;
+  namespace tg = rec_engine::topk_gemm;
+  const SimdLevel before = simd_level();
+  set_simd_level(SimdLevel::avx512);
+  const tg::Table* t = tg::active();
+  constexpr int64_t P = tg::kPanel;
+  std::mt19937 g(5);
+  const int64_t n = 5 * P, d = 64;
+  auto x = randn(g, n * d);
+  for (Precision pr : {Precision::int8, Precision::bf16}) {
+    if ((pr == Precision::int8 && t->scan_i8_filter == nullptr) || (pr == Precision::bf16 && t->scan_bf16_filter == nullptr))
+      continue;
+    std::vector<uint8_t> packed(quantized_bytes(pr, n, d));
+    std::vector<int32_t> corr(quantized_rows(n));
+    std::vector<float> scale(quantized_rows(n));
+    quantize_items(x.data(), n, d, pr, packed.data(), corr.data(), scale.data(), 1);
+    std::vector<uint8_t> qu(d, 128);
+    std::vector<uint16_t> qb(d);
+    for (int64_t i = 0; i < d; ++i) {
+      qu[i] = static_cast<uint8_t>(128 + (static_cast<int>(g() % 255) - 127));
+      qb[i] = 0x3f80;  // bf16 1.0
+    }
+    const int64_t panel_bytes = P * d * (pr == Precision::int8 ? 1 : 2);
+    auto scan = [&](int64_t p0, int64_t np, float thr, float* out, uint64_t* mask) {
+      if (pr == Precision::int8)
+        return t->scan_i8_filter(qu.data(), 1, d, reinterpret_cast<const int8_t*>(packed.data() + p0 * panel_bytes), np,
+                                 d / 4, corr.data() + p0 * P, scale.data() + p0 * P, &thr, out, P, mask);
+      return t->scan_bf16_filter(qb.data(), 1, d, reinterpret_cast<const uint16_t*>(packed.data() + p0 * panel_bytes),
+                                 np, d / 2, &thr, out, P, mask);
+    };
+    std::vector<float> out(P), one(P);
+    uint64_t mask = 1;
+    CHECK(scan(0, 5, 1e30f, out.data(), &mask) == 5 && mask == 0, "reduced scan without a hit goes through every panel");
+    // the threshold of panel 3's best score: panels 0-2 may hit first only if they hold a score as high
+    for (int64_t p0 = 0; p0 < 5; ++p0) {
+      uint64_t m1 = 0;
+      CHECK(scan(p0, 1, -1e30f, one.data(), &m1) == 1 && m1 == ~uint64_t{0}, "every score passes -1e30");
+      const float best = *std::max_element(one.begin(), one.end());
+      const int64_t used = scan(0, 5, best, out.data(), &mask);
+      CHECK(used >= 1 && used <= p0 + 1 && mask != 0, "reduced scan stops at the first panel with a hit");
+      if (used == p0 + 1) {
+        const int j = __builtin_ctzll(mask);
+        CHECK(out[j] == one[j] && out[j] >= best, "reduced scan scores the hit as the one-panel kernel does");
+      }
+    }
+  }
+  set_simd_level(before);
+#endif
+}
+
 // topk of 1-3 queries (the streaming path at avx512) against brute force: k = 500, n not a multiple of
 // 16 or 64, integer data with many ties (lower id first), exclusions, cosine, 1 and 2 threads agreeing
 // bit for bit.
@@ -342,6 +398,7 @@ int main() {
   test_half_conversion();
   test_key_index();
   test_stream_f32();
+  test_reduced_scans();
   for (SimdLevel level : supported_simd_levels()) {
     set_simd_level(level);
     const k::KernelTable& t = k::active();
