@@ -103,9 +103,18 @@ def test_pipeline_index_is_stored_memory_mapped_and_reported(trained, tmp_path, 
     meta = open_bundle(path).meta["index"]
     assert meta["precision"] == precision and meta["recall_at"] == 50 and meta["recall_users"] > 0
     assert 0.9 <= meta["recall_min"] <= meta["recall"] <= 1.0
+    with Engine.load(path, scan_memory="mmap") as e:
+        assert isinstance(e._version.retrieval.index.packed, np.memmap)       # the bundle's arrays, not rebuilt
+        assert not e._version.retrieval.items.flags.writeable                 # a view of the read-only mapping
+        mapped = e.recommend(3, 10, context=CONTEXTS[0])
     with Engine.load(path) as e, Engine.load(trained.bundle("pipe_a")) as exact:
         assert e.index == meta
-        assert isinstance(e._version.retrieval.index.packed, np.memmap)       # read from the bundle, not rebuilt
+        index = e._version.retrieval.index                                    # default: read into memory
+        assert not isinstance(index.packed, np.memmap) and e._version.retrieval.items.flags.owndata
+        np.testing.assert_array_equal(index.packed, open_bundle(path).array(f"index_{precision}_packed"))
+        copied = e.recommend(3, 10, context=CONTEXTS[0])
+        np.testing.assert_array_equal(copied.ids, mapped.ids)
+        np.testing.assert_array_equal(copied.scores, mapped.scores)
         hits = []
         for u in range(0, 400, 7):
             a, b = e.recommend(u, 10, context=CONTEXTS[0]), exact.recommend(u, 10, context=CONTEXTS[0])
@@ -127,6 +136,8 @@ def test_index_scores_are_exact_and_bad_settings_are_refused(trained, tmp_path):
             np.testing.assert_allclose(rec.scores, items[rec.ids] @ users[u], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="index must be one of"):
         Engine.load(trained.bundle("lightgcn"), index="int4")
+    with pytest.raises(ValueError, match="scan_memory must be"):
+        Engine.load(trained.bundle("lightgcn"), scan_memory="disk")
     with pytest.raises(ValueError, match="index must be one of"):
         write_pipeline(tmp_path / "x", retrieval=trained.bundle("lightgcn"), index="fp8")
     with pytest.raises(ValueError, match="needs a retrieval stage"):

@@ -87,6 +87,7 @@ class _Retrieval:
         raise NotImplementedError
 
     index = None               # an ItemIndex (int8 / bf16) scanned instead of items, or None (exact float32)
+    scans_vectors = True       # retrieval is a scan of items by a user vector (the families with an index)
 
     @property
     def scan_target(self):
@@ -201,6 +202,8 @@ class SequentialRetrieval(_Retrieval):
 
 class _PerUserRetrieval(_Retrieval):
     """A family that scores each user's items on its own (no user vector, so nothing to batch)."""
+
+    scans_vectors = False
 
     def retrieve_batch(self, users, n, *, excludes=None, num_threads=None):
         return [self.retrieve(u, n, exclude=None if excludes is None else excludes[j], num_threads=num_threads)

@@ -362,7 +362,7 @@ def _app_from_env() -> FastAPI:
     cfg = json.loads(raw)
     engine = Engine.load(cfg["bundle"], event_log=cfg.get("event_log"), ort_threads=cfg.get("ort_threads", 1),
                          num_threads=cfg.get("num_threads", 1), index=cfg.get("index"),
-                         ranking_precision=cfg.get("ranking_precision"))
+                         ranking_precision=cfg.get("ranking_precision"), scan_memory=cfg.get("scan_memory", "mmap"))
     return create_app(engine, max_body=cfg.get("max_body", 1 << 20), coalesce_us=cfg.get("coalesce_us", 0),
                       max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True)
 
@@ -370,9 +370,11 @@ def _app_from_env() -> FastAPI:
 def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           event_log: str | None = None, ort_threads: int = 1, num_threads: int | None = 1,
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
-          log_level: str = "info", index: str | None = None, ranking_precision: str | None = None) -> None:
-    """Load ``bundle`` and serve it with uvicorn until interrupted (``index``, ``ranking_precision``: the
-    :class:`~rec_engine.engine.Engine` options of those names).
+          log_level: str = "info", index: str | None = None, ranking_precision: str | None = None,
+          scan_memory: str | None = None) -> None:
+    """Load ``bundle`` and serve it with uvicorn until interrupted (``index``, ``ranking_precision``,
+    ``scan_memory``: the :class:`~rec_engine.engine.Engine` options of those names; ``scan_memory`` defaults
+    to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the scanned table).
 
     ``workers=1``: one process (the engine loaded here). ``workers=N > 1``: uvicorn's multi-process mode,
     N spawned worker processes accepting on the socket this process binds; each builds its app with
@@ -390,7 +392,7 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if workers == 1:
         engine = Engine.load(bundle, event_log=event_log, ort_threads=ort_threads, num_threads=num_threads,
-                             index=index, ranking_precision=ranking_precision)
+                             index=index, ranking_precision=ranking_precision, scan_memory=scan_memory or "copy")
         try:
             app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch)
             uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -402,11 +404,14 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     open_bundle(bundle, verify=False)          # a wrong path fails here, once, not in every worker
     if index is not None and index not in INDEX_PRECISIONS:
         raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
+    if scan_memory not in (None, "copy", "mmap"):
+        raise ValueError(f"scan_memory must be 'copy' or 'mmap', got {scan_memory!r}")
     if ranking_precision not in (None, "float32", "int8"):
         raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {ranking_precision!r}")
     os.environ[SETTINGS_ENV] = json.dumps({
         "bundle": os.path.abspath(bundle), "event_log": None if event_log is None else os.path.abspath(event_log),
         "ort_threads": ort_threads, "num_threads": num_threads, "max_body": max_body, "coalesce_us": coalesce_us,
-        "max_batch": max_batch, "index": index, "ranking_precision": ranking_precision})
+        "max_batch": max_batch, "index": index, "ranking_precision": ranking_precision,
+        "scan_memory": scan_memory or "mmap"})
     uvicorn.run("rec_engine.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
