@@ -7,8 +7,8 @@ import sys
 from ._core import RecEngineError
 
 # Coalescing window: measured with bench/bench_http.py (1M items, 2 cores; README "Several workers, request
-# coalescing"): 5 ms cut the CPU per request by a third to a half from 2 concurrent clients on (batched
-# retrieval) and did better than 2 ms; a lone request pays the window (on a ~30 ms request). 0: off.
+# coalescing"): 5 ms cut the CPU per request by a quarter to a half from 4 concurrent clients on (batched
+# retrieval) and did better than 2 ms; a request that finds nothing in flight starts at once. 0: off.
 DEFAULT_COALESCE_US = 5000
 
 
