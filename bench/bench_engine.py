@@ -262,6 +262,16 @@ class PlainPipeline:
             out.append(start + (j if j is not None else len(vocab) + zlib.crc32(key.encode()) % buckets))
         return out
 
+    def features(self, user: int, cand: np.ndarray, context) -> tuple[np.ndarray, np.ndarray]:
+        """The dense part's inputs ``emb [N, F, d]`` and ``lin [N, F]`` for ``user``'s candidates ``cand``."""
+        emb = np.empty((len(cand), self.n_fields, self.dim), np.float32)
+        lin = np.empty((len(cand), self.n_fields), np.float32)
+        emb[:, self.item_pos], lin[:, self.item_pos] = self._bag_sums(self.item_store, cand)
+        emb[:, self.user_pos], lin[:, self.user_pos] = self._bag_sums(self.user_store, np.array([user]))
+        for pos, row in zip(self.ctx_pos, self._context_rows(context)):
+            emb[:, pos], lin[:, pos] = (0.0, 0.0) if row is None else (self.emb[row], self.lin[row])
+        return emb, lin
+
     def recommend(self, user: int, context, k: int = K):
         t0 = time.perf_counter()
         scores = self.items @ self.users[user]
@@ -271,12 +281,7 @@ class PlainPipeline:
         cand = part[np.argsort(-scores[part], kind="stable")]
         cand = cand[np.isfinite(scores[cand])]
         t1 = time.perf_counter()
-        emb = np.empty((len(cand), self.n_fields, self.dim), np.float32)
-        lin = np.empty((len(cand), self.n_fields), np.float32)
-        emb[:, self.item_pos], lin[:, self.item_pos] = self._bag_sums(self.item_store, cand)
-        emb[:, self.user_pos], lin[:, self.user_pos] = self._bag_sums(self.user_store, np.array([user]))
-        for pos, row in zip(self.ctx_pos, self._context_rows(context)):
-            emb[:, pos], lin[:, pos] = (0.0, 0.0) if row is None else (self.emb[row], self.lin[row])
+        emb, lin = self.features(user, cand, context)
         t2 = time.perf_counter()
         (logit,) = self.session.run(["logit"], {"emb": emb, "lin": lin})
         t3 = time.perf_counter()
@@ -544,5 +549,6 @@ def bench_recommend_batch(benchmark, case, impl):
     benchmark.group = (f"recommend_batch {BATCH} users ({s.n_items} items, {N_CANDIDATES} candidates each ranked "
                        f"by DeepFM)")
     benchmark.pedantic(fn, setup=lambda: (next(it), {}), rounds=rounds, iterations=1)
-    benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K,
-                                per_user_ms=benchmark.stats.stats.median / BATCH * 1e3)
+    benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K)
+    if benchmark.stats is not None:       # (None under --benchmark-disable)
+        benchmark.extra_info["per_user_ms"] = benchmark.stats.stats.median / BATCH * 1e3

@@ -82,12 +82,7 @@ class PeerPipeline(PlainPipeline):
 
     def rank(self, user: int, cand: np.ndarray, context, k: int):
         """``PlainPipeline.recommend``'s ranking stage for the candidates ``cand``."""
-        emb = np.empty((len(cand), self.n_fields, self.dim), np.float32)
-        lin = np.empty((len(cand), self.n_fields), np.float32)
-        emb[:, self.item_pos], lin[:, self.item_pos] = self._bag_sums(self.item_store, cand)
-        emb[:, self.user_pos], lin[:, self.user_pos] = self._bag_sums(self.user_store, np.array([user]))
-        for pos, row in zip(self.ctx_pos, self._context_rows(context)):
-            emb[:, pos], lin[:, pos] = (0.0, 0.0) if row is None else (self.emb[row], self.lin[row])
+        emb, lin = self.features(user, cand, context)
         (logit,) = self.session.run(["logit"], {"emb": emb, "lin": lin})
         probs = (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32)
         order = np.lexsort((cand, -probs))[:k]

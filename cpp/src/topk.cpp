@@ -299,6 +299,24 @@ struct PanelWork {
   std::vector<uint8_t> qbuf;
 };
 
+// Offers the items whose bit is set in masks[a] (scores tile[a * kPanel + j] of item i0 + j) to query
+// q0 + a's selection sels[a], for a < nq; thrs[a] is the threshold the masks were computed against.
+inline void offer_masked(const Problem& p, int64_t q0, int64_t nq, Selection* sels, const float* thrs,
+                         const uint64_t* masks, const float* tile, int64_t i0, int64_t& nan_id) {
+  for (int64_t a = 0; a < nq; ++a) {
+    uint64_t m = masks[a];
+    if (m == 0) continue;
+    Selection& sel = sels[a];
+    float thr = thrs[a];
+    const float* row = tile + a * kPanel;
+    do {
+      const int j = __builtin_ctzll(m);
+      m &= m - 1;
+      consider(p, q0 + a, sel, thr, row[j], i0 + j, nan_id);
+    } while (m != 0);
+  }
+}
+
 // Scans panels [pa, pb) for queries [q_begin, q_end) into sels[q - q_begin]. prepare(panel, nx) readies
 // a panel of nx items; score(panel, q0, nq, tile, thr, masks) writes nq x kPanel scores (row stride
 // kPanel; only the first min(kPanel, n_items - panel * kPanel) columns are items) and returns false, or
@@ -345,18 +363,7 @@ void scan_panels(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
           }
         }
       }
-      for (int64_t a = 0; a < nq; ++a) {
-        uint64_t m = masks[a];
-        if (m == 0) continue;
-        Selection& sel = s0[a];
-        float thr = thrs[a];
-        const float* row = tile + a * kPanel;
-        do {
-          const int j = __builtin_ctzll(m);
-          m &= m - 1;
-          consider(p, q0 + a, sel, thr, row[j], i0 + j, nan_id);
-        } while (m != 0);
-      }
+      offer_masked(p, q0, nq, s0, thrs, masks, tile, i0, nan_id);
     }
   }
 }
@@ -394,18 +401,7 @@ void scan_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
       nx = used - (i0 - i);
     }
     i = i0 + nx;
-    for (int64_t a = 0; a < nq; ++a) {
-      uint64_t m = masks[a];
-      if (m == 0) continue;
-      Selection& sel = sels[a];
-      float thr = thrs[a];
-      const float* row = tile + a * kPanel;
-      do {
-        const int j = __builtin_ctzll(m);
-        m &= m - 1;
-        consider(p, q_begin + a, sel, thr, row[j], i0 + j, nan_id);
-      } while (m != 0);
-    }
+    offer_masked(p, q_begin, nq, sels, thrs, masks, tile, i0, nan_id);
   }
 }
 
@@ -428,19 +424,9 @@ void scan_reduced_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64
     const int64_t i0 = (pi + used - 1) * kPanel;
     pi += used;
     const int64_t nx = std::min(kPanel, p.n_items - i0);
-    for (int64_t a = 0; a < nq; ++a) {
-      uint64_t m = masks[a];
-      if (nx < kPanel) m &= (uint64_t{1} << nx) - 1;  // the zero padding of the last panel
-      if (m == 0) continue;
-      Selection& sel = sels[a];
-      float thr = thrs[a];
-      const float* row = tile + a * kPanel;
-      do {
-        const int j = __builtin_ctzll(m);
-        m &= m - 1;
-        consider(p, q_begin + a, sel, thr, row[j], i0 + j, nan_id);
-      } while (m != 0);
-    }
+    if (nx < kPanel)  // the zero padding of the last panel
+      for (int64_t a = 0; a < nq; ++a) masks[a] &= (uint64_t{1} << nx) - 1;
+    offer_masked(p, q_begin, nq, sels, thrs, masks, tile, i0, nan_id);
   }
 }
 
