@@ -206,13 +206,7 @@ class CtrRanker:
         """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
-        context = context or {}
-        key = self._context_key(context)
-        ctx = None if key is None else self._ctx_cache.get(key)
-        if ctx is None:   # a context not seen lately (or not cacheable): check it
-            unknown = set(context) - self._names
-            if unknown:
-                raise ValueError(f"context has fields the ranking model does not know: {sorted(unknown)}")
+        part = self._parts(user, context)
         cands = np.asarray(candidates, np.int64)
         N, F, d = len(cands), self.n_fields, self.dim
         if N == 0:
@@ -224,31 +218,17 @@ class CtrRanker:
             bad = cands.min() < 0 or cands.max() >= self.items.n
         if bad:
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
-        if ctx is None:
-            ctx = self._encode_part(context, self.context_fields, key, self._ctx_cache)
-        users = self.users
-        known = users is not None and 0 <= user < users.n
-        usr = None
-        if self.user_fields and not known:   # a user the store does not know: its fields come from the context
-            usr = None if key is None else self._guest_cache.get(key)
-            if usr is None:
-                usr = self._encode_part(context, self.user_fields, key, self._guest_cache)
-        sel = self._sel
-        if (self.items.rows is not None and ctx[0] is not None
-                and (not self.user_fields or (users.rows is not None if known else usr[0] is not None))):
+        users, parts, lengths = (user,), (part,), (N,)
+        if self._rows_apply(parts):
             # every bag holds one row of weight 1: the [N, F] row matrix, then one lookup per table that
             # writes emb and lin in the model's layout (no scatter)
-            urow = (users.rows[user] if known else usr[0]) if self.user_fields else None
             if N == 1 and self._order is not None:   # user, item and context fields in one of the 6 orders
-                parts = {"user": urow, "item": self.items.rows[cands[0]], "ctx": ctx[0]}
-                ids = np.concatenate([parts[g] for g in self._order])
+                known, ctx, usr = part
+                urow = (self.users.rows[user] if known else usr[0]) if self.user_fields else None
+                pieces = {"user": urow, "item": self.items.rows[cands[0]], "ctx": ctx[0]}
+                ids = np.concatenate([pieces[g] for g in self._order])
             else:
-                ids = np.empty((N, F), np.int64)
-                ids[:, sel["item"]] = self.items.rows[cands]
-                if urow is not None:
-                    ids[:, sel["user"]] = urow
-                if self.context_fields:
-                    ids[:, sel["ctx"]] = ctx[0]
+                ids = self._row_matrix(users, cands, lengths, parts)
             offsets, weights = self._one_entry_bags(N * F)
             return self._score_bags(ids.reshape(-1), offsets, weights, N)
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
@@ -258,23 +238,7 @@ class CtrRanker:
             emb, lin, run = bound
         else:
             emb, lin, run = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32), None
-        e, li = self._pool(self.items.batch.take(cands))
-        emb[:, sel["item"]] = e.reshape(N, -1, d)
-        lin[:, sel["item"]] = li.reshape(N, -1)
-        if self.user_fields:
-            if known:   # the user's bags are consecutive in the store: pool them in place
-                fu = users.n_fields
-                off = users.batch.offsets[user * fu:(user + 1) * fu + 1]
-                s, t = int(off[0]), int(off[-1])
-                e, li = self._pool_arrays(users.batch.indices[s:t], off - s, users.batch.weights[s:t])
-                li = li[:, 0]
-            else:
-                e, li = usr[1], usr[2]
-            emb[:, sel["user"]] = e
-            lin[:, sel["user"]] = li
-        if self.context_fields:
-            emb[:, sel["ctx"]] = ctx[1]
-            lin[:, sel["ctx"]] = ctx[2]
+        self._fill_pooled(emb, lin, users, cands, lengths, parts)
         return run() if run is not None else self._sigmoid(self._logits(emb, lin))
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):
@@ -283,18 +247,68 @@ class CtrRanker:
         context = context or {}
         key = self._context_key(context)
         ctx = None if key is None else self._ctx_cache.get(key)
-        if ctx is None:
+        if ctx is None:   # a context not seen lately (or not cacheable): check it
             unknown = set(context) - self._names
             if unknown:
                 raise ValueError(f"context has fields the ranking model does not know: {sorted(unknown)}")
             ctx = self._encode_part(context, self.context_fields, key, self._ctx_cache)
         known = self.users is not None and 0 <= user < self.users.n
         usr = None
-        if self.user_fields and not known:
+        if self.user_fields and not known:   # a user the store does not know: its fields come from the context
             usr = None if key is None else self._guest_cache.get(key)
             if usr is None:
                 usr = self._encode_part(context, self.user_fields, key, self._guest_cache)
         return known, ctx, usr
+
+    def _rows_apply(self, parts) -> bool:
+        """Whether every bag of these requests holds one row of weight 1 (the row-matrix path)."""
+        return (self.items.rows is not None and all(c[0] is not None for _, c, _ in parts)
+                and (not self.user_fields
+                     or all((self.users.rows is not None) if kn else (g[0] is not None) for kn, _, g in parts)))
+
+    @staticmethod
+    def _spread(rows: list, lengths) -> np.ndarray:
+        """Per-request rows repeated over each request's examples (one request: its row, broadcast)."""
+        return rows[0] if len(rows) == 1 else np.repeat(np.stack(rows), lengths, axis=0)
+
+    def _row_matrix(self, users, cands: np.ndarray, lengths, parts) -> np.ndarray:
+        """The ``[M, F]`` table rows of the examples (``_rows_apply`` holds): requests ``j`` with ``users[j]``
+        and ``parts[j]`` own ``lengths[j]`` consecutive candidates of ``cands``."""
+        sel = self._sel
+        ids = np.empty((len(cands), self.n_fields), np.int64)
+        ids[:, sel["item"]] = self.items.rows[cands]
+        if self.user_fields:
+            ids[:, sel["user"]] = self._spread([self.users.rows[int(u)] if kn else g[0]
+                                                for u, (kn, _, g) in zip(users, parts)], lengths)
+        if self.context_fields:
+            ids[:, sel["ctx"]] = self._spread([c[0] for _, c, _ in parts], lengths)
+        return ids
+
+    def _fill_pooled(self, emb: np.ndarray, lin: np.ndarray, users, cands: np.ndarray, lengths, parts) -> None:
+        """Writes the pooled inputs ``emb [M, F, d]``, ``lin [M, F]`` of the examples (layout as in
+        :meth:`_row_matrix`), pooling each entity's bags."""
+        sel, M, d = self._sel, len(cands), self.dim
+        e, li = self._pool(self.items.batch.take(cands))
+        emb[:, sel["item"]] = e.reshape(M, -1, d)
+        lin[:, sel["item"]] = li.reshape(M, -1)
+        if self.user_fields:
+            ue, ul = [], []
+            for u, (kn, _, g) in zip(users, parts):
+                if kn:   # the user's bags are consecutive in the store: pool them in place
+                    st, fu, u = self.users, self.users.n_fields, int(u)
+                    off = st.batch.offsets[u * fu:(u + 1) * fu + 1]
+                    a, b = int(off[0]), int(off[-1])
+                    e1, l1 = self._pool_arrays(st.batch.indices[a:b], off - a, st.batch.weights[a:b])
+                    ue.append(e1)
+                    ul.append(l1[:, 0])
+                else:
+                    ue.append(g[1])
+                    ul.append(g[2])
+            emb[:, sel["user"]] = self._spread(ue, lengths)
+            lin[:, sel["user"]] = self._spread(ul, lengths)
+        if self.context_fields:
+            emb[:, sel["ctx"]] = self._spread([c[1] for _, c, _ in parts], lengths)
+            lin[:, sel["ctx"]] = self._spread([c[2] for _, c, _ in parts], lengths)
 
     def score_candidates_batch(self, users: Sequence[int], candidates: Sequence[np.ndarray],
                                contexts: Sequence[Mapping[str, Any] | None] | None = None, *,
@@ -313,61 +327,28 @@ class CtrRanker:
         if len(flat) and (flat.min() < 0 or flat.max() >= self.items.n):
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
+        ends = np.concatenate([[0], np.cumsum(lengths)])
         out: list[np.ndarray] = []
         j0 = 0
         while j0 < B:    # chunks of whole users
-            j1, rows = j0, 0
-            while j1 < B and (j1 == j0 or rows + lengths[j1] <= chunk_rows):
-                rows += int(lengths[j1])
+            j1 = j0 + 1
+            while j1 < B and ends[j1 + 1] - ends[j0] <= chunk_rows:
                 j1 += 1
-            s, e = int(lengths[:j0].sum()), int(lengths[:j1].sum())
-            probs = self._score_chunk(users[j0:j1], flat[s:e], lengths[j0:j1], parts[j0:j1])
+            probs = self._score_chunk(users[j0:j1], flat[ends[j0]:ends[j1]], lengths[j0:j1], parts[j0:j1])
             out.extend(np.split(probs, np.cumsum(lengths[j0:j1])[:-1]))
             j0 = j1
         return out
 
     def _score_chunk(self, users, cands: np.ndarray, lengths: np.ndarray, parts) -> np.ndarray:
-        M, F, d = len(cands), self.n_fields, self.dim
+        M, F = len(cands), self.n_fields
         if M == 0:
             return np.zeros(0, np.float32)
-        sel = self._sel
-        users_ = self.users
-        single = (self.items.rows is not None and all(c[0] is not None for _, c, _ in parts)
-                  and (not self.user_fields
-                       or all((users_.rows is not None) if kn else (g[0] is not None) for kn, _, g in parts)))
-        if single:   # one row per bag: the [M, F] row matrix, one lookup per table
-            ids = np.empty((M, F), np.int64)
-            ids[:, sel["item"]] = self.items.rows[cands]
-            if self.user_fields:
-                urows = np.stack([users_.rows[int(u)] if kn else g[0] for u, (kn, _, g) in zip(users, parts)])
-                ids[:, sel["user"]] = np.repeat(urows, lengths, axis=0)
-            if self.context_fields:
-                ids[:, sel["ctx"]] = np.repeat(np.stack([c[0] for _, c, _ in parts]), lengths, axis=0)
+        if self._rows_apply(parts):
             offsets, weights = self._one_entry_bags(M * F)
-            return self._score_bags(ids.reshape(-1), offsets, weights, M, batch=True)
-        emb = np.empty((M, F, d), np.float32)
-        lin = np.empty((M, F), np.float32)
-        e, li = self._pool(self.items.batch.take(cands))
-        emb[:, sel["item"]] = e.reshape(M, -1, d)
-        lin[:, sel["item"]] = li.reshape(M, -1)
-        if self.user_fields:
-            ue, ul = [], []
-            for u, (kn, _, g) in zip(users, parts):
-                if kn:
-                    fu = users_.n_fields
-                    off = users_.batch.offsets[int(u) * fu:(int(u) + 1) * fu + 1]
-                    a, b = int(off[0]), int(off[-1])
-                    e1, l1 = self._pool_arrays(users_.batch.indices[a:b], off - a, users_.batch.weights[a:b])
-                    ue.append(e1)
-                    ul.append(l1[:, 0])
-                else:
-                    ue.append(g[1])
-                    ul.append(g[2])
-            emb[:, sel["user"]] = np.repeat(np.stack(ue), lengths, axis=0)
-            lin[:, sel["user"]] = np.repeat(np.stack(ul), lengths, axis=0)
-        if self.context_fields:
-            emb[:, sel["ctx"]] = np.repeat(np.stack([c[1] for _, c, _ in parts]), lengths, axis=0)
-            lin[:, sel["ctx"]] = np.repeat(np.stack([c[2] for _, c, _ in parts]), lengths, axis=0)
+            return self._score_bags(self._row_matrix(users, cands, lengths, parts).reshape(-1), offsets, weights, M,
+                                    batch=True)
+        emb, lin = np.empty((M, F, self.dim), np.float32), np.empty((M, F), np.float32)
+        self._fill_pooled(emb, lin, users, cands, lengths, parts)
         return self._sigmoid(self._logits(emb, lin, batch=True))
 
     @staticmethod
