@@ -132,10 +132,6 @@ class _Version:
         self._popular_order: np.ndarray | None = None
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
-        if scan_memory == "copy" and self.retrieval is not None and self.retrieval.scans_vectors:
-            # the scanned table in this process's own memory: NumPy asks the kernel for huge pages for large
-            # arrays, and the scan reads them ~1.35x faster than 4 KB page-cache pages of the mapped file
-            self.retrieval.items = np.array(self.retrieval.items, order="C")
         self.index = self._load_index(top, index)
 
     def _dense(self, top, kb, precision: str | None) -> bytes | None:
@@ -160,7 +156,13 @@ class _Version:
         if want not in INDEX_PRECISIONS:
             raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {want!r}")
         if want == "float32":
+            if self.scan_memory == "copy" and self.retrieval is not None and self.retrieval.scans_vectors:
+                # the scanned table in this process's own memory: NumPy asks the kernel for huge pages for
+                # large arrays, which a scan reads ~1.35x faster than the mapped file's 4 KB page-cache pages
+                self.retrieval.items = np.array(self.retrieval.items, order="C")
             return {"precision": "float32"}
+        # a reduced-precision scan reads its index (loaded or built here, in this process unless "mmap");
+        # the float32 items are only gathered for the shortlist, so they stay mapped
         if self.retrieval is None:
             raise ValueError(f"index={want!r} needs a retrieval stage; bundle {self.path} has none")
         names = [f"index_{want}_{a}" for a in ("packed", "corr", "scale")]
@@ -229,7 +231,7 @@ class Engine:
         (``write_pipeline(index=...)``, whose stored arrays are then loaded), else float32. Applies to
         every version this engine loads (swaps too).
     scan_memory : {"copy", "mmap"}
-        Where the table that retrieval scans (item vectors, or the stored int8 / bf16 index) lives: ``"copy"``
+        Where the table that retrieval scans (the item vectors, or the int8 / bf16 index) lives: ``"copy"``
         (default), read into this process's memory, where NumPy gets huge pages for it (a scan of 1M x 64
         float32 on one thread: 8.7 ms against 12.0 ms from the memory-mapped file's 4 KB pages); ``"mmap"``,
         the bundle's file mapped, shared with other processes through the page cache (``serve --workers N``
