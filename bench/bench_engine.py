@@ -13,7 +13,7 @@ Implementations (group ``recommend k=10 (...)``):
 - ``rec_engine int8``: the same engine with ``index="int8"`` (retrieval scans int8 item codes with VNNI and
   re-scores a shortlist exactly; the stage table prints the recall of the exact 500 candidates).
 - ``rec_engine int8+int8``: also ``ranking_precision="int8"`` (the dense part with int8 weights, ONNX
-  Runtime's dynamic quantization; probabilities move by ~1e-4, so its top 10 may differ from the others').
+  Runtime's dynamic quantization; probabilities move by ~1.5e-4 here, so its top 10 may differ from the others').
 - ``numpy+ort``: :class:`PlainPipeline`, what a service developer would write without rec_engine: the
   same ``.npy`` tables loaded with ``np.load``, ``items @ user_vec``, seen items set to -inf,
   ``argpartition`` + sort of the top 500, the candidates' features gathered with fancy indexing and

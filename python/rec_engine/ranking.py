@@ -385,7 +385,7 @@ class CtrRanker:
 def quantize_dense(onnx_path) -> bytes:
     """The dense part at ``onnx_path`` with its weights in int8 (ONNX Runtime's dynamic quantization: int8
     weights, activations quantized per call, matrix products in integers with VNNI): measured 2.7x faster for
-    DeepFM's MLP 400-400-400 at 500 examples; probabilities move by ~1e-4 (``write_pipeline`` reports it for
+    DeepFM's MLP 400-400-400 at 500 examples; probabilities move by up to ~1e-2 (``write_pipeline`` reports it for
     its models). Needs the ``onnx`` package."""
     import logging
     import tempfile
