@@ -101,21 +101,65 @@ def test_unknown_user_gets_popular_items_then_a_folded_in_vector(trained):
         assert {int(rec.items[0]), int(rec.items[1])}.isdisjoint(after.items.tolist())
 
 
-def test_event_log_survives_a_restart(trained, tmp_path):
-    log = tmp_path / "events.jsonl"
+def test_event_store_survives_a_restart(trained, tmp_path):
+    db = tmp_path / "events.db"
     events = [(1, [5, 6]), (2, [7]), (1, [8]), (10_001, [0, 1, 2])]
-    with Engine.load(trained.bundle("pipe_a"), event_log=log) as e:
+    with Engine.load(trained.bundle("pipe_a"), events=db) as e:
         for u, items in events:
             e.observe(u, items)
         before = e.recommend(1, k=20, context=CTX)
-    with Engine.load(trained.bundle("pipe_a"), event_log=log) as e2:
+    with Engine.load(trained.bundle("pipe_a"), events=db) as e2:
         assert e2.online.n_events == sum(len(i) for _, i in events)
         np.testing.assert_array_equal(e2.online.items(1), [5, 6, 8])
         np.testing.assert_array_equal(e2.online.items(10_001), [0, 1, 2])
         after = e2.recommend(1, k=20, context=CTX)
+        stored = list(e2.events.read(kinds=["click"]))
+        shown = list(e2.events.read(kinds=["impression"]))
     np.testing.assert_array_equal(before.items, after.items)
     assert {5, 6, 8}.isdisjoint(after.items.tolist())
-    assert len(log.read_text().splitlines()) == len(events)
+    assert [(ev.user, ev.item) for ev in stored] == [(u, i) for u, items in events for i in items]
+    # each recommendation's impression: its request id, version, items and scores as returned
+    assert [ev.request_id for ev in shown] == [before.request_id, after.request_id]
+    assert shown[0].version == before.version and list(shown[0].items) == before.items.tolist()
+    np.testing.assert_allclose(shown[0].scores, before.scores, rtol=1e-6)
+
+
+def test_an_old_json_lines_log_is_imported_once_torn_last_line_and_all(trained, tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"ts": 1.0, "user": 1, "items": [5, 6]}\n{"ts": 2.0, "user": 2, "items": [7]}\n{"ts": 3.0, "us')
+    for _ in range(2):                      # the second load imports nothing again
+        with Engine.load(trained.bundle("pipe_a"), event_log=log) as e:
+            assert e.online.items(1) == (5, 6) and e.online.items(2) == (7,)
+            assert e.events.count("click") == 3
+    assert (tmp_path / "events.db").exists()
+
+
+def test_feedback_kinds_forget_and_impression_sampling(trained, tmp_path):
+    with Engine.load(trained.bundle("pipe_a"), events=tmp_path / "ev.db", impression_sample=0.0) as e:
+        rec = e.recommend(3, k=5, context=CTX)
+        assert isinstance(rec.request_id, str) and len(rec.request_id) == 32
+        e.feedback(3, int(rec.items[0]), request_id=rec.request_id)
+        e.feedback(3, int(rec.items[1]), kind="conversion", value=12.5, request_id=rec.request_id)
+        e.feedback(3, int(rec.items[2]), kind="rating", value=4.0)
+        with pytest.raises(ValueError, match="rating needs value"):
+            e.feedback(3, int(rec.items[2]), kind="rating")
+        with pytest.raises(ValueError, match="kind must be one of"):
+            e.feedback(3, int(rec.items[2]), kind="impression")
+        with pytest.raises(TypeError, match="request_id must be a string"):
+            e.feedback(3, int(rec.items[2]), request_id=7)
+        e.observe(4, [1, 2])
+        assert e.events.count("impression") == 0                  # sampled out
+        got = [(ev.kind, ev.item, ev.request_id, ev.value) for ev in e.events.read(user=3)]
+        assert got == [("click", int(rec.items[0]), rec.request_id, None),
+                       ("conversion", int(rec.items[1]), rec.request_id, 12.5),
+                       ("rating", int(rec.items[2]), None, 4.0)]
+        assert e.recommend(3, k=50, context=CTX).ids.tolist() != []
+        assert set(rec.items[:3].tolist()).isdisjoint(e.recommend(3, k=50, context=CTX).items.tolist())
+        assert e.forget(3) == 3
+        assert e.online.items(3) is None and list(e.events.read(user=3)) == [] and e.events.count() == 2
+        again = e.recommend(3, k=50, context=CTX)           # served as the model knows them, nothing excluded
+        with Engine.load(trained.bundle("pipe_a")) as plain:
+            np.testing.assert_array_equal(again.ids, plain.recommend(3, k=50, context=CTX).ids)
 
 
 def test_swap_under_load_every_answer_from_one_version(trained):

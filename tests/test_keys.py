@@ -183,8 +183,8 @@ def test_observe_by_key_equals_the_dense_path_and_new_users_fold_in(trained, key
     from rec_engine import Engine
 
     path, ukeys, ikeys = keyed
-    log = tmp_path / "events.jsonl"
-    with Engine.load(trained.bundle("pipe_a")) as dense, Engine.load(path, event_log=log) as e:
+    log = tmp_path / "events.db"
+    with Engine.load(trained.bundle("pipe_a")) as dense, Engine.load(path, events=log) as e:
         first = dense.recommend(8, k=4, context=CTX).ids[:2].tolist()
         dense.observe(8, first)
         e.observe(ukeys[8], [ikeys[i] for i in first])
@@ -205,10 +205,10 @@ def test_observe_by_key_equals_the_dense_path_and_new_users_fold_in(trained, key
             e.recommend(5)
         with pytest.raises(TypeError, match="candidates: keys of this map are strings"):
             e.recommend(ukeys[1], candidates=[1, 2])
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert events[0]["user"] == ukeys[8] and events[-1] == {**events[-1], "user": new,
-                                                            "items": [ikeys[3], ikeys[9]]}
-    with Engine.load(path, event_log=log) as again:        # replayed by key
+    with Engine.load(path, events=log) as again:        # read back by key
+        clicks = list(again.events.read(kinds=["click"]))
+        assert clicks[0].user == ukeys[8] and [(c.user, c.item) for c in clicks[-2:]] == [(new, ikeys[3]),
+                                                                                          (new, ikeys[9])]
         assert again.online.items(new) == (ikeys[3], ikeys[9])
         np.testing.assert_array_equal(again.recommend(new, k=5, context=CTX).ids, warm.ids)
 

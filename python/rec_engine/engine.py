@@ -20,8 +20,10 @@ restarts (through its event log).
 from __future__ import annotations
 
 import hashlib
+import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,7 +33,9 @@ import numpy as np
 from ._core import RecEngineError
 from .bundle import BundleError, open_bundle
 from .keys import KeyMap, UnknownKeyError
+from .events import Event, EventStore, open_store
 from .online import OnlineState
+from .versions import resolve as resolve_bundle
 from .ranking import RANKING_KINDS, CtrRanker, load_ranking, quantize_dense
 from .retrieval import UserState, load_retrieval
 from .bundle import INDEX_PRECISIONS
@@ -51,7 +55,8 @@ class Recommendation:
     ``items`` are the items' own keys (an int64 array, or an object array of str for string keys) and
     ``ids`` their dense ids in the answering version (the fast path for callers that keep ids). Fewer than
     ``k`` results are padded with id -1, score -inf and key -1 (integer keys) or None (string keys):
-    ``ids >= 0`` marks the real ones."""
+    ``ids >= 0`` marks the real ones. ``request_id`` names this answer: feedback that passes it
+    (:meth:`Engine.feedback`) is tied to the impression logged for it."""
 
     user: Any
     ids: np.ndarray
@@ -61,6 +66,7 @@ class Recommendation:
     timings: dict = field(default_factory=dict)
     item_keys: KeyMap | None = field(default=None, repr=False)
     _items: np.ndarray | None = field(default=None, repr=False)
+    request_id: str | None = None
 
     @property
     def items(self) -> np.ndarray:
@@ -215,8 +221,30 @@ class Engine:
     ----------
     path : str or Path
         A pipeline bundle (retrieval + ranking stages), or a single retrieval or ranking bundle.
-    event_log : path, optional
-        Append-only JSON-lines log of observed events; replayed at load, so nothing observed is lost.
+    events : path, ``redis://`` URL or :class:`~rec_engine.events.EventStore`, optional
+        The event store (:func:`~rec_engine.events.open_store`): a SQLite file (the embedded default), a
+        Redis stream shared by replicas, or a store object (which the caller then closes). Observed
+        events are committed to it before :meth:`observe` returns, impressions are logged to it, and the
+        online state is read from it in bulk at load. A ``.jsonl`` log of older releases is imported once
+        into the ``.db`` file beside it. ``event_log`` is the older name of this option.
+    durable : bool
+        ``synchronous=FULL`` for a SQLite store: an fsync per commit (no loss on a power failure; without
+        it a process crash loses nothing acknowledged, a power failure may lose the last commits).
+        ``fsync`` is the older name.
+    window_days : float, optional
+        Read only the last ``window_days`` of interactions into the online state at load (default: all).
+    retention_days : float, optional
+        The store erases events older than this (at open, then about once a minute).
+    impression_sample : float
+        Share of recommendations whose impression is logged (default 1.0; 0 logs none). Request ids are
+        returned either way.
+    follow_events_s : float, optional
+        Poll the store this often for events other processes (``serve --workers N``, replicas on a Redis
+        stream) observed, and apply them to this engine's online state.
+    candidate, candidate_fraction : bundle path, float
+        A/B serving: users whose key hashes below ``candidate_fraction`` (stable per key) are served by the
+        ``candidate`` bundle, the others by ``path``; impressions record the version that served them.
+        See :meth:`set_candidate`.
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
@@ -245,9 +273,12 @@ class Engine:
         which stores the int8 model), else float32.
     """
 
-    def __init__(self, path, *, event_log=None, ort_threads: int = 1, num_threads: int | None = None,
-                 verify: bool = True, fsync: bool = False, index: str | None = None,
-                 ranking_precision: str | None = None, scan_memory: str = "copy"):
+    def __init__(self, path, *, events=None, event_log=None, ort_threads: int = 1, num_threads: int | None = None,
+                 verify: bool = True, durable: bool = False, fsync: bool = False, index: str | None = None,
+                 ranking_precision: str | None = None, scan_memory: str = "copy",
+                 window_days: float | None = None, retention_days: float | None = None,
+                 impression_sample: float = 1.0, follow_events_s: float | None = None,
+                 candidate=None, candidate_fraction: float = 0.0):
         if scan_memory not in ("copy", "mmap"):
             raise ValueError(f"scan_memory must be 'copy' or 'mmap', got {scan_memory!r}")
         if index is not None and index not in INDEX_PRECISIONS:
@@ -256,11 +287,36 @@ class Engine:
         # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
         self._batch_threads = num_threads if num_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
-        self._version = _Version(Path(path), ort_threads=ort_threads, verify=verify, index=index,
-                                 batch_threads=self._batch_threads, ranking_precision=ranking_precision,
-                                 scan_memory=scan_memory)
-        self.online = OnlineState(event_log, fsync=fsync)
+        if events is not None and event_log is not None:
+            raise ValueError("give events= or its older name event_log=, not both")
+        events = events if events is not None else event_log
+        if isinstance(impression_sample, bool) or not isinstance(impression_sample, (int, float)) \
+                or not 0.0 <= impression_sample <= 1.0:
+            raise ValueError(f"impression_sample must be in [0, 1], got {impression_sample!r}")
+        self.impression_sample = float(impression_sample)
+        self._version = self._load_version(path)
+        self._candidate: _Version | None = None
+        self._candidate_fraction = 0.0
+        if candidate is not None:
+            self.set_candidate(candidate, candidate_fraction)
+        elif candidate_fraction:
+            raise ValueError("candidate_fraction needs a candidate bundle")
+        store = None if events is None else open_store(events, durable=durable or fsync,
+                                                       retention_days=retention_days)
+        self.events: EventStore | None = store
+        try:
+            self.online = OnlineState(store, window_days=window_days, follow_s=follow_events_s,
+                                      owns_store=not isinstance(events, EventStore))
+        except BaseException:
+            if store is not None and not isinstance(events, EventStore):
+                store.close()
+            raise
         self._swap_lock = threading.Lock()
+
+    def _load_version(self, path) -> _Version:
+        return _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
+                        index=self._index, batch_threads=self._batch_threads,
+                        ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
 
     @classmethod
     def load(cls, path, **options) -> "Engine":
@@ -349,9 +405,11 @@ class Engine:
         n_candidates : int, optional
             Items retrieved for the ranking stage (default: the pipeline's setting).
         """
-        v = self._version
-        return self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
-                               n_candidates)
+        v = self._version_for(user)
+        rec = self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
+                              n_candidates)
+        self._log_impressions([rec])
+        return rec
 
     def recommend_batch(self, users: Sequence, k: int = 10, *, exclude_seen: bool = True, exclude=None,
                         candidates=None, context: Mapping[str, Any] | None = None,
@@ -365,10 +423,38 @@ class Engine:
 
         ``context`` applies to every user, ``contexts`` gives one per user (not both); the other options
         apply to every user. ``candidates`` (or a bundle without retrieval) answers user by user. The
-        timings of each answer are those of the whole batch (``batch_size`` says how many users)."""
-        v = self._version
+        timings of each answer are those of the whole batch (``batch_size`` says how many users). Under
+        A/B serving each version answers its own users in one batch."""
         if isinstance(users, (str, bytes, Mapping)) or not hasattr(users, "__len__"):
             raise TypeError(f"users must be a sequence of user keys, got {type(users).__name__}")
+        users = list(users)
+        cand = self._candidate
+        if cand is not None and self._candidate_fraction > 0:
+            on_cand = [self._in_candidate(u) for u in users]
+            if any(on_cand):
+                if contexts is not None and (isinstance(contexts, Mapping) or not hasattr(contexts, "__len__")
+                                             or len(contexts) != len(users)):
+                    raise ValueError("contexts must be a sequence with one mapping per user")
+                out: list = [None] * len(users)
+                for flag, ver in ((False, self._version), (True, cand)):
+                    idx = [j for j, c in enumerate(on_cand) if c == flag]
+                    if not idx:
+                        continue
+                    got = self._recommend_batch(ver, [users[j] for j in idx], k, exclude_seen, exclude,
+                                                candidates, context,
+                                                None if contexts is None else [contexts[j] for j in idx],
+                                                n_candidates)
+                    for j, r in zip(idx, got):
+                        out[j] = r
+                self._log_impressions(out)
+                return out
+        out = self._recommend_batch(self._version, users, k, exclude_seen, exclude, candidates, context,
+                                    contexts, n_candidates)
+        self._log_impressions(out)
+        return out
+
+    def _recommend_batch(self, v: _Version, users: list, k, exclude_seen, exclude, candidates, context,
+                         contexts, n_candidates) -> list[Recommendation]:
         checked = [self._check_user(v, u) for u in users]
         if contexts is not None:
             if context is not None:
@@ -490,18 +576,106 @@ class Engine:
         return self._finish(v, user, ids, scores, k, fallback, timings)
 
     # ------------------------------------------------------------------ feedback
-    def observe(self, user, items: Sequence, **extra) -> None:
-        """Record that ``user`` interacted with ``items`` (item keys, in time order). At once: the items
-        join the user's seen set (excluded from then on), its SASRec history, and its LightGCN vector is
-        folded in anew; the events are in the log before this returns. An unknown item key is an
-        :class:`~rec_engine.keys.UnknownKeyError` and nothing is recorded."""
+    def _log_impressions(self, recs: list[Recommendation]) -> None:
+        """Give each answer its request id and log its impression (sampled) without waiting for the commit."""
+        store, rate = self.events, self.impression_sample
+        events = []
+        for rec in recs:
+            rec.request_id = uuid.uuid4().hex
+            if store is not None and rate > 0 and (rate >= 1 or random.random() < rate):
+                real = rec.ids >= 0
+                events.append(Event("impression", rec.user, items=rec.items[real], scores=rec.scores[real],
+                                    request_id=rec.request_id, version=rec.version))
+        if events:
+            store.append(events, wait=False)
+
+    def observe(self, user, items: Sequence, *, kind: str = "click", request_id: str | None = None,
+                value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:
+        """Record that ``user`` interacted with ``items`` (item keys, in time order; ``kind``: "click" (the
+        default), "conversion" or "rating"). At once: the items join the user's seen set (excluded from
+        then on), its SASRec history, and its LightGCN vector is folded in anew; the events are committed to
+        the event store before this returns. ``request_id`` ties them to the recommendation they answer;
+        ``value``: a conversion's value or a rating; ``attrs``: free-form JSON attributes. An unknown item key
+        is an :class:`~rec_engine.keys.UnknownKeyError` and nothing is recorded."""
         v = self._version
         user = self._check_user(v, user)
         ids = self._item_ids(v, items, "items")
         if ids.size == 0:
             raise ValueError("observe needs at least one item")
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id).__name__}")
         keys = items.tolist() if isinstance(items, np.ndarray) else list(items)
-        self.online.observe(user, keys, **extra)
+        self.online.observe(user, keys, kind=kind, request_id=request_id, value=value, attrs=attrs, ts=ts)
+
+    def feedback(self, user, item, *, kind: str = "click", request_id: str | None = None,
+                 value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:
+        """One event on one item: a click, a conversion (``value``: its value) or a rating (``value``: the
+        rating), with the ``request_id`` of the recommendation that showed it (see :meth:`observe`)."""
+        if kind == "rating" and value is None:
+            raise ValueError("a rating needs value= (the rating)")
+        self.observe(user, [item], kind=kind, request_id=request_id, value=value, attrs=attrs, ts=ts)
+
+    def forget(self, user) -> int:
+        """Erase ``user``: every event in the store (the next offline update trains on none of them, and
+        skips the user in its base data) and the online state; returns the number of events erased. The
+        user is then served as one never seen (or as the model knows them from training)."""
+        if isinstance(user, np.generic):
+            user = user.item()
+        if isinstance(user, bool) or not isinstance(user, (int, str)):
+            raise TypeError(f"user must be an integer or string key, got {type(user).__name__}")
+        n = self.online.forget(user)
+        for ver in (self._version, self._candidate):
+            if ver is not None:
+                ver._observed.pop(user, None)
+        return n
+
+    # ------------------------------------------------------------------ A/B serving
+    @staticmethod
+    def _bucket(user) -> float:
+        """The user's place in [0, 1), stable by a hash of the key (and its type)."""
+        h = hashlib.blake2b(f"{type(user).__name__}:{user}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") / 2.0**64
+
+    def _in_candidate(self, user) -> bool:
+        if isinstance(user, np.generic):
+            user = user.item()
+        return self._candidate is not None and self._bucket(user) < self._candidate_fraction
+
+    def _version_for(self, user) -> _Version:
+        return self._candidate if self._in_candidate(user) else self._version
+
+    def set_candidate(self, path, fraction: float) -> str:
+        """Serve the bundle at ``path`` to the share ``fraction`` of users (those whose key hashes below
+        it: stable, so a user sees one version) beside the current version; returns its version id. The
+        candidate must hold the same kind of keys. Replaces an earlier candidate."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"candidate_fraction must be in [0, 1], got {fraction!r}")
+        new = self._load_version(path)
+        if new.user_keys.kind != self._version.user_keys.kind and "dense" not in (
+                new.user_keys.kind, self._version.user_keys.kind):
+            raise BundleError(f"candidate {path} has {new.user_keys.kind} user keys, the current version "
+                              f"{self._version.user_keys.kind} keys")
+        self._candidate, self._candidate_fraction = new, float(fraction)
+        return new.id
+
+    def clear_candidate(self) -> None:
+        """Stop A/B serving: every user gets the current version."""
+        self._candidate, self._candidate_fraction = None, 0.0
+
+    def promote_candidate(self) -> str:
+        """Make the candidate the current version for every user; returns its id."""
+        with self._swap_lock:
+            if self._candidate is None:
+                raise RecEngineError("no candidate version to promote")
+            self._version, self._candidate, self._candidate_fraction = self._candidate, None, 0.0
+            return self._version.id
+
+    @property
+    def ab(self) -> dict | None:
+        """``{"control": id, "candidate": id, "fraction": f}`` while A/B serving, else None."""
+        if self._candidate is None:
+            return None
+        return {"control": self._version.id, "candidate": self._candidate.id, "fraction": self._candidate_fraction}
 
     # ------------------------------------------------------------------ versions
     def swap(self, path) -> str:
@@ -509,9 +683,7 @@ class Engine:
         version id. Requests already running finish on the old version. If the new bundle fails to load,
         this raises and the old version keeps serving."""
         with self._swap_lock:
-            new = _Version(Path(path), ort_threads=self.ort_threads, verify=self.verify, index=self._index,
-                           batch_threads=self._batch_threads, ranking_precision=self._ranking_precision,
-                           scan_memory=self._scan_memory)
+            new = self._load_version(path)
             self._version = new
             return new.id
 
