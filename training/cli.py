@@ -102,6 +102,76 @@ def add_commands(sub) -> None:
     e.add_argument("--metrics-json", default=None)
     e.set_defaults(handler=_evaluate)
 
+    u = sub.add_parser("update", help="retrain the served pipeline from its data plus the logged events; promote if "
+                                      "the gate passes",
+                       description="Offline update of the pipeline a model home serves (its CURRENT pointer): retrain "
+                                   "retrieval and ranking from their training data plus the event store's clicks, "
+                                   "conversions and impressions (warm-started from the current weights where the "
+                                   "model allows), compare both versions on the latest events held out by time "
+                                   "(ranking AUC / log loss on shown items, retrieval recall of held-out clicks), "
+                                   "and promote the new version only when its AUC is no worse than the current's "
+                                   "minus --tolerance. The comparison goes to HOME/NAME.update.json.")
+    u.add_argument("home", help="model home (a folder with a CURRENT pointer and the bundles)")
+    u.add_argument("--events", required=True, help="the event store: a SQLite file or a redis:// URL")
+    u.add_argument("--data", default="synthetic",
+                   help="the data the current version was trained on: 'synthetic' (its world's settings are read "
+                        "from the bundle) or a path")
+    u.add_argument("--data-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="options of the data (as in train; for synthetic: world settings such as n_users=)")
+    u.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default: as the bundle was trained)")
+    u.add_argument("--tolerance", type=float, default=0.005,
+                   help="promote when the new ranking AUC >= the current's minus this (default 0.005)")
+    u.add_argument("--holdout", type=float, default=0.2,
+                   help="share of the latest impressions held out for the comparison (default 0.2)")
+    u.add_argument("--name", default=None, help="the new version's folder name in HOME (default: v<N+1>)")
+    u.add_argument("--server", default=None, help="when promoted, POST {\"bundle\": path} to SERVER/swap")
+    u.add_argument("--token-env", default="REC_ENGINE_TOKEN",
+                   help="environment variable holding the server's bearer token (default REC_ENGINE_TOKEN)")
+    u.add_argument("--seed", type=int, default=None, help="(default: the seed the bundle was trained with)")
+    u.add_argument("--no-warm-start", action="store_true", help="train both stages from scratch")
+    u.add_argument("--shuffle-labels", action="store_true",
+                   help="train a deliberately broken ranking model (shuffled CTR labels, from scratch): the gate "
+                        "should refuse it")
+    u.set_defaults(handler=_update)
+
+    s = sub.add_parser("simulate", help="closed loop on the synthetic world: serve, log clicks, update, gate, swap",
+                       description="Train a small version 1 on the synthetic world, serve it from a model home with "
+                                   "an event store, simulate users who click each shown item with its true "
+                                   "probability, run the offline update after --update-after days (the gate "
+                                   "decides), and print CTR per day and per version with the gate's comparison.")
+    s.add_argument("--out", default=None, help="folder for the model home and the event store (default: temporary)")
+    s.add_argument("--users", type=int, default=1000)
+    s.add_argument("--items", type=int, default=500)
+    s.add_argument("--days", type=int, default=4)
+    s.add_argument("--users-per-day", type=int, default=400)
+    s.add_argument("--update-after", type=int, default=2, help="run the update after this day")
+    s.add_argument("--update-epochs", type=int, default=10)
+    s.add_argument("--tolerance", type=float, default=0.005)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shuffle-labels", action="store_true",
+                   help="the update trains a broken ranking model (shuffled labels): watch the gate refuse it")
+    s.set_defaults(handler=_simulate)
+
+
+def _update(args) -> int:
+    from .update import update
+
+    report = update(args.home, args.events, data=args.data, data_options=dict(args.data_option) or None,
+                    epochs=args.epochs, tolerance=args.tolerance, name=args.name, server=args.server,
+                    token_env=args.token_env, shuffle_labels=args.shuffle_labels, holdout=args.holdout,
+                    seed=args.seed, warm_start=not args.no_warm_start)
+    print(f"comparison: {args.home}/{report['name']}.update.json")
+    return 0
+
+
+def _simulate(args) -> int:
+    from .simulate import run
+
+    run(args.out, n_users=args.users, n_items=args.items, days=args.days, users_per_day=args.users_per_day,
+        update_after=args.update_after, update_epochs=args.update_epochs, tolerance=args.tolerance, seed=args.seed,
+        shuffle_labels=args.shuffle_labels)
+    return 0
+
 
 def _demo(args) -> int:
     from .demo import run
@@ -188,12 +258,17 @@ def _run_train(args) -> int:
         result = pipeline.train(args.model, data, config)
     print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
     exported = result if record is None else dataclasses.replace(result, metrics={**result.metrics, "tune": record})
-    out = pipeline.export(exported, data, args.out, table_dtype=args.table_dtype, overwrite=args.overwrite)
+    from .update import training_record
+
+    final = record["config"] if record else {**{k: getattr(config, k) for k in _CONFIG_FLAGS}, "params": config.params}
+    trained = training_record(args.data, seed=args.seed, data_options=dict(args.data_option) or None,
+                              config=dataclasses.replace(config, **{k: v for k, v in final.items()
+                                                                     if k in _CONFIG_FLAGS}))
+    out = pipeline.export(exported, data, args.out, table_dtype=args.table_dtype, overwrite=args.overwrite,
+                          training=trained)
     wall = time.perf_counter() - t0
     print(f"bundle: {out}  (train {result.train_seconds:.1f}s, total {wall:.1f}s)")
     if args.metrics_json:
-        final = record["config"] if record else {**{k: getattr(config, k) for k in _CONFIG_FLAGS},
-                                                  "params": config.params}
         pipeline.write_metrics(args.metrics_json, result, data=args.data, config={**config.__dict__, **final},
                                wall_seconds=wall, bundle=str(out), **({"tune": record} if record else {}))
     return 0

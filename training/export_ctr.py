@@ -23,6 +23,7 @@ from rec_engine.ranking import CtrRanker, load_ranking
 from .onnx_export import export_onnx
 
 INPUTS = ("emb", "lin")
+DENSE_STATE = "dense_state."      # array name prefix of the dense part's state_dict entries
 OUTPUT = "logit"
 
 
@@ -35,7 +36,7 @@ def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
 
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,
                entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False,
-               keys: Mapping | None = None) -> Path:
+               keys: Mapping | None = None, training: Mapping | None = None) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.ctr.CtrModel`) as a bundle at ``path``.
 
     Parameters
@@ -53,11 +54,16 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
         Replace an existing bundle at ``path``.
     keys : mapping, optional
         The users' own keys, ``{"user": [...], "item": [...]}`` in dense-id order (stored by ``write_bundle``).
+    training : mapping, optional
+        What trained the model (data source, world settings, TrainConfig fields), stored in
+        ``meta["training"]``: what ``rec-engine update`` retrains it from.
 
     Returns
     -------
     pathlib.Path of the bundle. Its ``meta``: ``schema`` (``Schema.to_dict()``), ``dim``, ``n_fields``,
-    ``kind``, ``inputs`` ["emb", "lin"], ``output`` "logit", ``params``, ``metrics``.
+    ``kind``, ``inputs`` ["emb", "lin"], ``output`` "logit", ``params``, ``metrics`` (and ``training``). The
+    dense part's weights are also stored as arrays ``dense_state.<name>`` (its ``state_dict``, batch-norm
+    statistics included, which ONNX folds away), so an update can continue training from them.
     """
     for attr in ("kind", "schema", "dim", "n_fields", "embedding", "linear", "dense"):
         if not hasattr(model, attr):
@@ -69,7 +75,9 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
               "linear": model.linear.detach().cpu().numpy().astype(np.float32)}
     meta = {"schema": model.schema.to_dict(), "dim": model.dim, "n_fields": model.n_fields, "kind": model.kind,
             "inputs": list(INPUTS), "output": OUTPUT, "params": dict(model.params), "metrics": dict(metrics or {})}
-    arrays = {}
+    if training:
+        meta["training"] = dict(training)
+    arrays = {f"{DENSE_STATE}{name}": value.detach().cpu().numpy() for name, value in model.dense.state_dict().items()}
     if entity_features:
         unknown = set(entity_features) - {"user", "item"}
         if unknown:

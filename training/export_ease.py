@@ -20,7 +20,8 @@ from .models.ease import EASE
 
 
 def export_ease(model: EASE, path: str | os.PathLike, *, metrics: Mapping[str, float] | None = None,
-                table_dtype: str = "float32", overwrite: bool = False, keys: Mapping | None = None) -> Path:
+                table_dtype: str = "float32", overwrite: bool = False, keys: Mapping | None = None,
+                training: Mapping | None = None) -> Path:
     """Write the fitted ``model`` as a bundle of kind "ease" at ``path`` and return the path.
 
     Parameters
@@ -30,6 +31,7 @@ def export_ease(model: EASE, path: str | os.PathLike, *, metrics: Mapping[str, f
     table_dtype : {"float32", "float16", "int8"}  storage of the item-item table
     overwrite : bool  replace an existing bundle
     keys : mapping, optional  the users' own keys (``{"user": [...], "item": [...]}`` in dense-id order)
+    training : mapping, optional  what fitted it (data source, settings): ``meta["training"]``
 
     Raises
     ------
@@ -41,7 +43,7 @@ def export_ease(model: EASE, path: str | os.PathLike, *, metrics: Mapping[str, f
     arrays = {"train_indptr": model.train_lists.indptr, "train_items": model.train_lists.ids,
               "item_counts": model.item_counts}
     meta = {"n_users": model.n_users, "n_items": model.n_items, "l2": model.l2, "dtype": model.dtype,
-            "metrics": dict(metrics or {})}
+            "metrics": dict(metrics or {}), **({"training": dict(training)} if training else {})}
     extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind="ease", meta=meta, tables={"item_item": model.B}, arrays=arrays,
                         table_dtype=table_dtype, overwrite=overwrite, **extra)

@@ -49,7 +49,7 @@ from .models.gfcf import GFCF
 
 def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, float] | None = None,
                 table_dtype: str = "float32", overwrite: bool = False, kind: str = "gfcf",
-                keys: Mapping | None = None) -> Path:
+                keys: Mapping | None = None, training: Mapping | None = None) -> Path:
     """Write the fitted ``model`` as a bundle at ``path`` (format in the module docstring).
 
     Parameters
@@ -94,7 +94,7 @@ def export_gfcf(model: GFCF, path: str | os.PathLike, *, metrics: Mapping[str, f
             "sharpen_solver": model.sharpen_solver, "sharpen_steps": model.sharpen_steps,
             "sharpen_poly": [float(c) for c in model.sharpen_poly], "svd": model.svd,
             "n_iter": model.n_iter, "oversample": model.oversample, "seed": model.seed,
-            "metrics": dict(metrics or {})}
+            "metrics": dict(metrics or {}), **({"training": dict(training)} if training else {})}
     extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=arrays, table_dtype=table_dtype,
                         overwrite=overwrite, **extra)

@@ -48,7 +48,7 @@ def _graph_arrays(train: Interactions) -> dict[str, np.ndarray]:
 
 def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, table_dtype: str = "float32",
                  metrics: Mapping[str, float] | None = None, overwrite: bool = False,
-                 keys: Mapping | None = None) -> Path:
+                 keys: Mapping | None = None, training: Mapping | None = None) -> Path:
     """Write a trained MF / LightGCN / NGCF model (from :func:`rec_engine_train.models.graph.train_graph`)
     as a bundle at ``path`` and return the path.
 
@@ -59,6 +59,7 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
     table_dtype : {"float32", "float16", "int8"}  storage of the embedding tables
     metrics : mapping, optional  evaluation results to record in the meta
     keys : mapping, optional  the users' own keys (``{"user": [...], "item": [...]}`` in dense-id order)
+    training : mapping, optional  what trained it (data source, TrainConfig fields): ``meta["training"]``
 
     Raises
     ------
@@ -80,14 +81,14 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
         tables["items_ego"] = item_ego.detach().numpy()
     meta = {"n_users": model.n_users, "n_items": model.n_items, "dim": int(users.shape[1]),
             "n_layers": model.n_layers, "layer_weights": model.layer_weights, "params": dict(model.params),
-            "metrics": dict(metrics or {})}
+            "metrics": dict(metrics or {}), **({"training": dict(training)} if training else {})}
     return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=_graph_arrays(split_train),
                         table_dtype=table_dtype, overwrite=overwrite, **_keys(keys))
 
 
 def export_popularity(item_counts, train: Interactions, path: str | os.PathLike, *,
                       metrics: Mapping[str, float] | None = None, overwrite: bool = False,
-                      keys: Mapping | None = None) -> Path:
+                      keys: Mapping | None = None, training: Mapping | None = None) -> Path:
     """Write the popularity baseline as a bundle of kind "popularity": ``users`` is ``[n_users, 1]`` of
     ones and ``items`` ``[n_items, 1]`` the counts, so it scores like any graph bundle.
 
@@ -103,7 +104,8 @@ def export_popularity(item_counts, train: Interactions, path: str | os.PathLike,
     users, items = popularity_vectors(counts, train.n_users)
     tables = {"users": users, "items": items}
     meta = {"n_users": train.n_users, "n_items": train.n_items, "dim": 1, "n_layers": 0,
-            "layer_weights": None, "params": {}, "metrics": dict(metrics or {})}
+            "layer_weights": None, "params": {}, "metrics": dict(metrics or {}),
+            **({"training": dict(training)} if training else {})}
     return write_bundle(path, kind="popularity", meta=meta, tables=tables, arrays=_graph_arrays(train),
                         overwrite=overwrite, **_keys(keys))
 

@@ -44,7 +44,8 @@ def _onnx_encoder(encoder) -> bytes:
 
 
 def export_sasrec(model, path: str | os.PathLike, *, histories=None, table_dtype: str = "float32",
-                  metrics: Mapping | None = None, overwrite: bool = False, keys: Mapping | None = None) -> Path:
+                  metrics: Mapping | None = None, overwrite: bool = False, keys: Mapping | None = None,
+                  training: Mapping | None = None) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.sasrec.SASRec`) as a bundle at ``path``.
 
     Parameters
@@ -85,6 +86,8 @@ def export_sasrec(model, path: str | os.PathLike, *, histories=None, table_dtype
     items = model.item_emb.weight.detach().cpu().numpy()[1:].astype(np.float32)
     meta = {"n_items": model.n_items, "dim": model.dim, "max_len": model.max_len, "params": dict(model.params),
             "metrics": dict(metrics or {}), "inputs": list(INPUTS), "output": OUTPUT}
+    if training:
+        meta["training"] = dict(training)
     extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind=KIND, meta=meta, tables={"items": items}, arrays=arrays,
                         onnx={"encoder": encoder_bytes}, table_dtype=table_dtype, overwrite=overwrite, **extra)

@@ -227,9 +227,11 @@ def _evaluate_ranker(model, data, ks, counts) -> dict:
                                    data.train.n_items, ks, batch_size=1024, item_counts=counts)
 
 
-def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32", overwrite: bool = False) -> Path:
+def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32", overwrite: bool = False,
+           training: dict | None = None) -> Path:
     """Write ``result``'s model as a bundle at ``out`` (its test metrics go into the manifest, and the data's
-    own user / item keys, ``data.keys``, when it has them)."""
+    own user / item keys, ``data.keys``, when it has them). ``training``: what trained it (the data source and
+    its settings, the TrainConfig fields), stored as ``meta["training"]`` for ``rec-engine update``."""
     fam = get_kind(result.name).family
     metrics = {**result.metrics, "train_seconds": result.train_seconds}
     keys = getattr(data, "keys", None)
@@ -237,32 +239,34 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
         from .export_ctr import export_ctr
 
         return export_ctr(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
-                          entity_features=getattr(data, "extra", {}).get("entity_features"), keys=keys)
+                          training=training, entity_features=getattr(data, "extra", {}).get("entity_features"),
+                          keys=keys)
     if fam == "sequential":
         from .export_sasrec import export_sasrec
 
         histories = [np.concatenate([t, [v] if v >= 0 else [], [x] if x >= 0 else []]).astype(np.int64)
                      for t, v, x in zip(data.train, data.valid, data.test)]
         return export_sasrec(result.model, out, histories=histories, table_dtype=table_dtype, metrics=metrics,
-                             overwrite=overwrite, keys=keys)
+                             overwrite=overwrite, training=training, keys=keys)
     if fam == "filter":
         from .export_gfcf import export_gfcf
 
         return export_gfcf(result.model, out, metrics=metrics, table_dtype=table_dtype, overwrite=overwrite,
-                           kind=result.name, keys=keys)
+                           training=training, kind=result.name, keys=keys)
     if fam == "item_item":
         from .export_ease import export_ease
 
         return export_ease(result.model, out, metrics=metrics, table_dtype=table_dtype, overwrite=overwrite,
-                           keys=keys)
+                           training=training, keys=keys)
     if fam != "graph":
         raise ValueError(f"model kind {result.name!r} (family {fam!r}) has no exporter in rec_engine_train")
     from .export_graph import export_graph, export_popularity
 
     if result.name == "popularity":
-        return export_popularity(result.model, data.train, out, metrics=metrics, overwrite=overwrite, keys=keys)
+        return export_popularity(result.model, data.train, out, metrics=metrics, overwrite=overwrite,
+                                 training=training, keys=keys)
     return export_graph(result.model, data.train, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
-                        keys=keys)
+                        training=training, keys=keys)
 
 
 def write_metrics(path: str | Path, result: Result, **info) -> None:
