@@ -446,6 +446,7 @@ class SqliteEventStore(EventStore):
         if cursor is None:
             return [], self._query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
         sql = f"SELECT {_COLUMNS} FROM events WHERE id > ?" + (" AND origin IS NOT ?" if exclude_origin else "")
+        self.flush()
         with self._rlock:                    # one snapshot for the rows and the max id: another writer's commit
             if self._closed:                 # between the two must not move the cursor past its events
                 raise EventStoreError(f"{self.url}: the event store is closed")
@@ -470,8 +471,7 @@ class SqliteEventStore(EventStore):
 
     # ------------------------------------------------------------------ erasure
     def _erase(self, sql: str, args) -> int:
-        if threading.current_thread() is not self._writer:   # the writer (retention) cannot wait for itself
-            self.flush()
+        self.flush()
         with self._rlock:
             if self._closed:
                 raise EventStoreError(f"{self.url}: the event store is closed")
