@@ -196,7 +196,8 @@ def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str
     as new interactions (users new to ``base`` appended, items it lacks dropped). Returns the split (with
     keys) and counts of what was added and dropped."""
     n_u, n_i = base.train.n_users, base.train.n_items
-    user_keys, item_keys = _key_list(base.keys and base.keys["user"], n_u), _key_list(base.keys and base.keys["item"], n_i)
+    keys = base.keys or {"user": None, "item": None}
+    user_keys, item_keys = _key_list(keys["user"], n_u), _key_list(keys["item"], n_i)
     keep = np.array([user_hash(k) not in forgotten for k in user_keys], bool)
     new_of_old = np.full(n_u, -1, np.int64)
     new_of_old[keep] = np.arange(int(keep.sum()))
@@ -234,8 +235,8 @@ def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str
 
     keys = {"user": np.array(users, dtype=object if users and isinstance(users[0], str) else np.int64),
             "item": base.keys["item"] if base.keys is not None else np.arange(n_i, dtype=np.int64)}
-    if base.keys is None and not logged.train_positives:
-        keys = None
+    if base.keys is None and users == list(range(n_new)):
+        keys = None                       # the dense ids are still the keys
     split = ImplicitSplit(train=part(base.train, (ev_u, ev_i)), test=part(base.test), valid=part(base.valid),
                           name=base.name, keys=keys)
     return split, {"events_added": len(ev_u), "events_dropped": dropped, "users_forgotten": int((~keep).sum()),
