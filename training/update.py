@@ -706,8 +706,8 @@ def gate(current: dict, new: dict, tolerance: float) -> dict:
                 "reason": "nothing to compare on: the held-out impressions lack clicks or non-clicks"}
     ok = bool(b >= a - tolerance)
     return {"promoted": ok, "tolerance": tolerance, "auc_change": b - a,
-            "reason": (f"AUC {b:.4f} vs {a:.4f}: " + (f"within {tolerance:g} of the current or better" if ok
-                                                     else f"more than {tolerance:g} below the current"))}
+            "reason": f"new AUC {b:.4f} vs current {a:.4f}: " + (
+                "better" if b > a else f"no more than {tolerance:g} below" if ok else f"more than {tolerance:g} below")}
 
 
 def _json_default(o):
