@@ -25,10 +25,37 @@ def _serve(args) -> int:
         raise ValueError(f"--coalesce-us must be >= 0, got {args.coalesce_us}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.events is not None and args.event_log is not None:
+        raise ValueError("give --events or its older name --event-log, not both")
     serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
-          event_log=args.event_log, ort_threads=args.ort_threads, num_threads=args.threads, max_body=args.max_body,
-          workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch, log_level=args.log_level,
-          index=args.index, ranking_precision=args.ranking_precision, scan_memory=args.scan_memory)
+          max_body=args.max_body, workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch,
+          log_level=args.log_level, events=args.events or args.event_log, ort_threads=args.ort_threads,
+          num_threads=args.threads, index=args.index, ranking_precision=args.ranking_precision,
+          scan_memory=args.scan_memory, durable=args.durable or None, window_days=args.window_days,
+          retention_days=args.retention_days, impression_sample=args.impression_sample,
+          candidate=args.candidate, candidate_fraction=args.candidate_fraction if args.candidate else None,
+          follow_events_s=args.follow_events_s)
+    return 0
+
+
+def _rollback(args) -> int:
+    import json
+    import os
+    import urllib.request
+
+    from .versions import rollback
+
+    name = rollback(args.home)
+    print(f"{args.home}: CURRENT -> {name}")
+    if args.server:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ValueError(f"--server needs the token in ${args.token_env}")
+        path = os.path.abspath(os.path.join(args.home, name))
+        req = urllib.request.Request(args.server.rstrip("/") + "/swap", data=json.dumps({"bundle": path}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            print(f"{args.server}: now serving {json.loads(resp.read())['version']}")
     return 0
 
 
@@ -65,10 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--token-env", default="REC_ENGINE_TOKEN",
                      help="environment variable holding the token that guards POST /swap (unset: swap disabled)")
-    srv.add_argument("--event-log", default=None,
-                     help="append-only log of observed events (replayed at start). With --workers > 1 every worker "
-                          "replays it at start and appends to it, but an event observed by one worker is not seen "
-                          "by the others until they restart (a shared event store comes later)")
+    srv.add_argument("--events", default=None,
+                     help="the event store: a SQLite file (created if missing), a redis://host:port/db URL (a stream "
+                          "shared by replicas), or an older release's .jsonl log (imported once into the .db beside "
+                          "it). Observed events and impressions are stored; the online state is read from it at "
+                          "start; with --workers > 1 each worker follows what the others store")
+    srv.add_argument("--event-log", default=None, help=argparse.SUPPRESS)
+    srv.add_argument("--durable", action="store_true",
+                     help="fsync every commit of the SQLite store (no loss on power failure; slower writes)")
+    srv.add_argument("--window-days", type=float, default=None,
+                     help="read only this many recent days of events into the online state at start")
+    srv.add_argument("--retention-days", type=float, default=None, help="erase events older than this")
+    srv.add_argument("--impression-sample", type=float, default=None,
+                     help="share of recommendations whose impression is logged (default 1)")
+    srv.add_argument("--candidate", default=None, help="A/B serving: a candidate bundle beside the main one")
+    srv.add_argument("--candidate-fraction", type=float, default=0.1,
+                     help="share of users (stable by a hash of their key) served by --candidate (default 0.1)")
+    srv.add_argument("--follow-events-s", type=float, default=None,
+                     help="poll the store this often for events other processes stored (default: 0.2 with "
+                          "--workers > 1, else off)")
     srv.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per session")
     srv.add_argument("--threads", type=int, default=1, help="core threads per request")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
@@ -94,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                           "scans) or the bundle's file mapped and shared between workers (default: copy with one "
                           "worker, mmap with several)")
     srv.set_defaults(handler=_serve)
+    rb = sub.add_parser("rollback", help="point a model home's CURRENT back at the version promoted before",
+                        description="Model homes (folders of bundles with a CURRENT pointer, which Engine.load and "
+                                    "serve follow) keep every promoted version; this points CURRENT at the one "
+                                    "before the current one and, with --server, swaps it into a running server.")
+    rb.add_argument("home")
+    rb.add_argument("--server", default=None, help="a running server's URL: POST /swap the rolled-back version")
+    rb.add_argument("--token-env", default="REC_ENGINE_TOKEN", help="environment variable holding the swap token")
+    rb.set_defaults(handler=_rollback)
     pl = sub.add_parser("pipeline", help="combine a retrieval and a ranking bundle into a pipeline bundle",
                         description="Write a pipeline bundle from a retrieval bundle and/or a ranking bundle, "
                                     "optionally with an int8/bf16 retrieval index and an int8 ranking model built "
@@ -108,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="int8: store the ranking model's dense part with int8 weights, served by default")
     pl.add_argument("--overwrite", action="store_true")
     pl.set_defaults(handler=_pipeline)
+    from .report import add_report_command
+
+    add_report_command(sub)
     import importlib.util
 
     if importlib.util.find_spec("rec_engine_train") and importlib.util.find_spec("torch"):

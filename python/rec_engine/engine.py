@@ -179,6 +179,15 @@ class _Version:
         self.retrieval.set_index(ItemIndex(self.retrieval.items, want))
         return {"precision": want}
 
+    def self_information(self) -> np.ndarray | None:
+        """Per item, -log2 of its add-one smoothed share of the training interactions (novelty of showing
+        it); None without item counts. Computed once."""
+        info = getattr(self, "_info", None)
+        if info is None and self.retrieval is not None and self.retrieval.item_counts is not None:
+            counts = np.asarray(self.retrieval.item_counts, np.float64)
+            info = self._info = -np.log2((counts + 1.0) / (counts.sum() + len(counts)))
+        return info
+
     def popular_items(self, n: int, exclude: np.ndarray | None) -> TopK:
         """The cold-start answer without candidates: the ``n`` most popular items not in ``exclude``, as the
         top-k over the popularity column gives them (ties: lower id first), read off an order sorted once."""
@@ -279,10 +288,10 @@ class Engine:
                  window_days: float | None = None, retention_days: float | None = None,
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
                  candidate=None, candidate_fraction: float = 0.0):
-        if scan_memory not in ("copy", "mmap"):
-            raise ValueError(f"scan_memory must be 'copy' or 'mmap', got {scan_memory!r}")
-        if index is not None and index not in INDEX_PRECISIONS:
-            raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
+        self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
+                           impression_sample=impression_sample, window_days=window_days,
+                           retention_days=retention_days, follow_events_s=follow_events_s,
+                           candidate=candidate, candidate_fraction=candidate_fraction)
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
         # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
         self._batch_threads = num_threads if num_threads is not None else 0
@@ -290,17 +299,12 @@ class Engine:
         if events is not None and event_log is not None:
             raise ValueError("give events= or its older name event_log=, not both")
         events = events if events is not None else event_log
-        if isinstance(impression_sample, bool) or not isinstance(impression_sample, (int, float)) \
-                or not 0.0 <= impression_sample <= 1.0:
-            raise ValueError(f"impression_sample must be in [0, 1], got {impression_sample!r}")
         self.impression_sample = float(impression_sample)
         self._version = self._load_version(path)
         self._candidate: _Version | None = None
         self._candidate_fraction = 0.0
         if candidate is not None:
             self.set_candidate(candidate, candidate_fraction)
-        elif candidate_fraction:
-            raise ValueError("candidate_fraction needs a candidate bundle")
         store = None if events is None else open_store(events, durable=durable or fsync,
                                                        retention_days=retention_days)
         self.events: EventStore | None = store
@@ -317,6 +321,35 @@ class Engine:
         return _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
                         index=self._index, batch_threads=self._batch_threads,
                         ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Check option names and values without loading anything (TypeError for an unknown option,
+        ValueError for a bad value), as a server that starts several processes does once."""
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "path"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown Engine options: {', '.join(unknown)}")
+        if options.get("scan_memory", "copy") not in ("copy", "mmap"):
+            raise ValueError(f"scan_memory must be 'copy' or 'mmap', got {options['scan_memory']!r}")
+        if options.get("index") is not None and options["index"] not in INDEX_PRECISIONS:
+            raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {options['index']!r}")
+        if options.get("ranking_precision") not in (None, "float32", "int8"):
+            raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {options['ranking_precision']!r}")
+        rate = options.get("impression_sample", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"impression_sample must be in [0, 1], got {rate!r}")
+        for name in ("window_days", "retention_days", "follow_events_s"):
+            got = options.get(name)
+            if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0):
+                raise ValueError(f"{name} must be a number > 0, got {got!r}")
+        frac = options.get("candidate_fraction", 0.0)
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise ValueError(f"candidate_fraction must be in [0, 1], got {frac!r}")
+        if frac and options.get("candidate") is None:
+            raise ValueError("candidate_fraction needs a candidate bundle")
 
     @classmethod
     def load(cls, path, **options) -> "Engine":
@@ -408,7 +441,7 @@ class Engine:
         v = self._version_for(user)
         rec = self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
                               n_candidates)
-        self._log_impressions([rec])
+        self._log_impressions([rec], context)
         return rec
 
     def recommend_batch(self, users: Sequence, k: int = 10, *, exclude_seen: bool = True, exclude=None,
@@ -446,11 +479,11 @@ class Engine:
                                                 n_candidates)
                     for j, r in zip(idx, got):
                         out[j] = r
-                self._log_impressions(out)
+                self._log_impressions(out, list(contexts) if contexts is not None else context)
                 return out
         out = self._recommend_batch(self._version, users, k, exclude_seen, exclude, candidates, context,
                                     contexts, n_candidates)
-        self._log_impressions(out)
+        self._log_impressions(out, list(contexts) if contexts is not None else context)
         return out
 
     def _recommend_batch(self, v: _Version, users: list, k, exclude_seen, exclude, candidates, context,
@@ -576,18 +609,26 @@ class Engine:
         return self._finish(v, user, ids, scores, k, fallback, timings)
 
     # ------------------------------------------------------------------ feedback
-    def _log_impressions(self, recs: list[Recommendation]) -> None:
-        """Give each answer its request id and log its impression (sampled) without waiting for the commit."""
+    def _log_impressions(self, recs: list[Recommendation], contexts) -> None:
+        """Give each answer its request id and log its impression (sampled; with the request's context in
+        ``attrs["context"]``, which the offline update needs to rebuild the ranking examples) without waiting
+        for the commit. ``contexts``: one mapping (or None) for all, or a list with one per answer."""
         store, rate = self.events, self.impression_sample
         events = []
-        for rec in recs:
+        for j, rec in enumerate(recs):
             rec.request_id = uuid.uuid4().hex
             if store is not None and rate > 0 and (rate >= 1 or random.random() < rate):
                 real = rec.ids >= 0
+                ctx = contexts[j] if isinstance(contexts, list) else contexts
                 events.append(Event("impression", rec.user, items=rec.items[real], scores=rec.scores[real],
-                                    request_id=rec.request_id, version=rec.version))
+                                    request_id=rec.request_id, version=rec.version,
+                                    attrs=None if not ctx else {"context": dict(ctx)}))
         if events:
-            store.append(events, wait=False)
+            try:
+                store.append(events, wait=False)
+            except (TypeError, ValueError):     # a context that is not JSON: the impression without it
+                store.append([Event(e.kind, e.user, items=e.items, scores=e.scores, request_id=e.request_id,
+                                    version=e.version) for e in events], wait=False)
 
     def observe(self, user, items: Sequence, *, kind: str = "click", request_id: str | None = None,
                 value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:
@@ -628,6 +669,14 @@ class Engine:
             if ver is not None:
                 ver._observed.pop(user, None)
         return n
+
+    def served_item_info(self, version: str) -> np.ndarray | None:
+        """The self-information per item (see ``_Version.self_information``) of the version with id
+        ``version`` if it is the current or the candidate one, else None (feedback metrics use it)."""
+        for ver in (self._version, self._candidate):
+            if ver is not None and ver.id == version:
+                return ver.self_information()
+        return None
 
     # ------------------------------------------------------------------ A/B serving
     @staticmethod

@@ -321,10 +321,11 @@ class SqliteEventStore(EventStore):
                          _dumps(None if e.scores is None else list(e.scores)), _dumps(e.attrs), self.origin))
         if not rows:
             return []
-        if self._closed:
-            raise EventStoreError(f"{self.url}: the event store is closed")
         p = _Pending(rows, wait)
-        self._queue.put(p)
+        with self._close_lock:               # never queued behind close()'s stop marker
+            if self._closed:
+                raise EventStoreError(f"{self.url}: the event store is closed")
+            self._queue.put(p)
         if not wait:
             return []
         p.done.wait()

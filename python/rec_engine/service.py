@@ -4,10 +4,18 @@ Endpoints::
 
     POST /recommend  {"user": "u-1", "k": 10, "exclude_seen": true, "exclude": [..], "candidates": [..],
                       "context": {..}, "return_ids": false}
-    POST /observe    {"user": "u-1", "items": ["sku-3", "sku-4"]}
+    POST /observe    {"user": "u-1", "items": ["sku-3", "sku-4"], "kind": "click", "request_id": ".."}
+    POST /feedback   {"user": "u-1", "item": "sku-3", "kind": "click"|"conversion"|"rating",
+                      "request_id": "..", "value": 9.5}
     POST /swap       {"bundle": "/path/to/bundle"}     header "Authorization: Bearer <token>"
+    POST /ab         {"bundle": "/path/to/candidate", "fraction": 0.1}   (token; bundle null: stop)
+    POST /forget     {"user": "u-1"}                   (token) erase the user's events and online state
     GET  /healthz
-    GET  /metrics    Prometheus text: requests and errors per endpoint, latency histograms per stage
+    GET  /metrics    Prometheus text: requests and errors per endpoint, latency histograms per stage, and
+                     per model version: recommendations, items shown, feedback by kind, coverage, novelty
+
+A ``/recommend`` answer carries its ``request_id``; feedback that passes it is tied to that impression
+(and counted for the version that served it). Request bodies are never logged nor put in metrics.
 
 Handlers are plain functions, so the server runs them in its thread pool, off the event loop: the core
 releases the GIL in its kernels and ONNX Runtime in its sessions, so requests really run in parallel.
@@ -32,17 +40,20 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import inspect
 import json
 import os
 import threading
 import time
-from typing import Any, Optional, Union
+from collections import OrderedDict
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import Annotated
 
@@ -71,10 +82,36 @@ class RecommendRequest(BaseModel):
     return_ids: bool = False
 
 
+FeedbackKind = Literal["click", "conversion", "rating"]
+RequestId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class ObserveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     user: Key
     items: list[Key] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+    kind: FeedbackKind = "click"
+    request_id: Optional[RequestId] = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user: Key
+    item: Key
+    kind: FeedbackKind = "click"
+    request_id: Optional[RequestId] = None
+    value: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None
+
+
+class ForgetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user: Key
+
+
+class AbRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bundle: Optional[str] = Field(default=None, min_length=1)
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class SwapRequest(BaseModel):
@@ -224,6 +261,57 @@ class Coalescer:
             batch.done.set()
 
 
+class _ServedMetrics:
+    """Feedback metrics per model version in /metrics: recommendations, items shown, feedback events by kind
+    (tied to a version through the request id of the answer they refer to, for the most recent
+    ``remember`` answers), coverage (distinct items shown / catalogue) and novelty (the shown items' mean
+    self-information, -log2 of their share of the training interactions; its sum per version, so
+    ``novelty_sum / items_shown`` is the mean). Label values are version ids only, never request data."""
+
+    def __init__(self, engine: Engine, registry, remember: int = 100_000):
+        self.engine, self.remember = engine, remember
+        self._lock = threading.Lock()
+        self._versions: OrderedDict = OrderedDict()      # request id -> version id
+        self._seen: dict = {}                            # version id -> bool array of items shown
+        self.recs = Counter("rec_engine_recommendations", "Recommendations answered, by model version",
+                            ["version"], registry=registry)
+        self.items = Counter("rec_engine_items_shown", "Items returned by /recommend, by model version",
+                             ["version"], registry=registry)
+        self.events = Counter("rec_engine_feedback", "Feedback events by kind and the version that served "
+                              "them ('unknown': no or a forgotten request id)", ["kind", "version"], registry=registry)
+        self.coverage = Gauge("rec_engine_coverage", "Distinct items shown since start / items in the catalogue",
+                              ["version"], registry=registry)
+        self.novelty = Counter("rec_engine_novelty_bits", "Sum over shown items of -log2(item's share of "
+                               "the training interactions)", ["version"], registry=registry)
+
+    def shown(self, rec: Recommendation) -> None:
+        ids = rec.ids[rec.ids >= 0]
+        info = self.engine.served_item_info(rec.version)
+        with self._lock:
+            if rec.request_id is not None:
+                self._versions[rec.request_id] = rec.version
+                if len(self._versions) > self.remember:
+                    self._versions.popitem(last=False)
+            if info is not None:
+                seen = self._seen.get(rec.version)
+                if seen is None:
+                    seen = self._seen[rec.version] = np.zeros(len(info), bool)
+                seen[ids] = True
+                covered = int(seen.sum())
+        self.recs.labels(rec.version).inc()
+        self.items.labels(rec.version).inc(len(ids))
+        if info is not None:
+            self.coverage.labels(rec.version).set(covered / max(len(info), 1))
+            bits = float(info[ids].sum())
+            if math.isfinite(bits):
+                self.novelty.labels(rec.version).inc(bits)
+
+    def feedback(self, kind: str, request_id: str | None, n: int) -> None:
+        with self._lock:
+            version = self._versions.get(request_id, "unknown") if request_id is not None else "unknown"
+        self.events.labels(kind, version).inc(n)
+
+
 def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 << 20, coalesce_us: int = 0,
                max_batch: int = 32, swap_refusal: str | None = None, close_engine: bool = False,
                coalesce_idle_start: bool = True) -> FastAPI:
@@ -250,6 +338,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                         ["stage"], buckets=_BUCKETS, registry=registry)
     batch_size = Histogram("rec_engine_batch_size", "Requests answered by one coalesced recommend_batch call",
                            buckets=_BATCH_BUCKETS, registry=registry)
+    served = _ServedMetrics(engine, registry)
     coalescer = (Coalescer(engine, window_us=coalesce_us, max_batch=max_batch, on_batch=batch_size.observe,
                            idle_start=coalesce_idle_start)
                  if coalesce_us > 0 else None)
@@ -307,9 +396,11 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         for stage in ("retrieval", "ranking", "total"):
             if f"{stage}_ms" in rec.timings:
                 latency.labels(stage).observe(rec.timings[f"{stage}_ms"] / 1e3)
+        served.shown(rec)
         keep = rec.ids >= 0
         out = {"user": rec.user, "items": rec.items[keep].tolist(), "scores": rec.scores[keep].tolist(),
-               "version": rec.version, "fallback": rec.fallback, "timings": rec.timings}
+               "version": rec.version, "request_id": rec.request_id, "fallback": rec.fallback,
+               "timings": rec.timings}
         if req.return_ids:
             out["ids"] = rec.ids[keep].tolist()
         return out
@@ -317,20 +408,56 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     @app.post("/observe")
     def observe(req: ObserveRequest):
         try:
-            engine.observe(req.user, req.items)
+            engine.observe(req.user, req.items, kind=req.kind, request_id=req.request_id)
         except ENGINE_ERRORS as e:
             raise _bad(e) from None
+        served.feedback(req.kind, req.request_id, len(req.items))
         return {"user": req.user, "observed": len(req.items)}
+
+    @app.post("/feedback")
+    def feedback(req: FeedbackRequest):
+        try:
+            engine.feedback(req.user, req.item, kind=req.kind, request_id=req.request_id, value=req.value)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        served.feedback(req.kind, req.request_id, 1)
+        return {"user": req.user, "kind": req.kind}
+
+    def _authorize(authorization: Optional[str], what: str) -> None:
+        if token is None:
+            raise HTTPException(403, detail=f"{what} over HTTP is disabled (start the server with a token)")
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required")
+
+    @app.post("/forget")
+    def forget(req: ForgetRequest, authorization: Optional[str] = Header(default=None)):
+        _authorize(authorization, "forgetting users")
+        try:
+            n = engine.forget(req.user)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        return {"user": req.user, "events_erased": n}
+
+    @app.post("/ab")
+    def ab(req: AbRequest, authorization: Optional[str] = Header(default=None)):
+        if swap_refusal is not None:
+            raise HTTPException(409, detail=swap_refusal)
+        _authorize(authorization, "A/B serving")
+        if req.bundle is None or req.fraction == 0:
+            engine.clear_candidate()
+            return {"ab": None, "version": engine.version}
+        try:
+            engine.set_candidate(req.bundle, req.fraction)
+        except (OSError, ValueError, KeyError, RecEngineError) as e:
+            raise HTTPException(422, detail=f"candidate not loaded, still serving {engine.version}: {e}") from None
+        return {"ab": engine.ab, "version": engine.version}
 
     @app.post("/swap")
     def swap(req: SwapRequest, authorization: Optional[str] = Header(default=None)):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
-        if token is None:
-            raise HTTPException(403, detail="swapping over HTTP is disabled (start the server with a token)")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required")
+        _authorize(authorization, "swapping")
         try:
             version = engine.swap(req.bundle)
         except (OSError, ValueError, KeyError, RecEngineError) as e:
@@ -339,7 +466,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "version": engine.version, "items": engine.n_items, "pid": os.getpid()}
+        return {"status": "ok", "version": engine.version, "items": engine.n_items, "pid": os.getpid(),
+                "ab": engine.ab}
 
     @app.get("/metrics")
     def metrics():
@@ -352,6 +480,9 @@ _MULTI_WORKER_SWAP = ("swapping over HTTP is off with several worker processes (
                       "them): restart the server with the new bundle")
 
 
+_PATH_OPTIONS = ("events", "candidate")     # engine options that are paths, made absolute for the workers
+
+
 def _app_from_env() -> FastAPI:
     """The app of one worker process: settings from the environment variable ``REC_ENGINE_SERVE_SETTINGS``
     (JSON, written by :func:`serve`), the engine loaded here, closed when the worker shuts down. The
@@ -360,27 +491,32 @@ def _app_from_env() -> FastAPI:
     if not raw:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers with rec-engine serve --workers N")
     cfg = json.loads(raw)
-    engine = Engine.load(cfg["bundle"], event_log=cfg.get("event_log"), ort_threads=cfg.get("ort_threads", 1),
-                         num_threads=cfg.get("num_threads", 1), index=cfg.get("index"),
-                         ranking_precision=cfg.get("ranking_precision"), scan_memory=cfg.get("scan_memory", "mmap"))
+    options = dict(cfg.get("engine", {}))
+    for old in ("event_log", "ort_threads", "num_threads", "index", "ranking_precision", "scan_memory"):
+        if cfg.get(old) is not None:                 # settings written by earlier releases
+            options.setdefault("events" if old == "event_log" else old, cfg[old])
+    options.setdefault("scan_memory", "mmap")
+    options.setdefault("num_threads", 1)
+    engine = Engine.load(cfg["bundle"], **options)
     return create_app(engine, max_body=cfg.get("max_body", 1 << 20), coalesce_us=cfg.get("coalesce_us", 0),
                       max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True)
 
 
 def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          event_log: str | None = None, ort_threads: int = 1, num_threads: int | None = 1,
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
-          log_level: str = "info", index: str | None = None, ranking_precision: str | None = None,
-          scan_memory: str | None = None) -> None:
-    """Load ``bundle`` and serve it with uvicorn until interrupted (``index``, ``ranking_precision``,
-    ``scan_memory``: the :class:`~rec_engine.engine.Engine` options of those names; ``scan_memory`` defaults
-    to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the scanned table).
+          log_level: str = "info", **engine_options) -> None:
+    """Load ``bundle`` (or a model home: its ``CURRENT`` version) and serve it with uvicorn until interrupted.
+    ``engine_options`` are :class:`~rec_engine.engine.Engine`'s (``events``, ``index``, ``num_threads``, ...);
+    ``scan_memory`` defaults to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the
+    scanned table.
 
     ``workers=1``: one process (the engine loaded here). ``workers=N > 1``: uvicorn's multi-process mode,
     N spawned worker processes accepting on the socket this process binds; each builds its app with
-    :func:`_app_from_env` (the tables are memory-mapped, so the workers share them through the page cache;
-    each keeps its own online state, replaying and appending to ``event_log``; ``/swap`` is refused with 409,
-    since it would reach one worker: restart with the new bundle).
+    :func:`_app_from_env` (the tables are memory-mapped, so the workers share them through the page cache).
+    With an event store, each worker reads at start what is stored and then follows what the others write
+    (``follow_events_s``, default 0.2 s here), so an event observed by one worker reaches the others within
+    that delay. ``/swap`` and ``/ab`` are refused with 409, since they would reach one worker: restart with
+    the new bundle (or point the model home's ``CURRENT`` at it and restart).
     """
     import uvicorn
 
@@ -390,28 +526,32 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
         raise ValueError(f"coalesce_us must be an integer >= 0, got {coalesce_us!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    opts = {k: v for k, v in engine_options.items() if v is not None}
+    if "event_log" in opts:
+        opts.setdefault("events", opts.pop("event_log"))
     if workers == 1:
-        engine = Engine.load(bundle, event_log=event_log, ort_threads=ort_threads, num_threads=num_threads,
-                             index=index, ranking_precision=ranking_precision, scan_memory=scan_memory or "copy")
+        opts.setdefault("scan_memory", "copy")
+        engine = Engine.load(bundle, **opts)
         try:
             app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch)
             uvicorn.run(app, host=host, port=port, log_level=log_level)
         finally:
             engine.close()
         return
-    from .bundle import INDEX_PRECISIONS, open_bundle
+    from .bundle import open_bundle
+    from .versions import resolve
 
-    open_bundle(bundle, verify=False)          # a wrong path fails here, once, not in every worker
-    if index is not None and index not in INDEX_PRECISIONS:
-        raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
-    if scan_memory not in (None, "copy", "mmap"):
-        raise ValueError(f"scan_memory must be 'copy' or 'mmap', got {scan_memory!r}")
-    if ranking_precision not in (None, "float32", "int8"):
-        raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {ranking_precision!r}")
+    Engine.check_options(**opts)               # a wrong option or path fails here, once, not in every worker
+    open_bundle(resolve(bundle), verify=False)
+    opts.setdefault("scan_memory", "mmap")
+    if opts.get("events") is not None:
+        opts.setdefault("follow_events_s", 0.2)
+    for name in _PATH_OPTIONS:
+        got = opts.get(name)
+        if isinstance(got, (str, os.PathLike)) and not str(got).startswith(("redis://", "rediss://", "unix://")):
+            opts[name] = os.path.abspath(got)
     os.environ[SETTINGS_ENV] = json.dumps({
-        "bundle": os.path.abspath(bundle), "event_log": None if event_log is None else os.path.abspath(event_log),
-        "ort_threads": ort_threads, "num_threads": num_threads, "max_body": max_body, "coalesce_us": coalesce_us,
-        "max_batch": max_batch, "index": index, "ranking_precision": ranking_precision,
-        "scan_memory": scan_memory or "mmap"})
+        "bundle": os.path.abspath(bundle), "engine": opts, "max_body": max_body, "coalesce_us": coalesce_us,
+        "max_batch": max_batch})
     uvicorn.run("rec_engine.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level)
