@@ -409,7 +409,9 @@ class SqliteEventStore(EventStore):
         marks = ",".join("?" * len(INTERACTIONS))
         where = f"kind IN ({marks})" + ("" if since is None else " AND ts >= ?")
         args = list(INTERACTIONS) + ([] if since is None else [float(since)])
-        rows = self._query(f"SELECT user, json_group_array(item) FROM (SELECT user, item FROM events "
+        # NOT INDEXED: one sequential pass over the table and a sort beats the user index's lookup per row
+        # (1M events: 1.05 s against 2.9 s)
+        rows = self._query(f"SELECT user, json_group_array(item) FROM (SELECT user, item FROM events NOT INDEXED "
                            f"WHERE {where} ORDER BY user, id) GROUP BY user", args)
         return {u: json.loads(items) for u, items in rows}
 
