@@ -428,3 +428,38 @@ def test_open_store_returns_the_redis_store(redis_url, raw):
         s.append([Event("click", "a", "b")])
         assert s.load_state()["a"] == ["b"]
     raw.delete("rec_engine:events", "rec_engine:events:meta", "rec_engine:events:forgotten")
+
+
+# ------------------------------------------------------------------ engines as replicas
+from serving_fixtures import trained  # noqa: E402,F401 (fixture)
+
+
+def test_replicas_on_a_redis_stream_see_each_others_events(trained, tmp_path, request):  # noqa: F811
+    import time
+    import uuid
+
+    from rec_engine.engine import Engine
+
+    url = request.getfixturevalue("redis_url")
+    CTX = {"hour": 12.0, "device": "web"}
+    stream = f"test:{uuid.uuid4().hex[:12]}"
+    sa, sb = RedisEventStore(url, stream=stream), RedisEventStore(url, stream=stream)
+    with sa, sb, Engine.load(trained.bundle("pipe_a"), events=sa, follow_events_s=0.5) as a, \
+            Engine.load(trained.bundle("pipe_a"), events=sb, follow_events_s=0.5) as b:
+        delays = []
+        for j in range(20):
+            t0 = time.perf_counter()
+            a.observe(100 + j, [j, j + 1])
+            while b.online.items(100 + j) != (j, j + 1):
+                assert time.perf_counter() - t0 < 10, "replica b never saw replica a's event"
+                time.sleep(0.0005)
+            delays.append(time.perf_counter() - t0)
+        # b waits on the stream (XREAD BLOCK), so an event arrives long before the 0.5 s poll period
+        assert float(np.median(delays)) < 0.25, delays
+        rec = b.recommend(100, k=50, context=CTX)
+        assert not {0, 1} & set(rec.items.tolist())
+        b.feedback(100, int(rec.items[0]), request_id=rec.request_id)
+        deadline = time.time() + 10
+        while len(a.online.items(100)) != 3 and time.time() < deadline:
+            time.sleep(0.005)
+        assert a.online.items(100) == (0, 1, int(rec.items[0]))

@@ -201,3 +201,4 @@ def test_http_feedback_forget_ab_and_metrics(trained, tmp_path, caplog):  # noqa
         client.request("POST", "/recommend", {"user": "secret-user-key-%%", "k": 2})
     # request bodies never reach the logs
     assert all("secret-user-key" not in r.getMessage() for r in caplog.records)
+

@@ -98,10 +98,22 @@ class OnlineState:
         return n
 
     def _follow(self) -> None:
-        while not self._stop.wait(self.follow_s):
+        """Apply what other writers store: a store that can wait for new events (Redis: XREAD BLOCK) is asked
+        to wait up to ``follow_s`` and answers as soon as one comes; others are polled every ``follow_s``."""
+        import inspect
+
+        blocking = "wait_s" in inspect.signature(self.store.events_after).parameters
+        while not self._stop.is_set():
+            if not blocking and self._stop.wait(self.follow_s):
+                return
             try:
-                got, self._cursor = self.store.events_after(self._cursor)
+                if blocking:
+                    got, self._cursor = self.store.events_after(self._cursor, wait_s=self.follow_s)
+                else:
+                    got, self._cursor = self.store.events_after(self._cursor)
             except Exception:        # noqa: BLE001 - a store that is closing or briefly unreachable: retry
+                if self._stop.wait(self.follow_s):
+                    return
                 continue
             if got:
                 self.apply(got)
