@@ -21,51 +21,20 @@ from typing import Callable
 
 import numpy as np
 
-from rec_engine.events import Event, EventStore
 
 
-class _ContextStore(EventStore):
-    """The simulation's store: the engine's store with the request's context added to each impression that
-    lacks one (``attrs["context"]``), so the update rebuilds the ranking features serving scored."""
+SIM_START = 1767225600.0      # 2026-01-01 00:00 UTC: simulated day d runs from SIM_START + (d - 1) days
 
-    def __init__(self, inner: EventStore):
-        self.inner, self.url, self.context = inner, inner.url, None
 
-    def append(self, events, *, wait: bool = True):
-        if isinstance(events, Event):
-            events = [events]
-        if self.context is not None:
-            events = [Event(e.kind, e.user, e.item, e.ts, e.request_id, e.version, e.value, e.items, e.scores,
-                            {**(e.attrs or {}), "context": self.context})
-                      if e.kind == "impression" and "context" not in (e.attrs or {}) else e for e in events]
-        return self.inner.append(events, wait=wait)
+class SimClock:
+    """The simulation's time (seconds since the epoch), which the engine stamps its events with, so the
+    simulated days are days in the event store (its report per day, the update's split by time)."""
 
-    def flush(self):
-        self.inner.flush()
+    def __init__(self, start: float = SIM_START):
+        self.now = float(start)
 
-    def load_state(self, since=None):
-        return self.inner.load_state(since)
-
-    def read(self, **kw):
-        return self.inner.read(**kw)
-
-    def events_after(self, cursor, *, exclude_origin: bool = True):
-        return self.inner.events_after(cursor, exclude_origin=exclude_origin)
-
-    def forget(self, user):
-        return self.inner.forget(user)
-
-    def forgotten(self):
-        return self.inner.forgotten()
-
-    def drop_before(self, ts):
-        return self.inner.drop_before(ts)
-
-    def count(self, kind=None):
-        return self.inner.count(kind)
-
-    def close(self):
-        self.inner.close()
+    def __call__(self) -> float:
+        return self.now
 
 
 def train_v1(home: Path, *, n_users: int, n_items: int, seed: int, ctr_examples: int, retrieval_epochs: int,
@@ -105,22 +74,23 @@ def train_v1(home: Path, *, n_users: int, n_items: int, seed: int, ctr_examples:
 
 
 def serve_day(engine, world, rng: np.random.Generator, n_users: int, *, k: int = 10,
-              store: _ContextStore | None = None) -> dict:
+              clock: SimClock | None = None, day: int = 1) -> dict:
     """One simulated day: ``n_users`` distinct users of ``world`` (drawn by ``rng``) each ask ``engine`` for ``k``
     items in a random context (hour, device); each shown item is clicked with its true probability and the
     clicks are fed back with the request id. Returns ``requests``, ``shown``, ``clicks`` and ``expected`` (the
-    sum of the shown items' true click probabilities)."""
+    sum of the shown items' true click probabilities). With ``clock``, the requests are spread over
+    simulated day ``day``."""
     from .data.synthetic import DEVICES
 
     item_of = {key: i for i, key in enumerate(world.keys["item"].tolist())}
     users = rng.choice(world.n_users, size=min(n_users, world.n_users), replace=False)
     shown = clicks = 0
     expected = 0.0
-    for u in users.tolist():
+    for j, u in enumerate(users.tolist()):
         hour, device = int(rng.integers(0, 24)), int(rng.integers(0, len(DEVICES)))
         context = {"hour": float(hour), "device": DEVICES[device]}
-        if store is not None:
-            store.context = context
+        if clock is not None:
+            clock.now = SIM_START + (day - 1) * 86400.0 + 86400.0 * j / len(users)
         rec = engine.recommend(f"u-{u}", k=k, context=context)
         keys = [x for x in rec.items.tolist() if x is not None]
         if not keys:
@@ -164,15 +134,16 @@ def run(out: str | None = None, *, n_users: int = 1000, n_items: int = 500, days
              retrieval_epochs=v1_retrieval_epochs, ranking_epochs=v1_ranking_epochs, n_candidates=n_candidates,
              log=log)
     world = make_synthetic(n_users=n_users, n_items=n_items, seed=seed, string_keys=True)
-    store = _ContextStore(SqliteEventStore(root / "events.db"))
-    engine = Engine.load(home, events=store, ort_threads=1, num_threads=1)
+    store = SqliteEventStore(root / "events.db")
+    clock = SimClock()
+    engine = Engine.load(home, events=store, ort_threads=1, num_threads=1, clock=clock)
     names = {engine.version: versions.current(home)}
     rng = np.random.default_rng(seed + 1)
     days_out, report = [], None
     try:
         for day in range(1, days + 1):
             version = names.get(engine.version, engine.version)
-            stats = serve_day(engine, world, rng, users_per_day, k=k, store=store)
+            stats = serve_day(engine, world, rng, users_per_day, k=k, clock=clock, day=day)
             store.flush()
             shown, clicks, expected = stats["shown"], stats["clicks"], stats["expected"]
             days_out.append({"day": day, "version": version, "requests": stats["requests"], "shown": shown,
@@ -214,8 +185,8 @@ def run(out: str | None = None, *, n_users: int = 1000, n_items: int = 500, days
         pass
     else:
         rows = [{**r, "version": names.get(r["version"], r["version"])}
-                for r in feedback_metrics(root / "events.db", n_items=n_items) if r["day"] == "total"]
-        log("\nthe event store's view (rec_engine.report.feedback_metrics, per version):")
+                for r in feedback_metrics(root / "events.db", n_items=n_items)]
+        log("\nthe event store's view (rec-engine report: per version and simulated day):")
         log(format_table(rows))
     total = time.perf_counter() - t_start
     log(f"\nsimulation finished in {total:.1f}s; CURRENT = {versions.current(home)}")

@@ -254,6 +254,9 @@ class Engine:
         A/B serving: users whose key hashes below ``candidate_fraction`` (stable per key) are served by the
         ``candidate`` bundle, the others by ``path``; impressions record the version that served them.
         See :meth:`set_candidate`.
+    clock : callable, optional
+        Seconds since the epoch for the events this engine stores (default ``time.time``; a simulation
+        passes its own clock, so its days are days in the store).
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
@@ -287,7 +290,7 @@ class Engine:
                  ranking_precision: str | None = None, scan_memory: str = "copy",
                  window_days: float | None = None, retention_days: float | None = None,
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
-                 candidate=None, candidate_fraction: float = 0.0):
+                 candidate=None, candidate_fraction: float = 0.0, clock=None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
@@ -300,6 +303,9 @@ class Engine:
             raise ValueError("give events= or its older name event_log=, not both")
         events = events if events is not None else event_log
         self.impression_sample = float(impression_sample)
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {type(clock).__name__}")
+        self._clock = clock or time.time
         self._version = self._load_version(path)
         self._candidate: _Version | None = None
         self._candidate_fraction = 0.0
@@ -621,14 +627,14 @@ class Engine:
                 real = rec.ids >= 0
                 ctx = contexts[j] if isinstance(contexts, list) else contexts
                 events.append(Event("impression", rec.user, items=rec.items[real], scores=rec.scores[real],
-                                    request_id=rec.request_id, version=rec.version,
+                                    ts=self._clock(), request_id=rec.request_id, version=rec.version,
                                     attrs=None if not ctx else {"context": dict(ctx)}))
         if events:
             try:
                 store.append(events, wait=False)
             except (TypeError, ValueError):     # a context that is not JSON: the impression without it
-                store.append([Event(e.kind, e.user, items=e.items, scores=e.scores, request_id=e.request_id,
-                                    version=e.version) for e in events], wait=False)
+                store.append([Event(e.kind, e.user, items=e.items, scores=e.scores, ts=e.ts,
+                                    request_id=e.request_id, version=e.version) for e in events], wait=False)
 
     def observe(self, user, items: Sequence, *, kind: str = "click", request_id: str | None = None,
                 value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:
@@ -646,7 +652,8 @@ class Engine:
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a string, got {type(request_id).__name__}")
         keys = items.tolist() if isinstance(items, np.ndarray) else list(items)
-        self.online.observe(user, keys, kind=kind, request_id=request_id, value=value, attrs=attrs, ts=ts)
+        self.online.observe(user, keys, kind=kind, request_id=request_id, value=value, attrs=attrs,
+                            ts=self._clock() if ts is None else ts)
 
     def feedback(self, user, item, *, kind: str = "click", request_id: str | None = None,
                  value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:

@@ -19,19 +19,20 @@ def _served(root, days: int = 2):
     from rec_engine.engine import Engine
     from rec_engine.events import SqliteEventStore
     from rec_engine_train.data.synthetic import make_synthetic
-    from rec_engine_train.simulate import _ContextStore, serve_day, train_v1
+    from rec_engine_train.simulate import SimClock, serve_day, train_v1
 
     home = root / "models"
     home.mkdir(parents=True)
     train_v1(home, n_users=WORLD["n_users"], n_items=WORLD["n_items"], seed=WORLD["seed"], ctr_examples=2000,
              retrieval_epochs=2, ranking_epochs=1, n_candidates=60, log=lambda s: None)
     world = make_synthetic(**WORLD, string_keys=True)
-    store = _ContextStore(SqliteEventStore(root / "events.db"))
-    engine = Engine.load(home, events=store, ort_threads=1, num_threads=1)
+    store = SqliteEventStore(root / "events.db")
+    clock = SimClock()
+    engine = Engine.load(home, events=store, ort_threads=1, num_threads=1, clock=clock)
     rng = np.random.default_rng(1)
     try:
-        for _ in range(days):
-            serve_day(engine, world, rng, 200, store=store)
+        for day in range(1, days + 1):
+            serve_day(engine, world, rng, 200, clock=clock, day=day)
     finally:
         engine.close()
         store.close()
@@ -157,7 +158,8 @@ def test_simulate_command_prints_ctr_per_day_and_version_and_the_gate(tmp_path, 
     out = capsys.readouterr().out
     assert rc == 0
     assert "day 1: version v1" in out and "offline update after day 1" in out and "gate: " in out
-    assert "expected CTR" in out and "feedback_metrics" in out
+    assert "expected CTR" in out and "rec-engine report" in out
+    assert "| v1 | 2026-01-01 |" in out and "| v2 | 2026-01-02 |" in out    # simulated days are days in the store
     current = versions.current(tmp_path / "models")
     assert f"day 2: version {current}" in out
 
