@@ -65,9 +65,10 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
     print(f"\n== bundles written: {root / 'lightgcn'}, {root / 'deepfm'}, pipeline {pipe}")
 
     # ---------------------------------------------------------------- serve
-    log_path = root / "events.jsonl"
-    log_path.unlink(missing_ok=True)
-    engine = Engine.load(pipe, event_log=log_path, num_threads=1)
+    db = root / "events.db"
+    for leftover in (db, db.with_name("events.db-wal"), db.with_name("events.db-shm")):
+        leftover.unlink(missing_ok=True)
+    engine = Engine.load(pipe, events=db, num_threads=1)
     ctx = {"hour": 20.0, "device": "ios"}
     print(f"engine version {engine.version}; context {ctx}\n")
     users = [str(k) for k in graph.keys["user"][:3]]
@@ -77,9 +78,10 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
     u = users[0]
     first = engine.recommend(u, k=5, context=ctx)
     clicked = first.items[:2].tolist()
-    engine.observe(u, clicked)
+    for item in clicked:                     # clicks on what was shown, tied to the answer by its request id
+        engine.feedback(u, item, kind="click", request_id=first.request_id)
     after = engine.recommend(u, k=5, context=ctx)
-    print(f"\nobserve(user {u}, {clicked}) -> seen items excluded, user vector folded in:")
+    print(f"\nfeedback(user {u}, clicks on {clicked}) -> seen items excluded, user vector folded in:")
     print(f"user {u}: items {after.items.tolist()}  p(click) {_probs(after.scores)}")
     cold = engine.recommend("u-new", k=5, context={**ctx, "age": "25-34", "country": "de"})
     print(f"unknown user (cold start, popular items ranked by context): {cold.items.tolist()}")
@@ -96,6 +98,12 @@ def run(out: str | None = None, *, n_users: int = 2000, n_items: int = 1000, see
     print(f"\n== latency of recommend (k=10, 200 candidates ranked by DeepFM), {requests} requests, ms")
     print(_table(lat_rows, ("stage", "p50", "p99")))
     engine.close()
+    from rec_engine.events import SqliteEventStore
+
+    with SqliteEventStore(db) as store:
+        print(f"\n== event store {db}: {store.count('impression')} impressions (one per recommend, with its "
+              f"request id), {store.count('click')} clicks; `rec-engine report --events {db}` summarizes them, "
+              f"`rec-engine simulate` runs the whole loop (serve, click, retrain, gate, promote)")
 
     # ---------------------------------------------------------------- quality
     m = lg.metrics

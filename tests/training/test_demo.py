@@ -14,4 +14,12 @@ def test_demo_serves_string_keys_and_beats_popularity(tmp_path, capsys):
     assert "user u-0: items ['sku-" in text and "unknown user (cold start" in text
     assert out["retrieval"]["recall@20"] > out["popularity"]["recall@20"]
     assert all(p50 <= p99 for p50, p99 in out["latency"].values())
-    assert (tmp_path / "events.jsonl").read_text().count('"user": "u-0"') == 1
+    from rec_engine.events import SqliteEventStore
+
+    with SqliteEventStore(tmp_path / "events.db") as store:
+        clicks = list(store.read(kinds=["click"]))
+        shown = {e.request_id: e for e in store.read(kinds=["impression"])}
+    assert [c.user for c in clicks] == ["u-0", "u-0"]           # the demo's two clicks, on what it was shown
+    assert all(c.item in shown[c.request_id].items for c in clicks)
+    assert len(shown) == 3 + 2 + 1 + 20                          # one impression per recommend call
+    assert "2 clicks" in text
