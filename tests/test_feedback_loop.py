@@ -139,6 +139,11 @@ def test_two_engines_on_one_store_follow_each_other(trained, tmp_path):  # noqa:
             time.sleep(0.01)
         assert b.online.items(9) == (1, 2) and a.online.items(9) == (1, 2)
         assert not {1, 2} & set(b.recommend(9, k=50, context=CTX).items.tolist())
+        assert b.forget(9) == 3                  # two clicks and an impression; a user forgotten by one leaves the other's state too
+        deadline = time.time() + 10
+        while a.online.items(9) is not None and time.time() < deadline:
+            time.sleep(0.01)
+        assert a.online.items(9) is None
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .events import INTERACTIONS, Event, EventLogError, EventStore, check_key
+from .events import INTERACTIONS, Event, EventLogError, EventStore, check_key, user_hash
 
 __all__ = ["OnlineState", "EventLogError"]
 
@@ -50,6 +50,7 @@ class OnlineState:
         if store is not None:
             t0 = time.perf_counter()
             self._cursor = store.events_after(None)[1] if follow_s else None
+            self._forgotten = store.forgotten() if follow_s else set()
             since = None if window_days is None else time.time() - window_days * 86400.0
             for user, items in store.load_state(since).items():
                 self._items[user] = items
@@ -103,7 +104,14 @@ class OnlineState:
         import inspect
 
         blocking = "wait_s" in inspect.signature(self.store.events_after).parameters
+        next_forget_check = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() >= next_forget_check:
+                next_forget_check = time.monotonic() + max(self.follow_s, 1.0)
+                try:
+                    self._drop_forgotten()
+                except Exception:    # noqa: BLE001 - retried at the next check
+                    pass
             if not blocking and self._stop.wait(self.follow_s):
                 return
             try:
@@ -117,6 +125,19 @@ class OnlineState:
                 continue
             if got:
                 self.apply(got)
+
+    def _drop_forgotten(self) -> None:
+        """Users another process forgot (their key hashes are new in the store's list): out of this state too."""
+        hashes = self.store.forgotten()
+        new = hashes - self._forgotten
+        self._forgotten = hashes
+        if not new:
+            return
+        with self._lock:
+            gone = [u for u in self._items if user_hash(u) in new]
+            for u in gone:
+                self.n_events -= len(self._items.pop(u))
+                self._stamp[u] = next(self._clock)
 
     def forget(self, user) -> int:
         """Erase ``user``'s state and (through the store) every event of the user; returns the events erased."""
