@@ -197,6 +197,91 @@ def test_random_event_sequences_match_the_reference(seed, n, sizes, kinds, since
             assert typed(s.load_state(since=T0 + since)) == ref_state(ref, T0 + since)
 
 
+# ---------------------------------------------------------------------------------------- scan
+def as_columns(e: Event, cols, decode=False):
+    """What scan() must give for the event ``e`` (as read() returns it)."""
+    out = []
+    for c in cols:
+        v = getattr(e, c)
+        if c in ("items", "scores") and v is not None:
+            v = list(v) if decode else json.dumps(list(v), separators=(",", ":"))
+        elif c == "attrs" and v is not None and not decode:
+            v = json.dumps(v, separators=(",", ":"))
+        out.append(v)
+    return tuple(out)
+
+
+def assert_same_rows(got, want):
+    assert got == want
+    for g, w in zip(got, want):                   # 7 and "7", 1.0 and 1 stay what they are
+        assert [type(x) for x in g] == [type(x) for x in w]
+
+
+class ReadOnly(EventStore):
+    """A store with read() only: scan() is the interface's default, built on read()."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def read(self, **kw):
+        return self.inner.read(**kw)
+
+
+SCAN_CASES = [dict(), dict(kinds=["click"]), dict(kinds="rating"), dict(kinds=["impression", "conversion"]),
+              dict(kinds=[]), dict(since=T0 + 5), dict(until=T0 + 5), dict(since=T0 + 3, until=T0 + 4),
+              dict(since=T0 + 3.5, until=T0 + 3.5), dict(kinds=("impression",), since=T0 + 2, until=T0 + 17)]
+ALL_COLUMNS = ("id", "ts", "kind", "user", "item", "request_id", "version", "value", "items", "scores", "attrs")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 10_000])
+def test_scan_gives_the_columns_of_read_for_every_filter(store, batch):
+    r = random.Random(5)
+    append_all(store, [make_event(r, i) for i in range(150)], [4, 13])
+    default = ReadOnly(store)
+    for cols in (ALL_COLUMNS, ("items", "ts", "kind"), ("user",), "item", ("value", "value", "id")):
+        names = (cols,) if isinstance(cols, str) else cols
+        for kw in SCAN_CASES:
+            for decode in (False, True):
+                want = [as_columns(e, names, decode) for e in store.read(**kw)]
+                got = list(store.scan(cols, decode=decode, batch=batch, **kw))
+                assert_same_rows(got, want)
+                assert_same_rows(list(default.scan(cols, decode=decode, **kw)), want)
+    assert all(isinstance(t, str) for (t,) in store.scan(["items"], kinds="impression"))
+    assert list(store.scan(["id"])) == [(e.id,) for e in store.read()]
+
+
+def test_scan_crosses_gaps_in_the_ids_and_sees_rows_appended_while_it_runs(store):
+    ids = store.append([Event("click", i % 4, i, ts=T0 + i) for i in range(100)])
+    store.forget(1)                                   # every 4th row gone
+    store.drop_before(T0 + 20)                        # the first 20 gone
+    with sqlite3.connect(store.path) as raw:          # a hole wider than a page in the middle
+        raw.execute("DELETE FROM events WHERE id BETWEEN ? AND ?", (ids[40], ids[79]))
+    raw.close()
+    want = [(e.id, e.item) for e in store.read()]
+    assert len(want) == 30 and want[0][0] > 20
+    assert list(store.scan(("id", "item"), batch=7)) == want
+    assert list(store.scan(("id", "item"), batch=1, kinds="click", since=T0 + 85)) == \
+        [w for w in want if w[1] >= 85]
+    it = store.scan(("id",), batch=5)
+    first = [next(it) for _ in range(3)]
+    late = store.append([Event("click", 9, "late", ts=T0)])
+    assert first + list(it) == [(i,) for i, _ in want] + [(late[0],)]
+    store.drop_before(T0 + 1000)
+    assert list(store.scan(("id",))) == [] and list(ReadOnly(store).scan(("id",))) == []
+
+
+def test_bad_scan_arguments_raise_at_the_call(store):
+    for s in (store, ReadOnly(store)):
+        with pytest.raises(ValueError, match="columns"):
+            s.scan(["ts", "origin"])
+        with pytest.raises(ValueError, match="columns"):
+            s.scan([])
+        with pytest.raises(ValueError, match="kinds"):
+            s.scan(["ts"], kinds=["view"])
+    with pytest.raises(ValueError, match="batch"):
+        store.scan(["ts"], batch=0)
+
+
 # ---------------------------------------------------------------------------------------- two stores, threads
 def test_events_after_between_two_stores_on_one_file_sees_the_others_events_not_its_own(tmp_path):
     path = tmp_path / "shared.db"

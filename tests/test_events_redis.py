@@ -2,6 +2,7 @@
 against a brute-force reference: the list of events appended, filtered in Python."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -154,6 +155,60 @@ def test_read_filters_match_the_brute_force_reference(store, rng):
         assert [g.id for g in got] == [i for i, _ in want], kw
         for g, (_, w) in zip(got, want):
             _same(g, w)
+
+
+SCAN_COLUMNS = ("id", "ts", "kind", "user", "item", "request_id", "version", "value", "items", "scores", "attrs")
+
+
+def _as_columns(e: Event, cols, decode: bool) -> tuple:
+    """What scan() must give for the event ``e`` (as read() returns it)."""
+    out = []
+    for c in cols:
+        v = getattr(e, c)
+        if c in ("items", "scores") and v is not None:
+            v = list(v) if decode else json.dumps(list(v), separators=(",", ":"))
+        elif c == "attrs" and v is not None and not decode:
+            v = json.dumps(v, separators=(",", ":"))
+        out.append(v)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("batch", [None, 1, 1000])
+def test_scan_gives_the_columns_of_read_for_every_filter(store, rng, batch):
+    events = _events(rng, 70)
+    store.append(events[:30])
+    store.append(events[30:])
+    cases = [dict(), dict(kinds="click"), dict(kinds=["rating", "conversion"]), dict(kinds=[]),
+             dict(since=1_700_000_300.125), dict(until=1_700_000_500.0),
+             dict(since=1_700_000_100.0, until=1_700_000_900.0, kinds=["impression"])]
+    for cols in (SCAN_COLUMNS, ("items", "ts", "kind"), ("user",), "item", ("value", "value", "id")):
+        names = (cols,) if isinstance(cols, str) else cols
+        for kw in cases:
+            for decode in (False, True):
+                want = [_as_columns(e, names, decode) for e in store.read(**kw)]
+                got = list(store.scan(cols, decode=decode, batch=batch, **kw))
+                assert got == want, (cols, kw, decode)
+                for g, w in zip(got, want):      # keys keep their type: 1 and "1", 7 and "7" stay apart
+                    assert [type(x) for x in g] == [type(x) for x in w]
+    assert all(isinstance(i, str) and "-" in i for (i,) in store.scan(["id"]))
+
+
+def test_scan_of_an_empty_stream_and_bad_arguments(store):
+    assert list(store.scan(("ts", "kind"))) == []
+    with pytest.raises(ValueError, match="columns"):
+        store.scan(["ts", "origin"])
+    with pytest.raises(ValueError, match="kinds"):
+        store.scan(["ts"], kinds=["like"])
+    with pytest.raises(ValueError, match="batch"):
+        store.scan(["ts"], batch=0)
+
+
+def test_scan_sees_events_appended_between_pages(store, rng):
+    ids = store.append(_events(rng, 20))
+    it = store.scan(("id",))                          # page=7: three pages
+    first = [next(it) for _ in range(3)]
+    late = store.append(_events(rng, 2))
+    assert first + list(it) == [(i,) for i in ids + late]
 
 
 def test_load_state_matches_the_reference_oldest_first(store, rng):

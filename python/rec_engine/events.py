@@ -156,6 +156,40 @@ def _event_of(row) -> Event:
                  None if scores is None else tuple(scores), _loads(attrs), eid)
 
 
+#: the columns :meth:`EventStore.scan` can return
+SCAN_COLUMNS = ("id", "ts", "kind", "user", "item", "request_id", "version", "value", "items", "scores", "attrs")
+_JSON_COLUMNS = frozenset(("items", "scores", "attrs"))
+_SCAN_GETTERS = {c: (lambda e, _c=c: getattr(e, _c)) for c in SCAN_COLUMNS}
+
+
+def _json_getter(column: str, decode: bool):
+    """An event's ``items`` / ``scores`` / ``attrs`` as :meth:`EventStore.scan` returns it."""
+    if column == "attrs":
+        return (lambda e: None if e.attrs is None else dict(e.attrs)) if decode else (lambda e: _dumps(e.attrs))
+    if decode:
+        return lambda e: None if getattr(e, column) is None else list(getattr(e, column))
+    return lambda e: None if getattr(e, column) is None else _dumps(list(getattr(e, column)))
+
+
+def _scan_columns(columns) -> tuple:
+    """``columns`` of :meth:`EventStore.scan` checked: a tuple of names from :data:`SCAN_COLUMNS`."""
+    cols = (columns,) if isinstance(columns, str) else tuple(columns)
+    bad = [c for c in cols if c not in SCAN_COLUMNS]
+    if bad or not cols:
+        raise ValueError(f"scan needs columns among {SCAN_COLUMNS}, got {list(cols)}")
+    return cols
+
+
+def _scan_kinds(kinds) -> list | None:
+    if kinds is None:
+        return None
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown event kinds {bad}; kinds are {KINDS}")
+    return kinds
+
+
 class EventStore:
     """The interface every event store implements (SQLite embedded, Redis Streams shared).
 
@@ -183,6 +217,24 @@ class EventStore:
              user=None, after_id: int = 0) -> Iterator[Event]:
         """Events in the order stored, filtered by kind, time ``[since, until)``, user, and id > ``after_id``."""
         raise NotImplementedError
+
+    def scan(self, columns: Sequence[str], *, kinds: Iterable[str] | None = None, since: float | None = None,
+             until: float | None = None, decode: bool = False) -> Iterator[tuple]:
+        """The named ``columns`` of the events (filtered like :meth:`read`: kind, ``ts`` in ``[since, until)``),
+        in the order stored, as plain tuples: no :class:`Event` built, nothing decoded that was not asked for.
+
+        ``columns``: names among :data:`SCAN_COLUMNS` (``id``, ``ts``, ``kind``, ``user``, ``item``,
+        ``request_id``, ``version``, ``value``, ``items``, ``scores``, ``attrs``), in the order wanted; a
+        tuple per event holds them in that order (a 1-tuple for one column). Keys keep their type, ``ts`` and
+        ``value`` are floats, a field not set is None. ``items`` / ``scores`` / ``attrs`` are their compact
+        JSON text (``'["a",7]'``), or with ``decode`` what ``json.loads`` makes of it (lists, a dict).
+
+        This default builds on :meth:`read`; stores implement it without the events (one query of those
+        columns only)."""
+        cols = _scan_columns(columns)
+        get = [_SCAN_GETTERS[c] if c not in _JSON_COLUMNS else _json_getter(c, decode) for c in cols]
+        events = self.read(kinds=_scan_kinds(kinds), since=since, until=until)
+        return (tuple([g(e) for g in get]) for e in events)
 
     def events_after(self, cursor, *, exclude_origin: bool = True) -> tuple[list[Event], Any]:
         """Events appended after ``cursor`` (None: from now on) by other writers (``exclude_origin``: not by
@@ -444,6 +496,57 @@ class SqliteEventStore(EventStore):
             if len(rows) < batch:
                 return
             last = rows[-1][0]
+
+    def scan(self, columns, *, kinds=None, since=None, until=None, decode: bool = False,
+             batch: int = 10_000) -> Iterator[tuple]:
+        """See :meth:`EventStore.scan`: one SELECT of those columns per page of ``batch`` ids (pages by id
+        range, as :meth:`read` pages by id, so a long scan never holds the database; rows appended during
+        the scan are seen)."""
+        cols = _scan_columns(columns)
+        kinds = _scan_kinds(kinds)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        since = None if since is None else float(since)
+        until = None if until is None else float(until)
+        return self._scan_rows(cols, kinds, since, until, decode, batch)
+
+    def _scan_rows(self, cols, kinds, since, until, decode, batch) -> Iterator[tuple]:
+        where, args = ["id > ?", "id <= ?"], [0, 0]
+        if kinds is not None:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            args += kinds
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        sql = f"SELECT {', '.join(cols)} FROM events WHERE {' AND '.join(where)}"
+        js = [j for j, c in enumerate(cols) if c in _JSON_COLUMNS] if decode else []
+        lo = 0
+        hi = self._query("SELECT COALESCE(MIN(id) - 1, 0), COALESCE(MAX(id), 0) FROM events")[0]
+        lo, hi = max(lo, hi[0]), hi[1]
+        while True:
+            if lo >= hi:                    # the end seen: rows appended since are read too
+                hi = self._query("SELECT COALESCE(MAX(id), 0) FROM events")[0][0]
+                if lo >= hi:
+                    return
+            args[0], args[1] = lo, lo + batch
+            rows = self._query(sql, args)  # (id ranges: no id column to strip from each row)
+            if js:
+                for row in rows:
+                    row = list(row)
+                    for j in js:
+                        if row[j] is not None:
+                            row[j] = json.loads(row[j])
+                    yield tuple(row)
+            else:
+                yield from rows
+            if rows:
+                lo += batch
+            else:                           # a gap in the ids (erased rows): on to the next id there is
+                nxt = self._query("SELECT MIN(id) FROM events WHERE id > ?", (lo + batch,))[0][0]
+                lo = lo + batch if nxt is None else max(lo + batch, nxt - 1)
 
     def events_after(self, cursor, *, exclude_origin: bool = True) -> tuple[list[Event], Any]:
         if cursor is None:

@@ -44,7 +44,8 @@ import uuid
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from .events import INTERACTIONS, KINDS, SCHEMA_VERSION, Event, EventStore, EventStoreError, check_key, user_hash
+from .events import (INTERACTIONS, KINDS, SCHEMA_VERSION, Event, EventStore, EventStoreError, _scan_columns, _scan_kinds,
+                     check_key, user_hash)
 
 try:
     import redis
@@ -55,11 +56,14 @@ _ID = re.compile(r"^\d+(-\d+)?$")
 
 # One page of a filtered scan, run inside Redis: XRANGE ``page`` entries after ``start``, keep those that
 # match (kinds, ts in [since, until), user), and return them whole ('entries'), as user/item pairs
-# ('pairs'), or only count ('count') or delete ('delete') them. Returns {scanned, last id, matched, out}.
+# ('pairs'), only the fields named in ARGV[8] ('fields': a flat list, nil for a field not set; ``id``: the
+# entry's id), or only count ('count') or delete ('delete') them. Returns {scanned, last id, matched, out}.
 _SCAN = """
 local rows = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))
 local kinds, since, untl, user, mode = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local out, ids, n = {}, {}, 0
+local cols = {}
+if mode == 'fields' then for c in string.gmatch(ARGV[8] or '', '[^,]+') do cols[#cols + 1] = c end end
 for _, e in ipairs(rows) do
   local f, h = e[2], {}
   for i = 1, #f, 2 do h[f[i]] = f[i + 1] end
@@ -74,6 +78,10 @@ for _, e in ipairs(rows) do
     n = n + 1
     if mode == 'entries' then out[#out + 1] = e
     elseif mode == 'pairs' then out[#out + 1] = h.user or ''; out[#out + 1] = h.item or ''
+    elseif mode == 'fields' then
+      for _, c in ipairs(cols) do
+        if c == 'id' then out[#out + 1] = e[1] else out[#out + 1] = h[c] or false end
+      end
     elseif mode == 'delete' then ids[#ids + 1] = e[1] end
   end
 end
@@ -155,6 +163,17 @@ def _event_of(eid, flat) -> Event:
                      eid.decode() if isinstance(eid, bytes) else eid)
     except (KeyError, ValueError, AttributeError) as err:
         raise EventStoreError(f"not an event store entry: {eid!r} ({err!r})") from None
+
+
+def _opt(fn):
+    return lambda x: None if x is None else fn(x)
+
+
+# how :meth:`RedisEventStore.scan` turns a field's bytes into its value ("json": items / scores / attrs decoded)
+_SCAN_DECODE = {"id": _opt(bytes.decode), "ts": _opt(float), "kind": _opt(bytes.decode), "user": _opt(_dec_key),
+                "item": _opt(_dec_key), "request_id": _opt(bytes.decode), "version": _opt(bytes.decode),
+                "value": _opt(float), "items": _opt(bytes.decode), "scores": _opt(bytes.decode),
+                "attrs": _opt(bytes.decode), "json": _opt(json.loads)}
 
 
 def _redacted(url: str) -> str:
@@ -279,12 +298,12 @@ class RedisEventStore(EventStore):
             raise EventStoreError(f"{self.url}: Redis error ({e})") from None
 
     def _scan_pages(self, *, kinds=None, since=None, until=None, user=None, mode: str, after: str = "0-0",
-                    page: int | None = None):
+                    page: int | None = None, fields: str = ""):
         """Yields (matched, out) per page of a server-side scan from after ``after`` to the stream's end."""
         page = self.page if page is None else page
         kinds_arg = "" if kinds is None else "," + ",".join(kinds) + ","
         args = [None, page, kinds_arg, "" if since is None else repr(float(since)),
-                "" if until is None else repr(float(until)), "" if user is None else _enc_key(user), mode]
+                "" if until is None else repr(float(until)), "" if user is None else _enc_key(user), mode, fields]
         start = "-" if after == "0-0" else "(" + after
         while True:
             args[0] = start
@@ -436,6 +455,31 @@ class RedisEventStore(EventStore):
                                        after=after, page=page):
             for eid, flat in out:
                 yield _event_of(eid, flat)
+
+    def scan(self, columns, *, kinds=None, since=None, until=None, decode: bool = False,
+             batch: int | None = None) -> Iterator[tuple]:
+        """See :meth:`EventStore.scan`: a server-side scan (a Lua script per page of ``batch`` entries, default
+        ``page``) that sends back only those fields of the matching entries. Keys come back with their
+        type, ``ts`` / ``value`` as floats, ``id`` as the stream id string; ``items`` / ``scores`` / ``attrs``
+        as their JSON text (a str), or decoded with ``decode``."""
+        cols = _scan_columns(columns)
+        kinds = _scan_kinds(kinds)
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        since = None if since is None else float(since)
+        until = None if until is None else float(until)
+        dec = [_SCAN_DECODE["json" if decode and c in ("items", "scores", "attrs") else c] for c in cols]
+        return self._scan_fields(cols, dec, kinds, since, until, batch)
+
+    def _scan_fields(self, cols, dec, kinds, since, until, page) -> Iterator[tuple]:
+        k = len(cols)
+        for _, out in self._scan_pages(kinds=kinds, since=since, until=until, mode="fields", page=page,
+                                       fields=",".join(cols)):
+            try:
+                per = [list(map(d, out[j::k])) for j, d in enumerate(dec)]
+            except (ValueError, AttributeError) as err:
+                raise EventStoreError(f"{self.url}: not an event store entry ({err!r})") from None
+            yield from zip(*per)
 
     def events_after(self, cursor, *, exclude_origin: bool = True,
                      wait_s: float | None = None) -> tuple[list[Event], Any]:

@@ -1,7 +1,7 @@
 """Feedback metrics from the event store: what each model version served and how users answered it.
 
-:func:`feedback_metrics` reads the store once (:meth:`~rec_engine.events.EventStore.read` pages through it) and
-gives one row per (model version, UTC day of the impression) plus a ``"total"`` row per version;
+:func:`feedback_metrics` reads the store once (:meth:`~rec_engine.events.EventStore.scan`: only the columns it
+needs) and gives one row per (model version, UTC day of the impression) plus a ``"total"`` row per version;
 :func:`ab_summary` compares the versions' click-through rates (Wilson intervals, two-proportion z-tests);
 :func:`format_table` / :func:`format_ab` print them as markdown and :func:`plot` draws them (needs matplotlib).
 ``rec-engine report`` (:func:`add_report_command`) does all of it from the command line.
@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import math
 import os
-from collections import Counter
-from itertools import chain
-from operator import mul
+from collections import deque
 from collections.abc import Mapping
+from itertools import chain, compress, islice, repeat
+from operator import is_not
 from statistics import NormalDist
 from typing import Any, Sequence
 
@@ -74,15 +75,6 @@ class FeedbackRows(list):
         super().__init__(rows)
         self.n_items, self.n_items_from = int(n_items), n_items_from
         self.unattributed = dict(unattributed or {})
-
-
-class _Group:
-    __slots__ = ("impressions", "shown", "lists", "clicks", "conversions", "value", "counts", "novelty_sum")
-
-    def __init__(self):
-        self.impressions = self.shown = self.clicks = self.conversions = 0
-        self.lists: list[tuple] = []            # the impressions' item tuples (counted at the end, in C)
-        self.value = 0.0
 
 
 def _day(day_index: int) -> str:
@@ -251,114 +243,240 @@ def feedback_metrics(store, *, n_items: int | None = None, item_popularity=None,
             st.close()
 
 
+_COLUMNS = ("ts", "kind", "item", "request_id", "version", "value", "items")
+_KIND = {"impression": 0, "click": 1, "conversion": 2, "rating": 3}
+_CHUNK = 65_536                                        # rows turned into arrays at a time
+
+
+class _Dense(dict):
+    """Keys (item keys, versions) -> dense ints 0.. in order of first appearance; a dict, so 7 and "7" stay
+    apart. One lookup per key: a key not seen yet gets the next int (``__missing__``)."""
+
+    def __missing__(self, key):
+        self[key] = i = len(self)
+        return i
+
+    def ids(self, keys, n: int) -> np.ndarray:
+        """The ints of the ``n`` keys of the iterable ``keys``."""
+        return np.fromiter(map(self.__getitem__, keys), np.int64, n)
+
+
+def _cat(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a``, ascending (a sort: NumPy 2.3+'s hash-based ``np.unique`` is many times
+    slower on a few million int64)."""
+    s = np.sort(a)
+    if len(s) > 1:
+        s = s[np.concatenate(([True], s[1:] != s[:-1]))]
+    return s
+
+
+def _segments(sorted_ids: np.ndarray, n: int) -> np.ndarray:
+    """Bounds of the runs of 0..n-1 in ``sorted_ids``: run ``g`` is ``[b[g], b[g + 1])``."""
+    return np.searchsorted(sorted_ids, np.arange(n + 1))
+
+
 def _scan(store: EventStore, n_items, pop, since_s, until_s, attribution_s) -> FeedbackRows:
-    groups: dict[tuple, _Group] = {}
-    versions: dict[Any, float] = {}                    # version -> its earliest impression's ts
-    requests: dict[str, tuple] = {}                    # request id -> (group, items shown)
-    clicked: set = set()                               # (request id, item) pairs counted
-    converted: set = set()
-    pending: list[tuple] = []                          # feedback read before its impression
-    fb_items: list = []                                # the window's interactions (popularity)
-    lost = Counter()
+    # One pass over the store's columns (EventStore.scan: tuples, no Event objects), a chunk of rows at a
+    # time turned into arrays: item keys and versions become dense ints once (a dict lookup each), the
+    # impressions' item lists are decoded with one json.loads per chunk, and everything is counted with
+    # NumPy at the end. Attribution does not depend on the order of the feedback and its impression: a
+    # request id answers to its first in-window impression in store order, whenever the feedback came.
     read_until = None if until_s is None else until_s + float(attribution_s)
-    inf = math.inf
+    items_d, versions_d = _Dense(), _Dense()
+    requests: dict = {}                                # request id -> index of its first in-window impression
+    imp_ts, imp_v, imp_len, pos_item = [], [], [], []  # per in-window impression; per position shown
+    fb_kind, fb_item, fb_imp, fb_rid, fb_win = [], [], [], [], []   # per feedback event (click, conversion, rating)
+    conv_at, conv_value = [], []                       # conversions: index among the feedback, value (nan: none)
+    pending: list[tuple] = []                          # (feedback index, request id) read before its impression
+    n_imp = n_fb = 0
+    rows = store.scan(_COLUMNS, kinds=tuple(_KIND), since=since_s, until=read_until)
+    # the loop allocates millions of short-lived tuples and lists (no reference cycles) while the dicts above
+    # grow to a million keys, which every full collection would walk again: the collector waits (~20%)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        while True:
+            chunk = list(islice(rows, _CHUNK))
+            if not chunk:
+                break
+            ts, kind, item, rid, version, value, items = zip(*chunk)
+            del chunk
+            code = np.fromiter(map(_KIND.__getitem__, kind), np.int8, len(kind))
+            t = np.array(ts, dtype=np.float64)
+            win = np.ones(len(t), bool) if until_s is None else t < until_s
+            imp = (code == 0) & win                              # impressions after until: skipped
+            n_new = int(np.count_nonzero(imp))
+            if n_new:
+                sel = imp.tolist()
+                lists = json.loads("[" + ",".join(compress(items, sel)) + "]")
+                lens = np.fromiter(map(len, lists), np.int64, n_new)
+                imp_len.append(lens)
+                pos_item.append(items_d.ids(chain.from_iterable(lists), int(lens.sum())))
+                del lists
+                imp_ts.append(t[imp])
+                imp_v.append(versions_d.ids(compress(version, sel), n_new))
+                # the first impression of each request id keeps it (setdefault, in store order)
+                deque(map(requests.setdefault, compress(rid, sel), range(n_imp, n_imp + n_new)), maxlen=0)
+                requests.pop(None, None)
+                n_imp += n_new
+            fb = code != 0
+            n_new = int(np.count_nonzero(fb))
+            if n_new:
+                sel = fb.tolist()
+                rids = list(compress(rid, sel))
+                hit = np.fromiter(map(requests.get, rids, repeat(-1)), np.int64, n_new)
+                has = np.fromiter(map(is_not, rids, repeat(None)), bool, n_new)
+                for j in np.flatnonzero((hit < 0) & has).tolist():
+                    pending.append((n_fb + j, rids[j]))
+                kinds = code[fb]
+                fb_kind.append(kinds)
+                fb_item.append(items_d.ids(compress(item, sel), n_new))
+                fb_imp.append(hit)
+                fb_rid.append(has)
+                fb_win.append(win[fb])
+                conv = np.flatnonzero(kinds == 2)
+                if len(conv):
+                    conv_at.append(conv + n_fb)
+                    conv_value.append(np.array([value[j] for j in np.flatnonzero(fb)[conv].tolist()],
+                                               dtype=np.float64))          # None: nan
+                n_fb += n_new
+    finally:
+        if gc_was:
+            gc.enable()
+    del rows
 
-    def attribute(kind, rid, item, value) -> bool:
-        hit = requests.get(rid)
-        if hit is None:
-            return False
-        g, shown = hit
-        if item not in shown:
-            lost[f"{kind}s_not_shown"] += 1
-        elif kind == "click":
-            if (rid, item) not in clicked:
-                clicked.add((rid, item))
-                g.clicks += 1
-        else:
-            if (rid, item) not in converted:
-                converted.add((rid, item))
-                g.conversions += 1
-            if value is not None:
-                g.value += value
-        return True
+    n_keys = max(len(items_d), 1)
+    imp_ts, imp_v, imp_len = _cat(imp_ts, np.float64), _cat(imp_v, np.int64), _cat(imp_len, np.int64)
+    pos_item = _cat(pos_item, np.int64)
+    fb_kind, fb_item, fb_imp = _cat(fb_kind, np.int8), _cat(fb_item, np.int64), _cat(fb_imp, np.int64)
+    fb_rid, fb_win = _cat(fb_rid, bool), _cat(fb_win, bool)
+    for j, r in pending:                               # feedback read before its impression
+        fb_imp[j] = requests.get(r, -1)
+    del requests, pending
 
-    # one pass in id order; the loop body is the report's cost, so it stays flat
-    for e in store.read(kinds=("impression", "click", "conversion", "rating"), since=since_s, until=read_until):
-        ts, kind = e.ts, e.kind
-        in_window = until_s is None or ts < until_s
-        if kind == "impression":
-            if not in_window:
-                continue
-            v = e.version
-            key = (v, int(ts // DAY_S))
-            g = groups.get(key)
-            if g is None:
-                g = groups[key] = _Group()
-            if ts < versions.get(v, inf):
-                versions[v] = ts
-            items = e.items
-            g.impressions += 1
-            g.shown += len(items)
-            g.lists.append(items)
-            rid = e.request_id
-            if rid is not None and rid not in requests:
-                requests[rid] = (g, items if len(items) <= 16 else frozenset(items))
-            continue
-        if in_window:
-            fb_items.append(e.item)
-        if kind == "rating":
-            continue
-        rid = e.request_id
-        if rid is None:
-            if in_window:
-                lost[f"{kind}s_without_request"] += 1
-        elif not attribute(kind, rid, e.item, e.value):
-            pending.append((kind, rid, e.item, e.value, in_window))
-    for kind, rid, item, value, in_window in pending:
-        if not attribute(kind, rid, item, value) and in_window:
-            lost[f"{kind}s_unknown_request"] += 1
-    del requests, clicked, converted, pending
+    # groups: (version, UTC day of the impression), ordered by version code, then day
+    day = (imp_ts // DAY_S).astype(np.int64)
+    d0 = int(day.min()) if n_imp else 0
+    span = (int(day.max()) - d0 + 1) if n_imp else 1
+    gkey = imp_v * span + (day - d0)
+    gkeys = _unique(gkey)
+    imp_g = np.searchsorted(gkeys, gkey)
+    n_g = len(gkeys)
+    g_version, g_day = (gkeys // span).tolist(), (gkeys % span + d0).tolist()
+    g_imps = np.bincount(imp_g, minlength=n_g)
+    pos_g = np.repeat(imp_g, imp_len)
+    g_shown = np.bincount(pos_g, minlength=n_g)
+    # (group, item) pairs shown, with how often: sorted by group, then item
+    pair = pos_g * n_keys + pos_item
+    if n_g * n_keys <= 8 * len(pair) + (1 << 20):
+        cnt = np.bincount(pair, minlength=n_g * n_keys)
+        pair = np.flatnonzero(cnt)
+        pair_n = cnt[pair]
+        del cnt
+    else:
+        pair = np.sort(pair)
+        starts = np.flatnonzero(np.concatenate(([True], pair[1:] != pair[:-1])))
+        pair_n = np.diff(np.append(starts, len(pair)))
+        pair = pair[starts]
+    pair_g, pair_item = pair // n_keys, pair % n_keys
+    g_bounds = _segments(pair_g, n_g)
+
+    # attribution: a click / conversion counts for the first in-window impression of its request id when that
+    # impression showed the item; (request, item) pairs distinct per kind
+    lost: dict[str, int] = {}
+    g_clicks = np.zeros(n_g, np.int64)
+    g_convs = np.zeros(n_g, np.int64)
+    g_value = [0.0] * n_g
+    if n_fb:
+        shown_pairs = np.sort(np.repeat(np.arange(n_imp, dtype=np.int64), imp_len) * n_keys + pos_item)
+        known = (fb_kind != 3) & (fb_imp >= 0)
+        fb_pair = fb_imp * n_keys + fb_item
+        shown = np.zeros(n_fb, bool)
+        if len(shown_pairs):
+            want = fb_pair[known]
+            at = np.minimum(np.searchsorted(shown_pairs, want), len(shown_pairs) - 1)
+            shown[known] = shown_pairs[at] == want
+        del shown_pairs
+        for name, k in (("click", 1), ("conversion", 2)):
+            of_kind = fb_kind == k
+            counts = {"without_request": of_kind & ~fb_rid & fb_win,
+                      "unknown_request": of_kind & fb_rid & (fb_imp < 0) & fb_win,
+                      "not_shown": of_kind & known & ~shown}
+            for why, mask in counts.items():
+                c = int(np.count_nonzero(mask))
+                if c:
+                    lost[f"{name}s_{why}"] = c
+            distinct = _unique(fb_pair[of_kind & shown])
+            per_g = np.bincount(imp_g[distinct // n_keys], minlength=n_g)
+            if k == 1:
+                g_clicks = per_g
+            else:
+                g_convs = per_g
+        if conv_at:
+            at, val = np.concatenate(conv_at), np.concatenate(conv_value)
+            ok = shown[at] & ~np.isnan(val)
+            at, val = at[ok], val[ok]
+            vg = imp_g[fb_imp[at]]
+            order = np.argsort(vg, kind="stable")
+            vg, val = vg[order], val[order]
+            vb = _segments(vg, n_g)
+            g_value = [math.fsum(val[vb[g]:vb[g + 1]].tolist()) for g in range(n_g)]
 
     # the catalogue size and each shown item's surprisal
-    for g in groups.values():
-        g.counts = Counter(chain.from_iterable(g.lists))
-        g.lists = None
-    shown_items = set().union(*(g.counts for g in groups.values()))
-    interactions = Counter(fb_items)
-    del fb_items
+    interactions = np.bincount(fb_item[fb_win], minlength=n_keys)
+    total = float(np.count_nonzero(fb_win))
+    shown_ids = np.flatnonzero(np.bincount(pair_item, minlength=n_keys))
+    keys = list(items_d)
     if n_items is not None:
         n, n_from = int(n_items), "given"
     else:
-        seen = shown_items.union(interactions)
-        n = len(seen) if pop is None else pop[2] + sum(1 for i in seen if not _pop_has(pop[0], i))
+        seen = np.zeros(n_keys, bool)
+        seen[shown_ids] = True
+        seen |= interactions > 0
+        seen = np.flatnonzero(seen).tolist()
+        n = len(seen) if pop is None else pop[2] + sum(1 for i in seen if not _pop_has(pop[0], keys[i]))
         n, n_from = max(n, 1), "events"
+    surprisal = np.zeros(n_keys)
     if pop is None:
-        total = float(sum(interactions.values()))
-        surprisal = {i: -math.log2((interactions.get(i, 0) + 1.0) / (total + n)) for i in shown_items}
+        surprisal[shown_ids] = [-math.log2((c + 1.0) / (total + n)) for c in interactions[shown_ids].tolist()]
     else:
-        counts, total = pop[0], pop[1]
-        surprisal = {i: -math.log2((_pop_get(counts, i) + 1.0) / (total + n)) for i in shown_items}
-    for g in groups.values():
-        g.novelty_sum = sum(map(mul, g.counts.values(), map(surprisal.__getitem__, g.counts)))
+        counts = pop[0]
+        surprisal[shown_ids] = [-math.log2((_pop_get(counts, keys[i]) + 1.0) / (pop[1] + n))
+                                for i in shown_ids.tolist()]
+    nov = (pair_n * surprisal[pair_item]).tolist()     # count x surprisal per (group, item), summed exactly
+    g_novelty = [math.fsum(nov[g_bounds[g]:g_bounds[g + 1]]) for g in range(n_g)]
 
-    def row(version, day, parts: list[_Group]) -> dict:
-        distinct = len(parts[0].counts) if len(parts) == 1 else len(set().union(*(g.counts for g in parts)))
-        impressions = sum(g.impressions for g in parts)
-        shown = sum(g.shown for g in parts)
-        clicks = sum(g.clicks for g in parts)
-        conversions = sum(g.conversions for g in parts)
-        return {"version": version, "day": day, "impressions": impressions, "items_shown": shown,
-                "distinct_items": distinct, "clicks": clicks, "ctr": clicks / shown if shown else None,
+    g_imps, g_shown, g_clicks, g_convs = g_imps.tolist(), g_shown.tolist(), g_clicks.tolist(), g_convs.tolist()
+    g_bounds = g_bounds.tolist()
+
+    def row(version, day_label, gs: range) -> dict:
+        lo, hi = g_bounds[gs.start], g_bounds[gs.stop]
+        distinct = hi - lo if len(gs) == 1 else int(np.count_nonzero(np.bincount(pair_item[lo:hi])))
+        impressions = sum(g_imps[g] for g in gs)
+        shown_n = sum(g_shown[g] for g in gs)
+        clicks = sum(g_clicks[g] for g in gs)
+        conversions = sum(g_convs[g] for g in gs)
+        return {"version": version, "day": day_label, "impressions": impressions, "items_shown": shown_n,
+                "distinct_items": distinct, "clicks": clicks, "ctr": clicks / shown_n if shown_n else None,
                 "conversions": conversions, "cvr": conversions / clicks if clicks else None,
-                "conversion_value": sum(g.value for g in parts), "coverage": distinct / n,
-                "novelty": math.fsum(g.novelty_sum for g in parts) / shown if shown else None, "n_items": n}
+                "conversion_value": sum(g_value[g] for g in gs), "coverage": distinct / n,
+                "novelty": math.fsum(g_novelty[g] for g in gs) / shown_n if shown_n else None, "n_items": n}
 
-    rows = []
-    for v in sorted(versions, key=versions.__getitem__):
-        days = sorted(d for (vv, d) in groups if vv == v)
-        rows += [row(v, _day(d), [groups[(v, d)]]) for d in days]
-        rows.append(row(v, TOTAL, [groups[(v, d)] for d in days]))
-    return FeedbackRows(rows, n_items=n, n_items_from=n_from, unattributed=dict(sorted(lost.items())))
+    # versions in the order of their earliest impression (ties: the first served in store order)
+    first_ts = np.full(len(versions_d), np.inf)
+    np.minimum.at(first_ts, imp_v, imp_ts)
+    first_ts = first_ts.tolist()
+    version_keys = list(versions_d)
+    out = []
+    for v in sorted(range(len(version_keys)), key=first_ts.__getitem__):
+        gs = [g for g in range(n_g) if g_version[g] == v]           # contiguous, days ascending
+        out += [row(version_keys[v], _day(g_day[g]), range(g, g + 1)) for g in gs]
+        out.append(row(version_keys[v], TOTAL, range(gs[0], gs[-1] + 1)))
+    return FeedbackRows(out, n_items=n, n_items_from=n_from, unattributed=dict(sorted(lost.items())))
 
 
 # ---------------------------------------------------------------------------------------------- A/B view
