@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -341,13 +340,19 @@ class SqliteEventStore(EventStore):
         self._rlock = threading.Lock()
         self._rconn = self._connect()          # reads, so they never wait behind the writer's commits
         self._rconn.execute("PRAGMA secure_delete=ON")   # erasures (forget) zero the bytes they free
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # group commit: appends wait in _pending; whoever holds _wlock (a caller that waits for its commit,
+        # or the writer thread for appends that do not wait) takes everything waiting into one transaction
+        self._pending: list[_Pending] = []
+        self._plock = threading.Lock()
+        self._wlock = threading.Lock()
+        self._wake = threading.Event()        # appends without wait, and close, wake the writer thread
+        self._stopping = False
         self._closed = False
         self._close_lock = threading.Lock()
         self._last_retention = 0.0
         self._writer = threading.Thread(target=self._write_loop, name="rec-engine-events", daemon=True)
         self._writer.start()
-        if retention_days is not None:       # after the writer starts: drop_before flushes through it
+        if retention_days is not None:
             self._apply_retention()
 
     def _connect(self) -> sqlite3.Connection:
@@ -374,43 +379,63 @@ class SqliteEventStore(EventStore):
         if not rows:
             return []
         p = _Pending(rows, wait)
-        with self._close_lock:               # never queued behind close()'s stop marker
+        with self._close_lock:               # never added after close() has committed the last ones
             if self._closed:
                 raise EventStoreError(f"{self.url}: the event store is closed")
-            self._queue.put(p)
+            with self._plock:
+                self._pending.append(p)
         if not wait:
+            self._wake.set()
             return []
-        p.done.wait()
+        # the caller commits when the write lock is free, with everything else waiting; else the lock's
+        # holder commits p (it drains what waits until nothing does, also after it let the lock go)
+        self._drain()
+        while not p.done.wait(0.01):
+            self._drain()
+        self._maybe_retention()
         if p.error is not None:
             raise EventStoreError(f"{self.url}: events not stored ({p.error})") from p.error
         return p.ids
 
+    def _take(self) -> list:
+        with self._plock:
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _drain(self) -> None:
+        while self._pending and self._wlock.acquire(blocking=False):
+            try:
+                while True:
+                    batch = self._take()
+                    if not batch:
+                        break
+                    self._commit(batch)
+            finally:
+                self._wlock.release()
+
     def flush(self) -> None:
-        if self._closed or threading.current_thread() is self._writer:
-            return
-        p = _Pending([], True)
-        self._queue.put(p)
-        p.done.wait()
+        with self._wlock:
+            batch = self._take()
+            if batch:
+                self._commit(batch)
 
     def _write_loop(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            self._wake.wait(None if self.retention_days is None else 60.0)
+            self._wake.clear()
+            self.flush()
+            if self._stopping:
                 return
-            batch = [first]
-            stop = False
-            while True:                       # group commit: everything waiting joins this transaction
-                try:
-                    p = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if p is None:
-                    stop = True
-                    break
-                batch.append(p)
-            self._commit(batch)
-            if stop:
-                return
+            self._maybe_retention()
+
+    def _maybe_retention(self) -> None:
+        """Erase what left the retention window, at most about once a minute (never under the write lock)."""
+        if self.retention_days is None or time.monotonic() - self._last_retention <= 60:
+            return
+        try:
+            self._apply_retention()
+        except Exception:                    # noqa: BLE001 - a busy or closing database: next time
+            pass
 
     def _commit(self, batch: list[_Pending]) -> None:
         conn = self._wconn
@@ -440,8 +465,6 @@ class SqliteEventStore(EventStore):
             p.error = error
             if p.done is not None:
                 p.done.set()
-        if self.retention_days is not None and time.monotonic() - self._last_retention > 60:
-            self._apply_retention()
 
     def _apply_retention(self) -> None:
         self._last_retention = time.monotonic()
@@ -656,9 +679,11 @@ class SqliteEventStore(EventStore):
         with self._close_lock:
             if self._closed:
                 return
-            self._queue.put(None)
-            self._writer.join()
             self._closed = True
+            self._stopping = True
+            self._wake.set()
+            self._writer.join()
+            self.flush()                      # what was appended while the writer stopped
             with self._rlock:
                 self._rconn.close()
             self._wconn.close()
