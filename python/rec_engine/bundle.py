@@ -68,7 +68,8 @@ def _jsonable(value: Any) -> Any:
 def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] | None = None,
                  tables: Mapping[str, np.ndarray] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
                  onnx: Mapping[str, bytes | str | os.PathLike] | None = None, table_dtype: str = "float32",
-                 keys: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+                 keys: Mapping[str, Any] | None = None, files: Mapping[str, bytes | str | os.PathLike] | None = None,
+                 overwrite: bool = False) -> Path:
     """Write a bundle directory at ``path`` and return it.
 
     Parameters
@@ -86,6 +87,9 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
         The user's own keys (all int or all str, distinct: a duplicate is a ValueError naming it), stored
         as arrays ``<entity>_keys*`` (see :mod:`rec_engine.keys`); an entity without keys is served by its
         dense ids.
+    files : mapping of name -> bytes or a path to a file, optional
+        Other files stored as they are at the bundle's top level (e.g. ``tokenizer.json``); read back with
+        :meth:`Bundle.file_path`.
     overwrite : bool
         Replace an existing bundle at ``path`` (atomically: the old one stays until the new is complete).
     """
@@ -93,6 +97,7 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
         raise ValueError(f"table_dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
     if not isinstance(kind, str) or not kind:
         raise ValueError("kind must be a non-empty string")
+    plain_files = dict(files or {})
     key_arrays: dict[str, np.ndarray] = {}
     for entity, given in (keys or {}).items():
         if entity not in ("user", "item"):
@@ -133,6 +138,14 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
                 put(f"{name}.onnx", lambda p, b=model: p.write_bytes(bytes(b)))
             else:
                 put(f"{name}.onnx", lambda p, src=model: shutil.copyfile(src, p))
+        for name, data in plain_files.items():
+            _check_name(name)
+            if name == MANIFEST or name.endswith(".onnx"):
+                raise ValueError(f"file name {name!r} is reserved (the manifest, or an ONNX model: pass it as onnx=)")
+            if isinstance(data, (bytes, bytearray)):
+                put(name, lambda p, b=data: p.write_bytes(bytes(b)))
+            else:
+                put(name, lambda p, src=data: shutil.copyfile(src, p))
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
@@ -285,6 +298,10 @@ class Bundle:
 
     def onnx_path(self, name: str) -> Path:
         return self._file(f"{name}.onnx")
+
+    def file_path(self, name: str) -> Path:
+        """The path of a plain file stored with ``write_bundle(files=...)``; BundleError when there is none."""
+        return self._file(name)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, kind={self.kind!r})"
