@@ -136,6 +136,7 @@ class _Version:
         # given, else read off their order, sorted once (popular_order)
         self.popular = None if counts is None else np.ascontiguousarray(counts.astype(np.float32)[:, None])
         self._popular_order: np.ndarray | None = None
+        self._unit_lock = threading.Lock()
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
         self.index = self._load_index(top, index)
@@ -178,6 +179,28 @@ class _Version:
             return stored
         self.retrieval.set_index(ItemIndex(self.retrieval.items, want))
         return {"precision": want}
+
+    def unit_table(self, side: str) -> np.ndarray:
+        """The retrieval model's item (``side="item"``) or user vectors scaled to unit length (a zero vector
+        stays zero), built at the first call and kept: cosine similarity is then a dot product, so the
+        core's top-k finds the nearest. ValueError for a retrieval stage without such vectors."""
+        r = self.retrieval
+        name = f"_unit_{side}"
+        got = getattr(self, name, None)
+        if got is not None:
+            return got
+        if r is None or not r.scans_vectors or r.kind == "popularity" or not hasattr(r, "users" if side == "user" else "items"):
+            raise ValueError(f"similar {side}s need a retrieval model with {side} vectors (mf, lightgcn, ngcf); "
+                             f"this version has {'none' if r is None else r.kind}")
+        with self._unit_lock:
+            got = getattr(self, name, None)
+            if got is None:
+                table = r.items if side == "item" else r.users.to_numpy()
+                table = np.asarray(table, np.float32)
+                norms = np.linalg.norm(table, axis=1, keepdims=True)
+                got = np.ascontiguousarray(table / np.where(norms > 0, norms, 1.0), np.float32)
+                setattr(self, name, got)
+        return got
 
     def self_information(self) -> np.ndarray | None:
         """Per item, -log2 of its add-one smoothed share of the training interactions (novelty of showing
@@ -684,6 +707,59 @@ class Engine:
             if ver is not None and ver.id == version:
                 return ver.self_information()
         return None
+
+    # ------------------------------------------------------------------ neighbours
+    def similar_items(self, items, k: int = 10, *, exclude=None, num_threads: int | None = None):
+        """The ``k`` items most similar to each item of ``items`` (a key, or a sequence of keys: a list of
+        answers, one top-k call for all of them) by the cosine of the retrieval model's item vectors
+        (mf / lightgcn / ngcf), the item itself excluded (and ``exclude``, item keys, for every query).
+        Each answer is a :class:`Recommendation` whose ``user`` is the query item's key and whose
+        ``scores`` are cosines. An unknown key is an :class:`~rec_engine.keys.UnknownKeyError`."""
+        return self._similar("item", items, k, exclude, num_threads)
+
+    def similar_users(self, users, k: int = 10, *, num_threads: int | None = None):
+        """The ``k`` users most similar to each user of ``users`` (people to follow) by the cosine of the
+        retrieval model's user vectors; a LightGCN user with observed events is compared by its folded-in
+        vector. The user itself is excluded. Answers carry user keys in ``items`` (``ids``: the users'
+        dense ids). A user the model cannot describe is an :class:`~rec_engine.keys.UnknownKeyError`."""
+        return self._similar("user", users, k, None, num_threads)
+
+    def _similar(self, side: str, keys, k, exclude, num_threads):
+        v = self._version
+        self._check_k(k)
+        single = isinstance(keys, (str, int, np.integer)) and not isinstance(keys, bool)
+        queries = [keys] if single else keys
+        if isinstance(queries, (bytes, Mapping)) or not hasattr(queries, "__len__"):
+            raise TypeError(f"{side}s must be a key or a sequence of keys, got {type(keys).__name__}")
+        queries = queries.tolist() if isinstance(queries, np.ndarray) else list(queries)
+        table = v.unit_table(side)
+        if side == "item":
+            ids = self._item_ids(v, queries, "items")
+            q = table[ids]
+            extra = None if exclude is None else self._item_ids(v, exclude, "exclude")
+            key_map = v.item_keys
+        else:
+            checked = [self._check_user(v, u) for u in queries]
+            states = [v.user_state(u, self.online) for u in checked]
+            vecs, known = v.retrieval.user_vectors(states)
+            if not known.all():
+                bad = checked[int(np.flatnonzero(~known)[0])]
+                raise UnknownKeyError(f"users: the model has no vector for user {bad!r}")
+            norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+            q = np.ascontiguousarray(vecs / np.where(norms > 0, norms, 1.0), np.float32)
+            ids = np.array([st.uid for st in states], np.int64)
+            extra = None
+            key_map = v.user_keys
+        if not len(queries):
+            return []
+        lists = [np.array([i], np.int64) if i >= 0 else _NO_IDS for i in ids.tolist()]
+        if extra is not None:
+            lists = [np.concatenate([x, extra]) for x in lists]
+        res = topk(np.ascontiguousarray(q, np.float32), table, k, exclude=IdLists.from_lists(lists),
+                   num_threads=num_threads if num_threads is not None else self.num_threads)
+        out = [Recommendation(qk, res.ids[j], res.scores[j], v.id, False, {}, key_map)
+               for j, qk in enumerate(queries)]
+        return out[0] if single else out
 
     # ------------------------------------------------------------------ A/B serving
     @staticmethod

@@ -10,6 +10,8 @@ Endpoints::
     POST /swap       {"bundle": "/path/to/bundle"}     header "Authorization: Bearer <token>"
     POST /ab         {"bundle": "/path/to/candidate", "fraction": 0.1}   (token; bundle null: stop)
     POST /forget     {"user": "u-1"}                   (token) erase the user's events and online state
+    POST /similar_items {"item": "sku-3", "k": 10}      items nearest by the model's item vectors (cosine)
+    POST /similar_users {"user": "u-1", "k": 10}        users nearest by their vectors (people to follow)
     GET  /healthz
     GET  /metrics    Prometheus text: requests and errors per endpoint, latency histograms per stage, and
                      per model version: recommendations, items shown, feedback by kind, coverage, novelty
@@ -101,6 +103,19 @@ class FeedbackRequest(BaseModel):
     kind: FeedbackKind = "click"
     request_id: Optional[RequestId] = None
     value: Optional[Annotated[float, Field(allow_inf_nan=False)]] = None
+
+
+class SimilarItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    item: Key
+    k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
+    exclude: Optional[list[Key]] = Field(default=None, max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class SimilarUsersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user: Key
+    k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
 
 
 class ForgetRequest(BaseModel):
@@ -422,6 +437,26 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         served.feedback(req.kind, req.request_id, 1)
         return {"user": req.user, "kind": req.kind}
+
+    def _neighbours(rec: Recommendation, name: str) -> dict:
+        keep = rec.ids >= 0
+        return {name: rec.items[keep].tolist(), "scores": rec.scores[keep].tolist(), "version": rec.version}
+
+    @app.post("/similar_items")
+    def similar_items(req: SimilarItemsRequest):
+        try:
+            rec = engine.similar_items(req.item, req.k, exclude=req.exclude)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        return {"item": req.item, **_neighbours(rec, "items")}
+
+    @app.post("/similar_users")
+    def similar_users(req: SimilarUsersRequest):
+        try:
+            rec = engine.similar_users(req.user, req.k)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        return {"user": req.user, **_neighbours(rec, "users")}
 
     def _authorize(authorization: Optional[str], what: str) -> None:
         if token is None:
