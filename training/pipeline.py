@@ -149,10 +149,12 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def train(name: str, data, config: TrainConfig, log: Callable[[str], None] = print) -> Result:
+def train(name: str, data, config: TrainConfig, log: Callable[[str], None] = print, *,
+          init: Callable | None = None) -> Result:
     """Train model ``name`` on ``data`` and evaluate it on the test split. Kinds without a training loop
     (``popularity``, ``gfcf``, ``bspm``, ``ease``) are fitted in one pass from ``config.params`` (and
-    ``config.seed``, ``config.num_threads``); the epoch settings do not apply to them."""
+    ``config.seed``, ``config.num_threads``); the epoch settings do not apply to them. ``init`` (graph kinds
+    with a training loop): called with the built model before training, to warm-start it."""
     kind = get_kind(name)
     fam = kind.family
     t0 = time.perf_counter()
@@ -170,7 +172,7 @@ def train(name: str, data, config: TrainConfig, log: Callable[[str], None] = pri
     elif fam == "graph":
         from .models.graph import train_graph
 
-        model, hist = train_graph(name, data, config, log=log)
+        model, hist = train_graph(name, data, config, log=log, init=init)
     elif fam == "filter":
         from .models.gfcf import GFCF
 

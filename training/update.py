@@ -37,7 +37,6 @@ import re
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -243,14 +242,10 @@ def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str
                    "users_new": n_new - int(keep.sum())}
 
 
-@contextmanager
 def _warm_graph(stage, split: ImplicitSplit):
-    """While active, the graph models that :func:`~rec_engine_train.models.graph.train_graph` builds start from
+    """An ``init`` for :func:`~rec_engine_train.models.graph.train_graph`: the model it builds starts from
     ``stage``'s layer-0 embeddings of every user and item whose key it holds (the rest keep their random
-    initialization). ``train_graph`` has no parameter for initial weights, so its model builder is wrapped."""
-    from .models import graph as g
-
-    build = g.build_model
+    initialization), when it is the same kind with the same dimension."""
     old_users = stage.key_map("user", int(stage.meta["n_users"]))
     old_items = stage.key_map("item", int(stage.meta["n_items"]))
     names = ("users_ego", "items_ego") if stage.kind == "lightgcn" else ("users", "items")
@@ -258,23 +253,18 @@ def _warm_graph(stage, split: ImplicitSplit):
     u_map = _lookup(old_users, _key_list(split.keys and split.keys["user"], split.train.n_users))
     i_map = _lookup(old_items, _key_list(split.keys and split.keys["item"], split.train.n_items))
 
-    def warm_build(kind, train, config):
+    def init(model) -> None:
         import torch
 
-        model = build(kind, train, config)
-        if kind == stage.kind and u_old.shape[1] == config.dim:
-            with torch.no_grad():
-                ue, ie = model.ego()
-                for table, old, m in ((ue, u_old, u_map), (ie, i_old, i_map)):
-                    ok = np.flatnonzero(m >= 0)
-                    table[torch.from_numpy(ok)] = torch.from_numpy(old[m[ok]])
-        return model
+        ue, ie = model.ego()
+        if ue.shape[1] != u_old.shape[1]:
+            return
+        with torch.no_grad():
+            for table, old, m in ((ue, u_old, u_map), (ie, i_old, i_map)):
+                ok = np.flatnonzero(m >= 0)
+                table[torch.from_numpy(ok)] = torch.from_numpy(old[m[ok]])
 
-    g.build_model = warm_build
-    try:
-        yield
-    finally:
-        g.build_model = build
+    return init
 
 
 def _lookup(keymap, keys: list) -> np.ndarray:
@@ -298,8 +288,7 @@ def train_retrieval(stage, base: ImplicitSplit, logged: LoggedEvents, forgotten:
                                                          "" if kind in WARM_KINDS or not get_kind(kind).epochs
                                                          else f" ({kind}'s bundle lacks its layer weights)")))
     if info["warm_start"]:
-        with _warm_graph(stage, split):
-            result = pipeline.train(kind, split, config, log=lambda s: None)
+        result = pipeline.train(kind, split, config, log=lambda s: None, init=_warm_graph(stage, split))
     else:
         result = pipeline.train(kind, split, config, log=lambda s: None)
     return result, split, info

@@ -469,7 +469,7 @@ class NegativeSampler:
 
 # ----------------------------------------------------------------------------- training
 def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
-                log: Callable[[str], None] = print) -> tuple[_BprModel, History]:
+                log: Callable[[str], None] = print, *, init: Callable | None = None) -> tuple[_BprModel, History]:
     """Train a ``kind`` model ("mf", "lightgcn" or "ngcf") on ``split.train`` with BPR and Adam.
 
     An epoch visits every train interaction once as a (user, positive) pair with a fresh uniform
@@ -484,6 +484,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
     dynamic negative sampling, see :meth:`_BprModel.bpr_loss`). After each epoch Recall@20 on
     ``split.valid`` (``split.test`` if there is no valid part) decides early stopping and the kept weights.
 
+    ``init``: called with the freshly built model before training (a warm start writes its weights there).
+
     Returns
     -------
     (model, History)  the model holds the best epoch's weights and is in eval mode.
@@ -494,6 +496,8 @@ def train_graph(kind: str, split: ImplicitSplit, config: TrainConfig,
         raise ValueError("split.train holds no interactions")
     rng = seed_everything(config.seed)
     model = build_model(kind, split.train, config)
+    if init is not None:
+        init(model)
     reg = float(config.params.get("reg", 1e-4))
     sampling = str(config.params.get("sampling", "interaction"))
     if sampling not in ("interaction", "user"):
