@@ -33,6 +33,7 @@ import numpy as np
 from ._core import RecEngineError
 from .bundle import BundleError, open_bundle
 from .keys import KeyMap, UnknownKeyError
+from .catalogue import Catalogue, VersionItems, check_features, check_vectors
 from .events import Event, EventStore, open_store
 from .online import OnlineState
 from .versions import resolve as resolve_bundle
@@ -137,6 +138,7 @@ class _Version:
         self.popular = None if counts is None else np.ascontiguousarray(counts.astype(np.float32)[:, None])
         self._popular_order: np.ndarray | None = None
         self._unit_lock = threading.Lock()
+        self.catalogue: VersionItems | None = None     # items added / removed online (see catalogue.py)
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
         self.index = self._load_index(top, index)
@@ -180,6 +182,16 @@ class _Version:
         self.retrieval.set_index(ItemIndex(self.retrieval.items, want))
         return {"precision": want}
 
+    @property
+    def removed_ids(self) -> np.ndarray:
+        """Sorted dense ids of the items removed online (excluded from every answer)."""
+        return _NO_IDS if self.catalogue is None else self.catalogue.removed_ids
+
+    def items_view(self) -> VersionItems:
+        if self.catalogue is None:
+            self.catalogue = VersionItems(self)
+        return self.catalogue
+
     def unit_table(self, side: str) -> np.ndarray:
         """The retrieval model's item (``side="item"``) or user vectors scaled to unit length (a zero vector
         stays zero), built at the first call and kept: cosine similarity is then a dot product, so the
@@ -187,14 +199,14 @@ class _Version:
         r = self.retrieval
         name = f"_unit_{side}"
         got = getattr(self, name, None)
-        if got is not None:
+        if got is not None and (side == "user" or len(got) == len(r.items)):
             return got
         if r is None or not r.scans_vectors or r.kind == "popularity" or not hasattr(r, "users" if side == "user" else "items"):
             raise ValueError(f"similar {side}s need a retrieval model with {side} vectors (mf, lightgcn, ngcf); "
                              f"this version has {'none' if r is None else r.kind}")
         with self._unit_lock:
             got = getattr(self, name, None)
-            if got is None:
+            if got is None or (side == "item" and len(got) != len(r.items)):
                 table = r.items if side == "item" else r.users.to_numpy()
                 table = np.asarray(table, np.float32)
                 norms = np.linalg.norm(table, axis=1, keepdims=True)
@@ -209,6 +221,11 @@ class _Version:
         if info is None and self.retrieval is not None and self.retrieval.item_counts is not None:
             counts = np.asarray(self.retrieval.item_counts, np.float64)
             info = self._info = -np.log2((counts + 1.0) / (counts.sum() + len(counts)))
+        if info is not None and self.n_items is not None and len(info) < self.n_items:
+            # items added online have no training interactions: the information of a count of 0
+            counts = np.asarray(self.retrieval.item_counts, np.float64)
+            zero = -np.log2(1.0 / (counts.sum() + len(counts)))
+            info = self._info = np.concatenate([info, np.full(self.n_items - len(info), zero)])
         return info
 
     def popular_items(self, n: int, exclude: np.ndarray | None) -> TopK:
@@ -319,6 +336,8 @@ class Engine:
                            retention_days=retention_days, follow_events_s=follow_events_s,
                            candidate=candidate, candidate_fraction=candidate_fraction)
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
+        self.catalogue = None                      # set below, once the first version is loaded
+        self._cat_lock = threading.Lock()
         # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
         self._batch_threads = num_threads if num_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
@@ -330,6 +349,7 @@ class Engine:
             raise TypeError(f"clock must be a callable returning seconds, got {type(clock).__name__}")
         self._clock = clock or time.time
         self._version = self._load_version(path)
+        self.catalogue = Catalogue()
         self._candidate: _Version | None = None
         self._candidate_fraction = 0.0
         if candidate is not None:
@@ -345,11 +365,50 @@ class Engine:
                 store.close()
             raise
         self._swap_lock = threading.Lock()
+        if store is not None:            # the living catalogue as stored: replayed in order
+            for ev in store.read(kinds=["item_added", "item_removed"]):
+                if ev.kind == "item_added":
+                    a = ev.attrs or {}
+                    vec = a.get("vector")
+                    self.catalogue.add(ev.item, None if vec is None else np.asarray(vec, np.float32),
+                                       a.get("features"))
+                else:
+                    self.catalogue.remove(ev.item)
+            for ver in (self._version, self._candidate):
+                if ver is not None:
+                    self._apply_catalogue(ver)
 
     def _load_version(self, path) -> _Version:
-        return _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
-                        index=self._index, batch_threads=self._batch_threads,
-                        ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
+        v = _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
+                     index=self._index, batch_threads=self._batch_threads,
+                     ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
+        if getattr(self, "catalogue", None) is not None:
+            self._apply_catalogue(v)
+        return v
+
+    def _apply_catalogue(self, v: _Version) -> None:
+        """The engine's catalogue applied to version ``v`` (at load, swap, restart): added items ``v`` does
+        not hold join it with their stored vector when its dimension is the version's (an item ``v`` holds
+        keeps ``v``'s own vector); removed keys are excluded. ``v.catalogue_skipped``: added items left out
+        (no vector of the right dimension)."""
+        added, removed = self.catalogue.snapshot()
+        v.catalogue_skipped = 0
+        if not added and not removed:
+            return
+        with self._cat_lock:
+            view = v.items_view()
+            if added:
+                keys = [k for k, _ in added]
+                held = v.item_keys.lookup(keys) >= 0
+                r = v.retrieval
+                dim = None if r is None or not r.scans_vectors else r.items.shape[1]
+                ok = [j for j, (k, rec) in enumerate(added) if not held[j] and dim is not None
+                      and rec["vector"] is not None and len(rec["vector"]) == dim]
+                v.catalogue_skipped = int((~held).sum()) - len(ok)
+                if ok:
+                    view.apply_add([keys[j] for j in ok], np.stack([added[j][1]["vector"] for j in ok]),
+                                   [added[j][1]["features"] for j in ok])
+            view.set_removed(sorted(removed, key=str) if removed else [])
 
     @classmethod
     def check_options(cls, **options) -> None:
@@ -539,6 +598,9 @@ class Engine:
             return []
         t0 = time.perf_counter()
         extra = None if exclude is None else self._item_ids(v, exclude, "exclude")
+        removed = v.removed_ids
+        if len(removed):
+            extra = removed if extra is None else np.concatenate([extra, removed])
         states = [v.user_state(u, self.online) for u in checked]
         excludes = []
         for st in states:
@@ -605,6 +667,9 @@ class Engine:
         if exclude is not None:
             extra = self._item_ids(v, exclude, "exclude")
             seen = extra if seen is None else np.concatenate([seen, extra])
+        removed = v.removed_ids
+        if len(removed):
+            seen = removed if seen is None else np.concatenate([seen, removed])
         fallback = False
         if v.retrieval is not None:
             n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
@@ -612,8 +677,11 @@ class Engine:
             if res is None:       # a user the model cannot describe: popular items
                 if v.popular is None:
                     raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
+                pop = v.popular
+                if cand is not None and len(cand) and cand.max() >= len(pop):   # items added online: count 0
+                    pop = np.concatenate([pop, np.zeros((int(cand.max()) + 1 - len(pop), 1), np.float32)])
                 res = (v.popular_items(n, seen) if cand is None else
-                       topk(np.ones(1, np.float32), v.popular, n, exclude=seen, candidates=cand,
+                       topk(np.ones(1, np.float32), pop, n, exclude=seen, candidates=cand,
                             num_threads=self.num_threads))
                 fallback = True
             ids, scores = res.ids, res.scores
@@ -708,6 +776,76 @@ class Engine:
                 return ver.self_information()
         return None
 
+    # ------------------------------------------------------------------ living catalogue
+    @staticmethod
+    def _key_list(keys) -> list:
+        """Item keys as a list of Python ints / strs (TypeError for a single key or a mapping)."""
+        keys = keys.tolist() if isinstance(keys, np.ndarray) else keys
+        if isinstance(keys, (str, bytes, Mapping)) or not hasattr(keys, "__len__"):
+            raise TypeError(f"keys must be a sequence of item keys, got {type(keys).__name__}")
+        return [k.item() if isinstance(k, np.generic) else k for k in keys]
+
+    def add_items(self, keys, *, vectors=None, features=None) -> np.ndarray:
+        """Add items to the catalogue while serving: from the moment this returns they can be retrieved,
+        ranked and observed. ``keys``: the new items' keys (the catalogue's key type); ``vectors``:
+        float32 ``[n, d]`` in the retrieval model's item space (needed for items the model does not hold;
+        a content model that derives them from text comes with issue 16); ``features``: one mapping per item
+        of the ranking model's item fields (category, tags, price, ...; missing ones are missing values).
+        A key the version already holds keeps its own vector; a removed key comes back. Recorded in the
+        event store (``item_added``), so a restart replays it; a swap re-applies it by key (the vector is
+        kept when the new version's item vectors have the same dimension: give vectors again after a swap
+        to a model with another item space). Returns the items' dense ids in the current version."""
+        v = self._version
+        keys = self._key_list(keys)
+        if not keys:
+            raise ValueError("add_items needs at least one key")
+        if len(set(keys)) != len(keys):
+            raise ValueError("add_items got the same key twice")
+        r = v.retrieval
+        if r is None or not r.scans_vectors or r.kind == "popularity":
+            raise ValueError("add_items needs a retrieval model with item vectors (mf, lightgcn, ngcf, sasrec)")
+        if r.index is not None:
+            raise ValueError(f"add_items with a reduced-precision index ({self._index or 'bundle'}) is not supported "
+                             f"yet: load the engine with index='float32'")
+        view = v.items_view()
+        view.check_keys(keys)
+        vecs = check_vectors(vectors, len(keys), r.items.shape[1])
+        feats = check_features(features, len(keys))
+        with self._cat_lock:
+            ids = view.apply_add(keys, vecs, feats)
+            cand = self._candidate
+            if cand is not None and cand.retrieval is not None and vecs is not None \
+                    and cand.retrieval.items.shape[1] == vecs.shape[1] and cand.retrieval.index is None:
+                cand.items_view().apply_add(keys, vecs, feats)
+            for j, k in enumerate(keys):
+                self.catalogue.add(k, None if vecs is None else vecs[j], feats[j])
+            removed = self.catalogue.snapshot()[1]
+            for ver in (v, cand):
+                if ver is not None and ver.catalogue is not None:
+                    ver.catalogue.set_removed(sorted(removed, key=str))
+        if self.events is not None:
+            self.events.append([Event("item_added", "", k, ts=self._clock(), attrs={
+                "vector": None if vecs is None else vecs[j].tolist(),
+                **({"features": dict(feats[j])} if feats[j] else {})}) for j, k in enumerate(keys)])
+        return ids
+
+    def remove_items(self, keys) -> None:
+        """Withdraw items: once this returns, no answer contains them (retrieval, candidates, cold start,
+        similar items). An unknown key is an :class:`~rec_engine.keys.UnknownKeyError` and nothing is
+        removed. Recorded in the event store (``item_removed``); survives swaps and restarts by key."""
+        v = self._version
+        keys = self._key_list(keys)
+        self._item_ids(v, keys, "items")
+        with self._cat_lock:
+            for k in keys:
+                self.catalogue.remove(k)
+            removed = sorted(self.catalogue.snapshot()[1], key=str)
+            for ver in (self._version, self._candidate):
+                if ver is not None:
+                    ver.items_view().set_removed(removed)
+        if self.events is not None:
+            self.events.append([Event("item_removed", "", k, ts=self._clock()) for k in keys])
+
     # ------------------------------------------------------------------ neighbours
     def similar_items(self, items, k: int = 10, *, exclude=None, num_threads: int | None = None):
         """The ``k`` items most similar to each item of ``items`` (a key, or a sequence of keys: a list of
@@ -737,6 +875,8 @@ class Engine:
             ids = self._item_ids(v, queries, "items")
             q = table[ids]
             extra = None if exclude is None else self._item_ids(v, exclude, "exclude")
+            if len(v.removed_ids):
+                extra = v.removed_ids if extra is None else np.concatenate([extra, v.removed_ids])
             key_map = v.item_keys
         else:
             checked = [self._check_user(v, u) for u in queries]

@@ -35,7 +35,7 @@ import numpy as np
 
 from ._core import RecEngineError
 
-KINDS = ("impression", "click", "conversion", "rating")
+KINDS = ("impression", "click", "conversion", "rating", "item_added", "item_removed")
 INTERACTIONS = ("click", "conversion", "rating")    # kinds that join the user's online state (seen set, history)
 SCHEMA_VERSION = 1
 

@@ -197,6 +197,40 @@ class CtrRanker:
     def __repr__(self) -> str:
         return f"CtrRanker({str(self.bundle.path)!r}, kind={self.kind!r}, fields={self.n_fields}, dim={self.dim})"
 
+    def add_items(self, features: list) -> None:
+        """Append items to the item feature store (ids ``n_items, n_items + 1, ...``), each described by a
+        mapping of its item fields' values (a missing field is a missing value; None: all missing). The
+        store is copied into growable buffers once, at the first addition; each call then publishes a new
+        store object holding views of them, so a request in flight keeps the one it read."""
+        if self.items is None or not features:
+            return
+        from .catalogue import GrowingRows
+
+        cols = {n: [(f or {}).get(n) for f in features] for n in self.item_fields}
+        b = self.schema.encode(cols, fields=self.item_fields)
+        st, F = self.items, self.items.n_fields
+        grow = getattr(self, "_grow", None)
+        if grow is None:
+            grow = self._grow = {
+                "indices": GrowingRows(st.batch.indices), "offsets": GrowingRows(st.batch.offsets),
+                "weights": GrowingRows(st.batch.weights),
+                "rows": GrowingRows(st.rows) if st.rows is not None else None}
+        last = int(grow["offsets"].view[-1])
+        indices = grow["indices"].append(b.indices)
+        weights = grow["weights"].append(b.weights)
+        offsets = grow["offsets"].append(b.offsets[1:] + last)
+        rows = None
+        if grow["rows"] is not None:
+            if b.single_valued and bool(np.all(b.weights == 1.0)):
+                rows = grow["rows"].append(np.asarray(b.indices, np.int64).reshape(-1, F))
+            else:
+                grow["rows"] = None                  # from now on the general (pooling) path for every item
+        new = _Store.__new__(_Store)
+        new.batch = EncodedBatch(indices, offsets, weights, F)
+        new.n, new.n_fields, new.rows = len(new.batch), F, rows
+        self.items = new
+        self.n_items = new.n
+
     def score_rows(self, rows: list[Mapping[str, Any]]) -> np.ndarray:
         """Click probabilities of examples given as ``{field: value}`` dicts (missing fields are empty)."""
         return self(self.schema.encode_rows(rows))

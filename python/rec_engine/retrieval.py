@@ -172,7 +172,8 @@ class VectorRetrieval(_Retrieval):
                     continue
                 hit = self._cache.get(u.key)
                 if hit is None or hit[0] != u.stamp:
-                    hit = (u.stamp, self.fold_in(u.uid, self.seen(u)))
+                    seen = self.seen(u)     # items added online (ids past the model's) have no graph node
+                    hit = (u.stamp, self.fold_in(u.uid, seen[seen < self.n_items]))
                     if len(self._cache) >= _FOLD_CACHE_SIZE:
                         self._cache.clear()
                     self._cache[u.key] = hit
@@ -192,7 +193,7 @@ class SequentialRetrieval(_Retrieval):
 
     def user_vectors(self, users):
         """The encoder's output over each user's latest items (known history, then observed items)."""
-        hist = [self.seen(u) for u in users]
+        hist = [h[h < self.n_items] for h in (self.seen(u) for u in users)]   # items added online: no embedding
         known = np.array([len(h) > 0 for h in hist], bool)
         out = np.zeros((len(users), self.items.shape[1]), np.float32)
         if known.any():

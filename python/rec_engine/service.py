@@ -10,6 +10,8 @@ Endpoints::
     POST /swap       {"bundle": "/path/to/bundle"}     header "Authorization: Bearer <token>"
     POST /ab         {"bundle": "/path/to/candidate", "fraction": 0.1}   (token; bundle null: stop)
     POST /forget     {"user": "u-1"}                   (token) erase the user's events and online state
+    POST /items      {"items": [{"key": "sku-new", "vector": [..], "features": {..}}]}   (token) add items
+    POST /items/remove {"items": ["sku-3"]}           (token) withdraw items: never returned again
     POST /similar_items {"item": "sku-3", "k": 10}      items nearest by the model's item vectors (cosine)
     POST /similar_users {"user": "u-1", "k": 10}        users nearest by their vectors (people to follow)
     GET  /healthz
@@ -116,6 +118,23 @@ class SimilarUsersRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     user: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    key: Key
+    vector: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default=None, max_length=4096)
+    features: Optional[dict[str, Any]] = None
+
+
+class AddItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    items: list[NewItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class RemoveItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    items: list[Key] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class ForgetRequest(BaseModel):
@@ -309,8 +328,11 @@ class _ServedMetrics:
                     self._versions.popitem(last=False)
             if info is not None:
                 seen = self._seen.get(rec.version)
-                if seen is None:
-                    seen = self._seen[rec.version] = np.zeros(len(info), bool)
+                if seen is None or len(seen) < len(info):         # first answer, or items were added
+                    grown = np.zeros(len(info), bool)
+                    if seen is not None:
+                        grown[:len(seen)] = seen
+                    seen = self._seen[rec.version] = grown
                 seen[ids] = True
                 covered = int(seen.sum())
         self.recs.labels(rec.version).inc()
@@ -473,6 +495,33 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         except ENGINE_ERRORS as e:
             raise _bad(e) from None
         return {"user": req.user, "events_erased": n}
+
+    @app.post("/items")
+    def add_items(req: AddItemsRequest, authorization: Optional[str] = Header(default=None)):
+        if swap_refusal is not None:
+            raise HTTPException(409, detail=swap_refusal)
+        _authorize(authorization, "changing the catalogue")
+        with_vec = [it.vector is not None for it in req.items]
+        if any(with_vec) and not all(with_vec):
+            raise HTTPException(422, detail="items: give a vector for every item or for none")
+        vectors = np.array([it.vector for it in req.items], np.float32) if all(with_vec) else None
+        try:
+            ids = engine.add_items([it.key for it in req.items], vectors=vectors,
+                                   features=[it.features for it in req.items])
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        return {"added": len(ids), "items": engine.n_items}
+
+    @app.post("/items/remove")
+    def remove_items(req: RemoveItemsRequest, authorization: Optional[str] = Header(default=None)):
+        if swap_refusal is not None:
+            raise HTTPException(409, detail=swap_refusal)
+        _authorize(authorization, "changing the catalogue")
+        try:
+            engine.remove_items(req.items)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        return {"removed": len(req.items)}
 
     @app.post("/ab")
     def ab(req: AbRequest, authorization: Optional[str] = Header(default=None)):
