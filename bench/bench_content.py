@@ -81,7 +81,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0, help="length of one round of one case")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ort-threads", default="1", help="comma-separated ONNX Runtime thread counts, e.g. 1,2")
-    ap.add_argument("--json", metavar="PATH", default=os.path.join(os.path.dirname(__file__), "results", "content.json"),
+    ap.add_argument("--json", metavar="PATH",
+                    default=os.path.join(os.path.dirname(__file__), "results", "content.json"),
                     help="where the JSON goes ('' for none)")
     args = ap.parse_args()
 

@@ -90,9 +90,10 @@ def _build_module(model_dir: Path):
     class Layer(nn.Module):
         def __init__(self):
             super().__init__()
-            self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+            self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
             self.attn_out, self.attn_norm = nn.Linear(hidden, hidden), nn.LayerNorm(hidden, eps=eps)
-            self.inter, self.out, self.out_norm = nn.Linear(hidden, inter), nn.Linear(inter, hidden), nn.LayerNorm(hidden, eps=eps)
+            self.inter, self.out = nn.Linear(hidden, inter), nn.Linear(inter, hidden)
+            self.out_norm = nn.LayerNorm(hidden, eps=eps)
 
         def forward(self, x, bias):
             b, s, _ = x.shape

@@ -260,7 +260,8 @@ class ContentEncoder:
         want = self.bundle.array("check_vectors")
         got = self.encode(texts, cache=False)
         if want.shape != got.shape:
-            raise BundleError(f"bundle {self.bundle.path}: check_vectors is {want.shape}, the encoder gives {got.shape}")
+            raise BundleError(f"bundle {self.bundle.path}: check_vectors is {want.shape}, the encoder gives "
+                              f"{got.shape}")
         cos = np.sum(want * got, axis=1)
         if not np.all(cos > 0.999):
             raise BundleError(f"bundle {self.bundle.path}: the encoder's vectors of the check texts differ from the "
