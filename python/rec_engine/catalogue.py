@@ -11,9 +11,10 @@ values) and the keys removed. Each loaded version applies it through :class:`Ver
   pooled once for the ranking model;
 - a removed key's id joins a sorted array that every request excludes (retrieval, candidates, fallback).
 
-Additions publish their parts in an order that keeps every concurrent request consistent: the ranking
-features first, then the scanned table, then the keys; a request that read the old keys never names a
-new id, and a new id it retrieves can always be ranked. Both operations are recorded in the event store
+Additions publish their parts in an order that keeps every concurrent request consistent: the keys first,
+then the ranking features, then the scanned table. A request reads the table once; retrieval drops
+exclusion and candidate ids past it (items being added at that instant), so every id it returns is in
+the ranking store and in the key map the answer is named by. Both operations are recorded in the event store
 (kinds ``item_added`` / ``item_removed``), so a restart replays them, and a swap re-applies them to the
 new version by key (an item the new version was trained on keeps the new version's own vector).
 """
@@ -177,17 +178,17 @@ class VersionItems:
                 raise ValueError(f"{len(new)} of the items are new to this model version and have no vector: "
                                  f"give vectors= (the retrieval model's item space, dim {r.items.shape[1]})")
             rows = np.ascontiguousarray(vectors[new], np.float32)
-            if v.ranking is not None:
-                v.ranking.add_items([features[j] for j in new])     # 1. what ranks them
-            if self._table is None:                                   # 2. what retrieves them
-                self._table = GrowingRows(r.items)
-            r.items = self._table.append(rows)
             start = self.n_base + len(self._added)
-            for j, k in enumerate(new):
+            for j, k in enumerate(new):                               # 1. their keys
                 self._ids[keys[k]] = start + j
                 self._added.append(keys[k])
+            v.item_keys = ExtendedKeyMap(self.base_keys, self._added, self._ids)
+            if v.ranking is not None:
+                v.ranking.add_items([features[j] for j in new])     # 2. what ranks them
+            if self._table is None:                                   # 3. what retrieves them
+                self._table = GrowingRows(r.items)
+            r.items = self._table.append(rows)
             v.n_items = start + len(new)
-            v.item_keys = ExtendedKeyMap(self.base_keys, self._added, self._ids)   # 3. their keys
             ids = v.item_keys.lookup(list(keys))
         return ids
 

@@ -679,9 +679,11 @@ class Engine:
                     raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
                 pop = v.popular
                 if cand is not None and len(cand) and cand.max() >= len(pop):   # items added online: count 0
-                    pop = np.concatenate([pop, np.zeros((int(cand.max()) + 1 - len(pop), 1), np.float32)])
+                    cand = cand[cand < len(v.retrieval.items)]      # those in the table this request may rank
+                    pop = np.concatenate([pop, np.zeros((len(v.retrieval.items) - len(pop), 1), np.float32)])
                 res = (v.popular_items(n, seen) if cand is None else
-                       topk(np.ones(1, np.float32), pop, n, exclude=seen, candidates=cand,
+                       topk(np.ones(1, np.float32), pop, n,
+                            exclude=None if seen is None else seen[seen < len(pop)], candidates=cand,
                             num_threads=self.num_threads))
                 fallback = True
             ids, scores = res.ids, res.scores
@@ -873,6 +875,8 @@ class Engine:
         table = v.unit_table(side)
         if side == "item":
             ids = self._item_ids(v, queries, "items")
+            if len(ids) and ids.max() >= len(table):
+                raise UnknownKeyError(f"items: item {queries[int(np.argmax(ids))]!r} is being added; ask again")
             q = table[ids]
             extra = None if exclude is None else self._item_ids(v, exclude, "exclude")
             if len(v.removed_ids):

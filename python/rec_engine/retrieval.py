@@ -64,6 +64,13 @@ class UserState(NamedTuple):
     stamp: int = 0
 
 
+def _within(ids, n: int | None):
+    """``ids`` without those at or past ``n`` (items added to the catalogue after the table was read)."""
+    if ids is None or n is None or not isinstance(ids, np.ndarray) or not len(ids) or ids.max() < n:
+        return ids
+    return ids[ids < n]
+
+
 def _csr_lists(bundle: Bundle, indptr: str, ids: str) -> IdLists:
     return IdLists(bundle.array(indptr, mmap=True), bundle.array(ids, mmap=True))   # shared by server processes
 
@@ -107,7 +114,10 @@ class _Retrieval:
         vec, known = self.user_vectors([user])
         if not known[0]:
             return None
-        return topk(vec[0], self.scan_target, n, exclude=exclude, candidates=candidates, num_threads=num_threads)
+        table = self.scan_target                 # read once: items added online grow it (catalogue.py)
+        m = len(table) if isinstance(table, np.ndarray) else None
+        return topk(vec[0], table, n, exclude=_within(exclude, m), candidates=_within(candidates, m),
+                    num_threads=num_threads)
 
     def retrieve_batch(self, users: list[UserState], n: int, *, excludes: list | None = None,
                        num_threads: int | None = None) -> list[TopK | None]:
@@ -118,8 +128,10 @@ class _Retrieval:
         out: list[TopK | None] = [None] * len(users)
         if not len(rows):
             return out
-        ex = None if excludes is None else IdLists.from_lists([excludes[j] for j in rows])
-        res = topk(np.ascontiguousarray(vecs[rows]), self.scan_target, n, exclude=ex, num_threads=num_threads)
+        table = self.scan_target
+        m = len(table) if isinstance(table, np.ndarray) else None
+        ex = None if excludes is None else IdLists.from_lists([_within(excludes[j], m) for j in rows])
+        res = topk(np.ascontiguousarray(vecs[rows]), table, n, exclude=ex, num_threads=num_threads)
         for r, j in enumerate(rows.tolist()):
             out[j] = TopK(res.ids[r], res.scores[r])
         return out
