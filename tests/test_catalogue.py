@@ -68,6 +68,9 @@ def test_removed_items_are_never_returned(trained, tmp_path):  # noqa: F811
         assert first[5] in e.recommend(3, k=every, context=CTX, n_candidates=every).items.tolist()
         e.add_items([gone[0]])                       # held by the version: back, with its own vector
         assert gone[0] in e.recommend(3, k=every, context=CTX, n_candidates=every).items.tolist()
+        e.add_items(gone[1:])                        # the last removed ones back: nothing is excluded
+        assert len(e._version.removed_ids) == 0
+        assert set(gone) <= set(e.recommend(3, k=every, context=CTX, n_candidates=every).items.tolist())
 
 
 def test_the_catalogue_survives_a_restart_and_a_swap(trained, tmp_path):  # noqa: F811

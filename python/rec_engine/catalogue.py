@@ -137,6 +137,11 @@ class Catalogue:
         with self._lock:
             self.removed.add(key)
 
+    def removed_keys(self) -> list:
+        """The removed keys, in a stable order."""
+        with self._lock:
+            return sorted(self.removed, key=str)
+
     def snapshot(self) -> tuple[list, set]:
         with self._lock:
             return list(self.added.items()), set(self.removed)

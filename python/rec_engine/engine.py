@@ -821,10 +821,11 @@ class Engine:
                 cand.items_view().apply_add(keys, vecs, feats)
             for j, k in enumerate(keys):
                 self.catalogue.add(k, None if vecs is None else vecs[j], feats[j])
-            removed = self.catalogue.snapshot()[1]
-            for ver in (v, cand):
-                if ver is not None and ver.catalogue is not None:
-                    ver.catalogue.set_removed(sorted(removed, key=str))
+            if self.catalogue.removed or len(v.removed_ids) or (cand is not None and len(cand.removed_ids)):
+                removed = self.catalogue.removed_keys()      # a re-added key leaves the removed ids
+                for ver in (v, cand):
+                    if ver is not None and ver.catalogue is not None:
+                        ver.catalogue.set_removed(removed)
         if self.events is not None:
             self.events.append([Event("item_added", "", k, ts=self._clock(), attrs={
                 "vector": None if vecs is None else vecs[j].tolist(),
@@ -841,7 +842,7 @@ class Engine:
         with self._cat_lock:
             for k in keys:
                 self.catalogue.remove(k)
-            removed = sorted(self.catalogue.snapshot()[1], key=str)
+            removed = self.catalogue.removed_keys()
             for ver in (self._version, self._candidate):
                 if ver is not None:
                     ver.items_view().set_removed(removed)
