@@ -50,6 +50,17 @@ def add_commands(sub) -> None:
                    help="options of a .csv/.tsv interactions file: user=, item=, time=, weight= (column names; "
                         "common ones are found without options), min_weight=, sep=, split=, test=, valid=")
     t.add_argument("--out", required=True, help="bundle directory to write")
+    t.add_argument("--items", default=None, metavar="ITEMS.csv",
+                   help="mf / lightgcn / ngcf: a CSV/TSV of item texts (a key column and title, description, genre, "
+                        "tag columns); the items' content vectors and a map from them into the item vectors go "
+                        "into the bundle, so a new item with text gets a retrieval vector")
+    t.add_argument("--items-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="options of --items: key=, text= (or title=), description=, genres=, tags= (column names, "
+                        "'|'-separated lists allowed; common names are found without options), tags_file= (one row "
+                        "per item and tag, e.g. MovieLens tags.csv), tags_key=, tags_column=, max_tags=, sep=")
+    t.add_argument("--content-encoder", default=None, metavar="DIR",
+                   help="with --items: the content encoder bundle (rec-engine content-encoder --out DIR); default: "
+                        "one exported once to ~/.cache/rec_engine/content_encoder ($REC_ENGINE_CACHE)")
     t.add_argument("--epochs", type=int, default=None, help="(default: per model)")
     t.add_argument("--batch-size", type=int, default=None, help="(default: per model)")
     t.add_argument("--lr", type=float, default=None, help="(default: per model)")
@@ -257,6 +268,17 @@ def _run_train(args) -> int:
     t0 = time.perf_counter()
     data = pipeline.load_data(args.data, fam, seed=args.seed, data_options=dict(args.data_option) or None)
     print(f"data: {args.data} ({type(data).__name__}) loaded in {time.perf_counter() - t0:.1f}s")
+    content = None
+    if args.items is None and (args.items_option or args.content_encoder):
+        raise ValueError("--items-option and --content-encoder apply to an items file: give --items ITEMS.csv")
+    if args.items is not None:
+        if args.model not in pipeline.CONTENT_KINDS:
+            raise ValueError(f"--items is stored by the kinds {', '.join(pipeline.CONTENT_KINDS)}, "
+                             f"not {args.model!r}")
+        from .content_map import item_content
+
+        content = item_content((data.keys or {}).get("item"), data.train.n_items, args.items,
+                               dict(args.items_option), encoder_path=args.content_encoder)
     explicit = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
     config = defaults.resolve_config(args.model, data, explicit, dict(args.param), seed=args.seed,
                                      num_threads=args.threads, time_limit=args.time_limit,
@@ -281,7 +303,13 @@ def _run_train(args) -> int:
                               config=dataclasses.replace(config, **{k: v for k, v in final.items()
                                                                      if k in _CONFIG_FLAGS}))
     out = pipeline.export(exported, data, args.out, table_dtype=args.table_dtype, overwrite=args.overwrite,
-                          training=trained)
+                          training=trained, content=content)
+    if content is not None:
+        from rec_engine.bundle import open_bundle
+
+        c = open_bundle(out, verify=False).meta["content"]
+        print(f"content map: ridge {c['ridge']:.4g}, R^2 {c['fit_r2']:.3f} on the {c['n_fit']} items with text "
+              f"(leave-one-out {c['cv_r2']:.3f})")
     wall = time.perf_counter() - t0
     print(f"bundle: {out}  (train {result.train_seconds:.1f}s, total {wall:.1f}s)")
     if args.metrics_json:

@@ -8,7 +8,9 @@ Bundle contents (kind = the model kind):
 - arrays ``adj_indptr`` / ``adj_indices`` / ``adj_data``: the core's normalized adjacency (CSR, users
   first, then items), ``train_indptr`` / ``train_items``: each user's distinct train items (CSR, for
   exclusion), ``item_counts``: train interactions per item;
-- meta ``n_users``, ``n_items``, ``dim``, ``n_layers``, ``layer_weights``, ``params``, ``metrics``.
+- meta ``n_users``, ``n_items``, ``dim``, ``n_layers``, ``layer_weights``, ``params``, ``metrics``;
+- with ``content`` (``rec-engine train --items``): arrays ``content_vectors`` ``[n_items, 384]`` and
+  ``content_map`` ``[385, D]`` and ``meta["content"]`` (:mod:`rec_engine_train.content_map`).
 
 :func:`load_graph_scorer` needs NumPy and the core only (no torch).
 """
@@ -48,7 +50,7 @@ def _graph_arrays(train: Interactions) -> dict[str, np.ndarray]:
 
 def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, table_dtype: str = "float32",
                  metrics: Mapping[str, float] | None = None, overwrite: bool = False,
-                 keys: Mapping | None = None, training: Mapping | None = None) -> Path:
+                 keys: Mapping | None = None, training: Mapping | None = None, content=None) -> Path:
     """Write a trained MF / LightGCN / NGCF model (from :func:`rec_engine_train.models.graph.train_graph`)
     as a bundle at ``path`` and return the path.
 
@@ -60,6 +62,9 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
     metrics : mapping, optional  evaluation results to record in the meta
     keys : mapping, optional  the users' own keys (``{"user": [...], "item": [...]}`` in dense-id order)
     training : mapping, optional  what trained it (data source, TrainConfig fields): ``meta["training"]``
+    content : ItemContent, optional  the items' content vectors (:func:`rec_engine_train.content_map.item_content`):
+        stored with the ridge map from them to the exported ``items`` vectors (content vectors in float16 when
+        ``table_dtype`` is not float32)
 
     Raises
     ------
@@ -82,7 +87,14 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
     meta = {"n_users": model.n_users, "n_items": model.n_items, "dim": int(users.shape[1]),
             "n_layers": model.n_layers, "layer_weights": model.layer_weights, "params": dict(model.params),
             "metrics": dict(metrics or {}), **({"training": dict(training)} if training else {})}
-    return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=_graph_arrays(split_train),
+    arrays = _graph_arrays(split_train)
+    if content is not None:
+        from .content_map import content_bundle_parts
+
+        extra, meta["content"] = content_bundle_parts(
+            content, items, vectors_dtype="float32" if table_dtype == "float32" else "float16")
+        arrays.update(extra)
+    return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=arrays,
                         table_dtype=table_dtype, overwrite=overwrite, **_keys(keys))
 
 

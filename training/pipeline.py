@@ -50,6 +50,7 @@ class _DataOf(Mapping):
 
 FAMILIES = _DataOf()          # model name -> "ctr" | "sequential" | "graph" (the data it trains on)
 MODEL_NAMES = names()         # every registered kind, in registry order
+CONTENT_KINDS = ("mf", "lightgcn", "ngcf")   # the kinds whose bundles store item content (--items)
 
 # The settings (``--param``) of the kinds without a training loop. Their defaults are the per-model
 # defaults of :mod:`rec_engine_train.defaults` (the papers' settings for the filters: GF-CF alpha 0.3 and 256
@@ -230,11 +231,16 @@ def _evaluate_ranker(model, data, ks, counts) -> dict:
 
 
 def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32", overwrite: bool = False,
-           training: dict | None = None) -> Path:
+           training: dict | None = None, content=None) -> Path:
     """Write ``result``'s model as a bundle at ``out`` (its test metrics go into the manifest, and the data's
     own user / item keys, ``data.keys``, when it has them). ``training``: what trained it (the data source and
-    its settings, the TrainConfig fields), stored as ``meta["training"]`` for ``rec-engine update``."""
+    its settings, the TrainConfig fields), stored as ``meta["training"]`` for ``rec-engine update``.
+    ``content``: the items' content (:func:`rec_engine_train.content_map.item_content`; kinds in
+    :data:`CONTENT_KINDS`), stored with its map into the item vectors."""
     fam = get_kind(result.name).family
+    if content is not None and result.name not in CONTENT_KINDS:
+        raise ValueError(f"item content (--items) is stored by the kinds {', '.join(CONTENT_KINDS)}, "
+                         f"not {result.name!r}")
     metrics = {**result.metrics, "train_seconds": result.train_seconds}
     keys = getattr(data, "keys", None)
     if fam == "ctr":
@@ -268,7 +274,7 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
         return export_popularity(result.model, data.train, out, metrics=metrics, overwrite=overwrite,
                                  training=training, keys=keys)
     return export_graph(result.model, data.train, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
-                        training=training, keys=keys)
+                        training=training, keys=keys, content=content)
 
 
 def write_metrics(path: str | Path, result: Result, **info) -> None:
