@@ -128,9 +128,9 @@ class Catalogue:
         self.added: dict = {}
         self.removed: set = set()
 
-    def add(self, key, vector, features) -> None:
+    def add(self, key, vector, features, content=None) -> None:
         with self._lock:
-            self.added[key] = {"vector": vector, "features": features}
+            self.added[key] = {"vector": vector, "features": features, "content": content}
             self.removed.discard(key)
 
     def remove(self, key) -> None:
@@ -159,6 +159,7 @@ class VersionItems:
         self._added: list = []
         self._ids: dict = {}
         self._table: GrowingRows | None = None
+        self._content: GrowingRows | None = None
         self.removed_ids = np.zeros(0, np.int64)
 
     def check_keys(self, keys: list) -> None:
@@ -171,17 +172,23 @@ class VersionItems:
     def id(self, key) -> int:
         return self.v.item_keys.id(key)
 
-    def apply_add(self, keys: list, vectors: np.ndarray | None, features: list) -> np.ndarray:
-        """Give the keys the version does not hold their new ids (vectors appended, features pooled); keys it
-        holds keep their ids (their vectors are the version's own). Returns the ids of ``keys``."""
+    def apply_add(self, keys: list, vectors: np.ndarray | None, features: list,
+                  content: np.ndarray | None = None) -> np.ndarray:
+        """Give the keys the version does not hold their new ids (vectors appended, features pooled, content
+        vectors appended when the version has a content table: zeros for an item without); keys it holds
+        keep their ids (their vectors are the version's own). ``vectors`` None: from ``content`` through
+        the version's content map. Returns the ids of ``keys``."""
         v = self.v
         ids = v.item_keys.lookup(list(keys))
         new = [j for j, i in enumerate(ids.tolist()) if i < 0]
         if new:
             r = v.retrieval
+            if vectors is None and content is not None and v.content_map is not None:
+                vectors = v.map_content(content)
             if vectors is None:
                 raise ValueError(f"{len(new)} of the items are new to this model version and have no vector: "
-                                 f"give vectors= (the retrieval model's item space, dim {r.items.shape[1]})")
+                                 f"give vectors= (the retrieval model's item space, dim {r.items.shape[1]}), or "
+                                 f"text= with a bundle that has a content map")
             rows = np.ascontiguousarray(vectors[new], np.float32)
             start = self.n_base + len(self._added)
             for j, k in enumerate(new):                               # 1. their keys
@@ -190,6 +197,13 @@ class VersionItems:
             v.item_keys = ExtendedKeyMap(self.base_keys, self._added, self._ids)
             if v.ranking is not None:
                 v.ranking.add_items([features[j] for j in new])     # 2. what ranks them
+            if v.content_vectors is not None:                      # what content similarity reads
+                c = np.zeros((len(new), v.content_vectors.shape[1]), np.float32)
+                if content is not None:
+                    c[:] = content[new]
+                if self._content is None:
+                    self._content = GrowingRows(v.content_vectors)
+                v.content_vectors = self._content.append(c)
             if self._table is None:                                   # 3. what retrieves them
                 self._table = GrowingRows(r.items)
             r.items = self._table.append(rows)

@@ -139,6 +139,19 @@ class _Version:
         self._popular_order: np.ndarray | None = None
         self._unit_lock = threading.Lock()
         self.catalogue: VersionItems | None = None     # items added / removed online (see catalogue.py)
+        # content (issue 16): the items' text vectors (unit rows, float32) and the map from a text vector to
+        # the retrieval model's item space ([c + 1, d], the last row a bias), when training stored them
+        self.content_vectors = self.content_map = None
+        self.content_meta: dict = {}
+        if rb is not None and rb.has("arrays/content_vectors.npy"):
+            cv = np.asarray(rb.array("content_vectors", mmap=True), np.float32)
+            norms = np.linalg.norm(cv, axis=1, keepdims=True)
+            self.content_vectors = np.ascontiguousarray(cv / np.where(norms > 0, norms, 1.0), np.float32)
+            if len(self.content_vectors) != self.n_items:
+                raise BundleError(f"bundle {path}: {len(self.content_vectors)} content vectors for {self.n_items} items")
+            self.content_meta = dict(rb.meta.get("content") or {})
+            if rb.has("arrays/content_map.npy"):
+                self.content_map = np.ascontiguousarray(rb.array("content_map"), np.float32)
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
         self.index = self._load_index(top, index)
@@ -181,6 +194,13 @@ class _Version:
             return stored
         self.retrieval.set_index(ItemIndex(self.retrieval.items, want))
         return {"precision": want}
+
+    def map_content(self, content: np.ndarray) -> np.ndarray:
+        """Retrieval vectors ``[n, d]`` of text vectors ``[n, c]`` through the content map."""
+        w = self.content_map
+        if w is None or content.shape[1] + 1 != w.shape[0]:
+            raise ValueError(f"this version has no content map for {content.shape[1]}-dim text vectors")
+        return np.ascontiguousarray(content @ w[:-1] + w[-1], np.float32)
 
     @property
     def removed_ids(self) -> np.ndarray:
@@ -297,6 +317,14 @@ class Engine:
     clock : callable, optional
         Seconds since the epoch for the events this engine stores (default ``time.time``; a simulation
         passes its own clock, so its days are days in the store).
+    content_encoder : path, optional
+        A ``content_encoder`` bundle (``rec-engine content-encoder``): lets :meth:`add_items` take item text,
+        turned into the retrieval vector by the version's content map.
+    hybrid_max_events : int
+        With a bundle that stores content vectors, a user with at most this many events (training and
+        observed, at least one) is retrieved by content too: the items nearest to the mean text vector of
+        what it touched, fused with the collaborative top-n by reciprocal rank; a user the model does not know
+        gets the content half alone instead of the popularity fallback. 0: off.
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
@@ -330,7 +358,8 @@ class Engine:
                  ranking_precision: str | None = None, scan_memory: str = "copy",
                  window_days: float | None = None, retention_days: float | None = None,
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
-                 candidate=None, candidate_fraction: float = 0.0, clock=None):
+                 candidate=None, candidate_fraction: float = 0.0, clock=None, content_encoder=None,
+                 hybrid_max_events: int = 5):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
@@ -348,6 +377,10 @@ class Engine:
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {type(clock).__name__}")
         self._clock = clock or time.time
+        if isinstance(hybrid_max_events, bool) or not isinstance(hybrid_max_events, int) or hybrid_max_events < 0:
+            raise ValueError(f"hybrid_max_events must be an integer >= 0, got {hybrid_max_events!r}")
+        self.hybrid_max_events = hybrid_max_events
+        self._encoder_path, self._encoder = content_encoder, None
         self._version = self._load_version(path)
         self.catalogue = Catalogue()
         self._candidate: _Version | None = None
@@ -369,9 +402,9 @@ class Engine:
             for ev in store.read(kinds=["item_added", "item_removed"]):
                 if ev.kind == "item_added":
                     a = ev.attrs or {}
-                    vec = a.get("vector")
+                    vec, content = a.get("vector"), a.get("content")
                     self.catalogue.add(ev.item, None if vec is None else np.asarray(vec, np.float32),
-                                       a.get("features"))
+                                       a.get("features"), None if content is None else np.asarray(content, np.float32))
                 else:
                     self.catalogue.remove(ev.item)
             for ver in (self._version, self._candidate):
@@ -402,12 +435,27 @@ class Engine:
                 held = v.item_keys.lookup(keys) >= 0
                 r = v.retrieval
                 dim = None if r is None or not r.scans_vectors else r.items.shape[1]
-                ok = [j for j, (k, rec) in enumerate(added) if not held[j] and dim is not None
-                      and rec["vector"] is not None and len(rec["vector"]) == dim]
+                vecs, ok, cont = [], [], []
+                for j, (k, rec) in enumerate(added):
+                    if held[j] or dim is None:
+                        continue
+                    c = rec.get("content")
+                    if c is not None and v.content_map is not None and len(c) + 1 == v.content_map.shape[0]:
+                        vec = v.map_content(c[None, :])[0]          # the text, through this version's map
+                    elif rec["vector"] is not None and len(rec["vector"]) == dim:
+                        vec = rec["vector"]
+                    else:
+                        continue
+                    ok.append(j)
+                    vecs.append(vec)
+                    cont.append(c)
                 v.catalogue_skipped = int((~held).sum()) - len(ok)
                 if ok:
-                    view.apply_add([keys[j] for j in ok], np.stack([added[j][1]["vector"] for j in ok]),
-                                   [added[j][1]["features"] for j in ok])
+                    width = v.content_vectors.shape[1] if v.content_vectors is not None else None
+                    content = None if width is None else np.stack(
+                        [c if c is not None and len(c) == width else np.zeros(width, np.float32) for c in cont])
+                    view.apply_add([keys[j] for j in ok], np.stack(vecs), [added[j][1]["features"] for j in ok],
+                                   content)
             view.set_removed(sorted(removed, key=str) if removed else [])
 
     @classmethod
@@ -610,6 +658,8 @@ class Engine:
             excludes.append(seen if seen is not None else _NO_IDS)
         n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
         results = v.retrieval.retrieve_batch(states, n, excludes=excludes, num_threads=self.num_threads)
+        if v.content_vectors is not None and self.hybrid_max_events:
+            results = [self._hybrid(v, st, n, ex, r) for st, ex, r in zip(states, excludes, results)]
         fallback = [r is None for r in results]
         if any(fallback) and v.popular is None:
             user = checked[fallback.index(True)]
@@ -674,6 +724,8 @@ class Engine:
         if v.retrieval is not None:
             n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
             res = v.retrieval.retrieve(state, n, exclude=seen, candidates=cand, num_threads=self.num_threads)
+            if cand is None:
+                res = self._hybrid(v, state, n, seen, res)
             if res is None:       # a user the model cannot describe: popular items
                 if v.popular is None:
                     raise RecEngineError(f"user {user!r} is unknown and the bundle has no popularity to fall back on")
@@ -706,6 +758,39 @@ class Engine:
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return self._finish(v, user, ids, scores, k, fallback, timings)
+
+    _RRF = 60.0          # reciprocal rank fusion's constant (Cormack et al.): score = sum of 1 / (60 + rank)
+
+    def _hybrid(self, v: _Version, state, n: int, exclude, res: TopK | None) -> TopK | None:
+        """Retrieval for a user with few events (see ``hybrid_max_events``): the ``n`` items nearest to the
+        mean text vector of its items, fused with the collaborative answer ``res`` by reciprocal rank (the
+        content half alone when ``res`` is None). Other users: ``res`` unchanged."""
+        cv = v.content_vectors
+        if cv is None or not self.hybrid_max_events:
+            return res
+        events = v.retrieval.seen(state)
+        if not 0 < len(events) <= self.hybrid_max_events:
+            return res
+        events = events[events < len(cv)]
+        profile = cv[events].sum(axis=0)
+        norm = float(np.linalg.norm(profile))
+        if not len(events) or norm == 0.0:
+            return res
+        ex = None if exclude is None or not len(exclude) else exclude[exclude < len(cv)]
+        content = topk((profile / norm).astype(np.float32), cv, n, exclude=ex, num_threads=self.num_threads)
+        fused: dict = {}
+        for part in (content, res):
+            if part is None:
+                continue
+            for rank, i in enumerate(part.ids.tolist()):
+                if i >= 0:
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (self._RRF + rank + 1)
+        if not fused:
+            return res
+        ids = np.fromiter(fused.keys(), np.int64, len(fused))
+        scores = np.fromiter(fused.values(), np.float64, len(fused)).astype(np.float32)
+        order = np.lexsort((ids, -scores))[:n]
+        return TopK(ids[order], scores[order])
 
     # ------------------------------------------------------------------ feedback
     def _log_impressions(self, recs: list[Recommendation], contexts) -> None:
@@ -787,16 +872,18 @@ class Engine:
             raise TypeError(f"keys must be a sequence of item keys, got {type(keys).__name__}")
         return [k.item() if isinstance(k, np.generic) else k for k in keys]
 
-    def add_items(self, keys, *, vectors=None, features=None) -> np.ndarray:
+    def add_items(self, keys, *, vectors=None, text=None, features=None) -> np.ndarray:
         """Add items to the catalogue while serving: from the moment this returns they can be retrieved,
         ranked and observed. ``keys``: the new items' keys (the catalogue's key type); ``vectors``:
-        float32 ``[n, d]`` in the retrieval model's item space (needed for items the model does not hold;
-        a content model that derives them from text comes with issue 16); ``features``: one mapping per item
-        of the ranking model's item fields (category, tags, price, ...; missing ones are missing values).
+        float32 ``[n, d]`` in the retrieval model's item space, or ``text``: one string per item (title,
+        genres, tags, description: :func:`rec_engine.content.item_text` builds one), encoded by the engine's
+        ``content_encoder`` and mapped into the item space by the version's content map (a bundle trained
+        with ``--items``), so a new item is served before anyone clicks it; ``features``: one mapping per
+        item of the ranking model's item fields (category, tags, price, ...; missing ones are missing values).
         A key the version already holds keeps its own vector; a removed key comes back. Recorded in the
-        event store (``item_added``), so a restart replays it; a swap re-applies it by key (the vector is
-        kept when the new version's item vectors have the same dimension: give vectors again after a swap
-        to a model with another item space). Returns the items' dense ids in the current version."""
+        event store (``item_added``), so a restart replays it; a swap re-applies it by key: through the new
+        version's content map when the item came with text, else with its vector when the new version's
+        item vectors have the same dimension. Returns the items' dense ids in the current version."""
         v = self._version
         keys = self._key_list(keys)
         if not keys:
@@ -813,14 +900,24 @@ class Engine:
         view.check_keys(keys)
         vecs = check_vectors(vectors, len(keys), r.items.shape[1])
         feats = check_features(features, len(keys))
+        content = None
+        if text is not None:
+            if isinstance(text, str) or not hasattr(text, "__len__") or len(text) != len(keys):
+                raise ValueError("text must be a sequence with one string per key")
+            content = self.encode_text(list(text))
+            if vecs is None:
+                vecs = v.map_content(content)
         with self._cat_lock:
-            ids = view.apply_add(keys, vecs, feats)
+            ids = view.apply_add(keys, vecs, feats, content)
             cand = self._candidate
-            if cand is not None and cand.retrieval is not None and vecs is not None \
-                    and cand.retrieval.items.shape[1] == vecs.shape[1] and cand.retrieval.index is None:
-                cand.items_view().apply_add(keys, vecs, feats)
+            if cand is not None and cand.retrieval is not None and cand.retrieval.index is None:
+                cv = (cand.map_content(content) if content is not None and cand.content_map is not None
+                      else vecs if vecs is not None and cand.retrieval.items.shape[1] == vecs.shape[1] else None)
+                if cv is not None:
+                    cand.items_view().apply_add(keys, cv, feats, content)
             for j, k in enumerate(keys):
-                self.catalogue.add(k, None if vecs is None else vecs[j], feats[j])
+                self.catalogue.add(k, None if vecs is None else vecs[j], feats[j],
+                                   None if content is None else content[j])
             if self.catalogue.removed or len(v.removed_ids) or (cand is not None and len(cand.removed_ids)):
                 removed = self.catalogue.removed_keys()      # a re-added key leaves the removed ids
                 for ver in (v, cand):
@@ -829,8 +926,20 @@ class Engine:
         if self.events is not None:
             self.events.append([Event("item_added", "", k, ts=self._clock(), attrs={
                 "vector": None if vecs is None else vecs[j].tolist(),
+                **({"content": content[j].tolist(), "text": text[j]} if content is not None else {}),
                 **({"features": dict(feats[j])} if feats[j] else {})}) for j, k in enumerate(keys)])
         return ids
+
+    def encode_text(self, texts: list) -> np.ndarray:
+        """Unit text vectors ``[n, c]`` of ``texts`` by the engine's content encoder (loaded at first use)."""
+        if self._encoder is None:
+            if self._encoder_path is None:
+                raise ValueError("item text needs a content encoder: Engine.load(..., content_encoder=PATH) "
+                                 "(a bundle written by `rec-engine content-encoder`)")
+            from .content import ContentEncoder
+
+            self._encoder = ContentEncoder.load(self._encoder_path)
+        return self._encoder.encode(texts)
 
     def remove_items(self, keys) -> None:
         """Withdraw items: once this returns, no answer contains them (retrieval, candidates, cold start,
@@ -850,13 +959,45 @@ class Engine:
             self.events.append([Event("item_removed", "", k, ts=self._clock()) for k in keys])
 
     # ------------------------------------------------------------------ neighbours
-    def similar_items(self, items, k: int = 10, *, exclude=None, num_threads: int | None = None):
+    def similar_items(self, items, k: int = 10, *, by: str = "collaborative", alpha: float = 0.5, exclude=None,
+                      num_threads: int | None = None):
         """The ``k`` items most similar to each item of ``items`` (a key, or a sequence of keys: a list of
-        answers, one top-k call for all of them) by the cosine of the retrieval model's item vectors
-        (mf / lightgcn / ngcf), the item itself excluded (and ``exclude``, item keys, for every query).
-        Each answer is a :class:`Recommendation` whose ``user`` is the query item's key and whose
-        ``scores`` are cosines. An unknown key is an :class:`~rec_engine.keys.UnknownKeyError`."""
-        return self._similar("item", items, k, exclude, num_threads)
+        answers, one top-k call for all of them), the item itself excluded (and ``exclude``, item keys, for
+        every query). ``by``: ``"collaborative"``, the cosine of the retrieval model's item vectors (mf /
+        lightgcn / ngcf); ``"content"``, the cosine of the items' text vectors (bundles trained with
+        ``--items``; an item added with text a second ago has one); ``"blend"``, ``alpha`` x collaborative +
+        (1 - alpha) x content, exact over the union of each side's top ``4k + 50``. Each answer is a
+        :class:`Recommendation` whose ``user`` is the query item's key and whose ``scores`` are the
+        similarities. An unknown key is an :class:`~rec_engine.keys.UnknownKeyError`."""
+        if by not in ("collaborative", "content", "blend"):
+            raise ValueError(f"by must be 'collaborative', 'content' or 'blend', got {by!r}")
+        if by == "collaborative":
+            return self._similar("item", items, k, exclude, num_threads)
+        v = self._version
+        if v.content_vectors is None:
+            raise ValueError("similar items by content need a bundle with content vectors (train with --items)")
+        if by == "content":
+            return self._similar("content", items, k, exclude, num_threads)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        wide = max(4 * k + 50, k)
+        single = isinstance(items, (str, int, np.integer)) and not isinstance(items, bool)
+        cf = self._similar("item", [items] if single else items, wide, exclude, num_threads)
+        ct = self._similar("content", [items] if single else items, wide, exclude, num_threads)
+        unit, cv = v.unit_table("item"), v.content_vectors
+        out = []
+        for a, b in zip(cf, ct):
+            q = int(v.item_keys.id(a.user))
+            union = np.union1d(a.ids[a.ids >= 0], b.ids[b.ids >= 0])
+            union = union[(union < len(unit)) & (union < len(cv))]
+            s = (alpha * (unit[union] @ unit[q]) + (1 - alpha) * (cv[union] @ cv[q])).astype(np.float32)
+            order = np.lexsort((union, -s))[:k]
+            ids, sc = union[order], s[order]
+            if len(ids) < k:
+                ids = np.concatenate([ids, np.full(k - len(ids), -1, np.int64)])
+                sc = np.concatenate([sc, np.full(k - len(sc), -np.inf, np.float32)])
+            out.append(Recommendation(a.user, ids, sc, v.id, False, {}, v.item_keys))
+        return out[0] if single else out
 
     def similar_users(self, users, k: int = 10, *, num_threads: int | None = None):
         """The ``k`` users most similar to each user of ``users`` (people to follow) by the cosine of the
@@ -873,8 +1014,8 @@ class Engine:
         if isinstance(queries, (bytes, Mapping)) or not hasattr(queries, "__len__"):
             raise TypeError(f"{side}s must be a key or a sequence of keys, got {type(keys).__name__}")
         queries = queries.tolist() if isinstance(queries, np.ndarray) else list(queries)
-        table = v.unit_table(side)
-        if side == "item":
+        table = v.content_vectors if side == "content" else v.unit_table(side)
+        if side in ("item", "content"):
             ids = self._item_ids(v, queries, "items")
             if len(ids) and ids.max() >= len(table):
                 raise UnknownKeyError(f"items: item {queries[int(np.argmax(ids))]!r} is being added; ask again")
