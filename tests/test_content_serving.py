@@ -137,3 +137,23 @@ def test_items_added_with_text_get_mapped_vectors_and_keep_them_across_restart_a
         ida = again.item_keys.ids([9001, 9002])
         np.testing.assert_allclose(again._version.retrieval.items[ida], c @ cmap[:-1] + cmap[-1], rtol=1e-5,
                                    atol=1e-5)
+
+
+fastapi = pytest.importorskip("fastapi", reason="the HTTP service needs the serve extra")
+from test_service import TOKEN, running  # noqa: E402
+
+from rec_engine.service import create_app  # noqa: E402
+
+
+def test_text_items_and_content_neighbours_over_http(content_a):
+    path, cv, cmap = content_a
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with Engine.load(path, num_threads=1) as e, running(create_app(e, token=TOKEN)) as client:
+        e._encoder = _StubEncoder()
+        st, _ = client.request("POST", "/items", {"items": [{"key": 9101, "text": "Noir. Genres: Crime"}]}, headers=auth)
+        assert st == 200
+        st, body = client.request("POST", "/similar_items", {"item": 9101, "k": 4, "by": "content"})
+        assert st == 200 and body["items"] == e.similar_items(9101, k=4, by="content").items.tolist()
+        mixed = {"items": [{"key": 9102, "text": "x"}, {"key": 9103}]}
+        assert client.request("POST", "/items", mixed, headers=auth)[0] == 422
+        assert client.request("POST", "/similar_items", {"item": 1, "by": "colour"})[0] == 422

@@ -10,9 +10,9 @@ Endpoints::
     POST /swap       {"bundle": "/path/to/bundle"}     header "Authorization: Bearer <token>"
     POST /ab         {"bundle": "/path/to/candidate", "fraction": 0.1}   (token; bundle null: stop)
     POST /forget     {"user": "u-1"}                   (token) erase the user's events and online state
-    POST /items      {"items": [{"key": "sku-new", "vector": [..], "features": {..}}]}   (token) add items
+    POST /items      {"items": [{"key": "sku-new", "vector": [..] | "text": "..", "features": {..}}]}  (token)
     POST /items/remove {"items": ["sku-3"]}           (token) withdraw items: never returned again
-    POST /similar_items {"item": "sku-3", "k": 10}      items nearest by the model's item vectors (cosine)
+    POST /similar_items {"item": "sku-3", "k": 10, "by": "collaborative" | "content" | "blend"}
     POST /similar_users {"user": "u-1", "k": 10}        users nearest by their vectors (people to follow)
     GET  /healthz
     GET  /metrics    Prometheus text: requests and errors per endpoint, latency histograms per stage, and
@@ -111,6 +111,8 @@ class SimilarItemsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     item: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
+    by: Literal["collaborative", "content", "blend"] = "collaborative"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     exclude: Optional[list[Key]] = Field(default=None, max_length=MAX_ITEMS_PER_REQUEST)
 
 
@@ -124,6 +126,7 @@ class NewItem(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     key: Key
     vector: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default=None, max_length=4096)
+    text: Optional[str] = Field(default=None, max_length=100_000)
     features: Optional[dict[str, Any]] = None
 
 
@@ -467,7 +470,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     @app.post("/similar_items")
     def similar_items(req: SimilarItemsRequest):
         try:
-            rec = engine.similar_items(req.item, req.k, exclude=req.exclude)
+            rec = engine.similar_items(req.item, req.k, by=req.by, alpha=req.alpha, exclude=req.exclude)
         except ENGINE_ERRORS as e:
             raise _bad(e) from None
         return {"item": req.item, **_neighbours(rec, "items")}
@@ -502,11 +505,13 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise HTTPException(409, detail=swap_refusal)
         _authorize(authorization, "changing the catalogue")
         with_vec = [it.vector is not None for it in req.items]
-        if any(with_vec) and not all(with_vec):
-            raise HTTPException(422, detail="items: give a vector for every item or for none")
+        with_text = [it.text is not None for it in req.items]
+        if (any(with_vec) and not all(with_vec)) or (any(with_text) and not all(with_text)):
+            raise HTTPException(422, detail="items: give a vector (or a text) for every item or for none")
         vectors = np.array([it.vector for it in req.items], np.float32) if all(with_vec) else None
+        texts = [it.text for it in req.items] if all(with_text) else None
         try:
-            ids = engine.add_items([it.key for it in req.items], vectors=vectors,
+            ids = engine.add_items([it.key for it in req.items], vectors=vectors, text=texts,
                                    features=[it.features for it in req.items])
         except ENGINE_ERRORS as e:
             raise _bad(e) from None
