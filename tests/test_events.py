@@ -664,3 +664,11 @@ def test_import_refuses_a_log_shorter_than_what_was_imported(tmp_path):
     log.write_bytes(_line(T0, "u1", [1]))
     with pytest.raises(EventStoreError, match="shorter"):
         open_store(log)
+
+
+def test_forget_never_erases_catalogue_events(tmp_path):
+    with SqliteEventStore(tmp_path / "e.db") as s:
+        s.append([Event("item_added", "", 5, attrs={"vector": [1.0]}), Event("click", "", 5),
+                  Event("item_removed", "", 6)])
+        assert s.forget("") == 1
+        assert [e.kind for e in s.read()] == ["item_added", "item_removed"]

@@ -37,6 +37,8 @@ from ._core import RecEngineError
 
 KINDS = ("impression", "click", "conversion", "rating", "item_added", "item_removed")
 INTERACTIONS = ("click", "conversion", "rating")    # kinds that join the user's online state (seen set, history)
+USER_KINDS = ("impression",) + INTERACTIONS          # kinds about a user (what forget erases); the others are
+                                                     # the catalogue's (item_added / item_removed)
 SCHEMA_VERSION = 1
 
 
@@ -623,7 +625,8 @@ class SqliteEventStore(EventStore):
             conn = self._rconn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                n = conn.execute("DELETE FROM events WHERE user = ?", (user,)).rowcount
+                n = conn.execute(f"DELETE FROM events WHERE user = ? AND kind IN ({','.join('?' * len(USER_KINDS))})",
+                                 (user, *USER_KINDS)).rowcount
                 conn.execute("INSERT OR REPLACE INTO forgotten VALUES (?, ?)", (user_hash(user), time.time()))
                 conn.execute("COMMIT")
             except BaseException:

@@ -44,7 +44,7 @@ import uuid
 from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from .events import (INTERACTIONS, KINDS, SCHEMA_VERSION, Event, EventStore, EventStoreError, _scan_columns, _scan_kinds,
+from .events import (INTERACTIONS, KINDS, USER_KINDS, SCHEMA_VERSION, Event, EventStore, EventStoreError, _scan_columns, _scan_kinds,
                      check_key, user_hash)
 
 try:
@@ -533,7 +533,7 @@ class RedisEventStore(EventStore):
         user = check_key(user, "user")
         self.flush()
         self._call(self._r.sadd, self._forgotten_key, user_hash(user))
-        return sum(n for n, _ in self._scan_pages(user=user, mode="delete"))
+        return sum(n for n, _ in self._scan_pages(kinds=USER_KINDS, user=user, mode="delete"))
 
     def drop_before(self, ts: float) -> int:
         """Erase the events that *arrived* before ``ts`` (XTRIM MINID by the stream id's millisecond time,
