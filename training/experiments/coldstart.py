@@ -212,7 +212,8 @@ def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, e
     return {"data": str(data), "model": model, "protocol": "item cold start: a seeded share of the items held out "
             "of training entirely; per user with held-out interactions, only the held-out items are ranked",
             "holdout": holdout, "seed": seed, "text": "title + genres" + (" + tags (leaks)" if with_tags else ""),
-            "n_users": inter.n_users, "n_items": n_items, "n_warm_items": int(len(warm)), "n_cold_items": int(len(cold)),
+            "n_users": inter.n_users, "n_items": n_items, "n_warm_items": int(len(warm)),
+            "n_cold_items": int(len(cold)),
             "n_train": len(split.train), "n_cold_interactions": int(ev_cold.sum()), "n_eval_users": int(len(users)),
             "n_eval_users_without_train": no_history,
             "config": {"epochs": config.epochs, "dim": config.dim, "lr": config.lr, "batch_size": config.batch_size,
