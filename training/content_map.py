@@ -18,7 +18,8 @@ retrieval model's item space (what ``rec-engine train --items items.csv`` adds t
   ``arrays/content_map.npy``  float32 ``[385, D]``: a new item with content vector ``c`` (float32 ``[384]``)
   gets the retrieval vector ``[c, 1] @ W`` (the last row is the intercept);
   ``meta["content"]``  ``{"dim", "encoder_sha256", "encoder_weights_sha256", "encoder_model", "ridge",
-  "fit_r2", "cv_r2", "n_fit", "n_missing", "vectors_dtype", "text", "source"}`` (see :func:`content_bundle_parts`).
+  "fit_r2", "cv_r2", "n_fit", "n_missing", "min_count", "vectors_dtype", "text", "source"}`` (see
+  :func:`content_bundle_parts`).
 """
 from __future__ import annotations
 
@@ -380,26 +381,39 @@ def fit_content_map(content: np.ndarray, targets: np.ndarray, ridge: float | Seq
 
 
 def content_bundle_parts(content: ItemContent, item_vectors: np.ndarray, *, vectors_dtype: str = "float32",
-                         ridge=None) -> tuple[dict, dict]:
+                         ridge=None, item_counts: np.ndarray | None = None, min_count: int = 1) -> tuple[dict, dict]:
     """The arrays and the meta entry a retrieval bundle stores for its items' content.
 
     ``item_vectors``: the bundle's item vectors (the ``items`` table, float32 ``[n_items, D]``); the map is
-    fitted on the items with text. Returns ``({"content_vectors": [n_items, dim] vectors_dtype,
+    fitted on the items with text and (given ``item_counts``, the train interactions per item) at least
+    ``min_count`` train interactions: an item never trained on keeps its initial vector, which the map should
+    not learn. Returns ``({"content_vectors": [n_items, dim] vectors_dtype,
     "content_map": float32 [dim + 1, D]}, meta)`` where meta (``meta["content"]``) holds ``dim``,
     ``encoder_sha256``, ``encoder_weights_sha256``, ``encoder_model``, ``ridge``, ``fit_r2``, ``cv_r2``,
-    ``n_fit``, ``n_missing``, ``vectors_dtype``, ``text`` (the items options) and ``source`` (the files)."""
+    ``n_fit`` (the items fitted on), ``n_missing`` (items without text), ``min_count``, ``vectors_dtype``,
+    ``text`` (the items options) and ``source`` (the files)."""
     if vectors_dtype not in ("float32", "float16"):
         raise ValueError(f"vectors_dtype must be float32 or float16, got {vectors_dtype!r}")
     items = np.asarray(item_vectors, np.float32)
     if content.vectors.shape[0] != items.shape[0]:
         raise ValueError(f"content covers {content.vectors.shape[0]} items, the model has {items.shape[0]}")
-    fit_rows = np.flatnonzero(content.has)
+    fit = content.has.copy()
+    if item_counts is not None:
+        counts = np.asarray(item_counts)
+        if counts.shape != (items.shape[0],):
+            raise ValueError(f"item_counts must hold {items.shape[0]} counts, got shape {counts.shape}")
+        fit &= counts >= min_count
+    fit_rows = np.flatnonzero(fit)
+    if fit_rows.size < 2:
+        raise ValueError(f"the content map needs at least 2 items with text and >= {min_count} train interactions, "
+                         f"got {fit_rows.size}")
     cmap = fit_content_map(content.vectors[fit_rows], items[fit_rows], ridge)
     arrays = {"content_vectors": np.ascontiguousarray(content.vectors, dtype=vectors_dtype),
               "content_map": cmap.weights}
     meta = {"dim": int(content.vectors.shape[1]), **content.info, "ridge": cmap.ridge,
             "fit_r2": round(cmap.fit_r2, 6), "cv_r2": round(cmap.cv_r2, 6), "n_fit": cmap.n_fit,
-            "n_missing": int((~content.has).sum()), "vectors_dtype": vectors_dtype}
+            "n_missing": int((~content.has).sum()), "min_count": int(min_count) if item_counts is not None else 0,
+            "vectors_dtype": vectors_dtype}
     return arrays, meta
 
 

@@ -92,7 +92,8 @@ def export_graph(model, split_train: Interactions, path: str | os.PathLike, *, t
         from .content_map import content_bundle_parts
 
         extra, meta["content"] = content_bundle_parts(
-            content, items, vectors_dtype="float32" if table_dtype == "float32" else "float16")
+            content, items, vectors_dtype="float32" if table_dtype == "float32" else "float16",
+            item_counts=split_train.item_counts())
         arrays.update(extra)
     return write_bundle(path, kind=kind, meta=meta, tables=tables, arrays=arrays,
                         table_dtype=table_dtype, overwrite=overwrite, **_keys(keys))

@@ -164,6 +164,10 @@ def test_item_content_matches_string_keys_and_marks_items_without_text(tmp_path,
                                         vectors_dtype="float16")
     assert arrays["content_vectors"].dtype == np.float16 and arrays["content_map"].shape == (385, 8)
     assert meta["n_fit"] == world.n_items - 2 and meta["n_missing"] == 2 and meta["dim"] == 384
+    counts = np.ones(world.n_items, np.int64)
+    counts[:5] = 0
+    _, meta = content_bundle_parts(content, np.zeros((world.n_items, 8)), item_counts=counts)
+    assert meta["n_fit"] == world.n_items - 6 and meta["min_count"] == 1
     with pytest.raises(ItemsFileError, match="none of its"):
         item_content(None, world.n_items, f, {"key": "item_id"}, encoder=encoder, log=lambda s: None)
 
@@ -193,14 +197,16 @@ def test_train_with_items_stores_content_vectors_in_id_order_and_the_map(tmp_pat
     ref = encoder.encode([_text(world, i) for i in range(world.n_items)])
     assert np.all(np.sum(ref * cv, axis=1) > 0.999)          # row i is dense item i's text
     meta = b.meta["content"]
-    assert meta["dim"] == 384 and meta["n_fit"] == world.n_items and meta["n_missing"] == 0
+    fitted = b.array("item_counts") >= 1                     # items never trained on are not fitted on
+    assert meta["dim"] == 384 and meta["n_fit"] == fitted.sum() and meta["n_missing"] == 0 and meta["min_count"] == 1
     enc_manifest = open_bundle(encoder_bundle).manifest
     assert meta["encoder_sha256"] == enc_manifest["files"]["encoder.onnx"]["sha256"]
     assert meta["encoder_weights_sha256"] == enc_manifest["meta"]["weights_sha256"]
     assert meta["ridge"] > 0 and meta["fit_r2"] > 0
     # the stored map is the one that reproduces the scanned (propagated) item vectors
     pred = np.hstack([cv, np.ones((len(cv), 1), np.float32)]) @ W
-    resid = ((items_table - pred) ** 2).sum() / ((items_table - items_table.mean(0)) ** 2).sum()
+    target = items_table[fitted]
+    resid = ((target - pred[fitted]) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
     assert resid == pytest.approx(1 - meta["fit_r2"], abs=1e-3)
 
 

@@ -110,7 +110,7 @@ def _cached_vectors(texts: list[str], cache: Path, encoder_dir, log) -> tuple[np
 
 def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, epochs: int | None = None,
         time_limit: float | None = 150.0, encoder=None, cache_dir=None, with_tags: bool = False,
-        num_threads: int | None = None, log=print) -> dict:
+        num_threads: int | None = None, map_min_count: int = 1, log=print) -> dict:
     """The cold-start evaluation on the MovieLens folder ``data``; returns the result dict (see the module doc)."""
     from ..defaults import resolve_config
     from ..models.graph import final_embeddings, train_graph
@@ -157,7 +157,8 @@ def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, e
     warm_metrics = evaluate_retrieval(U, V, split.train.by_user(), split.test.by_user(), ks=(K,))
 
     t0 = time.perf_counter()
-    cmap = fit_content_map(C_warm, V)
+    fit_rows = np.flatnonzero(split.train.item_counts() >= map_min_count)
+    cmap = fit_content_map(C_warm[fit_rows], V[fit_rows])
     V_cold = cmap.predict(C_cold)
     t_map = time.perf_counter() - t0
 
@@ -219,7 +220,7 @@ def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, e
             "config": {"epochs": config.epochs, "dim": config.dim, "lr": config.lr, "batch_size": config.batch_size,
                        "params": config.params, "time_limit": time_limit},
             "best_epoch": getattr(hist, "best_epoch", None), "warm_test": warm_metrics,
-            "content_map": {"ridge": cmap.ridge, "fit_r2": cmap.fit_r2, "cv_r2": cmap.cv_r2, "n_fit": cmap.n_fit},
+            "content_map": {"min_count": map_min_count, "ridge": cmap.ridge, "fit_r2": cmap.fit_r2, "cv_r2": cmap.cv_r2, "n_fit": cmap.n_fit},
             "encoder": enc_info, "results": results,
             "seconds": {"load": t_load, "encode": enc_info["encode_seconds"], "train": t_train, "fit_map": t_map,
                         **{f"score: {k}": v for k, v in seconds.items()},
