@@ -122,6 +122,11 @@ def test_items_added_with_text_get_mapped_vectors_and_keep_them_across_restart_a
         with pytest.raises(ValueError, match="content encoder"):
             e.add_items([9001], text=texts[:1])
         e._encoder = _StubEncoder()
+        e._encoder.meta = {"weights_sha256": "f" * 64}
+        e._version.content_meta["encoder_weights_sha256"] = "0" * 64
+        with pytest.raises(ValueError, match="other weights"):
+            e.add_items([9001], text=texts[:1])
+        e._version.content_meta["encoder_weights_sha256"] = "f" * 64
         c = e._encoder.encode(texts)
         ids = e.add_items([9001, 9002], text=texts, features=[{"category": 1}, None])
         r = e._version.retrieval

@@ -939,6 +939,11 @@ class Engine:
             from .content import ContentEncoder
 
             self._encoder = ContentEncoder.load(self._encoder_path)
+        want = self._version.content_meta.get("encoder_weights_sha256")
+        got = getattr(self._encoder, "meta", {}).get("weights_sha256")
+        if want and got and want != got:       # text vectors of another model would be mapped as if ours
+            raise ValueError(f"the content encoder {self._encoder_path} was exported from other weights "
+                             f"({got[:12]}) than the bundle's content map was fitted with ({want[:12]})")
         return self._encoder.encode(texts)
 
     def remove_items(self, keys) -> None:
