@@ -34,7 +34,8 @@ def _serve(args) -> int:
           scan_memory=args.scan_memory, durable=args.durable or None, window_days=args.window_days,
           retention_days=args.retention_days, impression_sample=args.impression_sample,
           candidate=args.candidate, candidate_fraction=args.candidate_fraction if args.candidate else None,
-          follow_events_s=args.follow_events_s)
+          follow_events_s=args.follow_events_s, content_encoder=args.content_encoder,
+          hybrid_max_events=args.hybrid_max_events)
     return 0
 
 
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="the table retrieval scans: read into each process's memory (huge pages, ~1.35x faster "
                           "scans) or the bundle's file mapped and shared between workers (default: copy with one "
                           "worker, mmap with several)")
+    srv.add_argument("--content-encoder", default=None,
+                     help="a content_encoder bundle (rec-engine content-encoder): POST /items then takes item text")
+    srv.add_argument("--hybrid-max-events", type=int, default=None,
+                     help="users with at most this many events are also retrieved by content, with a bundle that "
+                          "stores content vectors (default 5; 0: off)")
     srv.set_defaults(handler=_serve)
     rb = sub.add_parser("rollback", help="point a model home's CURRENT back at the version promoted before",
                         description="Model homes (folders of bundles with a CURRENT pointer, which Engine.load and "

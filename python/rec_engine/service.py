@@ -569,7 +569,7 @@ _MULTI_WORKER_SWAP = ("swapping over HTTP is off with several worker processes (
                       "them): restart the server with the new bundle")
 
 
-_PATH_OPTIONS = ("events", "candidate")     # engine options that are paths, made absolute for the workers
+_PATH_OPTIONS = ("events", "candidate", "content_encoder")     # engine options that are paths, made absolute for the workers
 
 
 def _app_from_env() -> FastAPI:
