@@ -224,3 +224,15 @@ def test_healthz_and_metrics(server):
     assert value('rec_engine_errors_total{endpoint="/recommend"}') >= 1
     for stage in ("retrieval", "ranking", "total", "http"):
         assert value(f'rec_engine_latency_seconds_count{{stage="{stage}"}}') >= 1
+
+
+def test_unknown_paths_do_not_grow_the_metrics(server):
+    client, _ = server
+    _, before = client.request("GET", "/metrics")
+    for j in range(50):
+        assert client.request("GET", f"/no/such/path/{j}")[0] == 404
+    _, after = client.request("GET", "/metrics")
+    series = [ln for ln in after.splitlines() if ln.startswith("rec_engine_") and "path/" in ln]
+    assert series == []
+    assert 'endpoint="other",status="404"' in after
+    assert len(after.splitlines()) - len(before.splitlines()) <= 8      # one "other" series set, not 50

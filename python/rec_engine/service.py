@@ -406,12 +406,15 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                 response = await call_next(Request(request.scope, receive))
         else:
             response = await call_next(request)
-        endpoint = request.url.path
+        # the route's own path, never the request's: an unknown path must not make new time series
+        endpoint = request.url.path if request.url.path in known_paths else "other"
         requests.labels(endpoint, str(response.status_code)).inc()
         if response.status_code >= 400:
             errors.labels(endpoint).inc()
         latency.labels("http").observe(time.perf_counter() - t0)
         return response
+
+    known_paths: set = set()              # filled below, once every route is declared
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
@@ -562,6 +565,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    known_paths.update(r.path for r in app.routes if hasattr(r, "path"))
     return app
 
 
