@@ -236,3 +236,25 @@ def test_unknown_paths_do_not_grow_the_metrics(server):
     assert series == []
     assert 'endpoint="other",status="404"' in after
     assert len(after.splitlines()) - len(before.splitlines()) <= 8      # one "other" series set, not 50
+
+
+def test_chunked_requests_are_read_whole_and_bounded(server):
+    client, engine = server
+
+    def chunked(body: bytes, path="/recommend"):
+        conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+        parts = [body[i:i + 7] for i in range(0, len(body), 7)]
+        conn.request("POST", path, body=iter(parts), headers={"Content-Type": "application/json"},
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read().decode())
+        conn.close()
+        return out
+
+    st, body = chunked(json.dumps({"user": 2, "k": 3, "context": CTX}).encode())
+    assert st == 200, body
+    assert body["items"] == engine.recommend(2, k=3, context=CTX).items.tolist()
+    st, body = chunked(json.dumps({"user": 2, "items": [1]}).encode(), "/observe")
+    assert st == 200, body
+    st, body = chunked(b'{"user": 2, "exclude": [' + b"1," * MAX_BODY + b'1]}')
+    assert st == 413 and "larger than" in body["detail"]

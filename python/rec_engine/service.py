@@ -298,6 +298,53 @@ class Coalescer:
             batch.done.set()
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_body`` bytes gets 413, whether its size is announced
+    (``Content-Length``) or not (``Transfer-Encoding: chunked``: the body is read here, up to the limit, and
+    handed to the app whole). Pure ASGI, so the app receives exactly the body the client sent."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps({"detail": f"request body larger than {self.max_body} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_body:
+                return await self._too_large(send)
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:                                     # read the chunked body, bounded
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await self._too_large(send)
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()                      # afterwards: the client's disconnect, if any
+
+        return await self.app(scope, replay, send)
+
+
 class _ServedMetrics:
     """Feedback metrics per model version in /metrics: recommendations, items shown, feedback events by kind
     (tied to a version through the request id of the answer they refer to, for the most recent
@@ -386,26 +433,12 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     app.state.registry = registry
     app.state.coalescer = coalescer
 
+    app.add_middleware(_BodyLimit, max_body=max_body)     # inside the counting middleware below
+
     @app.middleware("http")
-    async def bound_and_count(request: Request, call_next):
+    async def count(request: Request, call_next):
         t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            response = JSONResponse({"detail": f"request body larger than {max_body} bytes"}, status_code=413)
-        elif length is None and request.method == "POST":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body:
-                    break
-            if len(body) > max_body:
-                response = JSONResponse({"detail": f"request body larger than {max_body} bytes"}, status_code=413)
-            else:
-                async def receive(b=body):
-                    return {"type": "http.request", "body": b, "more_body": False}
-                response = await call_next(Request(request.scope, receive))
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         # the route's own path, never the request's: an unknown path must not make new time series
         endpoint = request.url.path if request.url.path in known_paths else "other"
         requests.labels(endpoint, str(response.status_code)).inc()
