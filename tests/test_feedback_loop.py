@@ -207,3 +207,40 @@ def test_http_feedback_forget_ab_and_metrics(trained, tmp_path, caplog):  # noqa
     # request bodies never reach the logs
     assert all("secret-user-key" not in r.getMessage() for r in caplog.records)
 
+
+
+def test_swap_to_a_bundle_with_a_truncated_onnx_or_bad_meta_is_422_and_keeps_serving(trained, tmp_path):  # noqa: F811
+    import hashlib
+    import json as _json
+
+    def corrupt(name, change):
+        dst = tmp_path / name
+        shutil.copytree(trained.bundle("pipe_a"), dst)
+        stage = dst / "ranking"
+        m = _json.loads((stage / "manifest.json").read_text())
+        change(stage, m)
+        (stage / "manifest.json").write_text(_json.dumps(m))
+        top = _json.loads((dst / "manifest.json").read_text())
+        mf = (stage / "manifest.json").read_bytes()
+        top["files"]["ranking/manifest.json"] = {"sha256": hashlib.sha256(mf).hexdigest(), "bytes": len(mf)}
+        (dst / "manifest.json").write_text(_json.dumps(top))
+        return dst
+
+    def truncate(stage, m):
+        onnx = next(p for p in stage.glob("*.onnx"))
+        data = onnx.read_bytes()[:200]
+        onnx.write_bytes(data)
+        m["files"][onnx.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def bad_meta(stage, m):
+        m["meta"]["dim"] = "sixteen"
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with Engine.load(trained.bundle("pipe_a"), num_threads=1) as e, running(create_app(e, token=TOKEN)) as client:
+        before = e.version
+        for bundle in (corrupt("truncated", truncate), corrupt("badmeta", bad_meta)):
+            st, body = client.request("POST", "/swap", {"bundle": str(bundle)}, headers=auth)
+            assert st == 422 and "still serving" in body["detail"], body
+            assert client.request("POST", "/ab", {"bundle": str(bundle), "fraction": 0.5}, headers=auth)[0] == 422
+            assert e.version == before
+            assert client.request("POST", "/recommend", {"user": 3, "k": 3, "context": CTX})[0] == 200

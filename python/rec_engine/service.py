@@ -574,8 +574,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             return {"ab": None, "version": engine.version}
         try:
             engine.set_candidate(req.bundle, req.fraction)
-        except (OSError, ValueError, KeyError, RecEngineError) as e:
-            raise HTTPException(422, detail=f"candidate not loaded, still serving {engine.version}: {e}") from None
+        except Exception as e:      # noqa: BLE001 - any bundle that does not load (bad meta types, ONNX Runtime's
+            # own errors on a corrupt model) is the request's fault: the serving version is untouched
+            raise HTTPException(422, detail=f"candidate not loaded, still serving {engine.version}: "
+                                            f"{type(e).__name__}: {e}") from None
         return {"ab": engine.ab, "version": engine.version}
 
     @app.post("/swap")
@@ -585,8 +587,9 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         _authorize(authorization, "swapping")
         try:
             version = engine.swap(req.bundle)
-        except (OSError, ValueError, KeyError, RecEngineError) as e:
-            raise HTTPException(422, detail=f"swap failed, still serving {engine.version}: {e}") from None
+        except Exception as e:      # noqa: BLE001 - as for /ab: whatever the new bundle does wrong, 422
+            raise HTTPException(422, detail=f"swap failed, still serving {engine.version}: "
+                                            f"{type(e).__name__}: {e}") from None
         return {"version": version}
 
     @app.get("/healthz")
