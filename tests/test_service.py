@@ -258,3 +258,12 @@ def test_chunked_requests_are_read_whole_and_bounded(server):
     assert st == 200, body
     st, body = chunked(b'{"user": 2, "exclude": [' + b"1," * MAX_BODY + b'1]}')
     assert st == 413 and "larger than" in body["detail"]
+
+
+@pytest.mark.parametrize("raw", [b'{"user": 2, "context": {"hour": NaN}}', b'{"user": 2, "context": {"hour": 1e308}}',
+                                 b'{"user": 2, "context": {"hour": -Infinity}}',
+                                 b'{"user": 2, "context": {"hour": {"nested": 1}}}'])
+def test_non_finite_or_nested_context_values_get_422(server, raw):
+    client, _ = server
+    st, body = client.request("POST", "/recommend", raw=raw)
+    assert st == 422 and "context" in body["detail"], body

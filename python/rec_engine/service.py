@@ -58,7 +58,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from typing_extensions import Annotated
 
 from ._core import RecEngineError
@@ -84,6 +84,19 @@ class RecommendRequest(BaseModel):
     context: Optional[dict[str, Any]] = None
     n_candidates: Optional[int] = Field(default=None, ge=1, le=MAX_ITEMS_PER_REQUEST)
     return_ids: bool = False
+
+    @field_validator("context")
+    @classmethod
+    def _finite_context(cls, context):
+        """Context values are strings, booleans, finite numbers (below 1e300 in size) or lists of them."""
+        for name, value in (context or {}).items():
+            for x in (value if isinstance(value, list) else [value]):
+                if isinstance(x, float) and not (math.isfinite(x) and abs(x) < 1e300):
+                    raise ValueError(f"context[{name!r}] must be a finite number below 1e300 in size, got {x}")
+                if not isinstance(x, (str, bool, int, float)) and x is not None:
+                    raise ValueError(f"context[{name!r}] holds a {type(x).__name__}: values are strings, "
+                                     f"numbers, booleans or lists of them")
+        return context
 
 
 FeedbackKind = Literal["click", "conversion", "rating"]
