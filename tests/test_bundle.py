@@ -117,3 +117,28 @@ def test_bad_writer_arguments_leave_nothing(tmp_path):
     with pytest.raises(ValueError, match="table_dtype"):
         write_bundle(tmp_path / "b", kind="x", table_dtype="bf16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwriting_a_bundle_swaps_it_in_one_step_and_leaves_no_staging(tmp_path, monkeypatch):
+    import os as _os
+
+    from rec_engine import bundle as b
+
+    path = tmp_path / "b"
+    b.write_bundle(path, kind="mf", arrays={"x": np.arange(3)})
+    renames = []
+    real = _os.replace
+    monkeypatch.setattr(b.os, "replace", lambda s, d: (renames.append((s, d)), real(s, d))[1])
+    b.write_bundle(path, kind="mf", arrays={"x": np.arange(5)}, overwrite=True)
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p2").mkdir()
+    (tmp_path / "p1" / "one").write_text("1")
+    exchanged = b._exchange(tmp_path / "p1", tmp_path / "p2")     # can this system swap two paths?
+    if exchanged:
+        assert (tmp_path / "p2" / "one").exists()
+    assert renames == ([] if exchanged else renames[:2])       # one atomic exchange, else two renames
+    for p in ("p1", "p2"):
+        import shutil
+        shutil.rmtree(tmp_path / p)
+    assert b.open_bundle(path).array("x").tolist() == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
