@@ -5,7 +5,7 @@ import mmap
 import numpy as np
 import pytest
 
-from rec_engine.bundle import FORMAT_VERSION, BundleError, open_bundle, write_bundle
+from rec_engine.bundle import FORMAT_VERSION, BundleError, _manifest_digest, open_bundle, write_bundle
 
 
 @pytest.fixture
@@ -75,9 +75,29 @@ def test_truncated_and_missing_files_are_refused(bundle_dir):
 def test_bad_manifest_is_refused(bundle_dir, mutate, match):
     p, _ = bundle_dir
     mp = p / "manifest.json"
-    mp.write_text(mutate(json.loads(mp.read_text())))
+    text = mutate(json.loads(mp.read_text()))
+    try:                                   # sealed again, so each check is reached, not the digest's
+        doc = json.loads(text)
+        doc["digest"] = _manifest_digest(doc)
+        text = json.dumps(doc)
+    except (ValueError, TypeError):
+        pass
+    mp.write_text(text)
     with pytest.raises(BundleError, match=match):
         open_bundle(p)
+
+
+def test_a_hand_edited_manifest_is_refused_and_older_ones_without_a_digest_load(bundle_dir):
+    p, _ = bundle_dir
+    mp = p / "manifest.json"
+    doc = json.loads(mp.read_text())
+    doc["meta"]["n_layers"] = 7
+    mp.write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="does not match its digest"):
+        open_bundle(p)
+    doc.pop("digest")                     # a bundle written before manifests carried a digest
+    mp.write_text(json.dumps(doc))
+    assert open_bundle(p).meta["n_layers"] == 7
 
 
 def test_not_a_bundle(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rec_engine.bundle import _manifest_digest
 from rec_engine.engine import Engine
 
 from serving_fixtures import trained  # noqa: F401 (fixture)
@@ -39,9 +40,11 @@ def _with_content(src: Path, dst: Path, seed: int) -> tuple[Path, np.ndarray, np
         np.save(stage / "arrays" / f"{name}.npy", a)
         m["files"][f"arrays/{name}.npy"] = _sha(stage / "arrays" / f"{name}.npy")
     m["meta"]["content"] = {"dim": C}
+    m["digest"] = _manifest_digest(m)
     (stage / "manifest.json").write_text(json.dumps(m))
     top = json.loads((dst / "manifest.json").read_text())
     top["files"]["retrieval/manifest.json"] = _sha(stage / "manifest.json")
+    top["digest"] = _manifest_digest(top)
     (dst / "manifest.json").write_text(json.dumps(top))
     return dst, cv, cmap
 

@@ -213,16 +213,20 @@ def test_swap_to_a_bundle_with_a_truncated_onnx_or_bad_meta_is_422_and_keeps_ser
     import hashlib
     import json as _json
 
+    from rec_engine.bundle import _manifest_digest
+
     def corrupt(name, change):
         dst = tmp_path / name
         shutil.copytree(trained.bundle("pipe_a"), dst)
         stage = dst / "ranking"
         m = _json.loads((stage / "manifest.json").read_text())
         change(stage, m)
+        m["digest"] = _manifest_digest(m)
         (stage / "manifest.json").write_text(_json.dumps(m))
         top = _json.loads((dst / "manifest.json").read_text())
         mf = (stage / "manifest.json").read_bytes()
         top["files"]["ranking/manifest.json"] = {"sha256": hashlib.sha256(mf).hexdigest(), "bytes": len(mf)}
+        top["digest"] = _manifest_digest(top)
         (dst / "manifest.json").write_text(_json.dumps(top))
         return dst
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rec_engine import KeyMap, UnknownKeyError
-from rec_engine.bundle import BundleError, open_bundle, write_bundle
+from rec_engine.bundle import BundleError, _manifest_digest, open_bundle, write_bundle
 
 TRICKY = ["café-☕", "007", "7", "", " 7", "sku-1837", "u-22", "🙂" * 30, "a\x00b", "NaN", "-1", "1e3"]
 
@@ -123,6 +123,7 @@ def _rehash(bundle: Path) -> None:
     for rel in m["files"]:
         data = (bundle / rel).read_bytes()
         m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    m["digest"] = _manifest_digest(m)
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
@@ -135,6 +136,7 @@ def _add_keys(bundle: Path, user_keys, item_keys) -> None:
         for name, a in KeyMap.from_keys(keys).to_arrays(entity).items():
             np.save(bundle / "arrays" / f"{name}.npy", a, allow_pickle=False)
             m["files"][f"arrays/{name}.npy"] = {}
+    m.pop("digest", None)
     (bundle / "manifest.json").write_text(json.dumps(m))
     _rehash(bundle)
 

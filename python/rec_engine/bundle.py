@@ -154,6 +154,7 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
             "files": files,
             "meta": _jsonable(dict(meta or {})),
         }
+        manifest["digest"] = _manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
@@ -222,8 +223,16 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
                     "meta": _jsonable({"stages": {name: name for name in stages}, "n_candidates": int(n_candidates),
                                        "kinds": {name: b.kind for name, b in stages.items()}, "index": index_meta,
                                        "ranking": ranking_meta})}
+        manifest["digest"] = _manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own ``digest`` (canonical JSON): a manifest edited by
+    hand (a meta value changed) no longer matches it, and the bundle is refused at load."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -369,6 +378,8 @@ def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
     for key, typ in (("format_version", int), ("kind", str), ("files", dict), ("tables", dict), ("meta", dict)):
         if not isinstance(manifest.get(key), typ):
             raise BundleError(f"{mpath}: '{key}' is missing or not a {typ.__name__}")
+    if "digest" in manifest and manifest["digest"] != _manifest_digest(manifest):
+        raise BundleError(f"{mpath} does not match its digest: the manifest was edited or corrupted")
     if manifest["format_version"] > FORMAT_VERSION or manifest["format_version"] < 1:
         raise BundleError(f"{mpath}: format_version {manifest['format_version']} is not supported "
                           f"(this rec_engine reads up to {FORMAT_VERSION})")
