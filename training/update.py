@@ -11,7 +11,11 @@ Steps, for the pipeline that a model home's ``CURRENT`` names (:mod:`rec_engine.
    (new user-item interactions; users new to the model get rows, items the catalogue lacks are dropped).
    Warm start: MF and LightGCN start from the current bundle's layer-0 embeddings of every user and item
    that still exists (new users start at random); NGCF (its layer weights are not in the bundle) and the
-   closed-form kinds (GF-CF, BSPM, EASE, popularity) are fitted anew.
+   closed-form kinds (GF-CF, BSPM, EASE, popularity) are fitted anew. Item content (a stage trained with
+   ``--items``): the new stage keeps it. Each item's content vector is the current stage's row for the same
+   key (an item without one, or stored without text, gets zeros and counts as without text: the update does
+   not re-read the items file), with the encoder and items-file entries of ``meta["content"]``; the ridge map
+   is fitted anew against the newly trained item vectors (:func:`carried_content`).
 3. **Ranking.** The CTR model retrains on its base examples plus one example per shown item of every
    training impression: label 1 when a click or conversion with the impression's request id names the
    item, else 0. Its features are assembled exactly as serving assembles them (the bundle's user and item
@@ -272,6 +276,35 @@ def _lookup(keymap, keys: list) -> np.ndarray:
         return keymap.lookup(keys)
     except (TypeError, ValueError):
         return np.full(len(keys), -1, np.int64)
+
+
+def carried_content(stage, split: ImplicitSplit, log: Callable[[str], None] = print):
+    """The item content for the stage retrained from ``stage`` on ``split``: an
+    :class:`~rec_engine_train.content_map.ItemContent` in ``split``'s item order whose rows are ``stage``'s
+    content vectors matched by item key (float32, as stored), zeros and ``has`` False for an item ``stage``
+    holds no vector for or stored without text (a zero row); ``info`` is the encoder and items-file entries of
+    ``stage.meta["content"]``, so the export fits the map anew against the new item vectors. None when
+    ``stage`` has no content."""
+    if stage is None or not stage.has("arrays/content_vectors.npy"):
+        return None
+    from .content_map import ItemContent
+
+    old = np.asarray(stage.array("content_vectors"), np.float32)
+    n_items = split.train.n_items
+    rows = _lookup(stage.key_map("item", int(stage.meta["n_items"])),
+                   _key_list(split.keys and split.keys["item"], n_items))
+    rows = np.where((rows >= 0) & (rows < len(old)), rows, -1)
+    vectors = np.zeros((n_items, old.shape[1]), np.float32)
+    found = rows >= 0
+    vectors[found] = old[rows[found]]
+    has = found & np.any(vectors != 0, axis=1)
+    meta = dict(stage.meta.get("content") or {})
+    info = {k: meta[k] for k in ("encoder_sha256", "encoder_weights_sha256", "encoder_model", "text", "source")
+            if k in meta}
+    if not found.all():
+        log(f"content: {int((~found).sum())} of {n_items} items have no content vector in the current version "
+            f"(zeros: without text)")
+    return ItemContent(vectors, has, info)
 
 
 def train_retrieval(stage, base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str], *, epochs, seed,
@@ -656,9 +689,16 @@ def update(home, events, *, data: str = "synthetic", data_options: dict | None =
                     stores = Stores(stage, _ranking_user_ids(stage, rb))
                     result, d, info = train_ranking(stage, stores, base, logged, forgotten, epochs=epochs, seed=s,
                                                     warm=warm_start, shuffle_labels=shuffle_labels, log=log)
+                content = carried_content(stage, d, log) if label == "retrieval" else None
                 rec = dict(record or {"data": data, "seed": s})
                 rec["update"] = {"from": cur_name, "events": getattr(store, "url", ""), **info}
-                parts[label] = pipeline.export(result, d, tmp / label, training=rec)
+                parts[label] = pipeline.export(result, d, tmp / label, training=rec, content=content)
+                if content is not None:
+                    c = open_bundle(parts[label], verify=False).meta["content"]
+                    info["content"] = {"items_with_text": int(content.has.sum()), "n_fit": c["n_fit"],
+                                       "ridge": c["ridge"], "fit_r2": c["fit_r2"], "cv_r2": c["cv_r2"]}
+                    log(f"content: {int(content.has.sum())} of {len(content.has)} items' vectors carried over; map "
+                        f"refitted on {c['n_fit']} items, R^2 {c['fit_r2']:.3f} (leave-one-out {c['cv_r2']:.3f})")
                 report[label] = {"kind": stage.kind, "test": result.metrics, **info}
             ranking_meta = top.meta.get("ranking") or {}
             new_path = write_pipeline(home / name, retrieval=parts.get("retrieval"), ranking=parts.get("ranking"),

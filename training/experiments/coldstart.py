@@ -11,9 +11,14 @@ adds them to every movie anyway, which leaks), encoded by the content encoder. F
 interaction with a held-out movie, the held-out movies (and only they) are ranked, and Recall@20 / NDCG@20 are
 taken against the user's held-out movies (:func:`rec_engine_train.metrics.ranking_metrics`). Methods:
 
-- **content map** (the project's method, what the bundle stores): ridge from content vectors to the trained
-  item vectors, fitted on the warm movies; a new movie's vector is ``[c, 1] @ W``, scored by inner product with
-  the user's trained vector;
+- **content map** (the project's method, through serving): the trained model is exported as a retrieval bundle
+  with its movies' content (what ``rec-engine train --items`` writes: the content vectors and the ridge map from
+  them to the trained item vectors, fitted on the warm movies with a train interaction), loaded by
+  ``Engine.load(bundle, content_encoder=DIR)``; the new movies are added online with
+  ``engine.add_items(keys, text=texts)`` (encoded, then ``[c, 1] @ W``) and each user's answer is
+  ``engine.recommend(user, k=20, candidates=new_keys, exclude_seen=False)`` (inner product with the user's
+  trained vector). The run checks that the engine's vectors of the new movies equal the map computed here
+  (max abs diff < 1e-4) and records the metrics of that direct computation too (``served.direct_map``);
 - **MiniLM content kNN**: the user's profile is the mean content vector of their train movies, new movies
   scored by cosine (the same vectors, no collaborative signal);
 - **TF-IDF content kNN**: the same with TF-IDF vectors of the texts' words (NumPy / SciPy only);
@@ -31,6 +36,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +45,8 @@ import numpy as np
 import rec_engine
 from rec_engine import IdLists
 
-from ..content_map import encode_texts, encoder_info, fit_content_map, load_encoder, read_items, texts_sha256
+from ..content_map import (ItemContent, default_encoder_dir, encode_texts, encoder_info, fit_content_map,
+                           load_encoder, read_items, texts_sha256)
 from ..data.containers import Interactions
 from ..data.loaders import load_interactions, split_ratio
 from ..metrics import ranking_metrics
@@ -106,6 +113,83 @@ def _cached_vectors(texts: list[str], cache: Path, encoder_dir, log) -> tuple[np
     np.save(f, v)
     log(f"content vectors: {len(texts)} texts encoded in {secs:.1f}s ({len(texts) / secs:.0f}/s), cached at {f}")
     return v, {**info, "encode_seconds": secs, "cached": False}
+
+
+def _served_ranking(trained, train: Interactions, keys: dict, C_warm: np.ndarray, enc_info: dict, encoder_dir,
+                    new_keys: list, new_texts: list, user_keys: list, map_min_count: int, direct: np.ndarray,
+                    source: dict, log) -> tuple[np.ndarray, dict]:
+    """The project's method through serving: the trained model exported as a retrieval bundle with its items'
+    content (what ``rec-engine train --items`` writes), loaded by :class:`rec_engine.engine.Engine` with the
+    content encoder, the new items added online with ``add_items(keys, text=...)``, and each user's
+    ``recommend(user, k=K, candidates=new_keys, exclude_seen=False)``. Returns the answers as indices into
+    ``new_keys`` (``[len(user_keys), K]``, -1 padded) and what was checked and timed.
+
+    ``direct``: the map's vectors of the new items computed here (``ContentMap.predict``); the engine's must
+    equal them (max abs diff < 1e-4). Hybrid retrieval (``hybrid_max_events``) is left at its default (5): the
+    engine blends only answers without ``candidates`` (:meth:`Engine._recommend`); MovieLens users all have
+    more than 5 train events anyway. Checked here: 50 users answered again with ``hybrid_max_events`` so large
+    that every one of them would be blended get the same answers."""
+    from rec_engine.engine import Engine
+
+    from ..export_graph import export_graph
+
+    has = np.ones(len(C_warm), bool)
+    if map_min_count > 1:          # export fits on items with >= 1 train interaction; the others are left out
+        has &= train.item_counts() >= map_min_count   # here by marking them text-less (their vectors are kept)
+    content = ItemContent(C_warm, has, {**{k: enc_info.get(k) for k in ("encoder_sha256", "encoder_weights_sha256",
+                                                                          "encoder_model")},
+                                        "text": {"key": "movieId", "title": "title", "genres": "genres"},
+                                        "source": source})
+    info: dict = {}
+    with tempfile.TemporaryDirectory(prefix="coldstart_bundle.") as tmp:
+        t0 = time.perf_counter()
+        bundle = export_graph(trained, train, Path(tmp) / "retrieval", keys=keys, content=content)
+        engine = Engine.load(bundle, content_encoder=encoder_dir, num_threads=1)
+        info["export_load_seconds"] = time.perf_counter() - t0
+        try:
+            ranked = _answers(engine, new_keys, new_texts, user_keys, direct, info, log)
+        finally:
+            engine.close()
+    return ranked, info
+
+
+def _answers(engine, new_keys: list, new_texts: list, user_keys: list, direct: np.ndarray, info: dict,
+             log) -> np.ndarray:
+    """:func:`_served_ranking`'s requests to the loaded ``engine``."""
+    t0 = time.perf_counter()
+    ids = engine.add_items(new_keys, text=new_texts)
+    info["add_items_seconds"] = time.perf_counter() - t0
+    v = engine._version
+    served = np.asarray(v.retrieval.items[ids], np.float32)
+    diff = float(np.abs(served - direct).max())
+    info["max_abs_diff_vs_direct_map"] = diff
+    log(f"engine: {len(new_keys)} items added with their text in {info['add_items_seconds']:.1f}s; their "
+        f"vectors vs the direct map: max abs diff {diff:.2e}")
+    if not diff < 1e-4:
+        raise AssertionError(f"the engine's vectors of the added items differ from the content map's "
+                             f"(max abs diff {diff:.3g} >= 1e-4)")
+    pos = {int(i): j for j, i in enumerate(np.asarray(ids).tolist())}
+
+    def answer(u) -> np.ndarray:
+        rec = engine.recommend(u, k=K, candidates=new_keys, exclude_seen=False)
+        return np.array([pos.get(int(i), -1) for i in rec.ids], np.int64)
+
+    t0 = time.perf_counter()
+    ranked = np.stack([answer(u) for u in user_keys])
+    info["recommend_seconds"] = time.perf_counter() - t0
+    h = engine.hybrid_max_events
+    few = sum(0 < len(v.retrieval.seen(v.user_state(u, engine.online))) <= h for u in user_keys)
+    checked = list(range(0, len(user_keys), max(1, len(user_keys) // 50)))
+    engine.hybrid_max_events = 1 << 30          # every user with events would be blended, were it applied
+    try:
+        same = all(np.array_equal(answer(user_keys[j]), ranked[j]) for j in checked)
+    finally:
+        engine.hybrid_max_events = h
+    info["hybrid_check"] = {"hybrid_max_events": h, "users_within": int(few), "users_checked": len(checked),
+                            "same_answers": same}
+    if not same:
+        raise AssertionError("hybrid retrieval changed candidate-restricted answers")
+    return ranked
 
 
 def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, epochs: int | None = None,
@@ -180,8 +264,24 @@ def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, e
         m = ranking_metrics(ranked, truth, (K,))
         results[name] = {f"recall@{K}": m[f"recall@{K}"], f"ndcg@{K}": m[f"ndcg@{K}"]}
 
+    user_keys = (inter.keys["user"] if inter.keys is not None else np.arange(inter.n_users)).tolist()
+    served: dict = {}
+
+    def through_engine():
+        ranked, info = _served_ranking(
+            trained, split.train, {"user": inter.keys["user"] if inter.keys is not None else np.arange(inter.n_users),
+                                   "item": item_keys[warm]}, C_warm, enc_info,
+            Path(encoder) if encoder is not None else default_encoder_dir(), item_keys[cold].tolist(),
+            [texts[i] for i in cold], [user_keys[u] for u in users], map_min_count, V_cold,
+            {"items": str(data / "movies.csv"), **({"tags_file": str(data / "tags.csv")} if with_tags else {})}, log)
+        served.update(info)
+        return ranked
+
     score("content map (LightGCN + ridge)" if model == "lightgcn" else f"content map ({model} + ridge)",
-          lambda: rec_engine.topk(np.ascontiguousarray(U[users]), np.ascontiguousarray(V_cold, np.float32), K).ids)
+          through_engine)
+    direct = ranking_metrics(rec_engine.topk(np.ascontiguousarray(U[users]), np.ascontiguousarray(V_cold, np.float32),
+                                             K).ids, truth, (K,))
+    served["direct_map"] = {f"recall@{K}": direct[f"recall@{K}"], f"ndcg@{K}": direct[f"ndcg@{K}"]}
     score("MiniLM content kNN", lambda: _topk_ids(_profile_scores(train_lists, users, C_warm, C_cold), K))
     T = tfidf(texts)
     score("TF-IDF content kNN", lambda: _topk_ids(_profile_scores(train_lists, users, T[warm], T[cold]), K))
@@ -220,6 +320,7 @@ def run(data, *, model: str = "lightgcn", holdout: float = 0.1, seed: int = 0, e
             "config": {"epochs": config.epochs, "dim": config.dim, "lr": config.lr, "batch_size": config.batch_size,
                        "params": config.params, "time_limit": time_limit},
             "best_epoch": getattr(hist, "best_epoch", None), "warm_test": warm_metrics,
+            "served": served,
             "content_map": {"min_count": map_min_count, "ridge": cmap.ridge, "fit_r2": cmap.fit_r2, "cv_r2": cmap.cv_r2, "n_fit": cmap.n_fit},
             "encoder": enc_info, "results": results,
             "seconds": {"load": t_load, "encode": enc_info["encode_seconds"], "train": t_train, "fit_map": t_map,
@@ -268,6 +369,14 @@ def main(argv=None) -> int:
           f"users); {res['model']} warm test recall@{K} {res['warm_test'][f'recall@{K}']:.4f}; content map R^2 "
           f"{res['content_map']['fit_r2']:.3f} (leave-one-out {res['content_map']['cv_r2']:.3f})\n")
     print(table(res))
+    sv = res["served"]
+    print(f"\ncontent map row served by the engine (add_items {sv['add_items_seconds']:.1f}s, recommend "
+          f"{sv['recommend_seconds']:.1f}s); its vectors vs the direct map: max abs diff "
+          f"{sv['max_abs_diff_vs_direct_map']:.1e}; direct map {sv['direct_map'][f'recall@{K}']:.4f} / "
+          f"{sv['direct_map'][f'ndcg@{K}']:.4f}; hybrid retrieval forced on for "
+          f"{sv['hybrid_check']['users_checked']} users: same answers "
+          f"({sv['hybrid_check']['users_within']} users within hybrid_max_events="
+          f"{sv['hybrid_check']['hybrid_max_events']})")
     print(f"\nwall {res['seconds']['total']:.1f}s (encode {res['seconds']['encode']:.1f}s, train "
           f"{res['seconds']['train']:.1f}s); {out}")
     return 0
