@@ -42,6 +42,7 @@ ITEMS_OPTIONS = {
     "tags_column": "the tag column of tags_file (default: tag / tags)",
     "max_tags": "keep each item's N most used tags from tags_file (default 20)",
     "sep": "the field separator of the items file(s): a character, 'tab' (default: by suffix, else guessed)",
+    "keywords": "store each described item's N keyphrases (ContentEncoder.keywords; default 0: none)",
 }
 _TEXT_ROLES = {"title": ("title", "name", "text"), "description": ("description", "overview", "plot", "summary"),
                "genres": ("genres", "genre", "category", "categories"), "tags": ("tags", "tag")}
@@ -116,6 +117,7 @@ def read_items(path, options: Mapping | None = None) -> dict[str, ItemFields]:
     from .data.loaders import _find_column, _read_table
 
     opts = dict(options or {})
+    opts.pop("keywords", None)               # not about reading the file: see item_content
     if "text" in opts:
         if "title" in opts:
             raise ItemsFileError("give the title column once: text= and title= name the same role")
@@ -262,6 +264,7 @@ class ItemContent:
     has: np.ndarray              # bool [n_items]: the items file describes the item
     info: dict                   # encoder_info(...) plus "text" (the options) and "source" (the files)
     texts: list = field(default_factory=list)
+    keywords: list | None = None  # per item: its keyphrases, best first (items option keywords=N)
 
 
 def encode_texts(encoder, texts: Sequence[str], has: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
@@ -296,10 +299,20 @@ def item_content(item_keys: np.ndarray | None, n_items: int, items_path, options
     log(f"content: {int(has.sum())} of {n_items} items described by {items_path} ({len(items)} keys in it), "
         f"encoded in {time.perf_counter() - t0:.1f}s")
     opts = dict(options or {})
+    try:
+        n_kw = int(opts.get("keywords", 0))
+    except ValueError:
+        raise ItemsFileError(f"keywords must be a number of phrases, got {opts['keywords']!r}") from None
+    keywords = None
+    if n_kw > 0:
+        t0 = time.perf_counter()
+        keywords = [[p for p, _ in encoder.keywords(texts[i], vectors[i], n=n_kw)] if has[i] else []
+                    for i in range(n_items)]
+        log(f"content: {n_kw} keyphrases per item in {time.perf_counter() - t0:.1f}s")
     source = {"items": str(items_path), **({"tags_file": str(opts["tags_file"])} if opts.get("tags_file") else {})}
     info = {**encoder_info(encoder), "text": {k: str(v) for k, v in opts.items() if k != "tags_file"},
             "source": source}
-    return ItemContent(vectors, has, info, texts)
+    return ItemContent(vectors, has, info, texts, keywords)
 
 
 # ------------------------------------------------------------------------------------------ the ridge map
@@ -410,6 +423,12 @@ def content_bundle_parts(content: ItemContent, item_vectors: np.ndarray, *, vect
     cmap = fit_content_map(content.vectors[fit_rows], items[fit_rows], ridge)
     arrays = {"content_vectors": np.ascontiguousarray(content.vectors, dtype=vectors_dtype),
               "content_map": cmap.weights}
+    if content.keywords is not None:          # item i's phrases: utf8[offsets[i]:offsets[i+1]], split on "\x1f"
+        blobs = ["\x1f".join(k).encode("utf-8") for k in content.keywords]
+        offsets = np.zeros(len(blobs) + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        arrays["item_keywords_utf8"] = np.frombuffer(b"".join(blobs), np.uint8) if offsets[-1] else np.zeros(0, np.uint8)
+        arrays["item_keywords_offsets"] = offsets
     meta = {"dim": int(content.vectors.shape[1]), **content.info, "ridge": cmap.ridge,
             "fit_r2": round(cmap.fit_r2, 6), "cv_r2": round(cmap.cv_r2, 6), "n_fit": cmap.n_fit,
             "n_missing": int((~content.has).sum()), "min_count": int(min_count) if item_counts is not None else 0,

@@ -128,9 +128,9 @@ class Catalogue:
         self.added: dict = {}
         self.removed: set = set()
 
-    def add(self, key, vector, features, content=None) -> None:
+    def add(self, key, vector, features, content=None, text=None) -> None:
         with self._lock:
-            self.added[key] = {"vector": vector, "features": features, "content": content}
+            self.added[key] = {"vector": vector, "features": features, "content": content, "text": text}
             self.removed.discard(key)
 
     def remove(self, key) -> None:

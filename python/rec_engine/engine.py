@@ -152,6 +152,12 @@ class _Version:
             self.content_meta = dict(rb.meta.get("content") or {})
             if rb.has("arrays/content_map.npy"):
                 self.content_map = np.ascontiguousarray(rb.array("content_map"), np.float32)
+        self.keywords = None       # (utf8 blob, offsets) of the items' keyphrases, when training stored them
+        if rb is not None and rb.has("arrays/item_keywords_offsets.npy"):
+            self.keywords = (rb.array("item_keywords_utf8", mmap=True), rb.array("item_keywords_offsets"))
+            if len(self.keywords[1]) != (self.n_items or 0) + 1:
+                raise BundleError(f"bundle {path}: keyword offsets for {len(self.keywords[1]) - 1} items, "
+                                  f"the model has {self.n_items}")
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
         self.index = self._load_index(top, index)
@@ -404,7 +410,8 @@ class Engine:
                     a = ev.attrs or {}
                     vec, content = a.get("vector"), a.get("content")
                     self.catalogue.add(ev.item, None if vec is None else np.asarray(vec, np.float32),
-                                       a.get("features"), None if content is None else np.asarray(content, np.float32))
+                                       a.get("features"), None if content is None else np.asarray(content, np.float32),
+                                       a.get("text"))
                 else:
                     self.catalogue.remove(ev.item)
             for ver in (self._version, self._candidate):
@@ -917,7 +924,7 @@ class Engine:
                     cand.items_view().apply_add(keys, cv, feats, content)
             for j, k in enumerate(keys):
                 self.catalogue.add(k, None if vecs is None else vecs[j], feats[j],
-                                   None if content is None else content[j])
+                                   None if content is None else content[j], None if text is None else text[j])
             if self.catalogue.removed or len(v.removed_ids) or (cand is not None and len(cand.removed_ids)):
                 removed = self.catalogue.removed_keys()      # a re-added key leaves the removed ids
                 for ver in (v, cand):
@@ -929,6 +936,21 @@ class Engine:
                 **({"content": content[j].tolist(), "text": text[j]} if content is not None else {}),
                 **({"features": dict(feats[j])} if feats[j] else {})}) for j, k in enumerate(keys)])
         return ids
+
+    def item_keywords(self, item) -> list[str]:
+        """The keyphrases of ``item`` (best first): stored by training (items option ``keywords=N``), or for an
+        item added online with text, drawn from that text by the engine's content encoder; [] when neither."""
+        v = self._version
+        i = int(self._item_ids(v, [item], "item")[0])
+        if v.keywords is not None and i < len(v.keywords[1]) - 1:
+            utf8, off = v.keywords
+            blob = bytes(utf8[off[i]:off[i + 1]]).decode("utf-8")
+            return blob.split("\x1f") if blob else []
+        rec = self.catalogue.added.get(item.item() if isinstance(item, np.generic) else item)
+        if rec is None or not rec.get("text") or self._encoder_path is None:
+            return []
+        self.encode_text([rec["text"]])              # loads (and checks) the encoder
+        return [p for p, _ in self._encoder.keywords(rec["text"], rec.get("content"))]
 
     def encode_text(self, texts: list) -> np.ndarray:
         """Unit text vectors ``[n, c]`` of ``texts`` by the engine's content encoder (loaded at first use)."""

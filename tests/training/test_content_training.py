@@ -221,3 +221,29 @@ def test_train_items_errors_exit_2_with_a_message(tmp_path, capsys, world, argv,
     argv = [a.replace("ITEMS", str(items)) for a in argv] + ["--out", str(tmp_path / "b"), "--no-progress"]
     rc, _, err = _train(capsys, *argv)
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_keyphrases_are_stored_per_item_and_served_by_key(tmp_path, capsys, world, encoder, encoder_bundle):
+    from rec_engine.engine import Engine
+
+    items = _write_items(tmp_path / "items.csv", world, skip={5})
+    out = tmp_path / "b"
+    rc, _, err = _train(capsys, "train", "mf", "--out", str(out), "--epochs", "1", "--no-progress",
+                        "--batch-size", "4096", "--items", str(items), "--items-option", "key=item_id",
+                        "--items-option", "text=name", "--items-option", "genres=kind",
+                        "--items-option", "keywords=3", "--content-encoder", str(encoder_bundle))
+    assert rc == 0, err
+    with Engine.load(out, num_threads=1, content_encoder=encoder_bundle) as e:
+        for i in (0, 17, world.n_items - 1):
+            got = e.item_keywords(i)
+            want = [p for p, _ in encoder.keywords(_text(world, i), encoder.encode([_text(world, i)])[0], n=3)]
+            assert got == want and 0 < len(got) <= 3
+            assert all(p.lower() in _text(world, i).lower() for p in got)        # phrases of the item's own text
+        assert e.item_keywords(5) == []                                            # no text, no keyphrases
+        d = e._version.retrieval.items.shape[1]
+        e.add_items([10**6], text=["Quiet harbour detective story"], vectors=np.zeros((1, d)))
+        assert e.item_keywords(10**6) and all(p.lower() in "quiet harbour detective story"
+                                              for p in e.item_keywords(10**6))
+    with pytest.raises(Exception, match="keywords must be a number"):
+        item_content(None, world.n_items, items, {"key": "item_id", "text": "name", "keywords": "many"},
+                     encoder=encoder, log=lambda s: None)
