@@ -412,3 +412,11 @@ def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng
     runner._run_io = runner.session.run_with_iobinding
     for b, w in list(zip(batches, want))[::3]:
         np.testing.assert_allclose(ranker(b), w, rtol=0, atol=1e-6)
+
+
+def test_fold_in_is_set_up_at_load_not_on_the_first_request(trained):  # noqa: F811
+    with Engine.load(trained.bundle("pipe_a"), num_threads=1) as e:
+        r = e._version.retrieval
+        assert r.folds_in and r._fold_in is not None          # built with the version, before any request
+        e.swap(trained.bundle("pipe_b"))
+        assert e._version.retrieval._fold_in is not None

@@ -110,6 +110,8 @@ class _Version:
         else:
             rb, kb, self.n_candidates = top, None, DEFAULT_CANDIDATES
         self.retrieval = load_retrieval(rb, opts) if rb is not None else None
+        if self.retrieval is not None and hasattr(self.retrieval, "prepare"):
+            self.retrieval.prepare()     # fold-in set up here, beside the old version, not on a first request
         dense = self._dense(top, kb, ranking_precision)
         self.ranking: CtrRanker | None = (load_ranking(kb, opts, batch_threads=batch_threads, dense=dense)
                                           if kb is not None else None)

@@ -158,9 +158,11 @@ class VectorRetrieval(_Retrieval):
     def folds_in(self) -> bool:
         return self.kind == "lightgcn"
 
-    def fold_in(self, user: int, items: np.ndarray) -> np.ndarray:
-        """LightGCN vector of the user with dense id ``user`` (-1: a user the model does not know) whose
-        items are ``items`` (train + observed): :meth:`rec_engine.graph.LightGCNFoldIn.user_vector`."""
+    def prepare(self) -> None:
+        """Build the fold-in (the items' layers, one propagation of the stored layer-0 embeddings) now, at load
+        or swap, so that no request waits for it (LightGCN only; nothing for other kinds)."""
+        if not self.folds_in:
+            return
         with self._fold_lock:
             if self._fold_in is None:
                 b, meta = self._bundle, self._bundle.meta
@@ -168,6 +170,12 @@ class VectorRetrieval(_Retrieval):
                                 (self.n_users + self.n_items,) * 2)
                 self._fold_in = LightGCNFoldIn(adj, b.table("users_ego"), b.table("items_ego"),
                                                int(meta["n_layers"]), meta.get("layer_weights"))
+
+    def fold_in(self, user: int, items: np.ndarray) -> np.ndarray:
+        """LightGCN vector of the user with dense id ``user`` (-1: a user the model does not know) whose
+        items are ``items`` (train + observed): :meth:`rec_engine.graph.LightGCNFoldIn.user_vector`."""
+        if self._fold_in is None:
+            self.prepare()
         return self._fold_in.user_vector(user, items)
 
     def user_vectors(self, users):
