@@ -601,7 +601,10 @@ class SqliteEventStore(EventStore):
         return {h for (h,) in self._query("SELECT user_hash FROM forgotten")}
 
     # ------------------------------------------------------------------ erasure
-    def _erase(self, sql: str, args) -> int:
+    def _erase(self, statements: list, *, checkpoint: bool = False) -> int:
+        """Run ``statements`` (``(sql, args)`` pairs) in one write transaction after this store's pending
+        appends; returns the rows the first one changed. ``checkpoint``: then move the WAL's pages into the
+        main file and truncate it, so erased rows' bytes do not linger there."""
         self.flush()
         with self._rlock:
             if self._closed:
@@ -609,35 +612,26 @@ class SqliteEventStore(EventStore):
             conn = self._rconn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                n = conn.execute(sql, args).rowcount
+                n = conn.execute(*statements[0]).rowcount
+                for st in statements[1:]:
+                    conn.execute(*st)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            if checkpoint:                   # secure_delete zeroed the freed pages; out of the WAL too
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 
     def forget(self, user) -> int:
         user = check_key(user, "user")
-        self.flush()
-        with self._rlock:
-            if self._closed:
-                raise EventStoreError(f"{self.url}: the event store is closed")
-            conn = self._rconn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                n = conn.execute(f"DELETE FROM events WHERE user = ? AND kind IN ({','.join('?' * len(USER_KINDS))})",
-                                 (user, *USER_KINDS)).rowcount
-                conn.execute("INSERT OR REPLACE INTO forgotten VALUES (?, ?)", (user_hash(user), time.time()))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            # the erased rows' bytes: out of the WAL into the main file, and the free pages zeroed
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return n
+        kinds = ",".join("?" * len(USER_KINDS))
+        return self._erase([(f"DELETE FROM events WHERE user = ? AND kind IN ({kinds})", (user, *USER_KINDS)),
+                            ("INSERT OR REPLACE INTO forgotten VALUES (?, ?)", (user_hash(user), time.time()))],
+                           checkpoint=True)
 
     def drop_before(self, ts: float) -> int:
-        return self._erase("DELETE FROM events WHERE ts < ?", (float(ts),))
+        return self._erase([("DELETE FROM events WHERE ts < ?", (float(ts),))])
 
     # ------------------------------------------------------------------ import, close
     def import_jsonl(self, path) -> int:
