@@ -8,9 +8,13 @@ Steps, for the pipeline that a model home's ``CURRENT`` names (:mod:`rec_engine.
    first held-out impression on, are held out for the comparison; the rest is training data. Users the store
    has forgotten (:meth:`~rec_engine.events.EventStore.forgotten`) are dropped from the base data too.
 2. **Retrieval.** The stage retrains on its base interactions plus the logged clicks and conversions
-   (new user-item interactions; users new to the model get rows, items the catalogue lacks are dropped).
+   (new user-item interactions; users new to the model get rows). Items added online (``item_added`` events
+   of items still in the catalogue, :func:`read_catalogue`) join the stage after its own items, in the order
+   they were added, so their logged clicks train them; positives on items neither holds are dropped. The
+   ranking stage's item store gets the same items, encoded from the features they were added with (as the
+   engine's ranker encodes them), so both stages of the new version describe the same catalogue.
    Warm start: MF and LightGCN start from the current bundle's layer-0 embeddings of every user and item
-   that still exists (new users start at random); NGCF (its layer weights are not in the bundle) and the
+   that still exists (new users start at random, items added online from the vector they were served with); NGCF (its layer weights are not in the bundle) and the
    closed-form kinds (GF-CF, BSPM, EASE, popularity) are fitted anew. Item content (a stage trained with
    ``--items``): the new stage keeps it. Each item's content vector is the current stage's row for the same
    key (an item without one, or stored without text, gets zeros and counts as without text: the update does
@@ -131,6 +135,28 @@ def read_events(store, holdout: float = DEFAULT_HOLDOUT) -> LoggedEvents:
     return out
 
 
+def read_catalogue(store) -> dict:
+    """The items added online (``item_added`` events) that are still in the catalogue, in the order they were
+    first added: ``{key: attrs}`` with the last addition's attributes (``vector``, ``content``, ``text``,
+    ``features``). An item removed after its last addition is left out; one re-added counts once."""
+    added: dict = {}
+    for ev in store.read(kinds=["item_added", "item_removed"]):
+        if ev.kind == "item_added":
+            added[ev.item] = dict(ev.attrs or {})         # a re-addition keeps its first position
+        else:
+            added.pop(ev.item, None)
+    return added
+
+
+def _new_items(item_keys: list, added: dict | None) -> list:
+    """The keys of ``added`` that ``item_keys`` lacks and whose type is the catalogue's (in order)."""
+    if not added:
+        return []
+    have = set(item_keys)
+    key_type = type(item_keys[0]) if item_keys else None
+    return [k for k in added if k not in have and (key_type is None or type(k) is key_type)]
+
+
 # ------------------------------------------------------------------------------------------ base data
 def training_record(source: str, *, seed: int, config: TrainConfig | None = None, synthetic: dict | None = None,
                     data_options: dict | None = None, **extra) -> dict:
@@ -194,13 +220,18 @@ def _config(stage, data, record: dict | None, epochs: int | None, seed: int) -> 
 
 
 # ------------------------------------------------------------------------------------------ retrieval
-def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str]) -> tuple[ImplicitSplit, dict]:
+def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str],
+                   added: dict | None = None) -> tuple[ImplicitSplit, dict]:
     """The retrieval stage's training data: ``base`` without the forgotten users, plus the training positives
-    as new interactions (users new to ``base`` appended, items it lacks dropped). Returns the split (with
-    keys) and counts of what was added and dropped."""
-    n_u, n_i = base.train.n_users, base.train.n_items
+    as new interactions (users new to ``base`` appended; items added online, ``added`` as
+    :func:`read_catalogue` gives it, appended after ``base``'s items in the order they were added; positives on
+    items neither holds dropped). Returns the split (with keys) and counts of what was added and dropped."""
+    n_u, n_i0 = base.train.n_users, base.train.n_items
     keys = base.keys or {"user": None, "item": None}
-    user_keys, item_keys = _key_list(keys["user"], n_u), _key_list(keys["item"], n_i)
+    user_keys, item_keys = _key_list(keys["user"], n_u), _key_list(keys["item"], n_i0)
+    new_items = _new_items(item_keys, added)
+    item_keys = item_keys + new_items
+    n_i = len(item_keys)
     keep = np.array([user_hash(k) not in forgotten for k in user_keys], bool)
     new_of_old = np.full(n_u, -1, np.int64)
     new_of_old[keep] = np.arange(int(keep.sum()))
@@ -236,20 +267,27 @@ def retrieval_data(base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str
                 t = np.concatenate([t.astype(np.float64), last + 1 + np.arange(len(extra[0]), dtype=np.float64)])
         return Interactions(u, it, n_new, n_i, timestamps=None if t is None else np.asarray(t).astype(np.int64))
 
+    if new_items:
+        item_arr = np.array(item_keys, dtype=object if isinstance(item_keys[0], str) else np.int64)
+    else:
+        item_arr = base.keys["item"] if base.keys is not None else np.arange(n_i, dtype=np.int64)
     keys = {"user": np.array(users, dtype=object if users and isinstance(users[0], str) else np.int64),
-            "item": base.keys["item"] if base.keys is not None else np.arange(n_i, dtype=np.int64)}
-    if base.keys is None and users == list(range(n_new)):
+            "item": item_arr}
+    if base.keys is None and users == list(range(n_new)) and not new_items:
         keys = None                       # the dense ids are still the keys
     split = ImplicitSplit(train=part(base.train, (ev_u, ev_i)), test=part(base.test), valid=part(base.valid),
                           name=base.name, keys=keys)
+    on_new = sum(1 for j in ev_i if j >= n_i0)
     return split, {"events_added": len(ev_u), "events_dropped": dropped, "users_forgotten": int((~keep).sum()),
-                   "users_new": n_new - int(keep.sum())}
+                   "users_new": n_new - int(keep.sum()), "items_added": len(new_items),
+                   "events_on_added_items": on_new}
 
 
-def _warm_graph(stage, split: ImplicitSplit):
+def _warm_graph(stage, split: ImplicitSplit, added: dict | None = None):
     """An ``init`` for :func:`~rec_engine_train.models.graph.train_graph`: the model it builds starts from
     ``stage``'s layer-0 embeddings of every user and item whose key it holds (the rest keep their random
-    initialization), when it is the same kind with the same dimension."""
+    initialization), when it is the same kind with the same dimension. An item added online (``added``) starts
+    from the vector it was served with, when it has the model's dimension."""
     old_users = stage.key_map("user", int(stage.meta["n_users"]))
     old_items = stage.key_map("item", int(stage.meta["n_items"]))
     names = ("users_ego", "items_ego") if stage.kind == "lightgcn" else ("users", "items")
@@ -267,6 +305,12 @@ def _warm_graph(stage, split: ImplicitSplit):
             for table, old, m in ((ue, u_old, u_map), (ie, i_old, i_map)):
                 ok = np.flatnonzero(m >= 0)
                 table[torch.from_numpy(ok)] = torch.from_numpy(old[m[ok]])
+            if added:
+                item_keys = _key_list(split.keys and split.keys["item"], split.train.n_items)
+                for j in np.flatnonzero(i_map < 0):
+                    vec = (added.get(item_keys[j]) or {}).get("vector")
+                    if vec is not None and len(vec) == ie.shape[1]:
+                        ie[int(j)] = torch.tensor(vec, dtype=ie.dtype)
 
     return init
 
@@ -278,7 +322,7 @@ def _lookup(keymap, keys: list) -> np.ndarray:
         return np.full(len(keys), -1, np.int64)
 
 
-def carried_content(stage, split: ImplicitSplit, log: Callable[[str], None] = print):
+def carried_content(stage, split: ImplicitSplit, log: Callable[[str], None] = print, added: dict | None = None):
     """The item content for the stage retrained from ``stage`` on ``split``: an
     :class:`~rec_engine_train.content_map.ItemContent` in ``split``'s item order whose rows are ``stage``'s
     content vectors matched by item key (float32, as stored), zeros and ``has`` False for an item ``stage``
@@ -297,6 +341,13 @@ def carried_content(stage, split: ImplicitSplit, log: Callable[[str], None] = pr
     vectors = np.zeros((n_items, old.shape[1]), np.float32)
     found = rows >= 0
     vectors[found] = old[rows[found]]
+    if added:       # items added online with text: the text vector they were added with
+        item_keys = _key_list(split.keys and split.keys["item"], n_items)
+        for j in np.flatnonzero(~found):
+            c = (added.get(item_keys[j]) or {}).get("content")
+            if c is not None and len(c) == old.shape[1]:
+                vectors[j] = np.asarray(c, np.float32)
+                found[j] = True
     has = found & np.any(vectors != 0, axis=1)
     meta = dict(stage.meta.get("content") or {})
     info = {k: meta[k] for k in ("encoder_sha256", "encoder_weights_sha256", "encoder_model", "text", "source")
@@ -308,20 +359,22 @@ def carried_content(stage, split: ImplicitSplit, log: Callable[[str], None] = pr
 
 
 def train_retrieval(stage, base: ImplicitSplit, logged: LoggedEvents, forgotten: set[str], *, epochs, seed,
-                    warm: bool, log) -> tuple[pipeline.Result, ImplicitSplit, dict]:
-    split, info = retrieval_data(base, logged, forgotten)
+                    warm: bool, log, added: dict | None = None) -> tuple[pipeline.Result, ImplicitSplit, dict]:
+    split, info = retrieval_data(base, logged, forgotten, added)
     record = stage.meta.get("training")
     config = _config(stage, split, record, epochs, seed)
     kind = stage.kind
     info["warm_start"] = bool(warm and kind in WARM_KINDS)
     log(f"retrieval {kind}: {len(split.train)} interactions ({info['events_added']} logged, "
-        f"{info['events_dropped']} dropped), {split.train.n_users} users ({info['users_new']} new, "
+        f"{info['events_dropped']} dropped), {split.train.n_items} items ({info['items_added']} added online, "
+        f"{info['events_on_added_items']} logged interactions with them), "
+        f"{split.train.n_users} users ({info['users_new']} new, "
         f"{info['users_forgotten']} forgotten); " + ("warm start from the current weights" if info["warm_start"]
                                                      else "trained from scratch" + (
                                                          "" if kind in WARM_KINDS or not get_kind(kind).epochs
                                                          else f" ({kind}'s bundle lacks its layer weights)")))
     if info["warm_start"]:
-        result = pipeline.train(kind, split, config, log=lambda s: None, init=_warm_graph(stage, split))
+        result = pipeline.train(kind, split, config, log=lambda s: None, init=_warm_graph(stage, split, added))
     else:
         result = pipeline.train(kind, split, config, log=lambda s: None)
     return result, split, info
@@ -333,7 +386,7 @@ class Stores:
     (or, for a user the store lacks, from the context), item fields from the item store, the other fields
     from the context; concatenated in schema order into an :class:`EncodedBatch`."""
 
-    def __init__(self, stage, user_ids: Callable[[list], np.ndarray]):
+    def __init__(self, stage, user_ids: Callable[[list], np.ndarray], added_items: list | None = None):
         meta = stage.meta
         self.schema = Schema.from_dict(meta["schema"])
         groups = meta.get("entity_fields") or {}
@@ -356,11 +409,26 @@ class Stores:
         self.n_items = len(self.items) if self.items is not None else 0
         self.item_keys = stage.key_map("item", self.n_items)
         self.user_ids = user_ids
+        # items added online ((key, features) in the retrieval stage's order): rows after the store's, encoded
+        # from the features they were added with, as the engine's ranker encodes them (CtrRanker.add_items)
+        self.added = list(added_items or [])
+        self._added_row = {k: self.n_items + j for j, (k, _) in enumerate(self.added)}
+        if self.added and self.items is not None:
+            cols = {n: [(f or {}).get(n) for _, f in self.added] for n in self.item_fields}
+            self.items = _concat([self.items, self.schema.encode(cols, fields=self.item_fields)])
+
+    def item_rows(self, keys: list) -> np.ndarray:
+        """Item store rows of ``keys`` (-1: neither the bundle nor the added items hold the key)."""
+        rows = _lookup(self.item_keys, keys) if keys else np.zeros(0, np.int64)
+        if self._added_row:
+            for j in np.flatnonzero(rows < 0):
+                rows[j] = self._added_row.get(keys[j], -1)
+        return rows
 
     def encode(self, shown: Shown, labels=None) -> tuple[EncodedBatch, np.ndarray]:
         """The examples of ``shown`` whose item the store holds, and which rows of ``shown`` they are."""
         n = len(shown)
-        iids = _lookup(self.item_keys, shown.items) if n else np.zeros(0, np.int64)
+        iids = self.item_rows(shown.items) if n else np.zeros(0, np.int64)
         rows = np.flatnonzero(iids >= 0)
         uids = self.user_ids([shown.users[r] for r in rows]) if len(rows) else np.zeros(0, np.int64)
         ctxs = [shown.contexts[r] for r in rows]
@@ -521,6 +589,9 @@ def train_ranking(stage, stores: Stores, base: CtrData, logged: LoggedEvents, fo
                 model.linear[torch.from_numpy(gone_rows)] = 0.0
     info = {"examples_logged": len(logged_batch), "examples_base": len(train) - len(logged_batch),
             "users_forgotten": len(gone_ids), "warm_start": loaded, "shuffled_labels": bool(shuffle_labels)}
+    if stores.added:
+        data = _with_added_items(data, stores)
+        info["items_added"] = len(stores.added)
     log(f"ranking {kind}: {len(train)} examples ({len(logged_batch)} from logged impressions, "
         f"{int(np.sum(logged_batch.labels)) if len(logged_batch) else 0} clicked), {len(gone_ids)} forgotten users "
         f"dropped; warm start: {loaded}")
@@ -528,6 +599,23 @@ def train_ranking(stage, stores: Stores, base: CtrData, logged: LoggedEvents, fo
     model, hist = train_ctr(kind, data, config, log=lambda s: None, model=model)
     metrics = pipeline.evaluate_model(kind, model, data)
     return pipeline.Result(kind, model, hist, metrics, time.perf_counter() - t0), data, info
+
+
+def _with_added_items(data: CtrData, stores: Stores) -> CtrData:
+    """``data`` whose item feature columns (what the export stores as the item store) and item keys go on with
+    the items added online, so the ranking stage describes the same items as the retrieval stage."""
+    extra = dict(data.extra)
+    ent = {e: dict(cols) for e, cols in (extra.get("entity_features") or {}).items()}
+    if "item" in ent:
+        for name in list(ent["item"]):
+            ent["item"][name] = list(ent["item"][name]) + [(f or {}).get(name) for _, f in stores.added]
+        extra["entity_features"] = ent
+    keys = data.keys
+    if keys is not None and keys.get("item") is not None:
+        old = _key_list(keys["item"], len(keys["item"]))
+        new_keys = old + [k for k, _ in stores.added]
+        keys = {**keys, "item": np.array(new_keys, dtype=object if isinstance(new_keys[0], str) else np.int64)}
+    return replace(data, extra=extra, keys=keys)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -664,6 +752,7 @@ def update(home, events, *, data: str = "synthetic", data_options: dict | None =
     try:
         forgotten = store.forgotten()
         logged = read_events(store, holdout)
+        added = read_catalogue(store)
         log(f"events: {logged.n_impressions} impressions ({len(logged.train_shown)} shown items for training, "
             f"{len(logged.holdout_shown)} held out), {logged.n_positives} clicks/conversions, "
             f"{len(forgotten)} forgotten users")
@@ -672,6 +761,7 @@ def update(home, events, *, data: str = "synthetic", data_options: dict | None =
         with tempfile.TemporaryDirectory(prefix=".update.", dir=home) as tmp:
             tmp = Path(tmp)
             parts = {}
+            new_items = None        # keys of the items added online that the new version holds, in order
             for label, stage in (("retrieval", rb), ("ranking", kb)):
                 if stage is None:
                     continue
@@ -684,12 +774,19 @@ def update(home, events, *, data: str = "synthetic", data_options: dict | None =
                         raise ValueError(f"the update retrains retrieval kinds trained on interactions; "
                                          f"{stage.kind} ({fam}) is not one")
                     result, d, info = train_retrieval(stage, base, logged, forgotten, epochs=epochs, seed=s,
-                                                      warm=warm_start, log=log)
+                                                      warm=warm_start, log=log, added=added)
+                    new_items = _key_list(d.keys and d.keys["item"], d.train.n_items)[base.train.n_items:]
                 else:
-                    stores = Stores(stage, _ranking_user_ids(stage, rb))
+                    if new_items is None:       # no retrieval stage: the ranking stage's own catalogue
+                        n_k = len(stage.array("item_features_offsets")) - 1 if stage.has(
+                            "arrays/item_features_offsets.npy") else 0
+                        n_k //= max(1, len((stage.meta.get("entity_fields") or {}).get("item", ())))
+                        new_items = _new_items(stage.key_map("item", n_k).key_array().tolist(), added)
+                    stores = Stores(stage, _ranking_user_ids(stage, rb),
+                                    [(k, (added.get(k) or {}).get("features")) for k in new_items])
                     result, d, info = train_ranking(stage, stores, base, logged, forgotten, epochs=epochs, seed=s,
                                                     warm=warm_start, shuffle_labels=shuffle_labels, log=log)
-                content = carried_content(stage, d, log) if label == "retrieval" else None
+                content = carried_content(stage, d, log, added) if label == "retrieval" else None
                 rec = dict(record or {"data": data, "seed": s})
                 rec["update"] = {"from": cur_name, "events": getattr(store, "url", ""), **info}
                 parts[label] = pipeline.export(result, d, tmp / label, training=rec, content=content)
