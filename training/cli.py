@@ -53,7 +53,9 @@ def add_commands(sub) -> None:
     t.add_argument("--items", default=None, metavar="ITEMS.csv",
                    help="mf / lightgcn / ngcf: a CSV/TSV of item texts (a key column and title, description, genre, "
                         "tag columns); the items' content vectors and a map from them into the item vectors go "
-                        "into the bundle, so a new item with text gets a retrieval vector")
+                        "into the bundle, so a new item with text gets a retrieval vector; ranking kinds trained on a "
+                        "ratings table: the items' genres/tags (field labels) and text vectors projected on "
+                        "principal axes (fields content_0..; --data-option content_dim=8) become item features")
     t.add_argument("--items-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="options of --items: key=, text= (or title=), description=, genres=, tags= (column names, "
                         "'|'-separated lists allowed; common names are found without options), tags_file= (one row "
@@ -266,15 +268,24 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = pipeline.load_data(args.data, fam, seed=args.seed, data_options=dict(args.data_option) or None)
-    print(f"data: {args.data} ({type(data).__name__}) loaded in {time.perf_counter() - t0:.1f}s")
-    content = None
     if args.items is None and (args.items_option or args.content_encoder):
         raise ValueError("--items-option and --content-encoder apply to an items file: give --items ITEMS.csv")
-    if args.items is not None:
+    ctr_content = None
+    if args.items is not None and fam == "ctr":      # ranking: item labels and content fields from the items file
+        from .content_map import item_content
+
+        def ctr_content(keys, n_items):
+            return item_content(keys, n_items, args.items, dict(args.items_option), encoder_path=args.content_encoder)
+    data = pipeline.load_data(args.data, fam, seed=args.seed, data_options=dict(args.data_option) or None,
+                              item_content=ctr_content)
+    print(f"data: {args.data} ({type(data).__name__}) loaded in {time.perf_counter() - t0:.1f}s")
+    content = None
+    if args.items is not None and fam == "ctr" and "content_info" not in data.extra:
+        raise ValueError(f"--items for a ranking model needs CTR examples from a ratings table, not {args.data}")
+    if args.items is not None and fam != "ctr":
         if args.model not in pipeline.CONTENT_KINDS:
-            raise ValueError(f"--items is stored by the kinds {', '.join(pipeline.CONTENT_KINDS)}, "
-                             f"not {args.model!r}")
+            raise ValueError(f"--items is stored by the kinds {', '.join(pipeline.CONTENT_KINDS)} and the "
+                             f"ranking kinds, not {args.model!r}")
         from .content_map import item_content
 
         content = item_content((data.keys or {}).get("item"), data.train.n_items, args.items,

@@ -265,6 +265,7 @@ class ItemContent:
     info: dict                   # encoder_info(...) plus "text" (the options) and "source" (the files)
     texts: list = field(default_factory=list)
     keywords: list | None = None  # per item: its keyphrases, best first (items option keywords=N)
+    labels: list | None = None    # per item: its genres then its tags (the items file's lists), [] without
 
 
 def encode_texts(encoder, texts: Sequence[str], has: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
@@ -312,7 +313,8 @@ def item_content(item_keys: np.ndarray | None, n_items: int, items_path, options
     source = {"items": str(items_path), **({"tags_file": str(opts["tags_file"])} if opts.get("tags_file") else {})}
     info = {**encoder_info(encoder), "text": {k: str(v) for k, v in opts.items() if k != "tags_file"},
             "source": source}
-    return ItemContent(vectors, has, info, texts, keywords)
+    labels = [list(dict.fromkeys([*items[k].genres, *items[k].tags])) if k in items else [] for k in keys]
+    return ItemContent(vectors, has, info, texts, keywords, labels)
 
 
 # ------------------------------------------------------------------------------------------ the ridge map

@@ -36,7 +36,8 @@ def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
 
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,
                entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False,
-               keys: Mapping | None = None, training: Mapping | None = None) -> Path:
+               keys: Mapping | None = None, training: Mapping | None = None, content=None,
+               content_info: Mapping | None = None) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.ctr.CtrModel`) as a bundle at ``path``.
 
     Parameters
@@ -54,6 +55,10 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
         Replace an existing bundle at ``path``.
     keys : mapping, optional
         The users' own keys, ``{"user": [...], "item": [...]}`` in dense-id order (stored by ``write_bundle``).
+    content : rec_engine.content.ContentProjection, optional
+        The projection of text vectors that the item fields ``content_*`` were built with (stored as arrays
+        ``content_axes`` / ``content_mean``, with ``content_info``, the encoder's identity, as ``meta["content"]``),
+        so the engine describes an item added online with text the same way.
     training : mapping, optional
         What trained the model (data source, world settings, TrainConfig fields), stored in
         ``meta["training"]``: what ``rec-engine update`` retrains it from.
@@ -88,6 +93,12 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
             arrays.update({f"{entity}_features_indices": enc.indices, f"{entity}_features_offsets": enc.offsets,
                            f"{entity}_features_weights": enc.weights})
             meta["entity_fields"][entity] = [n for n in model.schema.names if n in cols]
+    if content is not None:
+        missing = [n for n in content.names if n not in (meta.get("entity_fields") or {}).get("item", ())]
+        if missing:
+            raise ValueError(f"a content projection needs the item fields {missing} in the item feature store")
+        arrays.update(content.to_arrays())
+        meta["content"] = {"fields": content.names, **dict(content_info or {})}
     extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind=model.kind, meta=meta, tables=tables, arrays=arrays, onnx={"dense": dense_bytes},
                         table_dtype=table_dtype, overwrite=overwrite, **extra)

@@ -90,7 +90,7 @@ class _WrongData(ValueError):
 
 
 def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None = None,
-              data_options: dict | None = None):
+              data_options: dict | None = None, item_content=None):
     """The data a model family trains on, from ``source`` ("synthetic" or a path; see the module doc).
 
     A ``.csv`` / ``.tsv`` file (or a directory's ``ratings.csv``) is a table of
@@ -98,7 +98,12 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
     ``data_options`` (its :data:`~rec_engine_train.data.loaders.INTERACTION_OPTIONS`: column names,
     ``min_weight``, ``split``, ...; string values, as ``--data-option KEY=VALUE`` gives them); columns named
     like ``user_id``/``userId``, ``item_id``/``movieId``, ``timestamp``, ``rating`` are found without
-    options. The user's own ids are kept as the data's ``keys``."""
+    options. The user's own ids are kept as the data's ``keys``.
+
+    For the ``ctr`` family such a table with ratings gives ranking examples
+    (:func:`~rec_engine_train.data.ratings_ctr.ratings_ctr`: label = rating at least ``like``, 4 by default;
+    items held out as well as time); ``item_content``: a callable ``(item_keys, n_items) -> ItemContent``
+    whose labels and vectors become item fields."""
     if source == "synthetic":
         from .data.synthetic import make_synthetic
 
@@ -113,6 +118,8 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
     table = path / "ratings.csv" if path.is_dir() and (path / "ratings.csv").is_file() and not (
         path / "train.txt").exists() else path
     if table.is_file() and table.suffix.lower() in (".csv", ".tsv"):
+        if family == "ctr":
+            return _ratings_ctr(table, seed, data_options, item_content)
         if family not in ("graph", "sequential"):
             raise _WrongData(f"{table} holds user-item interactions (graph or sequential data), but the model "
                              f"needs {family} data")
@@ -137,6 +144,30 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
     if kind != family:
         raise _WrongData(f"{path} holds {kind} data, but the model needs {family} data")
     return load()
+
+
+_CTR_OPTIONS = ("like", "cold", "test", "valid", "content_dim")
+
+
+def _ratings_ctr(table: Path, seed: int, options: dict | None, item_content):
+    """Ranking examples from a ratings table (see :func:`load_data`); options ``like``, ``cold``, ``test``,
+    ``valid``, ``content_dim`` besides the reader's column names."""
+    from .data import loaders
+    from .data.ratings_ctr import ratings_ctr
+
+    opts = dict(options or {})
+    ctr_opts = {k: opts.pop(k) for k in list(opts) if k in _CTR_OPTIONS}
+    cols = {k: opts.pop(k) for k in ("user", "item", "time", "weight", "sep") if k in opts}
+    if opts:
+        raise ValueError(f"unknown data options for CTR examples from {table}: {sorted(opts)} "
+                         f"(known: user, item, time, weight, sep, {', '.join(_CTR_OPTIONS)})")
+    inter = loaders.load_interactions(table, **cols)
+    try:
+        kw = {k: (int(v) if k == "content_dim" else float(v)) for k, v in ctr_opts.items()}
+    except ValueError as e:
+        raise ValueError(f"data option: {e}") from None
+    content = item_content((inter.keys or {}).get("item"), inter.n_items) if item_content is not None else None
+    return ratings_ctr(inter, content=content, seed=seed, name=table.parent.name or table.stem, **kw)
 
 
 # ------------------------------------------------------------------------------------------ train / evaluate / export
@@ -246,9 +277,10 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
     if fam == "ctr":
         from .export_ctr import export_ctr
 
+        extra = getattr(data, "extra", {})
         return export_ctr(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
-                          training=training, entity_features=getattr(data, "extra", {}).get("entity_features"),
-                          keys=keys)
+                          training=training, entity_features=extra.get("entity_features"), keys=keys,
+                          content=extra.get("content_projection"), content_info=extra.get("content_info"))
     if fam == "sequential":
         from .export_sasrec import export_sasrec
 

@@ -196,7 +196,8 @@ class VersionItems:
                 self._added.append(keys[k])
             v.item_keys = ExtendedKeyMap(self.base_keys, self._added, self._ids)
             if v.ranking is not None:
-                v.ranking.add_items([features[j] for j in new])     # 2. what ranks them
+                v.ranking.add_items([features[j] for j in new],     # 2. what ranks them
+                                    None if content is None else content[new])
             if v.content_vectors is not None:                      # what content similarity reads
                 c = np.zeros((len(new), v.content_vectors.shape[1]), np.float32)
                 if content is not None:

@@ -28,7 +28,7 @@ from .bundle import Bundle, BundleError, open_bundle
 
 KIND = "content_encoder"
 
-__all__ = ["ContentEncoder", "item_text", "sentiment", "candidate_phrases", "STOPWORDS", "KIND"]
+__all__ = ["ContentEncoder", "ContentProjection", "item_text", "sentiment", "candidate_phrases", "STOPWORDS", "KIND"]
 
 # A small English stopword list (function words, pronouns, auxiliaries, very common adverbs): a candidate
 # phrase never contains one of these.
@@ -399,3 +399,80 @@ def sentiment(texts: Sequence[str]) -> np.ndarray:
                                       "pip install vaderSentiment (or 'rec_engine[content]')") from e
                 _VADER = SentimentIntensityAnalyzer()
     return np.array([_VADER.polarity_scores(t)["compound"] if t.strip() else 0.0 for t in texts], np.float32)
+
+
+# ------------------------------------------------------------------------------------------ content features for ranking
+CONTENT_FIELD = "content_"      # ranking fields content_0 .. content_{K-1}
+
+
+class ContentProjection:
+    """The content features a ranking (CTR) model sees: an item's text vector projected on the top ``K``
+    principal axes of the trained items' text vectors, whitened (unit variance over those items), as the
+    numeric fields ``content_0 .. content_{K-1}``; an item without text has them missing (empty bags).
+
+    One code path at training and at serving time: training fits it (:meth:`fit`) and builds every example's
+    and every stored item's content fields with :meth:`features`; a ranking bundle stores it (arrays
+    ``content_axes`` ``[c, K]`` and ``content_mean`` ``[c]``), and the engine's ranker describes an item added
+    online with text by the same :meth:`features` of its text vector."""
+
+    def __init__(self, axes: np.ndarray, mean: np.ndarray):
+        axes = np.ascontiguousarray(axes, np.float32)
+        mean = np.ascontiguousarray(mean, np.float32)
+        if axes.ndim != 2 or mean.shape != (axes.shape[0],) or not axes.shape[1]:
+            raise ValueError(f"content projection: axes [c, K] and mean [c] expected, got {axes.shape} and "
+                             f"{mean.shape}")
+        if not (np.isfinite(axes).all() and np.isfinite(mean).all()):
+            raise ValueError("content projection: axes and mean must be finite")
+        self.axes, self.mean = axes, mean
+
+    @property
+    def dim(self) -> int:
+        """The text vectors' dimension (c)."""
+        return self.axes.shape[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{CONTENT_FIELD}{j}" for j in range(self.axes.shape[1])]
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, k: int = 8) -> "ContentProjection":
+        """The top ``k`` principal axes of ``vectors`` (the rows of items with text), scaled so each projection
+        has unit variance over them."""
+        x = np.asarray(vectors, np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"fitting the content projection needs at least 2 text vectors, got shape {x.shape}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= min(x.shape):
+            raise ValueError(f"k must be an integer in [1, {min(x.shape)}], got {k!r}")
+        mean = x.mean(0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        std = s[:k] / np.sqrt(len(x) - 1)
+        axes = vt[:k].T / np.where(std > 1e-12, std, 1.0)
+        return cls(axes, mean)
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """float32 ``[n, K]``: the whitened projections of text vectors ``[n, c]``."""
+        v = np.asarray(vectors, np.float32)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise ValueError(f"text vectors of dimension {self.dim} expected, got shape {v.shape}")
+        return (v - self.mean) @ self.axes
+
+    def features(self, vectors: np.ndarray, has: np.ndarray | None = None) -> dict:
+        """The content fields of ``n`` items: ``{content_j: [value or None] * n}`` (None where ``has`` is False
+        or the vector is all zeros: an item without text)."""
+        v = np.asarray(vectors, np.float32)
+        p = self.project(v)
+        ok = np.any(v != 0, axis=1) if has is None else np.asarray(has, bool) & np.any(v != 0, axis=1)
+        return {name: [float(x) if o else None for x, o in zip(p[:, j].tolist(), ok.tolist())]
+                for j, name in enumerate(self.names)}
+
+    def to_arrays(self) -> dict:
+        return {"content_axes": self.axes, "content_mean": self.mean}
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "ContentProjection | None":
+        if not bundle.has("arrays/content_axes.npy"):
+            return None
+        try:
+            return cls(bundle.array("content_axes"), bundle.array("content_mean"))
+        except (ValueError, KeyError) as e:
+            raise BundleError(f"bundle {bundle.path}: bad content projection: {e}") from None

@@ -460,7 +460,9 @@ class Engine:
                     cont.append(c)
                 v.catalogue_skipped = int((~held).sum()) - len(ok)
                 if ok:
-                    width = v.content_vectors.shape[1] if v.content_vectors is not None else None
+                    width = (v.content_vectors.shape[1] if v.content_vectors is not None else
+                             v.ranking.content.dim if v.ranking is not None and v.ranking.content is not None
+                             else None)
                     content = None if width is None else np.stack(
                         [c if c is not None and len(c) == width else np.zeros(width, np.float32) for c in cont])
                     view.apply_add([keys[j] for j in ok], np.stack(vecs), [added[j][1]["features"] for j in ok],

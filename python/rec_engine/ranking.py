@@ -135,6 +135,13 @@ class CtrRanker:
         self.items = _Store(bundle, "item_features", len(self.item_fields)) if self.item_fields else None
         self.users = _Store(bundle, "user_features", len(self.user_fields)) if self.user_fields else None
         self.n_items = self.items.n if self.items is not None else None
+        # content fields (a model trained with an items file): the projection of text vectors they come from
+        from .content import ContentProjection
+
+        self.content = ContentProjection.from_bundle(bundle)
+        if self.content is not None and not set(self.content.names) <= set(self.item_fields):
+            raise BundleError(f"bundle {bundle.path}: a content projection but no item fields "
+                              f"{self.content.names[0]}..")
         # the runner's methods, bound once (the request path looks them up on every call)
         self._pool_arrays = self.runner.pool_arrays
         self._score_bags = self.runner.score_bags
@@ -197,9 +204,11 @@ class CtrRanker:
     def __repr__(self) -> str:
         return f"CtrRanker({str(self.bundle.path)!r}, kind={self.kind!r}, fields={self.n_fields}, dim={self.dim})"
 
-    def add_items(self, features: list) -> None:
+    def add_items(self, features: list, content: np.ndarray | None = None) -> None:
         """Append items to the item feature store (ids ``n_items, n_items + 1, ...``), each described by a
-        mapping of its item fields' values (a missing field is a missing value; None: all missing). The
+        mapping of its item fields' values (a missing field is a missing value; None: all missing) and, for a
+        model with content fields, by its text vector (``content`` ``[n, c]``; zeros or None: no text) through
+        the bundle's :class:`~rec_engine.content.ContentProjection`, as training built them. The
         store is copied into growable buffers once, at the first addition; each call then publishes a new
         store object holding views of them, so a request in flight keeps the one it read."""
         if self.items is None or not features:
@@ -207,6 +216,11 @@ class CtrRanker:
         from .catalogue import GrowingRows
 
         cols = {n: [(f or {}).get(n) for f in features] for n in self.item_fields}
+        if self.content is not None:
+            if content is not None and np.shape(content)[-1:] == (self.content.dim,):
+                cols.update(self.content.features(content))
+            else:
+                cols.update({n: [None] * len(features) for n in self.content.names})
         b = self.schema.encode(cols, fields=self.item_fields)
         st, F = self.items, self.items.n_fields
         grow = getattr(self, "_grow", None)
