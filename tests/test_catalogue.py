@@ -175,3 +175,38 @@ def test_catalogue_over_http(trained):  # noqa: F811
         st, rec = client.request("POST", "/recommend", {"user": 3, "k": 50, "context": CTX})
         assert NEW[0] not in rec["items"]
         assert client.request("POST", "/items/remove", {"items": [123456789]}, headers=auth)[0] == 400
+
+
+@pytest.mark.parametrize("index", ["int8", "bf16"])
+def test_a_reduced_precision_index_takes_added_items(trained, tmp_path, index):  # noqa: F811
+    """Items added to an engine scanning an int8 / bf16 index are scored exactly in float32 beside it: the
+    merged answer equals an exact scan of the grown table (the index re-scores its shortlist exactly)."""
+    with Engine.load(trained.bundle("pipe_a"), events=tmp_path / "ev.db", num_threads=1, index=index) as e:
+        r = e._version.retrieval
+        assert r.index is not None
+        n0 = e.n_items
+        rng = np.random.default_rng(0)
+        u = _user_vec(e, 3)
+        vecs = np.vstack([u * 50, rng.normal(size=(40, len(u))) * np.abs(r.items).mean() * 3]).astype(np.float32)
+        keys = [20_000_000 + j for j in range(len(vecs))]
+        e.add_items(keys, vectors=vecs)
+        assert e.n_items == n0 + len(vecs)
+        table = np.asarray(r.items)
+        for user in (3, 4, 5, 6):
+            state = e._version.user_state(user, e.online)
+            q = r.user_vectors([state])[0][0]
+            seen = r.seen(state)
+            got = r.retrieve(state, 30, exclude=seen)
+            s = table @ q
+            if seen is not None and len(seen):
+                s[np.asarray(seen)] = -np.inf
+            want = np.argsort(-s, kind="stable")[:30]
+            np.testing.assert_allclose(got.scores, s[want], rtol=1e-5, atol=1e-5)
+            assert len(set(got.ids.tolist()) & set(want.tolist())) >= 29
+        assert r.retrieve(e._version.user_state(3, e.online), 1).ids.tolist() == [n0]
+        # the batched path merges the same way
+        states = [e._version.user_state(u_, e.online) for u_ in (3, 4)]
+        for st, b in zip(states, r.retrieve_batch(states, 30)):
+            np.testing.assert_array_equal(b.ids, r.retrieve(st, 30).ids)
+        e.remove_items([keys[0]])
+        assert keys[0] not in e.recommend(3, k=50, context=CTX).items.tolist()

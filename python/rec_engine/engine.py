@@ -904,9 +904,6 @@ class Engine:
         r = v.retrieval
         if r is None or not r.scans_vectors or r.kind == "popularity":
             raise ValueError("add_items needs a retrieval model with item vectors (mf, lightgcn, ngcf, sasrec)")
-        if r.index is not None:
-            raise ValueError(f"add_items with a reduced-precision index ({self._index or 'bundle'}) is not supported "
-                             f"yet: load the engine with index='float32'")
         view = v.items_view()
         view.check_keys(keys)
         vecs = check_vectors(vectors, len(keys), r.items.shape[1])
@@ -921,7 +918,7 @@ class Engine:
         with self._cat_lock:
             ids = view.apply_add(keys, vecs, feats, content)
             cand = self._candidate
-            if cand is not None and cand.retrieval is not None and cand.retrieval.index is None:
+            if cand is not None and cand.retrieval is not None:
                 cv = (cand.map_content(content) if content is not None and cand.content_map is not None
                       else vecs if vecs is not None and cand.retrieval.items.shape[1] == vecs.shape[1] else None)
                 if cv is not None:

@@ -96,11 +96,6 @@ class _Retrieval:
     index = None               # an ItemIndex (int8 / bf16) scanned instead of items, or None (exact float32)
     scans_vectors = True       # retrieval is a scan of items by a user vector (the families with an index)
 
-    @property
-    def scan_target(self):
-        """What full scans read: the reduced-precision index when one is set, else the float32 items."""
-        return self.index if self.index is not None else self.items
-
     def set_index(self, index) -> None:
         """Scan ``index`` (an :class:`~rec_engine.topk.ItemIndex` over :attr:`items`, or None for the exact
         float32 scan) from now on. Vector families only; the others score users without a scan of vectors."""
@@ -114,10 +109,37 @@ class _Retrieval:
         vec, known = self.user_vectors([user])
         if not known[0]:
             return None
-        table = self.scan_target                 # read once: items added online grow it (catalogue.py)
-        m = len(table) if isinstance(table, np.ndarray) else None
-        return topk(vec[0], table, n, exclude=_within(exclude, m), candidates=_within(candidates, m),
-                    num_threads=num_threads)
+        return self._topk(vec[0], n, exclude, candidates, num_threads)
+
+    def _topk(self, q: np.ndarray, n: int, exclude, candidates, num_threads) -> TopK:
+        """Top-``n`` of queries ``q`` (``[d]`` with ``exclude`` an id array, or ``[B, d]`` with a list of them)
+        over the items: the float32 table, or the reduced-precision index, which covers the items it was built
+        from; items added online since (catalogue.py) are scored exactly in float32 and merged."""
+        items, index = self.items, self.index    # read once: items added online grow the table
+        m = len(items)
+        batch = q.ndim == 2
+
+        def ex(lo: int, hi: int):                # the exclusions within [lo, hi), shifted to start at 0
+            def cut(e):
+                if e is None or not len(e):
+                    return e
+                e = np.asarray(e, np.int64)
+                return e[(e >= lo) & (e < hi)] - lo if lo or e.max() >= hi else e
+            if not batch:
+                return cut(exclude)
+            return None if exclude is None else IdLists.from_lists([cut(e) for e in exclude])
+
+        n0 = len(index.items) if index is not None else m
+        if index is None or candidates is not None:   # the exact scorer (also what the index uses for candidates)
+            return topk(q, items, n, exclude=ex(0, m), candidates=_within(candidates, m), num_threads=num_threads)
+        head = topk(q, index, n, exclude=ex(0, n0), num_threads=num_threads)
+        if m == n0:
+            return head
+        tail = topk(q, items[n0:m], n, exclude=ex(n0, m), num_threads=num_threads)
+        ids = np.concatenate([head.ids, np.where(tail.ids >= 0, tail.ids + n0, -1)], axis=-1)
+        scores = np.concatenate([head.scores, tail.scores], axis=-1)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :min(n, m)]   # ties: head (lower ids) first
+        return TopK(np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1))
 
     def retrieve_batch(self, users: list[UserState], n: int, *, excludes: list | None = None,
                        num_threads: int | None = None) -> list[TopK | None]:
@@ -128,10 +150,8 @@ class _Retrieval:
         out: list[TopK | None] = [None] * len(users)
         if not len(rows):
             return out
-        table = self.scan_target
-        m = len(table) if isinstance(table, np.ndarray) else None
-        ex = None if excludes is None else IdLists.from_lists([_within(excludes[j], m) for j in rows])
-        res = topk(np.ascontiguousarray(vecs[rows]), table, n, exclude=ex, num_threads=num_threads)
+        res = self._topk(np.ascontiguousarray(vecs[rows]), n, None if excludes is None else
+                         [excludes[j] for j in rows], None, num_threads)
         for r, j in enumerate(rows.tolist()):
             out[j] = TopK(res.ids[r], res.scores[r])
         return out
