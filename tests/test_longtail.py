@@ -307,7 +307,7 @@ def test_blend_places_exploration_without_duplicates_and_keeps_the_ranked_order(
     assert positions.min() > 0.5 * positions.mean()          # every slot gets exploration sometimes
     ids, mask = ThompsonExplorer.blend(np.arange(20), [100, 101], 10, rng, placement="even")
     assert np.flatnonzero(mask).tolist() == [3, 6]
-    ids, mask = ThompsonExplorer.blend([1, 2], [7, 7, 8], 10, rng)
+    ids, mask = ThompsonExplorer.blend([1, 2, -1, -1], [7, 7, 8], 10, rng)
     assert sorted(ids.tolist()) == [1, 2, 7, 8] and mask.sum() == 2
     ids, mask = ThompsonExplorer.blend([1, 2, 3], [7, 8, 9, 10], 2, rng)
     assert mask.all() and ids.tolist() == [7, 8]

@@ -121,12 +121,14 @@ def mmr(scores, vectors, k: int, diversity: float) -> tuple[np.ndarray, np.ndarr
 
     ``rel`` is ``scores`` min-max normalized to [0, 1] over the candidates (all ones when they are all equal);
     the similarity term of the first pick is 0 (nothing picked yet), so the first pick is always the best
-    score; later, a candidate pointing away from every pick (negative cosines) gains. Rows of ``vectors`` are L2-normalized here; a zero row has cosine 0 with every row (neither similar
-    nor opposed). Ties go to the higher score, then to the lower index; ``diversity=0`` returns exactly the
-    top-k by score (stable: lower index first among equal scores).
+    score; later, a candidate pointing away from every pick (negative cosines) gains. Rows of ``vectors`` are
+    L2-normalized here (a copy, in their dtype: float32 stays float32); a zero row has cosine 0 with every row
+    (neither similar nor opposed). Ties go to the higher score, then to the lower index; ``diversity=0``
+    returns exactly the top-k by score (stable: lower index first among equal scores).
 
-    Cost: one matrix-vector product with the ``[n, d]`` vectors per pick and a running max-similarity array,
-    O(k n d) in all (500 candidates, k=20, d=384: a few hundred microseconds).
+    Cost: one matrix-vector product with the ``[n, d]`` unit rows per pick and a running max-similarity array,
+    O(k n d) in all (500 candidates, k=20, float32, one core of the development machine: about 0.2 ms at
+    d=64, 0.4 ms at d=384).
 
     Parameters
     ----------
@@ -437,8 +439,8 @@ class ThompsonExplorer:
         positions uniformly among the answer's slots (without replacement; exploration items, best draw first,
         fill them in increasing position), ``"even"`` spreads them evenly (slot ``floor((i + 1) * L / (m + 1))``
         for the i-th of ``m`` in an answer of ``L``: roughly every ``1/share``-th position, never the first).
-        The ranked ids fill the other slots in their order, skipping the exploration ids. The answer has
-        ``min(k, len(explore) + len(ranked without them))`` ids.
+        The ranked ids (-1 padding dropped) fill the other slots in their order, skipping the exploration ids.
+        The answer has ``min(k, len(explore) + len(ranked without them))`` ids.
 
         Returns
         -------
@@ -446,6 +448,7 @@ class ThompsonExplorer:
         is_explore : bool ``[L]``  True at the exploration slots
         """
         ranked = _id_array(ranked_ids, "ranked_ids")
+        ranked = ranked[ranked >= 0]                                         # -1: top-k padding
         explore = _id_array(explore_ids, "explore_ids")
         k = _check_k(k)
         rng = _check_rng(rng)
