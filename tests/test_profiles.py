@@ -360,6 +360,26 @@ def test_build_equals_observe_one_by_one(seed):
         assert c.profile(u, now=now).tags == b.profile(u, now=now).tags
 
 
+def test_updates_after_build_and_compact_match_brute_force():
+    """build() stores tags compact (arrays); an update turns them into a dict, compact() back, a rebase works on
+    either form: after all of it the profile is the brute force of every event."""
+    rng = np.random.default_rng(110)
+    info, tag_lists = make_items(rng)
+    ev = make_events(rng, 900, 12, info.n_items, span_s=20 * DAY)
+    cfg = ProfileConfig(half_life_days=1.0, min_events=2, rebase_exponent=3.0)
+    prof = Profiles(info, cfg)
+    prof.build(*(a[:400] for a in ev))
+    before = prof.nbytes()
+    observe_all(prof, *(a[400:600] for a in ev))               # thaw: compact -> dict
+    assert prof.nbytes() > before
+    assert prof.compact() == len(prof) > 0 and prof.compact() == 0
+    assert prof.nbytes() < before * 1.2
+    observe_all(prof, *(a[600:] for a in ev))                  # spans 20 half-lives: rebases on both forms
+    assert prof.rebases > 0
+    now = float(ev[3].max())
+    assert assert_matches_reference(prof, info, tag_lists, cfg, *ev, now) >= 10
+
+
 def test_build_accepts_mixed_key_types_without_conflating_them():
     info, _ = make_items(np.random.default_rng(14))
     prof = Profiles(info, ProfileConfig(min_events=1))
