@@ -43,6 +43,10 @@ ITEMS_OPTIONS = {
     "max_tags": "keep each item's N most used tags from tags_file (default 20)",
     "sep": "the field separator of the items file(s): a character, 'tab' (default: by suffix, else guessed)",
     "keywords": "store each described item's N keyphrases (ContentEncoder.keywords; default 0: none)",
+    "reviews_file": "a CSV/TSV of one row per (item, review text); each item's sentiment is the mean VADER "
+                    "compound score of its reviews (stored as item_sentiment)",
+    "reviews_key": "the item key column of reviews_file (default: found by name, as key)",
+    "reviews_column": "the text column of reviews_file (default: review / text / comment / tag)",
 }
 _TEXT_ROLES = {"title": ("title", "name", "text"), "description": ("description", "overview", "plot", "summary"),
                "genres": ("genres", "genre", "category", "categories"), "tags": ("tags", "tag")}
@@ -62,6 +66,7 @@ class ItemFields:
     description: str | None = None
     genres: list = field(default_factory=list)
     tags: list = field(default_factory=list)
+    reviews: list = field(default_factory=list)     # review texts (reviews_file): sentiment only, not encoded
 
     def text(self) -> str:
         from rec_engine.content import item_text
@@ -162,7 +167,37 @@ def read_items(path, options: Mapping | None = None) -> dict[str, ItemFields]:
         _add_tag_file(items, Path(str(opts["tags_file"])), opts, sep, key_col)
     elif any(k in opts for k in ("tags_key", "tags_column", "max_tags")):
         raise ItemsFileError("tags_key / tags_column / max_tags apply to a tags_file: give tags_file=PATH")
+    if opts.get("reviews_file"):
+        _add_reviews(items, Path(str(opts["reviews_file"])), opts, sep, key_col)
+    elif any(k in opts for k in ("reviews_key", "reviews_column")):
+        raise ItemsFileError("reviews_key / reviews_column apply to a reviews_file: give reviews_file=PATH")
     return items
+
+
+def _add_reviews(items: dict, path: Path, opts: Mapping, sep, key_col: str) -> None:
+    """Each row of ``path`` (item key, review text) appends the text to its item's reviews (items the items
+    file does not describe are left out: a review alone is not an item)."""
+    from .data.loaders import _find_column, _read_table
+
+    if not path.is_file():
+        raise FileNotFoundError(f"reviews_file {path} does not exist")
+    table = _read_table(path, sep)
+    given = opts.get("reviews_key")
+    if given not in (None, ""):
+        kcol = _pick(table.names, given, (), "reviews_key", path)
+    elif key_col in table.names:
+        kcol = key_col
+    else:
+        kcol = _find_column(table, "item", None, required=True)
+    tcol = _pick(table.names, opts.get("reviews_column"), ("review", "text", "comment", "body", "tag"),
+                 "reviews_column", path)
+    if tcol is None:
+        raise ItemsFileError(f"{path}: no review text column in the header {table.names}: name it with "
+                             f"reviews_column=COLUMN")
+    for key, text in zip(_column_text(table, kcol), _column_text(table, tcol)):
+        it = items.get(key)
+        if it is not None and text:
+            it.reviews.append(text)
 
 
 def _add_tag_file(items: dict, path: Path, opts: Mapping, sep, key_col: str) -> None:
@@ -266,6 +301,7 @@ class ItemContent:
     texts: list = field(default_factory=list)
     keywords: list | None = None  # per item: its keyphrases, best first (items option keywords=N)
     labels: list | None = None    # per item: its genres then its tags (the items file's lists), [] without
+    sentiment: np.ndarray | None = None   # float32 [n_items]: mean VADER compound of its reviews, NaN without
 
 
 def encode_texts(encoder, texts: Sequence[str], has: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
@@ -314,7 +350,21 @@ def item_content(item_keys: np.ndarray | None, n_items: int, items_path, options
     info = {**encoder_info(encoder), "text": {k: str(v) for k, v in opts.items() if k != "tags_file"},
             "source": source}
     labels = [list(dict.fromkeys([*items[k].genres, *items[k].tags])) if k in items else [] for k in keys]
-    return ItemContent(vectors, has, info, texts, keywords, labels)
+    sentiment = None
+    if opts.get("reviews_file"):
+        from rec_engine.content import sentiment as vader
+
+        t0 = time.perf_counter()
+        reviews = [items[k].reviews if k in items else [] for k in keys]
+        flat = [r for rs in reviews for r in rs]
+        scores = vader(flat) if flat else np.zeros(0, np.float32)
+        counts = np.array([len(rs) for rs in reviews], np.int64)
+        sums = np.add.reduceat(np.append(scores, 0.0), np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        with np.errstate(invalid="ignore"):
+            sentiment = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+        log(f"content: sentiment of {len(flat)} reviews of {int((counts > 0).sum())} items in "
+            f"{time.perf_counter() - t0:.1f}s")
+    return ItemContent(vectors, has, info, texts, keywords, labels, sentiment)
 
 
 # ------------------------------------------------------------------------------------------ the ridge map
@@ -426,16 +476,26 @@ def content_bundle_parts(content: ItemContent, item_vectors: np.ndarray, *, vect
     arrays = {"content_vectors": np.ascontiguousarray(content.vectors, dtype=vectors_dtype),
               "content_map": cmap.weights}
     if content.keywords is not None:          # item i's phrases: utf8[offsets[i]:offsets[i+1]], split on "\x1f"
-        blobs = ["\x1f".join(k).encode("utf-8") for k in content.keywords]
-        offsets = np.zeros(len(blobs) + 1, np.int64)
-        np.cumsum([len(b) for b in blobs], out=offsets[1:])
-        arrays["item_keywords_utf8"] = np.frombuffer(b"".join(blobs), np.uint8) if offsets[-1] else np.zeros(0, np.uint8)
-        arrays["item_keywords_offsets"] = offsets
+        arrays.update(string_lists_arrays("item_keywords", content.keywords))
+    if content.labels is not None and any(content.labels):      # genres and tags, the same layout
+        arrays.update(string_lists_arrays("item_labels", content.labels))
+    if content.sentiment is not None:
+        arrays["item_sentiment"] = np.asarray(content.sentiment, np.float32)
     meta = {"dim": int(content.vectors.shape[1]), **content.info, "ridge": cmap.ridge,
             "fit_r2": round(cmap.fit_r2, 6), "cv_r2": round(cmap.cv_r2, 6), "n_fit": cmap.n_fit,
             "n_missing": int((~content.has).sum()), "min_count": int(min_count) if item_counts is not None else 0,
             "vectors_dtype": vectors_dtype}
     return arrays, meta
+
+
+def string_lists_arrays(name: str, lists: Sequence[Sequence[str]]) -> dict:
+    """``{name_utf8, name_offsets}``: item ``i``'s strings are ``utf8[offsets[i]:offsets[i+1]]`` joined by
+    ``"\x1f"`` (what :func:`rec_engine.engine.read_string_lists` reads back)."""
+    blobs = ["\x1f".join(k).encode("utf-8") for k in lists]
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return {f"{name}_utf8": np.frombuffer(b"".join(blobs), np.uint8) if offsets[-1] else np.zeros(0, np.uint8),
+            f"{name}_offsets": offsets}
 
 
 def texts_sha256(texts: Sequence[str]) -> str:

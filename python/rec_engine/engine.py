@@ -86,6 +86,25 @@ class Recommendation:
         return self._items
 
 
+def _string_lists(bundle, name: str, n: int):
+    """``(utf8, offsets)`` of the bundle's per-item string lists ``name`` (None when it has none)."""
+    if bundle is None or not bundle.has(f"arrays/{name}_offsets.npy"):
+        return None
+    out = (bundle.array(f"{name}_utf8", mmap=True), bundle.array(f"{name}_offsets"))
+    if len(out[1]) != n + 1:
+        raise BundleError(f"bundle {bundle.path}: {name} offsets for {len(out[1]) - 1} items, the model has {n}")
+    return out
+
+
+def read_string_lists(lists, i: int) -> list[str] | None:
+    """Item ``i``'s strings of ``(utf8, offsets)`` (None past the stored items)."""
+    if lists is None or not 0 <= i < len(lists[1]) - 1:
+        return None
+    utf8, off = lists
+    blob = bytes(utf8[off[i]:off[i + 1]]).decode("utf-8")
+    return blob.split("\x1f") if blob else []
+
+
 class _Version:
     """Models loaded from one bundle; immutable after construction (its caches aside)."""
 
@@ -154,12 +173,15 @@ class _Version:
             self.content_meta = dict(rb.meta.get("content") or {})
             if rb.has("arrays/content_map.npy"):
                 self.content_map = np.ascontiguousarray(rb.array("content_map"), np.float32)
-        self.keywords = None       # (utf8 blob, offsets) of the items' keyphrases, when training stored them
-        if rb is not None and rb.has("arrays/item_keywords_offsets.npy"):
-            self.keywords = (rb.array("item_keywords_utf8", mmap=True), rb.array("item_keywords_offsets"))
-            if len(self.keywords[1]) != (self.n_items or 0) + 1:
-                raise BundleError(f"bundle {path}: keyword offsets for {len(self.keywords[1]) - 1} items, "
-                                  f"the model has {self.n_items}")
+        # (utf8 blob, offsets) of the items' keyphrases and of their labels (genres, tags), when training stored them
+        self.keywords = _string_lists(rb, "item_keywords", self.n_items or 0)
+        self.labels = _string_lists(rb, "item_labels", self.n_items or 0)
+        self.sentiment = None      # float32 [n_items], NaN: no reviews (items option reviews_file)
+        if rb is not None and rb.has("arrays/item_sentiment.npy"):
+            self.sentiment = rb.array("item_sentiment")
+            if self.sentiment.shape != (self.n_items,):
+                raise BundleError(f"bundle {path}: item_sentiment has shape {self.sentiment.shape}, the model "
+                                  f"has {self.n_items} items")
         self._observed: dict = {}    # user key -> (stamp, observed items as this version's dense ids)
         self.scan_memory = scan_memory
         self.index = self._load_index(top, index)
@@ -943,15 +965,35 @@ class Engine:
         item added online with text, drawn from that text by the engine's content encoder; [] when neither."""
         v = self._version
         i = int(self._item_ids(v, [item], "item")[0])
-        if v.keywords is not None and i < len(v.keywords[1]) - 1:
-            utf8, off = v.keywords
-            blob = bytes(utf8[off[i]:off[i + 1]]).decode("utf-8")
-            return blob.split("\x1f") if blob else []
+        stored = read_string_lists(v.keywords, i)
+        if stored is not None:
+            return stored
         rec = self.catalogue.added.get(item.item() if isinstance(item, np.generic) else item)
         if rec is None or not rec.get("text") or self._encoder_path is None:
             return []
         self.encode_text([rec["text"]])              # loads (and checks) the encoder
         return [p for p, _ in self._encoder.keywords(rec["text"], rec.get("content"))]
+
+    def item_labels(self, item) -> list[str]:
+        """The genres and tags of ``item`` that training stored (an items file's lists); for an item added
+        online, the ``labels`` of its features; [] when neither."""
+        v = self._version
+        i = int(self._item_ids(v, [item], "item")[0])
+        stored = read_string_lists(v.labels, i)
+        if stored is not None:
+            return stored
+        rec = self.catalogue.added.get(item.item() if isinstance(item, np.generic) else item)
+        labels = ((rec or {}).get("features") or {}).get("labels")
+        return [str(x) for x in labels] if isinstance(labels, (list, tuple)) else []
+
+    def item_sentiment(self, item) -> float | None:
+        """The mean VADER compound score in [-1, 1] of ``item``'s reviews (stored by training with the items
+        option ``reviews_file``); None when it had none."""
+        v = self._version
+        i = int(self._item_ids(v, [item], "item")[0])
+        if v.sentiment is None or i >= len(v.sentiment) or not np.isfinite(v.sentiment[i]):
+            return None
+        return float(v.sentiment[i])
 
     def encode_text(self, texts: list) -> np.ndarray:
         """Unit text vectors ``[n, c]`` of ``texts`` by the engine's content encoder (loaded at first use)."""

@@ -247,3 +247,34 @@ def test_keyphrases_are_stored_per_item_and_served_by_key(tmp_path, capsys, worl
     with pytest.raises(Exception, match="keywords must be a number"):
         item_content(None, world.n_items, items, {"key": "item_id", "text": "name", "keywords": "many"},
                      encoder=encoder, log=lambda s: None)
+
+
+def test_labels_and_review_sentiment_are_stored_per_item_and_served_by_key(tmp_path, capsys, world, encoder_bundle):
+    from rec_engine.content import sentiment
+    from rec_engine.engine import Engine
+
+    items = _write_items(tmp_path / "items.csv", world, skip={5})
+    reviews = {0: ["A wonderful, moving film. Loved it!", "great fun"], 17: ["Terrible and boring.", "awful"],
+               9: ["It exists."], 5: ["Brilliant!"]}             # 5 is not in the items file: left out
+    lines = ["item_id,review"] + [f'{k},"{t}"' for k, ts in reviews.items() for t in ts]
+    (tmp_path / "reviews.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "b"
+    rc, _, err = _train(capsys, "train", "mf", "--out", str(out), "--epochs", "1", "--no-progress",
+                        "--batch-size", "4096", "--items", str(items), "--items-option", "key=item_id",
+                        "--items-option", "text=name", "--items-option", "genres=kind",
+                        "--items-option", f"reviews_file={tmp_path / 'reviews.csv'}",
+                        "--content-encoder", str(encoder_bundle))
+    assert rc == 0, err
+    with Engine.load(out, num_threads=1) as e:
+        for i in (0, 17, 9):
+            assert e.item_sentiment(i) == pytest.approx(float(np.mean(sentiment(reviews[i]))), abs=1e-6)
+        assert e.item_sentiment(0) > 0.5 and e.item_sentiment(17) < -0.5
+        assert e.item_sentiment(5) is None and e.item_sentiment(1) is None
+        w = WORDS[int(world.item_cluster[3]) % len(WORDS)]
+        assert e.item_labels(3) == [w, "things"] and e.item_labels(5) == []
+        d = e._version.retrieval.items.shape[1]
+        e.add_items([10**6], vectors=np.zeros((1, d)), features=[{"labels": ["noir", "harbour"]}])
+        assert e.item_labels(10**6) == ["noir", "harbour"]
+    with pytest.raises(Exception, match="reviews_file"):
+        item_content(None, world.n_items, items, {"key": "item_id", "text": "name", "reviews_key": "x"},
+                     encoder_path=encoder_bundle, log=lambda s: None)
