@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from collections import defaultdict
 
@@ -378,6 +379,14 @@ def test_updates_after_build_and_compact_match_brute_force():
     assert prof.rebases > 0
     now = float(ev[3].max())
     assert assert_matches_reference(prof, info, tag_lists, cfg, *ev, now) >= 10
+    # a rebase of a compact profile: its next event comes 10 half-lives after the built ones
+    late = (np.array([5, 5, 5, 5]), np.array([1, 2, 3, 4]), np.array(["click"] * 4),
+            np.array([T0, T0 + 1, T0 + 2, T0 + 10 * DAY]), np.full(4, np.nan))
+    prof.build(*(a[:3] for a in late))
+    n = prof.rebases
+    prof.observe(5, 4, "click", T0 + 10 * DAY)
+    assert prof.rebases == n + 1
+    assert_matches_reference(prof, info, tag_lists, cfg, *late, T0 + 10 * DAY)
 
 
 def test_build_accepts_mixed_key_types_without_conflating_them():
@@ -398,7 +407,9 @@ def test_asof_features_equal_serving_features():
     n_x = 60
     x_users = rng.integers(0, 10, n_x)
     x_items = rng.integers(0, info.n_items, n_x)
-    x_ts = rng.choice(ev[3], n_x) + rng.choice([0.0, 1.0], n_x)   # some exactly at an event's time
+    x_ts = rng.choice(ev[3], n_x) + rng.choice([0.0, 1.0], n_x)
+    at = rng.choice(len(ev[3]), n_x // 2, replace=False)     # half exactly at an event of the same user
+    x_users[:n_x // 2], x_ts[:n_x // 2] = ev[0][at], ev[3][at]
     cfg = ProfileConfig(half_life_days=3.0, min_events=3, rebase_exponent=3.0)
     got = asof_features(ev, (x_users, x_items, x_ts), info, cfg)
     assert got.dtype == np.float32 and got.shape == (n_x, 3)
@@ -556,6 +567,8 @@ def test_concurrent_observe_from_8_threads_equals_sequential():
     observe_all(seq, *ev)
     barrier = threading.Barrier(8)
     errors = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                          # switch threads often: races show up
 
     def work(t):
         try:
@@ -570,6 +583,7 @@ def test_concurrent_observe_from_8_threads_equals_sequential():
         th.start()
     for th in threads:
         th.join()
+    sys.setswitchinterval(switch)
     assert not errors
     now = float(ev[3].max())
     assert sorted(seq.users()) == sorted(par.users()) and len(seq) == 16
