@@ -17,7 +17,8 @@ users (a Zipf-ish user popularity) within 90 days; half-life 14 days, ``min_even
 - ``profile``, ``features`` (``--candidates`` candidates), ``explain``: per-call latency over ``--reads`` users;
 - ``asof_features``: the training-time replay (events/s of the replay, examples/s);
 - memory: :meth:`Profiles.memory` (bytes per stored profile as the module counts them) and the process's
-  after the observe cases and after :meth:`Profiles.compact`; allocations still traced (tracemalloc) after a build per profile, and the resident-set growth.
+  after the observe cases and after :meth:`Profiles.compact`; allocations still traced (tracemalloc) after a
+  build per profile, and the resident-set growth.
 
 Prints a Markdown table; the JSON (default ``bench/results/profiles.json``, git-ignored) holds every row
 and the run conditions (CPU, cores, Python, NumPy, load).
@@ -145,7 +146,8 @@ def main():
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--asof-events", type=int, default=100_000)
     ap.add_argument("--asof-examples", type=int, default=20_000)
-    ap.add_argument("--json", metavar="PATH", default=os.path.join(os.path.dirname(__file__), "results", "profiles.json"),
+    ap.add_argument("--json", metavar="PATH",
+                    default=os.path.join(os.path.dirname(__file__), "results", "profiles.json"),
                     help="where the JSON goes ('' for none)")
     args = ap.parse_args()
     t_run = time.perf_counter()
@@ -252,7 +254,8 @@ def main():
     memory = dict(profiles=mem["profiles"], pending=mem["pending"], bytes_per_profile=mem["bytes_per_profile"],
                   bytes_per_pending=mem["bytes_per_pending"], bytes_per_profile_tags_only=mem_t["bytes_per_profile"],
                   tags_per_profile_median=float(np.median(n_tags)), tags_per_profile_max=int(max(n_tags)),
-                  rss_growth_per_profile=rss_growth / max(1, n_prof), traced_bytes_per_profile=traced_bytes / n_prof, profile_json_bytes=profile_json,
+                  rss_growth_per_profile=rss_growth / max(1, n_prof), traced_bytes_per_profile=traced_bytes / n_prof,
+                  profile_json_bytes=profile_json,
                   item_info_bytes=info.nbytes(), bytes_per_profile_after_updates=mem_updated["bytes_per_profile"],
                   bytes_per_profile_after_compact=mem_compacted["bytes_per_profile"], compacted=n_compacted,
                   compact_seconds=compact_s)
@@ -278,9 +281,11 @@ def main():
     print(f"\nMemory: {memory['bytes_per_profile']:,.0f} bytes per profile as counted "
           f"({memory['bytes_per_profile_tags_only']:,.0f} tags only; median {memory['tags_per_profile_median']:.0f} "
           f"tags, max {memory['tags_per_profile_max']}), {memory['bytes_per_pending']:,.0f} per pending user; "
-          f"traced (tracemalloc) after build() {memory['traced_bytes_per_profile']:,.0f} bytes per profile, resident-set "
+          f"traced (tracemalloc) after build() {memory['traced_bytes_per_profile']:,.0f} bytes per profile, "
+          f"resident-set "
           f"growth {memory['rss_growth_per_profile']:,.0f} (freed temporaries the allocator keeps included); "
-          f"one profile's JSON {memory['profile_json_bytes']:,} bytes; ItemInfo {memory['item_info_bytes'] / 2**20:.0f} MiB.")
+          f"one profile's JSON {memory['profile_json_bytes']:,} bytes; "
+          f"ItemInfo {memory['item_info_bytes'] / 2**20:.0f} MiB.")
     print(f"After the observe cases (updated profiles hold their tags in a dict): "
           f"{memory['bytes_per_profile_after_updates']:,.0f} bytes per profile; compact() of {n_compacted:,} profiles "
           f"in {compact_s:.2f} s: {memory['bytes_per_profile_after_compact']:,.0f}.")

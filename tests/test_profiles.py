@@ -309,6 +309,9 @@ def test_max_users_evicts_least_recently_used():
     prof.observe("c", 2, "click", T0)
     prof.observe("e", 2, "click", T0)
     assert sorted(prof.users()) == ["c", "d", "e"]
+    # build() keeps the users whose last event is latest
+    prof.build(["old", "new", "mid", "older"], [1, 1, 1, 1], ["click"] * 4, [T0 + 1, T0 + 9, T0 + 5, T0])
+    assert prof.users() == ["old", "mid", "new"]
     # pending users are capped too
     prof2 = Profiles(info, ProfileConfig(min_events=5, max_users=2))
     for u in range(10):
