@@ -35,7 +35,8 @@ def _serve(args) -> int:
           retention_days=args.retention_days, impression_sample=args.impression_sample,
           candidate=args.candidate, candidate_fraction=args.candidate_fraction if args.candidate else None,
           follow_events_s=args.follow_events_s, content_encoder=args.content_encoder,
-          hybrid_max_events=args.hybrid_max_events)
+          hybrid_max_events=args.hybrid_max_events, diversity=args.diversity, debias=args.debias,
+          explore=args.explore)
     return 0
 
 
@@ -141,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--hybrid-max-events", type=int, default=None,
                      help="users with at most this many events are also retrieved by content, with a bundle that "
                           "stores content vectors (default 5; 0: off)")
+    srv.add_argument("--diversity", type=float, default=None,
+                     help="default re-ranking by maximal marginal relevance over the items' vectors, in [0, 1] "
+                          "(default 0: off; a request's \"diversity\" overrides it)")
+    srv.add_argument("--debias", type=float, default=None,
+                     help="default popularity debiasing by exposure, in [0, 1] (default 0: off)")
+    srv.add_argument("--explore", type=float, default=None,
+                     help="default share of slots for exploration of rarely shown items by Thompson sampling, "
+                          "in [0, 1] (default 0: off; needs --events for the counts to survive a restart)")
     srv.set_defaults(handler=_serve)
     rb = sub.add_parser("rollback", help="point a model home's CURRENT back at the version promoted before",
                         description="Model homes (folders of bundles with a CURRENT pointer, which Engine.load and "

@@ -68,6 +68,7 @@ class Recommendation:
     item_keys: KeyMap | None = field(default=None, repr=False)
     _items: np.ndarray | None = field(default=None, repr=False)
     request_id: str | None = None
+    explored: np.ndarray | None = None      # bool [k]: the slots exploration filled (recommend(explore=...))
 
     @property
     def items(self) -> np.ndarray:
@@ -84,6 +85,26 @@ class Recommendation:
                 out[real] = got
                 self._items = out
         return self._items
+
+
+def _lookup_ids(keys: KeyMap, items: list) -> np.ndarray:
+    """Dense ids of ``items`` (-1 for keys the map lacks or of the other key type)."""
+    if not items:
+        return np.zeros(0, np.int64)
+    try:
+        return np.asarray(keys.lookup(items), np.int64)
+    except (TypeError, ValueError):
+        return np.array([_lookup_ids(keys, [x])[0] if isinstance(x, (int, str)) else -1 for x in items]
+                        if len(items) > 1 else [-1], np.int64)
+
+
+def _unit(x, name: str) -> float:
+    """A setting in [0, 1] (TypeError for a non-number, ValueError outside)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(x).__name__}")
+    if not 0.0 <= float(x) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {x!r}")
+    return float(x)
 
 
 def _string_lists(bundle, name: str, n: int):
@@ -355,6 +376,14 @@ class Engine:
         observed, at least one) is retrieved by content too: the items nearest to the mean text vector of
         what it touched, fused with the collaborative top-n by reciprocal rank; a user the model does not know
         gets the content half alone instead of the popularity fallback. 0: off.
+    diversity, debias : float
+        Defaults of :meth:`recommend`'s re-ranking (0: off): maximal marginal relevance over the items' text
+        vectors (their collaborative vectors without text) and popularity debiasing by exposure (training
+        interactions plus logged impressions), in [0, 1] (:mod:`rec_engine.longtail`).
+    explore : float
+        Default share of slots (0: off) given to items shown fewer than ``explore_max_impressions`` times,
+        chosen by Thompson sampling on their logged impressions and clicks (:class:`~rec_engine.longtail.
+        ThompsonExplorer`, filled from the event store at load and updated by every impression and click).
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
@@ -389,11 +418,21 @@ class Engine:
                  window_days: float | None = None, retention_days: float | None = None,
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
                  candidate=None, candidate_fraction: float = 0.0, clock=None, content_encoder=None,
-                 hybrid_max_events: int = 5):
+                 hybrid_max_events: int = 5, diversity: float = 0.0, debias: float = 0.0, explore: float = 0.0,
+                 explore_max_impressions: int = 100, seed: int | None = None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
                            candidate=candidate, candidate_fraction=candidate_fraction)
+        self.diversity, self.debias, self.explore = (_unit(diversity, "diversity"), _unit(debias, "debias"),
+                                                     _unit(explore, "explore"))
+        if isinstance(explore_max_impressions, bool) or not isinstance(explore_max_impressions, int) \
+                or explore_max_impressions < 1:
+            raise ValueError(f"explore_max_impressions must be an integer >= 1, got {explore_max_impressions!r}")
+        self.explore_max_impressions = explore_max_impressions
+        self._rng = np.random.default_rng(seed)
+        self._rng_lock = threading.Lock()
+        self._explore_lock = threading.Lock()
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
         self.catalogue = None                      # set below, once the first version is loaded
         self._cat_lock = threading.Lock()
@@ -584,7 +623,9 @@ class Engine:
             raise TypeError(f"{name}: {e}") from None
 
     def recommend(self, user, k: int = 10, *, exclude_seen: bool = True, exclude=None, candidates=None,
-                  context: Mapping[str, Any] | None = None, n_candidates: int | None = None) -> Recommendation:
+                  context: Mapping[str, Any] | None = None, n_candidates: int | None = None,
+                  diversity: float | None = None, debias: float | None = None,
+                  explore: float | None = None) -> Recommendation:
         """Top ``k`` items for ``user``: retrieval of ``n_candidates`` items by top-k (or the given
         ``candidates``), then ranking by the CTR model when the bundle has one.
 
@@ -606,17 +647,114 @@ class Engine:
             model does not know the user).
         n_candidates : int, optional
             Items retrieved for the ranking stage (default: the pipeline's setting).
+        diversity, debias : float, optional
+            Re-ranking of the ranked candidates for this request (default: the engine's settings; 0: off):
+            maximal marginal relevance over the items' vectors, and popularity debiasing by exposure
+            (:func:`rec_engine.longtail.rerank`). The scores stay the model's; only the order changes.
+        explore : float, optional
+            Share of the ``k`` slots (default: the engine's setting; 0: off) for items with few impressions,
+            chosen by Thompson sampling (:class:`~rec_engine.longtail.ThompsonExplorer`) among the retrieved
+            candidates and the items added online; ``rec.explored`` marks those slots.
         """
         v = self._version_for(user)
         rec = self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
-                              n_candidates)
+                              n_candidates, self._tail_options(diversity, debias, explore))
         self._log_impressions([rec], context)
         return rec
+
+    def _tail_options(self, diversity, debias, explore) -> tuple[float, float, float]:
+        return (self.diversity if diversity is None else _unit(diversity, "diversity"),
+                self.debias if debias is None else _unit(debias, "debias"),
+                self.explore if explore is None else _unit(explore, "explore"))
+
+    # ------------------------------------------------------------------ the long tail (rec_engine.longtail)
+    def _explorer(self, v: "_Version"):
+        """The version's exploration counters, filled from the event store on first use (impressions and
+        clicks/conversions of the items it holds), grown to the items added since."""
+        ex = getattr(v, "explorer", None)
+        if ex is None:
+            with self._explore_lock:
+                ex = getattr(v, "explorer", None)
+                if ex is None:
+                    from .longtail import ThompsonExplorer
+
+                    ex = ThompsonExplorer(v.n_items or 0, max_impressions=self.explore_max_impressions)
+                    if self.events is not None:
+                        self.events.flush()
+                        shown, clicked = [], []
+                        for kind, item, items in self.events.scan(["kind", "item", "items"],
+                                                                  kinds=["impression", "click", "conversion"],
+                                                                  decode=True):
+                            if kind == "impression":
+                                shown.extend(items or ())
+                            else:
+                                clicked.append(item)
+                        for keys, imp, clk in ((shown, 1, 0), (clicked, 0, 1)):
+                            ids = _lookup_ids(v.item_keys, keys)
+                            ids = ids[(ids >= 0) & (ids < ex.n_items)]
+                            ex.update(ids, imp, clk)
+                        ex.fit_prior()
+                    v.explorer = ex
+        if ex.n_items < (v.n_items or 0):
+            ex.grow(v.n_items)
+        return ex
+
+    def _long_tail(self, v: "_Version", ids: np.ndarray, scores: np.ndarray, k: int, seen, options,
+                   score_more=None):
+        """The ranked candidates (best first) re-ranked and explored per ``options`` (diversity, debias,
+        explore); returns ``(ids, scores, explored mask or None)`` of at most ``k`` items."""
+        diversity, debias, explore = options
+        explored = None
+        if (diversity or debias) and len(ids) > 1:
+            from .longtail import rerank
+
+            vecs = None
+            if diversity:
+                table = v.content_vectors if v.content_vectors is not None else (
+                    v.retrieval.items if v.retrieval is not None and v.retrieval.scans_vectors else None)
+                if table is not None and int(ids.max()) < len(table):
+                    vecs = np.asarray(table[ids], np.float32)
+            exposure = None
+            if debias:
+                exposure = np.zeros(len(ids), np.float64)
+                pop = v.popular
+                if pop is not None:
+                    inside = ids < len(pop)
+                    exposure[inside] = pop[ids[inside], 0]
+                if getattr(v, "explorer", None) is not None:
+                    exposure += v.explorer.impressions_of(ids)
+            order = rerank(np.asarray(scores, np.float64), k, vectors=vecs, exposure=exposure,
+                           diversity=diversity if vecs is not None else 0.0, debias=debias)
+            ids, scores = ids[order], scores[order]
+        if explore and k > 0:
+            ex = self._explorer(v)
+            pool = ids[k:]
+            n_trained = len(v.popular) if v.popular is not None else (v.n_items or 0)
+            if (v.n_items or 0) > n_trained:                      # items added online: all of them may be tried
+                pool = np.concatenate([pool, np.arange(n_trained, v.n_items, dtype=np.int64)])
+            excl = ids[:k] if seen is None or not len(seen) else np.concatenate([ids[:k], seen])
+            with self._rng_lock:
+                chosen = ex.choose(k, explore, self._rng, exclude=excl, candidates=pool)
+                if len(chosen):
+                    final, explored = ex.blend(ids[:k], chosen, k, self._rng)
+            if len(chosen):
+                score_of = dict(zip(ids.tolist(), np.asarray(scores).tolist()))
+                unscored = np.array([i for i in final.tolist() if i not in score_of], np.int64)
+                if len(unscored):     # items added online outside the candidates: scored by the model
+                    more = score_more(unscored) if score_more is not None else None
+                    fill = more if more is not None else np.full(len(unscored), float(np.min(scores)))
+                    score_of.update(zip(unscored.tolist(), np.asarray(fill, np.float64).tolist()))
+                ids = final
+                scores = np.array([score_of[i] for i in final.tolist()], np.float32)
+            else:
+                ids, scores = ids[:k], scores[:k]
+        return ids[:k], scores[:k], explored
 
     def recommend_batch(self, users: Sequence, k: int = 10, *, exclude_seen: bool = True, exclude=None,
                         candidates=None, context: Mapping[str, Any] | None = None,
                         contexts: Sequence[Mapping[str, Any] | None] | None = None,
-                        n_candidates: int | None = None) -> list[Recommendation]:
+                        n_candidates: int | None = None, diversity: float | None = None,
+                        debias: float | None = None, explore: float | None = None) -> list[Recommendation]:
         """:meth:`recommend` for several users, all answered by one version, through the batched core calls:
         the user vectors in one lookup, one top-k over all users (per-user exclusion lists), and the ranking
         of every user's candidates in one feature lookup and one ONNX call per chunk of about 16k examples.
@@ -630,6 +768,7 @@ class Engine:
         if isinstance(users, (str, bytes, Mapping)) or not hasattr(users, "__len__"):
             raise TypeError(f"users must be a sequence of user keys, got {type(users).__name__}")
         users = list(users)
+        tail = self._tail_options(diversity, debias, explore)
         cand = self._candidate
         if cand is not None and self._candidate_fraction > 0:
             on_cand = [self._in_candidate(u) for u in users]
@@ -645,18 +784,18 @@ class Engine:
                     got = self._recommend_batch(ver, [users[j] for j in idx], k, exclude_seen, exclude,
                                                 candidates, context,
                                                 None if contexts is None else [contexts[j] for j in idx],
-                                                n_candidates)
+                                                n_candidates, tail)
                     for j, r in zip(idx, got):
                         out[j] = r
                 self._log_impressions(out, list(contexts) if contexts is not None else context)
                 return out
         out = self._recommend_batch(self._version, users, k, exclude_seen, exclude, candidates, context,
-                                    contexts, n_candidates)
+                                    contexts, n_candidates, tail)
         self._log_impressions(out, list(contexts) if contexts is not None else context)
         return out
 
     def _recommend_batch(self, v: _Version, users: list, k, exclude_seen, exclude, candidates, context,
-                         contexts, n_candidates) -> list[Recommendation]:
+                         contexts, n_candidates, tail=(0.0, 0.0, 0.0)) -> list[Recommendation]:
         checked = [self._check_user(v, u) for u in users]
         if contexts is not None:
             if context is not None:
@@ -672,8 +811,8 @@ class Engine:
         else:
             contexts = [context] * len(checked)
         self._check_k(k)
-        if candidates is not None or v.retrieval is None:
-            return [self._recommend(v, u, k, exclude_seen, exclude, candidates, c, n_candidates)
+        if candidates is not None or v.retrieval is None or any(tail):   # re-ranked / explored: user by user
+            return [self._recommend(v, u, k, exclude_seen, exclude, candidates, c, n_candidates, tail)
                     for u, c in zip(checked, contexts)]
         if not checked:
             return []
@@ -738,7 +877,7 @@ class Engine:
         return Recommendation(user, ids, scores, v.id, fallback, timings, v.item_keys)
 
     def _recommend(self, v: _Version, user, k: int, exclude_seen: bool, exclude, candidates, context,
-                   n_candidates) -> Recommendation:
+                   n_candidates, tail=(0.0, 0.0, 0.0)) -> Recommendation:
         self._check_k(k)
         t0 = time.perf_counter()
         timings = {}
@@ -782,15 +921,30 @@ class Engine:
             ids = cand if seen is None or not len(seen) else cand[~np.isin(cand, seen)]
             ids = np.unique(ids)
             scores = None
+        long_tail = any(tail)
         if v.ranking is not None:
             t1 = time.perf_counter()
             ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else state.uid
             probs = v.ranking.score_candidates(ruid, ids, context)
-            order = np.lexsort((ids, -probs))[:k]
-            ids, scores = ids[order], probs[order]
+            order = np.lexsort((ids, -probs))
+            ids, scores = ids[order if long_tail else order[:k]], probs[order if long_tail else order[:k]]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
+        explored = None
+        if long_tail:
+            t2 = time.perf_counter()
+            if scores is None:        # a ranking-only bundle always ranks; retrieval-only keeps its order
+                scores = np.zeros(len(ids), np.float32)
+            more = None
+            if v.ranking is not None:
+                def more(extra, _u=ruid, _c=context):
+                    return v.ranking.score_candidates(_u, extra, _c)
+            ids, scores, explored = self._long_tail(v, ids, scores, k, seen, tail, more)
+            timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return self._finish(v, user, ids, scores, k, fallback, timings)
+        rec = self._finish(v, user, ids, scores, k, fallback, timings)
+        if explored is not None:
+            rec.explored = np.concatenate([explored, np.zeros(k - len(explored), bool)])
+        return rec
 
     _RRF = 60.0          # reciprocal rank fusion's constant (Cormack et al.): score = sum of 1 / (60 + rank)
 
@@ -834,12 +988,20 @@ class Engine:
         events = []
         for j, rec in enumerate(recs):
             rec.request_id = uuid.uuid4().hex
+            for ver in (self._version, self._candidate):       # exploration counts every impression
+                ex = getattr(ver, "explorer", None)
+                if ex is not None and ver.id == rec.version:
+                    shown = rec.ids[(rec.ids >= 0) & (rec.ids < ex.n_items)]
+                    ex.update(shown, 1, 0)
             if store is not None and rate > 0 and (rate >= 1 or random.random() < rate):
                 real = rec.ids >= 0
                 ctx = contexts[j] if isinstance(contexts, list) else contexts
+                attrs = {"context": dict(ctx)} if ctx else {}
+                if rec.explored is not None and rec.explored.any():
+                    attrs["explored"] = np.flatnonzero(rec.explored[real]).tolist()
                 events.append(Event("impression", rec.user, items=rec.items[real], scores=rec.scores[real],
                                     ts=self._clock(), request_id=rec.request_id, version=rec.version,
-                                    attrs=None if not ctx else {"context": dict(ctx)}))
+                                    attrs=attrs or None))
         if events:
             try:
                 store.append(events, wait=False)
@@ -865,6 +1027,12 @@ class Engine:
         keys = items.tolist() if isinstance(items, np.ndarray) else list(items)
         self.online.observe(user, keys, kind=kind, request_id=request_id, value=value, attrs=attrs,
                             ts=self._clock() if ts is None else ts)
+        if kind in ("click", "conversion"):
+            for ver in (v, self._candidate):
+                ex = getattr(ver, "explorer", None)
+                if ex is not None:
+                    got = ids if ver is v else _lookup_ids(ver.item_keys, keys)
+                    ex.update(got[(got >= 0) & (got < ex.n_items)], 0, 1)
 
     def feedback(self, user, item, *, kind: str = "click", request_id: str | None = None,
                  value: float | None = None, attrs: Mapping | None = None, ts: float | None = None) -> None:

@@ -347,6 +347,14 @@ class ThompsonExplorer:
         with self._lock:
             return self._clk[:self._n].copy()
 
+    def impressions_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Impression counts (int64) of ``item_ids`` (ids at or past ``n_items`` count 0), without copying the
+        whole counter."""
+        ids = np.asarray(item_ids, np.int64)
+        with self._lock:
+            ok = (ids >= 0) & (ids < self._n)
+            return np.where(ok, self._imp[np.where(ok, ids, 0)], 0)
+
     def grow(self, n_items: int) -> None:
         """Extend the catalogue to ``n_items`` (new items start at zero counts); a smaller or equal size
         is a no-op (items are never dropped). Storage grows geometrically."""

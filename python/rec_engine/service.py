@@ -84,6 +84,9 @@ class RecommendRequest(BaseModel):
     context: Optional[dict[str, Any]] = None
     n_candidates: Optional[int] = Field(default=None, ge=1, le=MAX_ITEMS_PER_REQUEST)
     return_ids: bool = False
+    diversity: Optional[float] = Field(default=None, ge=0, le=1)
+    debias: Optional[float] = Field(default=None, ge=0, le=1)
+    explore: Optional[float] = Field(default=None, ge=0, le=1)
 
     @field_validator("context")
     @classmethod
@@ -473,13 +476,14 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     @app.post("/recommend")
     def recommend(req: RecommendRequest):
         try:
-            if coalescer is not None and req.candidates is None and not req.exclude:
+            tail = {k: getattr(req, k) for k in ("diversity", "debias", "explore") if getattr(req, k) is not None}
+            if coalescer is not None and req.candidates is None and not req.exclude and not tail:
                 rec = coalescer.recommend(req.user, req.k, exclude_seen=req.exclude_seen,
                                           n_candidates=req.n_candidates, context=req.context)
             else:
                 rec = engine.recommend(req.user, req.k, exclude_seen=req.exclude_seen, exclude=req.exclude,
                                        candidates=req.candidates, context=req.context,
-                                       n_candidates=req.n_candidates)
+                                       n_candidates=req.n_candidates, **tail)
         except ENGINE_ERRORS as e:
             raise _bad(e) from None
         for stage in ("retrieval", "ranking", "total"):
@@ -492,6 +496,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                "timings": rec.timings}
         if req.return_ids:
             out["ids"] = rec.ids[keep].tolist()
+        if rec.explored is not None:
+            out["explored"] = np.flatnonzero(rec.explored[keep]).tolist()
         return out
 
     @app.post("/observe")
