@@ -36,7 +36,7 @@ def _serve(args) -> int:
           candidate=args.candidate, candidate_fraction=args.candidate_fraction if args.candidate else None,
           follow_events_s=args.follow_events_s, content_encoder=args.content_encoder,
           hybrid_max_events=args.hybrid_max_events, diversity=args.diversity, debias=args.debias,
-          explore=args.explore)
+          explore=args.explore, profiles=True if args.profiles else None)
     return 0
 
 
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--explore", type=float, default=None,
                      help="default share of slots for exploration of rarely shown items by Thompson sampling, "
                           "in [0, 1] (default 0: off; needs --events for the counts to survive a restart)")
+    srv.add_argument("--profiles", action="store_true",
+                     help="keep user profiles (decayed interest tags, preference vectors), built from --events at "
+                          "start: GET /users/{key}/profile and \"explain\": true in /recommend")
     srv.set_defaults(handler=_serve)
     rb = sub.add_parser("rollback", help="point a model home's CURRENT back at the version promoted before",
                         description="Model homes (folders of bundles with a CURRENT pointer, which Engine.load and "

@@ -69,6 +69,7 @@ class Recommendation:
     _items: np.ndarray | None = field(default=None, repr=False)
     request_id: str | None = None
     explored: np.ndarray | None = None      # bool [k]: the slots exploration filled (recommend(explore=...))
+    explanations: list | None = None        # per item: [(profile tag, contribution)] (recommend(explain=True))
 
     @property
     def items(self) -> np.ndarray:
@@ -384,6 +385,11 @@ class Engine:
         Default share of slots (0: off) given to items shown fewer than ``explore_max_impressions`` times,
         chosen by Thompson sampling on their logged impressions and clicks (:class:`~rec_engine.longtail.
         ThompsonExplorer`, filled from the event store at load and updated by every impression and click).
+    profiles : bool, ProfileConfig or mapping, optional
+        Keep user profiles (:mod:`rec_engine.profiles`: decayed interest tags, preference vectors, counters),
+        built from the event store at load and on every swap, updated by every observed event:
+        :meth:`profile`, ``recommend(..., explain=True)``. True: the default :class:`~rec_engine.profiles.
+        ProfileConfig`; a mapping: its fields (``half_life_days``, ``min_events``, ``ttl_s``, ...).
     ort_threads : int
         ONNX Runtime intra-op threads per session (1 suits a server that runs requests in parallel).
     num_threads : int, optional
@@ -419,7 +425,7 @@ class Engine:
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
                  candidate=None, candidate_fraction: float = 0.0, clock=None, content_encoder=None,
                  hybrid_max_events: int = 5, diversity: float = 0.0, debias: float = 0.0, explore: float = 0.0,
-                 explore_max_impressions: int = 100, seed: int | None = None):
+                 explore_max_impressions: int = 100, seed: int | None = None, profiles=None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
@@ -430,6 +436,19 @@ class Engine:
                 or explore_max_impressions < 1:
             raise ValueError(f"explore_max_impressions must be an integer >= 1, got {explore_max_impressions!r}")
         self.explore_max_impressions = explore_max_impressions
+        from .profiles import ProfileConfig
+
+        if profiles is None or profiles is False:
+            self._profile_config = None
+        elif profiles is True:
+            self._profile_config = ProfileConfig()
+        elif isinstance(profiles, ProfileConfig):
+            self._profile_config = profiles
+        elif isinstance(profiles, Mapping):
+            self._profile_config = ProfileConfig(**profiles)
+        else:
+            raise TypeError(f"profiles must be True, a ProfileConfig or a mapping of its fields, got "
+                            f"{type(profiles).__name__}")
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
         self._explore_lock = threading.Lock()
@@ -480,6 +499,9 @@ class Engine:
             for ver in (self._version, self._candidate):
                 if ver is not None:
                     self._apply_catalogue(ver)
+        for ver in (self._version, self._candidate):
+            if ver is not None:
+                self._attach_profiles(ver)
 
     def _load_version(self, path) -> _Version:
         v = _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
@@ -487,7 +509,50 @@ class Engine:
                      ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
         if getattr(self, "catalogue", None) is not None:
             self._apply_catalogue(v)
+        if getattr(self, "online", None) is not None:      # a swap / candidate (at start: after the store opens)
+            self._attach_profiles(v)
         return v
+
+    def _added_features(self, v: _Version, start: int) -> dict:
+        """``{id: features}`` of the items added online that ``v`` holds at ids ``>= start``."""
+        added = self.catalogue.added if self.catalogue is not None else {}
+        if not added:
+            return {}
+        keys = list(added)
+        ids = _lookup_ids(v.item_keys, keys)
+        return {int(i): added[k].get("features") for k, i in zip(keys, ids.tolist()) if i >= start}
+
+    def _attach_profiles(self, v: _Version) -> None:
+        """``v.profiles``: the users' profiles over ``v``'s items, built from the event store."""
+        v.profiles = None
+        if self._profile_config is None:
+            return
+        from .profile_serving import ServingProfiles
+
+        v.profiles = ServingProfiles(v, self.events, self._profile_config, self._clock,
+                                     added=self._added_features(v, 0))
+
+    def _refresh_profiles(self) -> None:
+        """After add_items: the profiles' item table rebuilt in the background for the new items."""
+        for ver in (self._version, self._candidate):
+            sp = getattr(ver, "profiles", None) if ver is not None else None
+            if sp is not None:
+                n0 = sp.items.n_items
+                threading.Thread(target=sp.refresh_items, args=(self._added_features(ver, n0),),
+                                 name="rec-engine-profile-items", daemon=True).start()
+
+    def profile(self, user, top: int = 10) -> dict | None:
+        """``user``'s profile (engine option ``profiles``): ``tags`` (the ``top`` interest tags with their decayed
+        affinities, best first), ``vectors`` (the decayed mean of the content and collaborative vectors of
+        what the user touched), ``counts`` (events per kind), ``first_ts`` / ``last_ts``, ``n_positive``; None
+        for a user with fewer than the profile's ``min_events`` events. See :mod:`rec_engine.profiles`."""
+        v = self._version_for(user)
+        sp = getattr(v, "profiles", None)
+        if sp is None:
+            raise RecEngineError("this engine keeps no profiles: Engine.load(..., profiles=True)")
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"top must be an integer >= 0, got {top!r}")
+        return sp.profile(self._check_user(v, user), top=top)
 
     def _apply_catalogue(self, v: _Version) -> None:
         """The engine's catalogue applied to version ``v`` (at load, swap, restart): added items ``v`` does
@@ -625,7 +690,7 @@ class Engine:
     def recommend(self, user, k: int = 10, *, exclude_seen: bool = True, exclude=None, candidates=None,
                   context: Mapping[str, Any] | None = None, n_candidates: int | None = None,
                   diversity: float | None = None, debias: float | None = None,
-                  explore: float | None = None) -> Recommendation:
+                  explore: float | None = None, explain: bool = False) -> Recommendation:
         """Top ``k`` items for ``user``: retrieval of ``n_candidates`` items by top-k (or the given
         ``candidates``), then ranking by the CTR model when the bundle has one.
 
@@ -655,10 +720,20 @@ class Engine:
             Share of the ``k`` slots (default: the engine's setting; 0: off) for items with few impressions,
             chosen by Thompson sampling (:class:`~rec_engine.longtail.ThompsonExplorer`) among the retrieved
             candidates and the items added online; ``rec.explored`` marks those slots.
+        explain : bool
+            ``rec.explanations``: for each item, the user's profile tags that matched it with their
+            contributions, highest first (engine option ``profiles``; [] for an item no tag of the user's
+            profile matched, or a user without a profile).
         """
         v = self._version_for(user)
-        rec = self._recommend(v, self._check_user(v, user), k, exclude_seen, exclude, candidates, context,
+        user = self._check_user(v, user)
+        rec = self._recommend(v, user, k, exclude_seen, exclude, candidates, context,
                               n_candidates, self._tail_options(diversity, debias, explore))
+        if explain:
+            sp = getattr(v, "profiles", None)
+            if sp is None:
+                raise RecEngineError("explain=True needs profiles: Engine.load(..., profiles=True)")
+            rec.explanations = sp.explain(user, rec.ids)
         self._log_impressions([rec], context)
         return rec
 
@@ -1027,6 +1102,11 @@ class Engine:
         keys = items.tolist() if isinstance(items, np.ndarray) else list(items)
         self.online.observe(user, keys, kind=kind, request_id=request_id, value=value, attrs=attrs,
                             ts=self._clock() if ts is None else ts)
+        now = self._clock() if ts is None else ts
+        for ver in (v, self._candidate):
+            sp = getattr(ver, "profiles", None) if ver is not None else None
+            if sp is not None:
+                sp.observe(user, ids if ver is v else _lookup_ids(ver.item_keys, keys), kind, now, value)
         if kind in ("click", "conversion"):
             for ver in (v, self._candidate):
                 ex = getattr(ver, "explorer", None)
@@ -1126,6 +1206,7 @@ class Engine:
                 "vector": None if vecs is None else vecs[j].tolist(),
                 **({"content": content[j].tolist(), "text": text[j]} if content is not None else {}),
                 **({"features": dict(feats[j])} if feats[j] else {})}) for j, k in enumerate(keys)])
+        self._refresh_profiles()
         return ids
 
     def item_keywords(self, item) -> list[str]:

@@ -53,7 +53,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal, Optional, Union
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 import numpy as np
@@ -87,6 +87,7 @@ class RecommendRequest(BaseModel):
     diversity: Optional[float] = Field(default=None, ge=0, le=1)
     debias: Optional[float] = Field(default=None, ge=0, le=1)
     explore: Optional[float] = Field(default=None, ge=0, le=1)
+    explain: bool = False
 
     @field_validator("context")
     @classmethod
@@ -477,6 +478,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     def recommend(req: RecommendRequest):
         try:
             tail = {k: getattr(req, k) for k in ("diversity", "debias", "explore") if getattr(req, k) is not None}
+            if req.explain:
+                tail["explain"] = True
             if coalescer is not None and req.candidates is None and not req.exclude and not tail:
                 rec = coalescer.recommend(req.user, req.k, exclude_seen=req.exclude_seen,
                                           n_candidates=req.n_candidates, context=req.context)
@@ -498,7 +501,26 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             out["ids"] = rec.ids[keep].tolist()
         if rec.explored is not None:
             out["explored"] = np.flatnonzero(rec.explored[keep]).tolist()
+        if rec.explanations is not None:
+            out["explanations"] = [[[t, c] for t, c in ex] for ex, k_ in zip(rec.explanations, keep) if k_]
         return out
+
+    @app.get("/users/{key}/profile")
+    def user_profile(key: str, top: int = Query(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)):
+        """The user's profile (the engine's ``profiles`` option): interest tags, preference vectors, counters."""
+        user: Any = key
+        if engine._version.user_keys.kind != "str":           # integer keys: the path's text must be one
+            try:
+                user = int(key)
+            except ValueError:
+                raise HTTPException(400, detail=f"TypeError: user keys are integers, got {key!r}") from None
+        try:
+            got = engine.profile(user, top=top)
+        except ENGINE_ERRORS as e:
+            raise _bad(e) from None
+        if got is None:
+            raise HTTPException(404, detail=f"no profile for user {key!r} (fewer events than the profile minimum)")
+        return got
 
     @app.post("/observe")
     def observe(req: ObserveRequest):
