@@ -37,7 +37,8 @@ def _onnx_dense(dense, n_fields: int, dim: int) -> bytes:
 def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", metrics: Mapping | None = None,
                entity_features: Mapping[str, Mapping[str, Sequence]] | None = None, overwrite: bool = False,
                keys: Mapping | None = None, training: Mapping | None = None, content=None,
-               content_info: Mapping | None = None) -> Path:
+               content_info: Mapping | None = None, pair_fields: Sequence[str] | None = None,
+               profile_config: Mapping | None = None, content_vectors=None, item_labels=None) -> Path:
     """Write ``model`` (a :class:`~rec_engine_train.models.ctr.CtrModel`) as a bundle at ``path``.
 
     Parameters
@@ -99,6 +100,16 @@ def export_ctr(model, path: str | os.PathLike, *, table_dtype: str = "float32", 
             raise ValueError(f"a content projection needs the item fields {missing} in the item feature store")
         arrays.update(content.to_arrays())
         meta["content"] = {"fields": content.names, **dict(content_info or {})}
+    if pair_fields:         # numeric context fields given per candidate at serving (profile features)
+        meta["pair_fields"] = list(pair_fields)
+        if profile_config:
+            meta["profile_config"] = dict(profile_config)
+        if content_vectors is not None:      # what the content cosine reads when no retrieval stage has them
+            arrays["content_vectors"] = np.ascontiguousarray(content_vectors, np.float32)
+        if item_labels is not None and any(item_labels):
+            from .content_map import string_lists_arrays
+
+            arrays.update(string_lists_arrays("item_labels", item_labels))
     extra = {} if keys is None else {"keys": keys}
     return write_bundle(path, kind=model.kind, meta=meta, tables=tables, arrays=arrays, onnx={"dense": dense_bytes},
                         table_dtype=table_dtype, overwrite=overwrite, **extra)

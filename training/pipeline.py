@@ -146,7 +146,7 @@ def load_data(source: str, family: str, *, seed: int = 0, synthetic: dict | None
     return load()
 
 
-_CTR_OPTIONS = ("like", "cold", "test", "valid", "content_dim")
+_CTR_OPTIONS = ("like", "cold", "test", "valid", "content_dim", "profiles")
 
 
 def _ratings_ctr(table: Path, seed: int, options: dict | None, item_content):
@@ -163,7 +163,8 @@ def _ratings_ctr(table: Path, seed: int, options: dict | None, item_content):
                          f"(known: user, item, time, weight, sep, {', '.join(_CTR_OPTIONS)})")
     inter = loaders.load_interactions(table, **cols)
     try:
-        kw = {k: (int(v) if k == "content_dim" else float(v)) for k, v in ctr_opts.items()}
+        kw = {k: (int(v) if k == "content_dim" else str(v).lower() in ("1", "true", "yes") if k == "profiles"
+                  else float(v)) for k, v in ctr_opts.items()}
     except ValueError as e:
         raise ValueError(f"data option: {e}") from None
     content = item_content((inter.keys or {}).get("item"), inter.n_items) if item_content is not None else None
@@ -280,7 +281,9 @@ def export(result: Result, data, out: str | Path, *, table_dtype: str = "float32
         extra = getattr(data, "extra", {})
         return export_ctr(result.model, out, table_dtype=table_dtype, metrics=metrics, overwrite=overwrite,
                           training=training, entity_features=extra.get("entity_features"), keys=keys,
-                          content=extra.get("content_projection"), content_info=extra.get("content_info"))
+                          content=extra.get("content_projection"), content_info=extra.get("content_info"),
+                          pair_fields=extra.get("pair_fields"), profile_config=extra.get("profile_config"),
+                          content_vectors=extra.get("content_vectors"), item_labels=extra.get("item_labels"))
     if fam == "sequential":
         from .export_sasrec import export_sasrec
 

@@ -186,18 +186,21 @@ class _Version:
         # the retrieval model's item space ([c + 1, d], the last row a bias), when training stored them
         self.content_vectors = self.content_map = None
         self.content_meta: dict = {}
-        if rb is not None and rb.has("arrays/content_vectors.npy"):
-            cv = np.asarray(rb.array("content_vectors", mmap=True), np.float32)
+        cb = rb if rb is not None and rb.has("arrays/content_vectors.npy") else (
+            kb if kb is not None and kb.has("arrays/content_vectors.npy") else None)   # a ranking stage's own
+        if cb is not None:
+            cv = np.asarray(cb.array("content_vectors", mmap=True), np.float32)
             norms = np.linalg.norm(cv, axis=1, keepdims=True)
             self.content_vectors = np.ascontiguousarray(cv / np.where(norms > 0, norms, 1.0), np.float32)
             if len(self.content_vectors) != self.n_items:
                 raise BundleError(f"bundle {path}: {len(self.content_vectors)} content vectors for {self.n_items} items")
-            self.content_meta = dict(rb.meta.get("content") or {})
-            if rb.has("arrays/content_map.npy"):
-                self.content_map = np.ascontiguousarray(rb.array("content_map"), np.float32)
+            self.content_meta = dict(cb.meta.get("content") or {})
+            if cb.has("arrays/content_map.npy"):
+                self.content_map = np.ascontiguousarray(cb.array("content_map"), np.float32)
         # (utf8 blob, offsets) of the items' keyphrases and of their labels (genres, tags), when training stored them
         self.keywords = _string_lists(rb, "item_keywords", self.n_items or 0)
-        self.labels = _string_lists(rb, "item_labels", self.n_items or 0)
+        self.labels = _string_lists(rb, "item_labels", self.n_items or 0) or _string_lists(
+            kb, "item_labels", self.n_items or 0)
         self.sentiment = None      # float32 [n_items], NaN: no reviews (items option reviews_file)
         if rb is not None and rb.has("arrays/item_sentiment.npy"):
             self.sentiment = rb.array("item_sentiment")
@@ -449,6 +452,7 @@ class Engine:
         else:
             raise TypeError(f"profiles must be True, a ProfileConfig or a mapping of its fields, got "
                             f"{type(profiles).__name__}")
+        self._profile_default = profiles is True
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
         self._explore_lock = threading.Lock()
@@ -529,8 +533,14 @@ class Engine:
             return
         from .profile_serving import ServingProfiles
 
-        v.profiles = ServingProfiles(v, self.events, self._profile_config, self._clock,
-                                     added=self._added_features(v, 0))
+        config = self._profile_config
+        trained = (v.ranking.bundle.meta.get("profile_config") if v.ranking is not None else None) or {}
+        if trained and self._profile_default:      # the settings the ranking model's profile features had
+            from .profiles import ProfileConfig
+
+            config = ProfileConfig(**{k: trained[k] for k in ("half_life_days", "min_events", "kind_weights")
+                                      if k in trained})
+        v.profiles = ServingProfiles(v, self.events, config, self._clock, added=self._added_features(v, 0))
 
     def _refresh_profiles(self) -> None:
         """After add_items: the profiles' item table rebuilt in the background for the new items."""
@@ -737,6 +747,20 @@ class Engine:
         self._log_impressions([rec], context)
         return rec
 
+    @staticmethod
+    def _pair(v: "_Version", user, ids: np.ndarray) -> dict | None:
+        """The ranking model's per-candidate profile features (pair fields ``profile_<feature>``, see
+        :data:`rec_engine.profiles.FEATURE_NAMES`) of ``user``: the same affinity_features that training
+        computed as of each example's time (zeros without a profile)."""
+        r = v.ranking
+        if r is None or not r.pair_fields:
+            return None
+        from .profiles import FEATURE_NAMES
+
+        sp = getattr(v, "profiles", None)
+        feats = sp.features(user, ids) if sp is not None else np.zeros((len(ids), len(FEATURE_NAMES)), np.float32)
+        return {f"profile_{n}": feats[:, j] for j, n in enumerate(FEATURE_NAMES) if f"profile_{n}" in r.pair_fields}
+
     def _tail_options(self, diversity, debias, explore) -> tuple[float, float, float]:
         return (self.diversity if diversity is None else _unit(diversity, "diversity"),
                 self.debias if debias is None else _unit(debias, "debias"),
@@ -886,7 +910,8 @@ class Engine:
         else:
             contexts = [context] * len(checked)
         self._check_k(k)
-        if candidates is not None or v.retrieval is None or any(tail):   # re-ranked / explored: user by user
+        if candidates is not None or v.retrieval is None or any(tail) or (
+                v.ranking is not None and v.ranking.pair_fields):   # re-ranked / explored / pair fields: one by one
             return [self._recommend(v, u, k, exclude_seen, exclude, candidates, c, n_candidates, tail)
                     for u, c in zip(checked, contexts)]
         if not checked:
@@ -1000,7 +1025,7 @@ class Engine:
         if v.ranking is not None:
             t1 = time.perf_counter()
             ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else state.uid
-            probs = v.ranking.score_candidates(ruid, ids, context)
+            probs = v.ranking.score_candidates(ruid, ids, context, self._pair(v, user, ids))
             order = np.lexsort((ids, -probs))
             ids, scores = ids[order if long_tail else order[:k]], probs[order if long_tail else order[:k]]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
@@ -1012,7 +1037,7 @@ class Engine:
             more = None
             if v.ranking is not None:
                 def more(extra, _u=ruid, _c=context):
-                    return v.ranking.score_candidates(_u, extra, _c)
+                    return v.ranking.score_candidates(_u, extra, _c, self._pair(v, user, extra))
             ids, scores, explored = self._long_tail(v, ids, scores, k, seen, tail, more)
             timings["rerank_ms"] = (time.perf_counter() - t2) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3

@@ -53,8 +53,8 @@ def _field_tags(v, ids: range) -> list[list[str]] | None:
             lo, hi = int(batch.offsets[i * F + j]), int(batch.offsets[i * F + j + 1])
             for row in np.asarray(batch.indices[lo:hi]).tolist():
                 local = row - base
-                if 0 <= local < len(field.vocab):
-                    tags.append(f"{name}={field.vocab[local]}")
+                if 0 <= local < len(field.vocab):   # "labels" (an items file's genres and tags) as they are
+                    tags.append(field.vocab[local] if name == "labels" else f"{name}={field.vocab[local]}")
         out.append(list(dict.fromkeys(tags)))
     return out
 
@@ -146,7 +146,15 @@ class ServingProfiles:
         return [[(t, float(c)) for t, c in got.get(i, [])] for i in np.asarray(ids).tolist()]
 
     def features(self, user, ids: np.ndarray) -> np.ndarray:
-        return self.profiles.features(user, np.asarray(ids, np.int64))
+        """float32 [n, 3] affinity features (zeros for items the item table does not hold yet)."""
+        ids = np.asarray(ids, np.int64)
+        ok = (ids >= 0) & (ids < self.items.n_items)
+        if ok.all():
+            return self.profiles.features(user, ids)
+        out = np.zeros((len(ids), 3), np.float32)
+        if ok.any():
+            out[ok] = self.profiles.features(user, ids[ok])
+        return out
 
     def memory(self) -> dict[str, Any]:
         return self.profiles.memory()

@@ -138,6 +138,17 @@ class CtrRanker:
         # content fields (a model trained with an items file): the projection of text vectors they come from
         from .content import ContentProjection
 
+        # pair fields: numeric features of the (user, candidate) pair (meta "pair_fields", e.g. the profile
+        # affinities of rec_engine.profiles), given per candidate at scoring time (score_candidates(pair=...))
+        self.pair_fields = [n for n in meta.get("pair_fields", ()) if n in self._names_set()]
+        self._pair_rows = {}
+        for name in self.pair_fields:
+            fi = names.index(name)
+            if self.schema.fields[fi].kind != "numeric" or name not in self.context_fields:
+                raise BundleError(f"bundle {bundle.path}: pair field {name!r} must be a numeric context field")
+            e1, l1 = self.runner.pool_arrays(np.array([self.schema.field_offsets[fi]], np.int64),
+                                             np.array([0, 1], np.int64), np.ones(1, np.float32))
+            self._pair_rows[name] = (fi, self.schema.fields[fi], e1[0].copy(), float(l1[0, 0]))
         self.content = ContentProjection.from_bundle(bundle)
         if self.content is not None and not set(self.content.names) <= set(self.item_fields):
             raise BundleError(f"bundle {bundle.path}: a content projection but no item fields "
@@ -249,9 +260,38 @@ class CtrRanker:
         """Click probabilities of examples given as ``{field: value}`` dicts (missing fields are empty)."""
         return self(self.schema.encode_rows(rows))
 
-    def score_candidates(self, user: int, candidates: np.ndarray, context: Mapping[str, Any] | None = None
-                         ) -> np.ndarray:
-        """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``."""
+    def _names_set(self) -> set:
+        return set(self.schema.names)
+
+    def pair_inputs(self, pair: Mapping[str, np.ndarray] | None, n: int) -> dict:
+        """Checked per-candidate values of the pair fields (missing ones: NaN, a missing value)."""
+        out = {}
+        pair = pair or {}
+        unknown = set(pair) - set(self.pair_fields)
+        if unknown:
+            raise ValueError(f"pair features the ranking model does not know: {sorted(unknown)}")
+        for name in self.pair_fields:
+            x = pair.get(name)
+            x = np.full(n, np.nan) if x is None else np.asarray(x, np.float64).reshape(-1)
+            if len(x) != n:
+                raise ValueError(f"pair feature {name!r} has {len(x)} values for {n} candidates")
+            out[name] = x
+        return out
+
+    def _put_pairs(self, emb: np.ndarray, lin: np.ndarray, pair: dict) -> None:
+        """Write the pair fields' columns: the field's row scaled by the standardized value (0: missing)."""
+        for name, x in pair.items():
+            fi, field, row, lrow = self._pair_rows[name]
+            if field.transform == "log1p":
+                x = np.sign(x) * np.log1p(np.abs(x))
+            z = np.where(np.isfinite(x), (x - field.mean) / field.std, 0.0).astype(np.float32)
+            emb[:, fi, :] = z[:, None] * row
+            lin[:, fi] = z * lrow
+
+    def score_candidates(self, user: int, candidates: np.ndarray, context: Mapping[str, Any] | None = None,
+                         pair: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``; ``pair``: the
+        values of the model's pair fields per candidate (``{name: [N]}``; a field not given is missing)."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         part = self._parts(user, context)
@@ -259,6 +299,7 @@ class CtrRanker:
         N, F, d = len(cands), self.n_fields, self.dim
         if N == 0:
             return np.zeros(0, np.float32)
+        pairs = self.pair_inputs(pair, N) if self.pair_fields else None
         if N <= 32:
             c = cands.ravel().tolist()
             bad = min(c) < 0 or max(c) >= self.items.n
@@ -267,7 +308,7 @@ class CtrRanker:
         if bad:
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
         users, parts, lengths = (user,), (part,), (N,)
-        if self._rows_apply(parts):
+        if pairs is None and self._rows_apply(parts):
             # every bag holds one row of weight 1: the [N, F] row matrix, then one lookup per table that
             # writes emb and lin in the model's layout (no scatter)
             if N == 1 and self._order is not None:   # user, item and context fields in one of the 6 orders
@@ -287,6 +328,8 @@ class CtrRanker:
         else:
             emb, lin, run = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32), None
         self._fill_pooled(emb, lin, users, cands, lengths, parts)
+        if pairs is not None:
+            self._put_pairs(emb, lin, pairs)
         return run() if run is not None else self._sigmoid(self._logits(emb, lin))
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):

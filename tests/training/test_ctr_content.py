@@ -92,3 +92,63 @@ def test_ranker_builds_an_added_items_fields_as_training_built_them(tmp_path):
     # scores: each added twin scores like the item itself
     s = ranker.score_candidates(3, np.array(probe + [n + j for j in range(len(probe))]))
     assert np.allclose(s[:len(probe)], s[len(probe):], rtol=1e-5)
+
+
+def test_profile_features_are_computed_alike_at_training_and_serving_time(tmp_path):
+    """Training computes each example's profile features as of its time (asof_features over the ratings);
+    the engine computes them from the events it observed; the ranker scores a candidate with them exactly as
+    the model scores the encoded example."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.engine import Engine
+    from rec_engine.profiles import ItemInfo, ProfileConfig, asof_features
+    from rec_engine_train import defaults, pipeline
+    from rec_engine_train.data.ratings_ctr import ratings_ctr
+
+    inter, content = _world(seed=3)
+    data = ratings_ctr(inter, content=content, content_dim=4, seed=0, profiles=True)
+    assert {"profile_tag_overlap", "profile_content_cosine"} <= set(data.schema.names)
+    cfg = defaults.resolve_config("deepfm", data, {"epochs": 1}, {}, seed=0, num_threads=1, progress=False)
+    result = pipeline.train("deepfm", data, cfg, log=lambda s: None)
+    path = pipeline.export(result, data, tmp_path / "dfm")
+    assert open_bundle(path).meta["pair_fields"] == ["profile_tag_overlap", "profile_content_cosine"]
+
+    class Clock:
+        t = 5e8
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    rng = np.random.default_rng(0)
+    user = "u7"
+    evs = []
+    with Engine.load(path, num_threads=1, events=tmp_path / "ev.db", clock=clock, profiles=True) as e:
+        for j in range(12):
+            clock.t += float(rng.uniform(1000, 200000))
+            item = int(rng.integers(0, inter.n_items))
+            value = float(rng.integers(1, 6))
+            e.observe(user, [f"m{item}"], kind="rating", value=value)
+            evs.append((item, clock.t, value))
+        clock.t += 10.0
+        cands = [f"m{i}" for i in range(inter.n_items)]
+        rec = e.recommend(user, k=inter.n_items, candidates=cands, exclude_seen=False)
+        got = dict(zip(rec.items.tolist(), rec.scores.tolist()))
+        # training's computation of the same examples' features: the same events, examples at "now"
+        info = ItemInfo.from_tag_lists(content.labels, {"content": content.vectors})
+        items = np.array([i for i, _, _ in evs])
+        feats = asof_features((np.zeros(len(evs), np.int64), items, np.full(len(evs), "rating", object),
+                               np.array([t for _, t, _ in evs]), np.array([v for _, _, v in evs])),
+                              (np.zeros(inter.n_items, np.int64), np.arange(inter.n_items),
+                               np.full(inter.n_items, clock.t)), info, ProfileConfig())
+        served = e._version.profiles.features(user, np.arange(inter.n_items))
+        np.testing.assert_allclose(served[:, :2], feats[:, :2], rtol=1e-5, atol=1e-6)
+        assert np.abs(feats[:, 0]).max() > 0 and np.abs(feats[:, 1]).max() > 0
+        # the ranker's score of each candidate equals the model's score of the fully encoded example
+        r = e._version.ranking
+        uid = 7
+        ent = data.extra["entity_features"]["item"]
+        rows = [{"user_id": uid, **{k: (v[i] if not isinstance(v, np.ndarray) else v[i].item()) for k, v in ent.items()},
+                 "profile_tag_overlap": float(feats[i, 0]), "profile_content_cosine": float(feats[i, 1])}
+                for i in range(inter.n_items)]
+        want = r.score_rows(rows)
+        np.testing.assert_allclose([got[f"m{i}"] for i in range(inter.n_items)], want, rtol=1e-4, atol=1e-6)

@@ -24,10 +24,18 @@ FIELDS = {"user_id": "categorical", "item_id": "categorical", "labels": "multi"}
 
 
 def ratings_ctr(inter, *, like: float = 4.0, content=None, content_dim: int = 8, cold: float = 0.1,
-                test: float = 0.2, valid: float = 0.1, seed: int = 0, name: str = "ratings-ctr") -> CtrData:
+                test: float = 0.2, valid: float = 0.1, seed: int = 0, name: str = "ratings-ctr",
+                profiles=None) -> CtrData:
     """CTR data from ``inter`` (:class:`~rec_engine_train.data.loaders.RatedInteractions` with ratings and
     timestamps); ``content``: the items' :class:`~rec_engine_train.content_map.ItemContent` (its ``labels`` become
-    the ``labels`` field, its vectors the content fields, projected on ``content_dim`` axes)."""
+    the ``labels`` field, its vectors the content fields, projected on ``content_dim`` axes).
+
+    ``profiles`` (True or a :class:`rec_engine.profiles.ProfileConfig`; needs ``content``): the user-item
+    affinities of the user's profile as pair fields ``profile_tag_overlap`` (the item's labels against the
+    user's decayed tag affinities) and ``profile_content_cosine`` (its text vector against the user's decayed
+    mean text vector), each example's computed by :func:`rec_engine.profiles.asof_features` from the ratings
+    before its time (every rating is a ``rating`` event with its value), as the engine computes them at
+    serving time from the events it has observed."""
     if getattr(inter, "ratings", None) is None:
         raise ValueError("CTR examples from interactions need ratings (a rating column) for the labels")
     if not (0 <= cold < 1 and 0 < test < 1 and 0 < valid < 1 and test + valid < 1):
@@ -73,8 +81,29 @@ def ratings_ctr(inter, *, like: float = 4.0, content=None, content_dim: int = 8,
             out[k] = v[it] if isinstance(v, np.ndarray) else [v[i] for i in it.tolist()]
         return out
 
-    schema = Schema.fit(cols(parts["train"]), kinds, hash_buckets=1)
-    enc = {k: schema.encode(cols(r), labels[r]) for k, r in parts.items()}
+    pair = {}
+    if profiles:
+        if content is None:
+            raise ValueError("profile features need the items' content (labels and text vectors)")
+        from rec_engine.profiles import FEATURE_NAMES, ItemInfo, ProfileConfig, asof_features
+
+        config = profiles if isinstance(profiles, ProfileConfig) else ProfileConfig()
+        info = ItemInfo.from_tag_lists(content.labels or [[] for _ in range(n_items)], {"content": content.vectors})
+        kinds_ev = np.full(n, "rating", dtype=object)
+        feats = asof_features((inter.users, inter.items, kinds_ev, ts.astype(np.float64),
+                               np.asarray(inter.ratings, np.float64)),
+                              (inter.users, inter.items, ts.astype(np.float64)), info, config)
+        for j, fname in enumerate(FEATURE_NAMES[:2]):
+            pair[f"profile_{fname}"] = feats[:, j].astype(np.float64)
+            kinds[f"profile_{fname}"] = "numeric"
+
+    def cols_with_pairs(rows):
+        out = cols(rows)
+        out.update({k: v[rows] for k, v in pair.items()})
+        return out
+
+    schema = Schema.fit(cols_with_pairs(parts["train"]), kinds, hash_buckets=1)
+    enc = {k: schema.encode(cols_with_pairs(r), labels[r]) for k, r in parts.items()}
     extra = {f"rows_{k}": {"users": inter.users[r], "items": inter.items[r], "ts": ts[r]} for k, r in parts.items()}
     extra["test_cold"] = is_cold[inter.items[parts["test"]]]
     extra["cold_items"] = np.flatnonzero(is_cold)
@@ -83,5 +112,11 @@ def ratings_ctr(inter, *, like: float = 4.0, content=None, content_dim: int = 8,
         extra["content_info"] = dict(content.info)
     if projection is not None:
         extra["content_projection"] = projection
+    if pair:
+        extra["pair_fields"] = list(pair)
+        extra["content_vectors"] = content.vectors      # serving's profiles read the same vectors and labels
+        extra["item_labels"] = content.labels
+        extra["profile_config"] = {"half_life_days": config.half_life_days, "min_events": config.min_events,
+                                   "kind_weights": dict(config.kind_weights)}
     return CtrData(schema=schema, train=enc["train"], valid=enc["valid"], test=enc["test"], name=name, extra=extra,
                    keys=inter.keys)
