@@ -107,6 +107,32 @@ def test_users_with_few_events_get_content_fused_with_collaborative(content_a, t
         np.testing.assert_array_equal(e.recommend(3, k=10, context=CTX).ids, plain.recommend(3, k=10, context=CTX).ids)
 
 
+def test_with_profiles_the_content_half_follows_the_decayed_profile_vector(content_a, tmp_path):
+    """With profiles, a user with few events is retrieved by its profile's preference vector: the decayed,
+    event-weighted mean of its items' text vectors (a conversion weighs 3 clicks), not their plain mean."""
+    path, cv, _ = content_a
+    with Engine.load(path, num_threads=1, hybrid_max_events=3, events=tmp_path / "ev.db",
+                     profiles={"min_events": 1}) as e:
+        user = 10**6
+        e.observe(user, [4], kind="click")
+        e.observe(user, [9], kind="conversion")
+        v = e._version
+        st = v.user_state(user, e.online)
+        seen = v.retrieval.seen(st)
+        prof = (cv[4] / np.linalg.norm(cv[4]) * 1.0 + cv[9] / np.linalg.norm(cv[9]) * 3.0) / 4.0
+        got = np.asarray(v.profiles.profiles.get(user).vectors["content"])
+        np.testing.assert_allclose(got, prof, rtol=1e-4, atol=1e-6)
+        n = 50
+        content_ids = _top(cv @ (prof / np.linalg.norm(prof)), n, drop=seen.tolist())
+        collab = v.retrieval.retrieve(st, n, exclude=seen)
+        fused: dict = {}
+        for ranked in (content_ids, collab.ids.tolist()):
+            for r, i in enumerate(ranked):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (60 + r + 1)
+        want = sorted(fused, key=lambda i: (-fused[i], i))[:n]
+        assert e._hybrid(v, st, n, seen, collab).ids.tolist() == want
+
+
 class _StubEncoder:
     """Stands in for the ONNX encoder: a fixed unit vector per text (tests of the encoder are test_content.py)."""
 

@@ -1050,8 +1050,10 @@ class Engine:
 
     def _hybrid(self, v: _Version, state, n: int, exclude, res: TopK | None) -> TopK | None:
         """Retrieval for a user with few events (see ``hybrid_max_events``): the ``n`` items nearest to the
-        mean text vector of its items, fused with the collaborative answer ``res`` by reciprocal rank (the
-        content half alone when ``res`` is None). Other users: ``res`` unchanged."""
+        user's profile vector (the engine's ``profiles``: the decayed, event-weighted mean text vector of what
+        it touched; without profiles the plain mean text vector of its items), fused with the collaborative
+        answer ``res`` by reciprocal rank (the content half alone when ``res`` is None). Other users: ``res``
+        unchanged."""
         cv = v.content_vectors
         if cv is None or not self.hybrid_max_events:
             return res
@@ -1059,7 +1061,12 @@ class Engine:
         if not 0 < len(events) <= self.hybrid_max_events:
             return res
         events = events[events < len(cv)]
-        profile = cv[events].sum(axis=0)
+        sp = getattr(v, "profiles", None)
+        st = sp.profiles.get(state.key) if sp is not None and "content" in sp.items.spaces else None
+        if st is not None and st.vectors.get("content") is not None and np.any(st.vectors["content"]):
+            profile = np.asarray(st.vectors["content"], np.float64)     # the profile's preference vector
+        else:
+            profile = cv[events].sum(axis=0)
         norm = float(np.linalg.norm(profile))
         if not len(events) or norm == 0.0:
             return res
