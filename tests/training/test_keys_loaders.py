@@ -349,8 +349,14 @@ def test_csv_as_data_source_for_graph_and_sequential_models(tmp_path):
     assert isinstance(seq, SequenceData) and seq.n_users == 30 and (seq.test >= 0).all()
     with pytest.raises(ValueError, match="unknown data option"):
         pipeline.load_data(str(path), "graph", data_options={"colour": "red"})
-    with pytest.raises(ValueError, match="not ctr data|ctr"):
-        pipeline.load_data(str(path), "ctr", data_options=opts)
+    # ranking models read the same table as examples (label: at least 4 stars; a seeded 10% of items held out)
+    ctr = pipeline.load_data(str(path), "ctr", data_options=opts)
+    n_rows = len(lines) - 1
+    assert len(ctr.train) + len(ctr.valid) + len(ctr.test) == n_rows
+    want = sorted(1.0 if 1 + k % 5 >= 4 else 0.0 for u in range(30) for k in range(6))
+    assert sorted(np.concatenate([ctr.train.labels, ctr.valid.labels, ctr.test.labels]).tolist()) == want
+    with pytest.raises(ValueError, match="unknown data options"):
+        pipeline.load_data(str(path), "ctr", data_options={**opts, "colour": "red"})
     direct = load_interaction_data(path, "graph", options={**opts, "split": "random", "test": "0.5"})
     assert len(direct.test) == 90
 
