@@ -163,6 +163,20 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shuffle-labels", action="store_true",
                    help="the update trains a broken ranking model (shuffled labels): watch the gate refuse it")
+    s.add_argument("--new-items-per-day", type=int, default=None,
+                   help="items that arrive each simulated day (held out of version 1, added while serving with "
+                        "engine.add_items); default 0, or 10 with --compare-explore")
+    s.add_argument("--new-item-vector", choices=("category", "global"), default="category",
+                   help="a new item's retrieval vector: the mean of the trained items of its category (a "
+                        "content-like guess) or of all trained items (nothing known about it)")
+    s.add_argument("--explore", type=float, default=None,
+                   help="share of slots given to little-shown items by Thompson sampling (default 0: off; 0.1 with "
+                        "--compare-explore)")
+    s.add_argument("--explore-max-impressions", type=int, default=100,
+                   help="items shown fewer times than this are eligible for exploration")
+    s.add_argument("--compare-explore", action="store_true",
+                   help="run twice, exploration off and on (--explore), and print the CTR and the new items' "
+                        "impressions, clicks and CTR per day side by side (JSON in --out/explore_comparison.json)")
     s.set_defaults(handler=_simulate)
 
     c = sub.add_parser("content-encoder", help="export the content encoder (all-MiniLM-L6-v2 -> ONNX) as a bundle",
@@ -194,11 +208,18 @@ def _update(args) -> int:
 
 
 def _simulate(args) -> int:
-    from .simulate import run
+    from . import simulate
 
-    run(args.out, n_users=args.users, n_items=args.items, days=args.days, users_per_day=args.users_per_day,
-        update_after=args.update_after, update_epochs=args.update_epochs, tolerance=args.tolerance, seed=args.seed,
-        shuffle_labels=args.shuffle_labels)
+    options = dict(n_users=args.users, n_items=args.items, days=args.days, users_per_day=args.users_per_day,
+                   update_after=args.update_after, update_epochs=args.update_epochs, tolerance=args.tolerance,
+                   seed=args.seed, shuffle_labels=args.shuffle_labels, new_item_vector=args.new_item_vector,
+                   explore_max_impressions=args.explore_max_impressions)
+    if args.compare_explore:
+        simulate.compare_exploration(args.out, explore=0.1 if args.explore is None else args.explore,
+                                     new_items_per_day=10 if args.new_items_per_day is None else args.new_items_per_day,
+                                     **options)
+    else:
+        simulate.run(args.out, explore=args.explore or 0.0, new_items_per_day=args.new_items_per_day or 0, **options)
     return 0
 
 

@@ -68,14 +68,20 @@ class SyntheticWorld:
     ctr_bias : float
         Intercept of :meth:`ctr_logit`, calibrated for a positive rate near ``ctr_rate``.
     keys : dict or None
-        The data sets' ``keys``: None (the dense ids are the keys), or with ``string_keys=True`` the strings
+        Every user's and item's key: None (the dense ids are the keys), or with ``string_keys=True`` the strings
         ``"u-<id>"`` and ``"sku-<id, 4 digits or more>"`` (``"u-17"``, ``"sku-0042"``) in dense-id order.
+    held_out_items : int
+        The last ``held_out_items`` items are in the world (ground truth, :attr:`keys`) but in none of its data
+        sets: items that arrive later (``rec-engine simulate --new-items-per-day`` adds them while serving).
+        The data sets hold items ``0 .. n_items - held_out_items - 1`` (their ``keys`` too); the other items'
+        draws keep their random streams.
     """
 
     def __init__(self, n_users: int = 1000, n_items: int = 500, n_factors: int = 8, seed: int = 0,
                  events_per_user: int = 30, n_clusters: int = 20, n_brands: int = 40, n_tags: int = 30,
                  zipf: float = 1.0, pop_weight: float = 0.5, signal: float = 1.5, stay: float = 0.85,
-                 ctr_rate: float = 0.3, ctr_interaction: float = 1.0, string_keys: bool = False):
+                 ctr_rate: float = 0.3, ctr_interaction: float = 1.0, string_keys: bool = False,
+                 held_out_items: int = 0):
         if n_users < 1 or n_items < 2 or n_factors < 1:
             raise ValueError(f"need n_users >= 1, n_items >= 2, n_factors >= 1, got {n_users}, {n_items}, {n_factors}")
         if not 1 <= n_clusters <= n_items:
@@ -87,6 +93,10 @@ class SyntheticWorld:
         self.n_users, self.n_items, self.n_factors, self.n_clusters = n_users, n_items, n_factors, n_clusters
         self.seed, self.events_per_user, self.stay, self.pop_weight = seed, events_per_user, stay, pop_weight
         self.ctr_interaction, self.string_keys = ctr_interaction, string_keys
+        if isinstance(held_out_items, bool) or not isinstance(held_out_items, (int, np.integer)) \
+                or not 0 <= held_out_items <= n_items - 2:
+            raise ValueError(f"held_out_items must be an integer in [0, n_items - 2], got {held_out_items!r}")
+        self.held_out_items = int(held_out_items)
         rng = np.random.default_rng(seed)
         self._rng_seeds = rng.integers(0, 2**63 - 1, size=4)       # one stream per data set
         f = n_factors
@@ -150,6 +160,17 @@ class SyntheticWorld:
         items = np.array([f"sku-{i:04d}" for i in range(self.n_items)], dtype=object)
         return {"user": users, "item": items}
 
+    @property
+    def n_data_items(self) -> int:
+        """The items the data sets hold: ``n_items - held_out_items`` (the first ones)."""
+        return self.n_items - self.held_out_items
+
+    def _data_keys(self) -> dict | None:
+        keys = self.keys
+        if keys is not None and self.held_out_items:
+            keys = {"user": keys["user"], "item": keys["item"][:self.n_data_items]}
+        return keys
+
     # ------------------------------------------------------------------------------------ ground truth
     def scores(self) -> np.ndarray:
         """True affinity ``tastes @ item_factors.T``, float64 ``[n_users, n_items]``."""
@@ -173,10 +194,14 @@ class SyntheticWorld:
                  + 0.03 * (hours - 11.5) + self._w_device[devices])
         return self.ctr_bias + first + self.ctr_interaction * inter
 
-    def _impressions(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """Items shown: half by popularity, half uniformly."""
-        p = 0.5 * self.popularity + 0.5 / self.n_items
-        return rng.choice(self.n_items, size=n, p=p).astype(np.int64)
+    def _impressions(self, rng: np.random.Generator, n: int, n_items: int | None = None) -> np.ndarray:
+        """Items shown (among the first ``n_items``, default all): half by popularity, half uniformly."""
+        if n_items is None or n_items == self.n_items:
+            p = 0.5 * self.popularity + 0.5 / self.n_items
+        else:
+            pop = self.popularity[:n_items]
+            p = 0.5 * pop / pop.sum() + 0.5 / n_items
+        return rng.choice(len(p), size=n, p=p).astype(np.int64)
 
     # ------------------------------------------------------------------------------------ data sets
     def implicit(self, valid_frac: float = 0.1, test_frac: float = 0.2) -> ImplicitSplit:
@@ -186,8 +211,10 @@ class SyntheticWorld:
         position of the event in the user's random order."""
         rng = np.random.default_rng(self._rng_seeds[0])
         U, I, e = self.n_users, self.n_items, self.events_per_user
-        n_ev = np.clip(rng.integers(e // 2, e + e // 2 + 1, U), 3, I)
+        A = self.n_data_items
+        n_ev = np.clip(rng.integers(e // 2, e + e // 2 + 1, U), 3, A)
         keys = self.choice_logits() + _gumbel(rng, (U, I))
+        keys[:, A:] = -np.inf                                         # held-out items: never drawn
         order = np.argsort(-keys, axis=1)
         keep = np.arange(I)[None, :] < n_ev[:, None]
         users = np.repeat(np.arange(U, dtype=np.int64), n_ev)
@@ -205,10 +232,10 @@ class SyntheticWorld:
         def part(mask):
             sel = np.flatnonzero(mask)
             sel = sel[np.lexsort((p[sel], users[sel]))]
-            return Interactions(users[sel], items[sel], U, I, timestamps=p[sel])
+            return Interactions(users[sel], items[sel], U, A, timestamps=p[sel])
 
         return ImplicitSplit(train=part(is_train), test=part(is_test), valid=part(is_valid), name="synthetic",
-                             keys=self.keys)
+                             keys=self._data_keys())
 
     def sequences(self) -> SequenceData:
         """Leave-last-out sequences: per user a length in ``[events_per_user // 2, 3 * events_per_user // 2]``
@@ -217,10 +244,12 @@ class SyntheticWorld:
         all items."""
         rng = np.random.default_rng(self._rng_seeds[1])
         U, I, e = self.n_users, self.n_items, self.events_per_user
-        lengths = np.clip(rng.integers(e // 2, e + e // 2 + 1, U), 3, I)
+        A = self.n_data_items
+        lengths = np.clip(rng.integers(e // 2, e + e // 2 + 1, U), 3, A)
         L = int(lengths.max())
         base = self.choice_logits()
         used = np.zeros((U, I), bool)
+        used[:, A:] = True                                            # held-out items: never drawn
         seq = np.empty((U, L), np.int64)
         rows = np.arange(U)
         prev_cluster = None
@@ -240,7 +269,7 @@ class SyntheticWorld:
         train = [seq[u, :lengths[u] - 2].copy() for u in range(U)]
         valid = seq[rows, lengths - 2]
         test = seq[rows, lengths - 1]
-        return SequenceData(train=train, valid=valid, test=test, n_items=I, name="synthetic", keys=self.keys)
+        return SequenceData(train=train, valid=valid, test=test, n_items=A, name="synthetic", keys=self._data_keys())
 
     def ctr(self, n_examples: int = 20000, valid_frac: float = 0.1, test_frac: float = 0.2,
             hash_buckets: int = 1) -> CtrData:
@@ -256,7 +285,7 @@ class SyntheticWorld:
         rng = np.random.default_rng(self._rng_seeds[2])
         n = n_examples
         users = rng.integers(0, self.n_users, n).astype(np.int64)
-        items = self._impressions(rng, n)
+        items = self._impressions(rng, n, self.n_data_items)
         hours = rng.integers(0, 24, n).astype(np.int64)
         devices = rng.integers(0, len(DEVICES), n).astype(np.int64)
         prob = 1.0 / (1.0 + np.exp(-self.ctr_logit(users, items, hours, devices)))
@@ -281,15 +310,16 @@ class SyntheticWorld:
         for k, r in parts.items():
             extra[f"true_prob_{k}"] = prob[r]
             extra[f"rows_{k}"] = {"users": users[r], "items": items[r], "hours": hours[r], "devices": devices[r]}
-        all_users, all_items = np.arange(self.n_users), np.arange(self.n_items)
+        A = self.n_data_items
+        all_users, all_items = np.arange(self.n_users), np.arange(A)
         extra["entity_features"] = {   # what serving looks up per user and per item; hour and device are context
             "user": {"user_id": all_users, "age": np.array(AGES, object)[self.age],
                      "gender": np.array(GENDERS, object)[self.gender],
                      "country": np.array(COUNTRIES, object)[self.country]},
-            "item": {"item_id": all_items, "category": self.category, "brand": self.brand,
-                     "tags": [t.tolist() for t in self.tags], "price": self.price}}
+            "item": {"item_id": all_items, "category": self.category[:A], "brand": self.brand[:A],
+                     "tags": [t.tolist() for t in self.tags[:A]], "price": self.price[:A]}}
         return CtrData(schema=schema, train=enc["train"], valid=enc["valid"], test=enc["test"],
-                       name="synthetic-ctr", extra=extra, keys=self.keys)
+                       name="synthetic-ctr", extra=extra, keys=self._data_keys())
 
 
 def make_synthetic(n_users: int = 1000, n_items: int = 500, n_factors: int = 8, seed: int = 0,
@@ -299,6 +329,7 @@ def make_synthetic(n_users: int = 1000, n_items: int = 500, n_factors: int = 8, 
     ``pop_weight`` (0.5), ``signal`` (1.5, scale of the latent affinity), ``stay`` (0.85, probability the
     next item of a sequence stays in the previous item's cluster), ``ctr_rate`` (0.3, target positive
     rate), ``ctr_interaction`` (1.0, weight of ``taste . item`` in the click logit), ``string_keys`` (False:
-    the data sets' ``keys`` are None; True: ``"u-17"`` / ``"sku-0042"`` strings, the draws unchanged)."""
+    the data sets' ``keys`` are None; True: ``"u-17"`` / ``"sku-0042"`` strings, the draws unchanged),
+    ``held_out_items`` (0: the last items are in no data set, they arrive later)."""
     return SyntheticWorld(n_users=n_users, n_items=n_items, n_factors=n_factors, seed=seed,
                           events_per_user=events_per_user, **kwargs)
