@@ -38,10 +38,15 @@ bool has_dtype(const py::array& a, const DType& t) {
   return dt.kind() == t.kind && dt.itemsize() == t.size && dt.attr("isnative").cast<bool>();
 }
 
+// Aligned to its dtype (NumPy's ALIGNED flag): kernels dereference typed pointers, and a misaligned one is
+// undefined behaviour (a vectorized loop may use aligned loads). Views at odd byte offsets lack it.
+bool is_aligned(const py::array& a) { return (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0; }
+
 std::string describe(const py::array& a) {
   std::string s = py::str(a.dtype()).cast<std::string>();
   s += a.ndim() == 1 ? ", 1 dimension" : ", " + std::to_string(a.ndim()) + " dimensions";
   if (!(a.flags() & py::array::c_style)) s += ", not C-contiguous";
+  if (!is_aligned(a)) s += ", not aligned to its dtype";
   return s;
 }
 
@@ -55,7 +60,7 @@ py::array take(py::handle obj, const char* name, std::initializer_list<DType> dt
   py::array a = py::reinterpret_borrow<py::array>(obj);
   bool ok = false;
   for (const DType& t : dtypes) ok = ok || has_dtype(a, t);
-  if (!ok || !(a.flags() & py::array::c_style))
+  if (!ok || !(a.flags() & py::array::c_style) || !is_aligned(a))
     throw py::type_error(std::string(name) + " must be a C-contiguous " + expected + " array, got " +
                          describe(a));
   if (a.ndim() != ndim)
@@ -144,7 +149,8 @@ class PyEmbeddingTable {
     // (a default-constructed py::array is an empty array, not a null handle: test the handle itself)
     const bool fixed = offsets_obj.is_none();
     const bool fast_ids = (py::isinstance<I64>(indices_obj) || py::isinstance<I32>(indices_obj)) &&
-                          py::reinterpret_borrow<py::array>(indices_obj).ndim() == (fixed ? 2 : 1);
+                          py::reinterpret_borrow<py::array>(indices_obj).ndim() == (fixed ? 2 : 1) &&
+                          is_aligned(py::reinterpret_borrow<py::array>(indices_obj));
     const py::array indices = fast_ids ? py::reinterpret_borrow<py::array>(indices_obj)
                                        : take(indices_obj, "indices", {kI32, kI64}, fixed ? 2 : 1);
     const PoolMode mode = mode_name == "sum" ? PoolMode::sum : parse_mode(mode_name);
@@ -161,7 +167,8 @@ class PyEmbeddingTable {
       offs = own.data();
     } else {
       const bool fast_offsets =
-          py::isinstance<I64>(offsets_obj) && py::reinterpret_borrow<py::array>(offsets_obj).ndim() == 1;
+          py::isinstance<I64>(offsets_obj) && py::reinterpret_borrow<py::array>(offsets_obj).ndim() == 1 &&
+          is_aligned(py::reinterpret_borrow<py::array>(offsets_obj));
       offsets = fast_offsets ? py::reinterpret_borrow<py::array>(offsets_obj) : take(offsets_obj, "offsets", {kI64}, 1);
       if (include_last_offset) {
         if (offsets.shape(0) < 1) throw py::value_error("offsets must hold n_bags + 1 entries (at least 1)");
@@ -312,6 +319,7 @@ class PyKeyIndex {
   py::array_t<int64_t> lookup(py::handle keys) const {
     using I64 = py::array_t<int64_t, py::array::c_style>;
     if (py::isinstance<I64>(keys) && py::reinterpret_borrow<py::array>(keys).ndim() == 1 &&
+        is_aligned(py::reinterpret_borrow<py::array>(keys)) &&
         py::reinterpret_borrow<py::array>(keys).dtype().attr("isnative").cast<bool>()) {
       const py::array a = py::reinterpret_borrow<py::array>(keys);
       if (holds_strings())

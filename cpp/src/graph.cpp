@@ -35,7 +35,8 @@ template <class Index>
 Csr normalized_adjacency(const Index* users, const Index* items, int64_t n, int64_t n_users,
                          int64_t n_items, int num_threads) {
   if (n < 0 || n_users < 0 || n_items < 0) throw std::invalid_argument("sizes must be >= 0");
-  if (n_users + n_items > std::numeric_limits<int32_t>::max())
+  // (compared without adding: n_users + n_items can overflow int64 itself)
+  if (n_users > std::numeric_limits<int32_t>::max() || n_items > std::numeric_limits<int32_t>::max() - n_users)
     throw std::invalid_argument("n_users + n_items must fit in int32 column ids");
   for (int64_t i = 0; i < n; ++i) {
     if (users[i] < 0 || static_cast<int64_t>(users[i]) >= n_users)

@@ -174,10 +174,12 @@ void check_lists(const IdLists& lists, int64_t n_queries, int64_t n_items, const
   if (lists.indptr[0] != 0)
     throw std::invalid_argument(std::string(what) + " indptr[0] must be 0, got " +
                                 std::to_string(lists.indptr[0]));
-  for (int64_t q = 0; q < n_queries; ++q) {
+  // every step first: a later decrease must be refused before an earlier list is read past the ids' end
+  for (int64_t q = 0; q < n_queries; ++q)
     if (lists.indptr[q + 1] < lists.indptr[q])
       throw std::invalid_argument(std::string(what) + " indptr must be non-decreasing (at query " +
                                   std::to_string(q) + ")");
+  for (int64_t q = 0; q < n_queries; ++q) {
     for (int64_t p = lists.indptr[q]; p < lists.indptr[q + 1]; ++p) {
       const int64_t id = lists.ids[p];
       if (id < 0 || id >= n_items)

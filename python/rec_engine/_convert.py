@@ -26,7 +26,7 @@ def as_float32(x, name: str, ndim: int | None = None) -> np.ndarray:
 def _c_contiguous(a: np.ndarray, dtype) -> np.ndarray:
     """``a`` as a C-contiguous array of ``dtype``, copied only if needed, keeping 0-d arrays 0-d
     (np.ascontiguousarray would make them 1-d)."""
-    if a.dtype == dtype and a.flags.c_contiguous:
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned:   # (the core refuses misaligned data)
         return a
     return np.array(a, dtype=dtype, order="C")
 

@@ -39,6 +39,29 @@ class BundleError(RecEngineError):
     """A bundle is missing, corrupt, of an unknown format, or does not hold what was asked for."""
 
 
+def onnx_session(model, sess_options=None, *, what: str = "ONNX model"):
+    """An ONNX Runtime CPU session of a bundle's model (a path or the serialized bytes). A model ONNX Runtime
+    cannot load (truncated, not a protobuf, an invalid graph) raises :class:`BundleError`, not ONNX
+    Runtime's own exception types."""
+    import onnxruntime as ort
+
+    src = model if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        return ort.InferenceSession(src, sess_options=sess_options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        raise BundleError(f"{what} cannot be loaded by ONNX Runtime: {e}") from None
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """np.load of a bundle file; a malformed file (header, size, dtype) raises BundleError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError, TypeError, OverflowError) as e:
+        raise BundleError(f"{path}: not a readable .npy array: {e}") from None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -333,11 +356,16 @@ class Bundle:
         if name not in self.manifest["tables"]:
             raise BundleError(f"bundle {self.path} has no table {name!r} (it has {self.table_names})")
         sb = f"tables/{name}.scale_bias.npy"
-        return EmbeddingTable.load(self._file(f"tables/{name}.npy"),
-                                   scale_bias=self._file(sb) if self.has(sb) else None, mmap=mmap)
+        w = _load_npy(self._file(f"tables/{name}.npy"), mmap)
+        s = _load_npy(self._file(sb), mmap) if self.has(sb) else None
+        try:
+            return EmbeddingTable(w, s)
+        except (ValueError, TypeError) as e:    # a wrong dtype, shape or scale/bias
+            raise BundleError(f"bundle {self.path}: table {name!r}: {e}") from None
 
     def array(self, name: str, *, mmap: bool = False) -> np.ndarray:
-        return np.load(self._file(f"arrays/{name}.npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+        """The array ``name``; BundleError when its file is not a readable ``.npy`` array."""
+        return _load_npy(self._file(f"arrays/{name}.npy"), mmap)
 
     def key_map(self, entity: str, n: int) -> KeyMap:
         """The ``entity``'s ("user" / "item") key map of ``n`` keys (memory-mapped; the identity when the

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, open_bundle
+from .bundle import Bundle, BundleError, onnx_session, open_bundle
 
 KIND = "content_encoder"
 
@@ -223,8 +223,7 @@ class ContentEncoder:
         opts.intra_op_num_threads = ort_threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(bundle.onnx_path("encoder")), sess_options=opts,
-                                             providers=["CPUExecutionProvider"])
+        self._session = onnx_session(bundle.onnx_path("encoder"), opts, what=f"bundle {bundle.path}: encoder.onnx")
         names = [i.name for i in self._session.get_inputs()]
         if names != ["input_ids", "attention_mask"]:
             raise BundleError(f"bundle {bundle.path}: encoder.onnx takes {names}, expected "

@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ._convert import threads_arg
+from .bundle import onnx_session
 from .embedding import EmbeddingTable
 
 _BIND_MAX_ROWS = 1024
@@ -64,8 +65,7 @@ class CtrRunner:
             session_options.intra_op_num_threads = 1
             session_options.inter_op_num_threads = 1
         model = onnx_path if isinstance(onnx_path, (bytes, bytearray)) else str(onnx_path)
-        self.session = ort.InferenceSession(model, sess_options=session_options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(model, session_options, what="the ranking model's dense part")
         self.inputs = tuple(inputs)
         self.output = output
         self._onnx_path, self._batch_threads, self._batch_run = model, batch_threads, None

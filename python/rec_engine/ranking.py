@@ -33,13 +33,34 @@ class _Store:
     ``rows`` is the ``[n, F_e]`` int64 matrix of the table rows when every bag holds exactly one entry of
     weight 1 (categorical fields, no missing value), else None."""
 
-    def __init__(self, bundle: Bundle, prefix: str, n_fields: int):
+    def __init__(self, bundle: Bundle, prefix: str, n_fields: int, n_rows: int):
         # memory-mapped: server processes share the stores through the page cache
-        self.batch = EncodedBatch(*(bundle.array(f"{prefix}_{a}", mmap=True) for a in ("indices", "offsets", "weights")),
-                                  n_fields)
+        idx, off, w = (bundle.array(f"{prefix}_{a}", mmap=True) for a in ("indices", "offsets", "weights"))
+        _check_store(bundle, prefix, idx, off, w, n_fields, n_rows)
+        self.batch = EncodedBatch(idx, off, w, n_fields)
         self.n = len(self.batch)
         self.n_fields = n_fields
         self.rows = _single_rows(self.batch)
+
+
+def _check_store(bundle: Bundle, prefix: str, idx, off, w, n_fields: int, n_rows: int) -> None:
+    """Refuse (BundleError) a stored feature CSR that requests would trip over: bags that do not tile the
+    indices, table rows out of range, weights that are not one finite float per index."""
+    def bad(why: str):
+        raise BundleError(f"bundle {bundle.path}: {prefix}: {why}")
+
+    if idx.ndim != 1 or off.ndim != 1 or w.ndim != 1 or idx.dtype.kind not in "iu" or off.dtype.kind not in "iu" \
+            or w.dtype.kind != "f":
+        bad("indices, offsets and weights must be 1-D (integer, integer, float)")
+    if len(off) < 1 or (len(off) - 1) % max(n_fields, 1) or off[0] != 0 or off[-1] != len(idx) or len(w) != len(idx):
+        bad(f"offsets ({len(off)}) must hold n * {n_fields} + 1 entries from 0 to len(indices) = {len(idx)}, "
+            f"and weights one per index ({len(w)})")
+    if len(off) > 1 and (np.diff(off) < 0).any():
+        bad("offsets must be non-decreasing")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
+        bad(f"indices must be table rows in [0, {n_rows})")
+    if not np.isfinite(w).all():
+        bad("weights must be finite")
 
 
 def _single_rows(batch: EncodedBatch, chunk: int = 1 << 20) -> np.ndarray | None:
@@ -132,8 +153,9 @@ class CtrRanker:
         self.user_pos = np.array([pos[n] for n in self.user_fields], np.int64)
         self.item_pos = np.array([pos[n] for n in self.item_fields], np.int64)
         self.ctx_pos = np.array([pos[n] for n in self.context_fields], np.int64)
-        self.items = _Store(bundle, "item_features", len(self.item_fields)) if self.item_fields else None
-        self.users = _Store(bundle, "user_features", len(self.user_fields)) if self.user_fields else None
+        rows = self.schema.n_rows
+        self.items = _Store(bundle, "item_features", len(self.item_fields), rows) if self.item_fields else None
+        self.users = _Store(bundle, "user_features", len(self.user_fields), rows) if self.user_fields else None
         self.n_items = self.items.n if self.items is not None else None
         # content fields (a model trained with an items file): the projection of text vectors they come from
         from .content import ContentProjection
@@ -504,7 +526,10 @@ def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | Non
     if bundle.kind not in RANKING_KINDS:
         raise BundleError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a ranking model "
                           f"({', '.join(RANKING_KINDS)})")
-    return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense)
+    try:
+        return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense)
+    except (ValueError, TypeError, KeyError, IndexError) as e:   # meta or arrays of the wrong type or shape
+        raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 
 def dense_agreement(bundle: Bundle, dense: bytes, *, users: int = 64, n: int = 500, k: int = 10,

@@ -324,7 +324,10 @@ def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
     if kind is None or kind.stage != "retrieval" or kind.family not in serving:
         raise RecEngineError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a retrieval model "
                              f"({', '.join(k.name for k in kinds.kinds(stage='retrieval'))})")
-    return serving[kind.family](bundle)
+    try:
+        return serving[kind.family](bundle)
+    except (ValueError, TypeError, KeyError, IndexError) as e:   # meta or arrays of the wrong type or shape
+        raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 
 _RECALL_USERS = 256

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import BundleError, open_bundle
+from .bundle import BundleError, onnx_session, open_bundle
 from .topk import IdLists, TopK, topk
 
 KIND = "sasrec"
@@ -108,8 +108,6 @@ class SASRecScorer:
     """
 
     def __init__(self, bundle, session_options=None, num_threads: int | None = 1):
-        import onnxruntime as ort
-
         if bundle.kind != KIND:
             raise BundleError(f"bundle {bundle.path} is of kind {bundle.kind!r}, not {KIND!r}")
         meta = bundle.meta
@@ -120,8 +118,8 @@ class SASRecScorer:
                               f"({self.n_items}, {self.dim})")
         self.items = np.ascontiguousarray(self.table.weights if self.table.dtype == "float32"
                                           else self.table.to_numpy())
-        self.session = ort.InferenceSession(str(bundle.onnx_path("encoder")), sess_options=session_options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(bundle.onnx_path("encoder"), session_options,
+                                    what=f"bundle {bundle.path}: encoder.onnx")
         self.num_threads = num_threads
 
     def user_vectors(self, histories: Sequence, batch_size: int = 1024) -> np.ndarray:
