@@ -175,3 +175,44 @@ def test_retrieval_bundle_with_decreasing_train_indptr_is_a_bundle_error(trained
     _reseal(p)
     with pytest.raises(BundleError):
         _engine_load(p)
+
+
+def test_npy_header_that_is_not_a_python_literal_is_a_bundle_error(tmp_path):
+    # numpy's header parser raised tokenize.TokenError (not a ValueError) for an unterminated literal
+    p = write_bundle(tmp_path / "b", kind="x", arrays={"a": np.arange(5)})
+    f = p / "arrays" / "a.npy"
+    body = b"{'descr': '<i8', 'fortran_order': False, 'shape': (5,"
+    body += b" " * (64 - (10 + len(body) + 1) % 64) + b"\n"
+    f.write_bytes(b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body + b"\0" * 40)
+    _reseal(p)
+    with pytest.raises(BundleError, match="not a readable .npy array"):
+        open_bundle(p).array("a")
+
+
+@pytest.mark.parametrize("array, mutate", [
+    ("adj_indices", lambda a: a.__setitem__(0, a.max() + 5)),                       # a column past the graph
+    ("adj_indptr", lambda a: a.__setitem__(len(a) // 2, a[-1] * 1000 + 7)),         # a step that decreases
+], ids=["column_out_of_range", "indptr_decreases"])
+def test_lightgcn_fold_in_graph_malformed_is_a_bundle_error(trained, tmp_path, array, mutate):
+    # the fold-in set-up at load (whole-graph propagation) raised IndexError / ValueError from spmm
+    p = tmp_path / "lightgcn"
+    shutil.copytree(trained.bundle("lightgcn"), p)
+    f = p / "arrays" / f"{array}.npy"
+    a = np.load(f)
+    mutate(a)
+    np.save(f, a)
+    _reseal(p)
+    with pytest.raises(BundleError, match="fold-in graph is malformed"):
+        _engine_load(p)
+
+
+def test_lightgcn_layer_weights_of_a_wrong_length_are_a_bundle_error(trained, tmp_path):
+    p = tmp_path / "lightgcn"
+    shutil.copytree(trained.bundle("lightgcn"), p)
+    m = p / "manifest.json"
+    doc = json.loads(m.read_text())
+    doc["meta"]["layer_weights"] = [1.0]
+    m.write_text(json.dumps(doc))
+    _reseal(p)
+    with pytest.raises(BundleError, match="fold-in graph is malformed"):
+        _engine_load(p)

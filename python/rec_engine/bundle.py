@@ -58,8 +58,8 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     """np.load of a bundle file; a malformed file (header, size, dtype) raises BundleError naming it."""
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, EOFError, OSError, TypeError, OverflowError) as e:
-        raise BundleError(f"{path}: not a readable .npy array: {e}") from None
+    except Exception as e:   # numpy's header parser raises ValueError, EOFError, SyntaxError, TokenError, ...
+        raise BundleError(f"{path}: not a readable .npy array: {type(e).__name__}: {e}") from None
 
 
 def _sha256(path: Path) -> str:

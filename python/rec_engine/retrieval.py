@@ -186,10 +186,14 @@ class VectorRetrieval(_Retrieval):
         with self._fold_lock:
             if self._fold_in is None:
                 b, meta = self._bundle, self._bundle.meta
-                adj = CsrMatrix(b.array("adj_indptr"), b.array("adj_indices"), b.array("adj_data"),
-                                (self.n_users + self.n_items,) * 2)
-                self._fold_in = LightGCNFoldIn(adj, b.table("users_ego"), b.table("items_ego"),
-                                               int(meta["n_layers"]), meta.get("layer_weights"))
+                try:
+                    adj = CsrMatrix(b.array("adj_indptr"), b.array("adj_indices"), b.array("adj_data"),
+                                    (self.n_users + self.n_items,) * 2)
+                    self._fold_in = LightGCNFoldIn(adj, b.table("users_ego"), b.table("items_ego"),
+                                                   int(meta["n_layers"]), meta.get("layer_weights"))
+                except (ValueError, TypeError, KeyError, IndexError) as e:   # a malformed graph or meta
+                    raise BundleError(f"bundle {b.path}: the fold-in graph is malformed: "
+                                      f"{type(e).__name__}: {e}") from None
 
     def fold_in(self, user: int, items: np.ndarray) -> np.ndarray:
         """LightGCN vector of the user with dense id ``user`` (-1: a user the model does not know) whose
