@@ -25,7 +25,7 @@ def signature(e: BaseException) -> str:
     ours = [f for f in frames if "rec_engine" in f.filename and "/fuzz/" not in f.filename] or frames
     f = ours[-1] if ours else None
     where = f"{os.path.relpath(f.filename)}:{f.lineno} in {f.name}" if f else "?"
-    return f"{type(e).__name__} at {where}: {str(e)[:160]}"
+    return f"{type(e).__name__} at {where}: {' '.join(str(e).split())[:160]}"
 
 
 def unexpected(e: BaseException, target: str) -> None:

@@ -216,3 +216,18 @@ def test_lightgcn_layer_weights_of_a_wrong_length_are_a_bundle_error(trained, tm
     _reseal(p)
     with pytest.raises(BundleError, match="fold-in graph is malformed"):
         _engine_load(p)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("output", ["logit"]),          # a list: "unhashable type" on the first request
+    ("inputs", ["emb", "nope"]),    # a name the ONNX model does not take: ORT's run() refused every request
+    ("entity_fields", 3),           # AttributeError at load
+], ids=["output_list", "inputs_unknown", "entity_fields_int"])
+def test_ranking_meta_that_does_not_fit_the_model_is_refused_at_load(ranking_bundle, key, value):
+    m = ranking_bundle / "manifest.json"
+    doc = json.loads(m.read_text())
+    doc["meta"][key] = value
+    m.write_text(json.dumps(doc))
+    _reseal(ranking_bundle)
+    with pytest.raises(BundleError):
+        _engine_load(ranking_bundle)

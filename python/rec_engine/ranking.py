@@ -144,7 +144,14 @@ class CtrRanker:
                                 inputs=self.inputs, output=self.output, session_options=session_options,
                                 num_threads=num_threads, batch_threads=batch_threads)
         self.session = self.runner.session
+        given = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
+        if not (all(isinstance(n, str) and n in given[0] for n in self.inputs) and isinstance(self.output, str)
+                and self.output in given[1]):
+            raise BundleError(f"bundle {bundle.path}: meta inputs {self.inputs!r} / output {self.output!r} do not "
+                              f"name the dense model's inputs {sorted(given[0])} / outputs {sorted(given[1])}")
         groups = meta.get("entity_fields") or {}
+        if not isinstance(groups, dict):
+            raise BundleError(f"bundle {bundle.path}: meta entity_fields must be an object, got {groups!r}")
         names = self.schema.names
         self.user_fields = [n for n in names if n in set(groups.get("user", ()))]
         self.item_fields = [n for n in names if n in set(groups.get("item", ()))]
@@ -528,7 +535,7 @@ def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | Non
                           f"({', '.join(RANKING_KINDS)})")
     try:
         return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense)
-    except (ValueError, TypeError, KeyError, IndexError) as e:   # meta or arrays of the wrong type or shape
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:   # meta or arrays of a wrong type
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 

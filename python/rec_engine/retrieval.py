@@ -330,7 +330,7 @@ def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
                              f"({', '.join(k.name for k in kinds.kinds(stage='retrieval'))})")
     try:
         return serving[kind.family](bundle)
-    except (ValueError, TypeError, KeyError, IndexError) as e:   # meta or arrays of the wrong type or shape
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:   # meta or arrays of a wrong type
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 
