@@ -222,7 +222,8 @@ def test_lightgcn_layer_weights_of_a_wrong_length_are_a_bundle_error(trained, tm
     ("output", ["logit"]),          # a list: "unhashable type" on the first request
     ("inputs", ["emb", "nope"]),    # a name the ONNX model does not take: ORT's run() refused every request
     ("entity_fields", 3),           # AttributeError at load
-], ids=["output_list", "inputs_unknown", "entity_fields_int"])
+    ("dim", float("inf")),          # OverflowError from int() at load
+], ids=["output_list", "inputs_unknown", "entity_fields_int", "dim_inf"])
 def test_ranking_meta_that_does_not_fit_the_model_is_refused_at_load(ranking_bundle, key, value):
     m = ranking_bundle / "manifest.json"
     doc = json.loads(m.read_text())

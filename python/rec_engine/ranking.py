@@ -535,7 +535,7 @@ def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | Non
                           f"({', '.join(RANKING_KINDS)})")
     try:
         return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:   # meta or arrays of a wrong type
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:   # a wrong meta or array
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 

@@ -330,7 +330,7 @@ def load_retrieval(bundle: Bundle, session_options=None) -> _Retrieval:
                              f"({', '.join(k.name for k in kinds.kinds(stage='retrieval'))})")
     try:
         return serving[kind.family](bundle)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:   # meta or arrays of a wrong type
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:   # a wrong meta or array
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 
