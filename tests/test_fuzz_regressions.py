@@ -232,3 +232,25 @@ def test_ranking_meta_that_does_not_fit_the_model_is_refused_at_load(ranking_bun
     _reseal(ranking_bundle)
     with pytest.raises(BundleError):
         _engine_load(ranking_bundle)
+
+
+from serving_fixtures import trained  # noqa: E402,F401 (fixture)
+
+
+@pytest.mark.parametrize("edit", [{"n_candidates": "many"}, {"n_candidates": 0}, {"ranking": {"precision": "int4"}}])
+def test_pipeline_manifest_settings_of_the_wrong_kind_are_a_bundle_error(trained, tmp_path, edit):  # noqa: F811
+    import json
+    import shutil
+
+    from rec_engine.engine import Engine
+
+    src = trained.bundle("pipe_a")
+    dst = tmp_path / "pipe"
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["meta"].update(edit)
+    if "digest" in m:
+        m["digest"] = _manifest_digest(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError):
+        Engine.load(dst, num_threads=1)

@@ -145,7 +145,10 @@ class _Version:
             stages = top.meta.get("stages", {})
             rb = open_bundle(path / stages["retrieval"], verify=verify) if stages.get("retrieval") else None
             kb = open_bundle(path / stages["ranking"], verify=verify) if stages.get("ranking") else None
-            self.n_candidates = int(top.meta.get("n_candidates", DEFAULT_CANDIDATES))
+            nc = top.meta.get("n_candidates", DEFAULT_CANDIDATES)
+            if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+                raise BundleError(f"bundle {path}: meta n_candidates must be an integer >= 1, got {nc!r}")
+            self.n_candidates = nc
         elif top.kind in RANKING_KINDS:
             rb, kb, self.n_candidates = None, top, DEFAULT_CANDIDATES
         else:
@@ -215,6 +218,8 @@ class _Version:
         """The ranking model's dense part when it is not the stage's own float32 one (sets ranking_info)."""
         stored = dict(top.meta.get("ranking") or {}) if top.kind == "pipeline" else {}
         want = precision if precision is not None else stored.get("precision", "float32")
+        if precision is None and want not in ("float32", "int8"):
+            raise BundleError(f"bundle {top.path}: meta ranking.precision must be 'float32' or 'int8', got {want!r}")
         if want not in ("float32", "int8"):
             raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {want!r}")
         self.ranking_info = {"precision": want}

@@ -25,14 +25,6 @@ from .profiles import ItemInfo, ProfileConfig, Profiles, TagVocab, events_arrays
 _SKIP_FIELDS = ("item_id", "id")
 
 
-def _string_list(lists, i: int):
-    if lists is None or i >= len(lists[1]) - 1:
-        return None
-    utf8, off = lists
-    blob = bytes(utf8[off[i]:off[i + 1]]).decode("utf-8")
-    return blob.split("\x1f") if blob else []
-
-
 def _field_tags(v, ids: range) -> list[list[str]] | None:
     """Tags from the ranking model's categorical / multi item fields (not the id, not numeric): "field=value"."""
     r = getattr(v, "ranking", None)
@@ -61,13 +53,15 @@ def _field_tags(v, ids: range) -> list[list[str]] | None:
 
 def version_tags(v, start: int = 0, added: dict | None = None) -> list[list[str]]:
     """Each item's tags (ids ``start .. v.n_items - 1``) as the module doc says."""
+    from .engine import read_string_lists
+
     n = int(v.n_items or 0)
     out: list = []
     field_tags = None
     for i in range(start, n):
-        got = _string_list(getattr(v, "labels", None), i)
+        got = read_string_lists(getattr(v, "labels", None), i)
         if got is None:
-            got = _string_list(getattr(v, "keywords", None), i)
+            got = read_string_lists(getattr(v, "keywords", None), i)
         if got is None and added is not None:
             feats = added.get(i)
             lab = (feats or {}).get("labels")
