@@ -185,17 +185,17 @@ def cluster(trained, redis_url, tmp_path_factory):
     the bundle is a model home (its CURRENT is what the swap test changes)."""
     ray = pytest.importorskip("ray", reason="the cluster tests need Ray Serve (pip install 'rec_engine[cluster]')")
     serve = pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serve (pip install 'ray[serve]')")
-    from rec_engine.cluster import build_app
+    from rec_engine.cluster import deploy
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] +
-                 [os.path.dirname(os.path.dirname(__import__("rec_engine").__file__))])}})
+    pythonpath = os.pathsep.join([os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+                                 + [os.path.dirname(os.path.dirname(__import__("rec_engine").__file__))])
+    env = {"env_vars": {"PYTHONPATH": pythonpath}}     # rec_engine importable in the workers (a source checkout)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=env)
     stream = f"test:{uuid.uuid4().hex[:10]}"
     opts = dict(shards=3, replicas=2, events=redis_url, stream=stream, ingress_cpus=0.25, shard_cpus=0.25,
-                follow_events_s=0.02)
+                follow_events_s=0.02, name="test_cluster", route_prefix=None, runtime_env=env)
     try:
-        handle = serve.run(build_app(trained.bundle("pipe_a"), **opts), name="test_cluster", route_prefix=None)
+        handle = deploy(trained.bundle("pipe_a"), **opts)
         yield handle, opts, serve
     finally:
         serve.shutdown()
@@ -265,7 +265,7 @@ def test_an_observe_on_one_replica_shows_on_another(trained, cluster):
 
 def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
     handle, opts, serve = cluster
-    from rec_engine.cluster import build_app
+    from rec_engine.cluster import deploy
 
     with Engine.load(trained.bundle("pipe_a")) as a, Engine.load(trained.bundle("pipe_b")) as b:
         want = {a.version: {u: a.recommend(u, 10, context=CTX).ids.tolist() for u in USERS[:4]},
@@ -283,18 +283,23 @@ def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
             except Exception as e:      # noqa: BLE001 - every failure is counted
                 errors.append(repr(e))
 
+    before = _replicas_answering(handle, lambda h: h.stats.remote().result(), 2)
     threads = [threading.Thread(target=fire) for _ in range(3)]
     for t in threads:
         t.start()
     try:
         time.sleep(1.0)
-        serve.run(build_app(trained.bundle("pipe_b"), **opts), name="test_cluster", route_prefix=None)
+        t_swap = time.monotonic()
+        deploy(trained.bundle("pipe_b"), **opts)         # only user_config changes: reconfigure in place
+        t_run = time.monotonic()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:        # until both replicas answer from the new version
             recent = {r["replica"] for _, r in answers[-20:] if r["version"] == b.version}
             if len(recent) == 2:
                 break
             time.sleep(0.2)
+        print(f"swap: serve.run {t_run - t_swap:.1f} s, both replicas on the new version after "
+              f"{time.monotonic() - t_swap:.1f} s, {len(answers)} answers")
         time.sleep(0.5)
     finally:
         stop.set()
@@ -305,6 +310,7 @@ def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
     assert versions[0] == a.version and versions[-1] == b.version and len(answers) > 20
     for u, r in answers:                          # every answer wholly from one version
         assert r["ids"] == want[r["version"]][u]
-    # the swap reconfigured the replicas in place (no restart: the same replica ids answer)
+    # the swap reconfigured the replicas in place (no restart: the same replicas answer)
     after = _replicas_answering(handle, lambda h: h.stats.remote().result(), 2)
     assert all(s["version"] == b.version for s in after.values())
+    assert set(after) == set(before), "the swap replaced the replicas instead of reconfiguring them"

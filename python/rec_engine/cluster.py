@@ -540,37 +540,43 @@ class Ingress:
             return JSONResponse({"detail": f"{type(e).__name__}: {e}"}, status_code=400)
 
 
-def build_app(bundle, *, shards: int, replicas: int, events: str | None = None, stream: str = DEFAULT_STREAM,
+_APP_ARGS = ("shards", "replicas", "events", "stream", "shard_replicas", "ingress_cpus", "shard_cpus",
+             "follow_events_s", "verify", "scan_memory", "scan_threads", "engine_options", "max_ongoing_requests")
+
+
+def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = None, stream: str = DEFAULT_STREAM,
               shard_replicas: int = 1, ingress_cpus: float = 1.0, shard_cpus: float = 1.0,
               follow_events_s: float = 0.05, verify: bool = True, scan_memory: str = "mmap",
               scan_threads: int = 1, engine_options: Mapping[str, Any] | None = None,
               max_ongoing_requests: int = 16):
     """The Ray Serve application: ``shards`` shard deployments (``shard0`` ...), each with ``shard_replicas``
-    replicas, and the ingress with ``replicas`` replicas; every deployment's ``user_config`` is
-    ``{"bundle": str(bundle)}`` (a new one swaps the version in place). ``events``: the Redis URL (or a
-    SQLite path, for one machine) of the event store the ingress replicas share, on stream ``stream``.
-    ``ingress_cpus`` / ``shard_cpus``: Ray logical CPUs per replica. ``engine_options``: further
-    :class:`~rec_engine.engine.Engine` options (``ort_threads``, ``num_threads``, ``diversity`` ...).
-
-    Checks its arguments here (ValueError / TypeError) and the bundle's path on this machine."""
+    replicas, and the deployment ``ingress`` with ``replicas`` replicas; every deployment's ``user_config``
+    is ``{"bundle": str(bundle)}`` (None: left to the Serve config, see :func:`serve_config`).
+    ``events``: the Redis URL (or a SQLite path, for one machine) of the event store the ingress replicas
+    share, on stream ``stream``. ``ingress_cpus`` / ``shard_cpus``: Ray logical CPUs per replica.
+    ``engine_options``: further :class:`~rec_engine.engine.Engine` options (``ort_threads``, ``num_threads``,
+    ``diversity`` ...). Checks its arguments here (ValueError / TypeError)."""
     from ray import serve
 
     for name, val in (("shards", shards), ("replicas", replicas), ("shard_replicas", shard_replicas),
                       ("scan_threads", scan_threads), ("max_ongoing_requests", max_ongoing_requests)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
-    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus)):
+    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus), ("follow_events_s", follow_events_s)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {val!r}")
     if events is not None and not isinstance(events, str):
         raise TypeError(f"events must be a redis:// URL (or a SQLite path) as a string, got {type(events).__name__}")
-    path = str(bundle)
-    version_id(path)                  # a readable bundle here (the nodes must hold it at the same path)
+    if scan_memory not in ("mmap", "copy"):
+        raise ValueError(f"scan_memory must be 'mmap' or 'copy', got {scan_memory!r}")
     opts = dict(engine_options or {})
     opts.setdefault("ort_threads", 1)
     opts.setdefault("num_threads", 1)
-    Engine.check_options(**{k: v for k, v in opts.items() if k in ("scan_memory", "index", "ranking_precision")})
-    config = {"bundle": path}
+    ShardedEngine.check_options(**{k: v for k, v in opts.items() if k not in ("ort_threads", "num_threads")})
+    config = None
+    if bundle is not None:
+        version_id(bundle)            # a readable bundle here (the nodes must hold it at the same path)
+        config = {"bundle": str(bundle)}
     shard_dep = serve.deployment(Shard)
     handles = [shard_dep.options(name=f"shard{i}", num_replicas=shard_replicas, user_config=config,
                                  max_ongoing_requests=max_ongoing_requests * replicas,
@@ -581,6 +587,72 @@ def build_app(bundle, *, shards: int, replicas: int, events: str | None = None, 
                                                 max_ongoing_requests=max_ongoing_requests,
                                                 ray_actor_options={"num_cpus": ingress_cpus})
     return ingress.bind(handles, events, stream, follow_events_s, opts, max_ongoing_requests)
+
+
+def app(args: dict):
+    """The application builder for a Serve config (``import_path: rec_engine.cluster:app``): ``args`` are
+    :func:`build_app`'s keyword arguments except the bundle, which the config gives each deployment as
+    ``user_config`` (so that changing it reconfigures the replicas in place)."""
+    if not isinstance(args, Mapping):
+        raise TypeError(f"args must be a mapping of build_app's options, got {type(args).__name__}")
+    bad = set(args) - set(_APP_ARGS)
+    if bad:
+        raise ValueError(f"unknown cluster options {sorted(bad)} (known: {', '.join(_APP_ARGS)}; the bundle goes "
+                         "in each deployment's user_config)")
+    return build_app(None, **dict(args))
+
+
+def serve_config(bundle, *, name: str = APP_NAME, route_prefix: str | None = "/",
+                 runtime_env: Mapping[str, Any] | None = None, **options) -> dict:
+    """The Serve config (``ServeApplicationSchema`` as a dict; ``serve deploy`` takes it as YAML under
+    ``applications:``) of the application serving ``bundle`` with :func:`build_app`'s ``options``. Two configs
+    that differ only in the bundle differ only in the deployments' ``user_config``: Serve then calls
+    ``reconfigure`` on the running replicas (a swap in place) instead of replacing them."""
+    shards = options.get("shards")
+    app(options)                       # checks the options (needs ray.serve importable)
+    version_id(bundle)
+    user = {"bundle": str(bundle)}
+    cfg = {"name": name, "route_prefix": route_prefix, "import_path": "rec_engine.cluster:app",
+           "args": {k: v for k, v in options.items()},
+           "deployments": [{"name": "ingress", "user_config": user}] +
+                          [{"name": f"shard{i}", "user_config": user} for i in range(int(shards))]}
+    if runtime_env:
+        cfg["runtime_env"] = dict(runtime_env)
+    return cfg
+
+
+def deploy(bundle, *, name: str = APP_NAME, timeout_s: float = 300.0, route_prefix: str | None = "/",
+           runtime_env: Mapping[str, Any] | None = None, **options):
+    """Deploy (or swap: the same ``options`` and another ``bundle``) the application on the Ray cluster this
+    process is connected to, through its Serve config (:func:`serve_config`), and wait until it runs with the
+    bundle; returns its handle (``DeploymentHandle`` of the ingress). A swap keeps the replicas and reloads
+    their bundle in ``reconfigure``; requests keep being answered by the old version until each replica
+    switches. Raises :class:`RecEngineError` when the application fails to deploy (the deploy error)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = serve_config(bundle, name=name, route_prefix=route_prefix, runtime_env=runtime_env, **options)
+    serve.start()
+    client = _get_global_client()
+    # a deploy config names every declarative application (those it leaves out are deleted): keep the others
+    others = [a["deployed_app_config"] for n, a in (client.get_serve_details().get("applications") or {}).items()
+              if n != name and a.get("deployed_app_config")]
+    client.deploy_apps(ServeDeploySchema(applications=others + [cfg]))
+    want = version_id(bundle)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = serve.status().applications.get(name)
+        if st is not None and st.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RecEngineError(f"application {name} failed to deploy: {st.message}")
+        if st is not None and st.status == "RUNNING":
+            handle = serve.get_app_handle(name)
+            if all(handle.stats.remote().result()["version"] == want for _ in range(4 * int(options.get("replicas", 1)))):
+                return handle
+        if time.monotonic() > deadline:
+            raise RecEngineError(f"application {name} did not run version {want} within {timeout_s} s "
+                                 f"(status {None if st is None else st.status})")
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- the command
@@ -609,6 +681,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-events-s", type=float, default=0.05, help="event store poll period (default 0.05)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files at load")
     p.add_argument("--name", default=APP_NAME, help=f"Serve application name (default {APP_NAME})")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the Serve config (JSON; `serve deploy` takes it as YAML) and exit")
     p.add_argument("--swap", action="store_true",
                    help="switch the running application (same --shards/--replicas) to BUNDLE and exit")
     return p
@@ -628,21 +702,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events is not None and not args.events.startswith(("redis://", "rediss://", "unix://")) and (
             args.replicas > 1 or args.address):
         raise SystemExit("--events must be a redis:// URL when several replicas (or machines) share it")
+    options = dict(shards=args.shards, replicas=args.replicas, events=args.events, stream=args.stream,
+                   shard_replicas=args.shard_replicas, ingress_cpus=args.ingress_cpus, shard_cpus=args.shard_cpus,
+                   follow_events_s=args.follow_events_s, verify=not args.no_verify, scan_memory=args.scan_memory,
+                   scan_threads=args.scan_threads)
     try:
-        app = build_app(args.bundle, shards=args.shards, replicas=args.replicas, events=args.events,
-                        stream=args.stream, shard_replicas=args.shard_replicas, ingress_cpus=args.ingress_cpus,
-                        shard_cpus=args.shard_cpus, follow_events_s=args.follow_events_s, verify=not args.no_verify,
-                        scan_memory=args.scan_memory, scan_threads=args.scan_threads)
+        cfg = serve_config(args.bundle, name=args.name, **options)
     except (ValueError, TypeError, RecEngineError) as e:
         raise SystemExit(f"rec-engine cluster: {e}") from None
+    if args.print_config:
+        import json
+
+        print(json.dumps({"applications": [cfg]}, indent=2))
+        return 0
     if args.swap:
         ray.init(address=args.address or "auto", log_to_driver=False)
-        serve.run(app, name=args.name, route_prefix="/", blocking=False)
+        try:
+            deploy(args.bundle, name=args.name, **options)
+        except RecEngineError as e:
+            raise SystemExit(f"rec-engine cluster --swap: {e}") from None
         print(f"{args.name}: swapped to {args.bundle} (version {version_id(args.bundle)})", flush=True)
         return 0
     ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name=args.name, route_prefix="/", blocking=False)
+    try:
+        deploy(args.bundle, name=args.name, **options)
+    except RecEngineError as e:
+        raise SystemExit(f"rec-engine cluster: {e}") from None
     print(f"rec-engine cluster: {args.shards} shards x {args.shard_replicas}, {args.replicas} ingress replicas, "
           f"version {version_id(args.bundle)}, http://{args.host}:{args.port}/recommend", flush=True)
     try:
