@@ -148,7 +148,7 @@ def test_two_engines_on_one_store_follow_each_other(trained, tmp_path):  # noqa:
 
 # ---------------------------------------------------------------------------------------------- HTTP
 fastapi = pytest.importorskip("fastapi", reason="the HTTP service needs the serve extra")
-from test_service import TOKEN, running  # noqa: E402
+from test_service import AUTH, TOKEN, running  # noqa: E402
 
 from rec_engine.service import create_app  # noqa: E402
 
@@ -163,18 +163,20 @@ def test_http_feedback_forget_ab_and_metrics(trained, tmp_path, caplog):  # noqa
             running(create_app(e, token=TOKEN)) as client, caplog.at_level(logging.DEBUG):
         st, rec = client.request("POST", "/recommend", {"user": 3, "k": 4, "context": CTX})
         assert st == 200 and len(rec["request_id"]) == 32 and rec["version"] == e.version
-        st, _ = client.request("POST", "/feedback", {"user": 3, "item": rec["items"][0], "request_id": rec["request_id"]})
+        st, _ = client.request("POST", "/feedback", {"user": 3, "item": rec["items"][0], "request_id": rec["request_id"]},
+                               headers=AUTH)
         assert st == 200
         st, _ = client.request("POST", "/feedback", {"user": 3, "item": rec["items"][1], "kind": "conversion",
-                                                     "value": 19.5, "request_id": rec["request_id"]})
+                                                     "value": 19.5, "request_id": rec["request_id"]}, headers=AUTH)
         assert st == 200
-        st, _ = client.request("POST", "/observe", {"user": 3, "items": [rec["items"][2]], "kind": "click"})
+        st, _ = client.request("POST", "/observe", {"user": 3, "items": [rec["items"][2]], "kind": "click"},
+                               headers=AUTH)
         assert st == 200
         for bad in ({"user": 3, "item": 1, "kind": "impression"}, {"user": 3, "item": 1, "value": "x"},
                     {"user": 3, "item": 1, "request_id": ""}, {"user": 3}):
-            assert client.request("POST", "/feedback", bad)[0] == 422, bad
-        assert client.request("POST", "/feedback", {"user": 3, "item": 10**7})[0] == 400
-        assert client.request("POST", "/feedback", {"user": 3, "item": 1, "kind": "rating"})[0] == 400
+            assert client.request("POST", "/feedback", bad, headers=AUTH)[0] == 422, bad
+        assert client.request("POST", "/feedback", {"user": 3, "item": 10**7}, headers=AUTH)[0] == 400
+        assert client.request("POST", "/feedback", {"user": 3, "item": 1, "kind": "rating"}, headers=AUTH)[0] == 400
         st, text = client.request("GET", "/metrics")
         v = e.version
         assert _metric(text, f'rec_engine_recommendations_total{{version="{v}"}}') == 1

@@ -90,6 +90,22 @@ def test_truncated_npy_with_recomputed_hash_is_a_bundle_error(tmp_path):
         b.table("t")
 
 
+@pytest.mark.parametrize("shape", [(4_000_000_000_000, 3), (5, 3), (3, 3), (2, 3, 2, 2)])
+def test_npy_header_claiming_other_bytes_than_the_file_holds_is_refused_before_allocating(tmp_path, shape):
+    p = write_bundle(tmp_path / "b", kind="x", tables={"t": np.ones((4, 3), np.float32)},
+                     arrays={"a": np.ones((4, 3), np.float32)})
+    for rel in ("arrays/a.npy", "tables/t.npy"):         # the same 48 data bytes under a header claiming ``shape``
+        with open(p / rel, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            fh.write(np.ones(12, np.float32).tobytes())
+    _reseal(p)
+    b = open_bundle(p)
+    with pytest.raises(BundleError, match="arrays/a.npy: not a readable .npy array: ValueError: header says"):
+        b.array("a")
+    with pytest.raises(BundleError, match="tables/t.npy: not a readable .npy array"):
+        b.table("t", mmap=False)
+
+
 def test_table_of_a_wrong_shape_is_a_bundle_error(tmp_path):
     p = write_bundle(tmp_path / "b", kind="x", tables={"t": np.ones((4, 3), np.float32)})
     np.save(p / "tables" / "t.npy", np.ones(12, np.float32))

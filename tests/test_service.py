@@ -17,6 +17,7 @@ from rec_engine.engine import Engine  # noqa: E402
 from rec_engine.service import create_app  # noqa: E402
 
 TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}     # the write token: observe, feedback, swap, ...
 MAX_BODY = 64 * 1024
 
 
@@ -45,10 +46,12 @@ class Client:
 
 
 @contextlib.contextmanager
-def running(app):
-    """``app`` served by uvicorn on a free localhost port, in a thread, for the duration of the block."""
+def running(app, **config):
+    """``app`` served by uvicorn on a free localhost port, in a thread, for the duration of the block
+    (``config``: more uvicorn.Config settings)."""
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                        **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -89,7 +92,7 @@ def test_observe_then_recommend_excludes_the_item(server):
     client, _ = server
     _, body = client.request("POST", "/recommend", {"user": 33, "k": 5, "context": CTX})
     top = body["items"][0]
-    status, ob = client.request("POST", "/observe", {"user": 33, "items": [top]})
+    status, ob = client.request("POST", "/observe", {"user": 33, "items": [top]}, headers=AUTH)
     assert status == 200 and ob == {"user": 33, "observed": 1}
     _, again = client.request("POST", "/recommend", {"user": 33, "k": 5, "context": CTX})
     assert top not in again["items"]
@@ -151,7 +154,7 @@ def test_malformed_json_and_wrong_content(server):
 
 def test_engine_errors_become_400_with_the_message(server):
     client, _ = server
-    status, body = client.request("POST", "/observe", {"user": 1, "items": [10**6]})
+    status, body = client.request("POST", "/observe", {"user": 1, "items": [10**6]}, headers=AUTH)
     assert status == 400 and "unknown item key 1000000" in body["detail"]
     status, body = client.request("POST", "/recommend", {"user": 1, "context": {"colour": 1}})
     assert status == 400 and "colour" in body["detail"]
@@ -160,12 +163,13 @@ def test_engine_errors_become_400_with_the_message(server):
 def test_huge_bodies_get_413(server):
     client, _ = server
     big = {"user": 1, "items": list(range(30000))}
-    status, body = client.request("POST", "/observe", big)
+    status, body = client.request("POST", "/observe", big, headers=AUTH)
     assert status == 413 and "larger than" in body["detail"]
     # without a Content-Length (chunked), the bound still holds
     conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
     conn.putrequest("POST", "/observe")
     conn.putheader("Content-Type", "application/json")
+    conn.putheader("Authorization", AUTH["Authorization"])
     conn.putheader("Transfer-Encoding", "chunked")
     conn.endheaders()
     chunk = b" " * 32768
@@ -244,7 +248,7 @@ def test_chunked_requests_are_read_whole_and_bounded(server):
     def chunked(body: bytes, path="/recommend"):
         conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
         parts = [body[i:i + 7] for i in range(0, len(body), 7)]
-        conn.request("POST", path, body=iter(parts), headers={"Content-Type": "application/json"},
+        conn.request("POST", path, body=iter(parts), headers={"Content-Type": "application/json", **AUTH},
                      encode_chunked=True)
         resp = conn.getresponse()
         out = resp.status, json.loads(resp.read().decode())

@@ -25,9 +25,10 @@ CONTEXTS = [None, {}, {"hour": 9.0, "device": "android"}, {"hour": 3.0}, {"devic
             {"hour": 21.0, "device": "never-seen"}]
 
 
-def _get(conn: http.client.HTTPConnection, method: str, path: str, body=None):
+def _get(conn: http.client.HTTPConnection, method: str, path: str, body=None, token: str | None = None):
+    auth = {} if token is None else {"Authorization": f"Bearer {token}"}
     conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
-                 headers={"Content-Type": "application/json"})
+                 headers={"Content-Type": "application/json", **auth})
     resp = conn.getresponse()
     return resp.status, json.loads(resp.read().decode())
 
@@ -45,9 +46,11 @@ def test_two_workers_start_and_both_answer(trained, tmp_path):
     cmd = [sys.executable, "-m", "rec_engine.cli", "serve", str(trained.bundle("pipe_a")), "--port", str(port),
            "--workers", "2", "--log-level", "warning", "--event-log", str(tmp_path / "events.jsonl")]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "REC_ENGINE_TOKEN": "w", "REC_ENGINE_READ_TOKEN": "r"})
     try:
         answers = {}                          # worker pid -> its /recommend answer
+        refused = {}                          # worker pid -> (recommend, observe) statuses without / with a read token
         deadline = time.monotonic() + 60
         while len(answers) < 2:
             assert proc.poll() is None, f"the server exited: {log.read_text()}"
@@ -55,7 +58,9 @@ def test_two_workers_start_and_both_answer(trained, tmp_path):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             try:                              # a new connection each time: the kernel picks the worker
                 status, health = _get(conn, "GET", "/healthz")
-                status_r, rec = _get(conn, "POST", "/recommend", {"user": 7, "k": 5})
+                status_r, rec = _get(conn, "POST", "/recommend", {"user": 7, "k": 5}, token="r")
+                refused[health["pid"]] = (_get(conn, "POST", "/recommend", {"user": 7, "k": 5})[0],
+                                          _get(conn, "POST", "/observe", {"user": 7, "items": [1]}, token="r")[0])
             except OSError:
                 time.sleep(0.2)
                 continue
@@ -67,8 +72,11 @@ def test_two_workers_start_and_both_answer(trained, tmp_path):
         assert proc.pid not in pids and all(_parent_pid(p) == proc.pid for p in pids)
         first, second = (answers[p] for p in pids)
         assert first["items"] == second["items"] and first["version"] == second["version"]
+        assert all(refused[p] == (401, 401) for p in pids), refused      # every worker holds the tokens
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        status, body = _get(conn, "POST", "/swap", {"bundle": str(trained.bundle("pipe_b"))})
+        status, _ = _get(conn, "POST", "/observe", {"user": 7, "items": [1]}, token="w")
+        assert status == 200
+        status, body = _get(conn, "POST", "/swap", {"bundle": str(trained.bundle("pipe_b"))}, token="w")
         conn.close()
         assert status == 409 and "several worker processes" in body["detail"]
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,6 +58,15 @@ def onnx_session(model, sess_options=None, *, what: str = "ONNX model"):
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     """np.load of a bundle file; a malformed file (header, size, dtype) raises BundleError naming it."""
     try:
+        with open(path, "rb") as fh:            # header first: the array's bytes must be exactly what the file holds,
+            version = np.lib.format.read_magic(fh)          # so nothing is allocated from a header's claim alone
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read(fh)
+            need = fh.tell() + math.prod(shape) * dtype.itemsize
+            have = os.fstat(fh.fileno()).st_size
+        if dtype.hasobject or need != have:
+            raise ValueError(f"header says shape {shape} of {dtype} ({need} bytes with the header), the file has "
+                             f"{have} bytes" if not dtype.hasobject else "object arrays are not allowed")
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as e:   # numpy's header parser raises ValueError, EOFError, SyntaxError, TokenError, ...
         raise BundleError(f"{path}: not a readable .npy array: {type(e).__name__}: {e}") from None

@@ -28,6 +28,9 @@ def _serve(args) -> int:
     if args.events is not None and args.event_log is not None:
         raise ValueError("give --events or its older name --event-log, not both")
     serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
+          read_token=os.environ.get(args.read_token_env) or None, rate_limit=args.rate_limit,
+          rate_burst=args.rate_burst, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+          bundle_root=args.bundle_root,
           max_body=args.max_body, workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch,
           log_level=args.log_level, events=args.events or args.event_log, ort_threads=args.ort_threads,
           num_threads=args.threads, index=args.index, ranking_precision=args.ranking_precision,
@@ -93,7 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--token-env", default="REC_ENGINE_TOKEN",
-                     help="environment variable holding the token that guards POST /swap (unset: swap disabled)")
+                     help="environment variable holding the write token: observe, feedback, forget, swap, A/B and "
+                          "catalogue changes need 'Authorization: Bearer <it>' (unset: observe and feedback open, "
+                          "the others disabled)")
+    srv.add_argument("--read-token-env", default="REC_ENGINE_READ_TOKEN",
+                     help="environment variable holding the read token: when set, recommend, similar items/users, "
+                          "profiles and /metrics need it (or the write token)")
+    srv.add_argument("--rate-limit", type=float, default=None,
+                     help="requests a second per client address (429 with Retry-After past it; default: no limit)")
+    srv.add_argument("--rate-burst", type=float, default=None, help="burst allowed above --rate-limit (default: "
+                                                                    "one second's worth)")
+    srv.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds for a request body to arrive whole (408 past it)")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds for a request head to arrive (the connection is closed past it)")
+    srv.add_argument("--bundle-root", default=None,
+                     help="POST /swap and /ab load only bundles under this directory (default: the directory "
+                          "holding BUNDLE)")
     srv.add_argument("--events", default=None,
                      help="the event store: a SQLite file (created if missing), a redis://host:port/db URL (a stream "
                           "shared by replicas), or an older release's .jsonl log (imported once into the .db beside "

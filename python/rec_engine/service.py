@@ -63,6 +63,7 @@ from typing_extensions import Annotated
 
 from ._core import RecEngineError
 from .engine import Engine, Recommendation
+from .http_guard import Guard, bundle_under, protocol_class
 
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_KEY_LENGTH = 1024
@@ -315,53 +316,6 @@ class Coalescer:
             batch.done.set()
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body over ``max_body`` bytes gets 413, whether its size is announced
-    (``Content-Length``) or not (``Transfer-Encoding: chunked``: the body is read here, up to the limit, and
-    handed to the app whole). Pure ASGI, so the app receives exactly the body the client sent."""
-
-    def __init__(self, app, max_body: int):
-        self.app, self.max_body = app, max_body
-
-    async def _too_large(self, send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_body:
-                return await self._too_large(send)
-            return await self.app(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:                                     # read the chunked body, bounded
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return None
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await self._too_large(send)
-            chunks.append(chunk)
-            more = msg.get("more_body", False)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()                      # afterwards: the client's disconnect, if any
-
-        return await self.app(scope, replay, send)
-
-
 class _ServedMetrics:
     """Feedback metrics per model version in /metrics: recommendations, items shown, feedback events by kind
     (tied to a version through the request id of the answer they refer to, for the most recent
@@ -418,11 +372,20 @@ class _ServedMetrics:
 
 def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 << 20, coalesce_us: int = 0,
                max_batch: int = 32, swap_refusal: str | None = None, close_engine: bool = False,
-               coalesce_idle_start: bool = True) -> FastAPI:
+               coalesce_idle_start: bool = True, read_token: str | None = None, rate_limit: float | None = None,
+               rate_burst: float | None = None, body_timeout_s: float | None = 30.0,
+               bundle_root: str | os.PathLike | None = None) -> FastAPI:
     """The ASGI app serving ``engine``.
 
-    ``token`` guards ``/swap`` (no token: swapping over HTTP is off; ``swap_refusal``: always refused with
-    409 and that message). ``coalesce_us > 0`` coalesces concurrent single ``/recommend`` requests into
+    ``token`` (the write token) guards the write endpoints: observe, feedback, forget, swap, A/B and catalogue
+    changes (no token: observe and feedback are open, the others off with 403; ``swap_refusal``: swap, A/B
+    and catalogue changes always refused with 409 and that message). ``read_token``: reads need it (or the
+    write token). ``rate_limit`` requests a second per client address (bursts of ``rate_burst``; 429 past
+    it), ``max_body`` bytes and ``body_timeout_s`` seconds for a request body (413 / 408); see
+    :mod:`rec_engine.http_guard`. ``bundle_root``: ``/swap`` and ``/ab`` load only bundles under it (None:
+    anywhere, for an app built in-process; ``serve`` always sets one).
+
+    ``coalesce_us > 0`` coalesces concurrent single ``/recommend`` requests into
     batches of up to ``max_batch`` (see :class:`Coalescer`; ``coalesce_idle_start``: its ``idle_start``). ``close_engine``: close the engine when the
     server shuts down (the app owns it)."""
     lifespan = None
@@ -450,7 +413,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     app.state.registry = registry
     app.state.coalescer = coalescer
 
-    app.add_middleware(_BodyLimit, max_body=max_body)     # inside the counting middleware below
+    app.add_middleware(Guard, token=token, read_token=read_token, max_body=max_body,     # inside the counting
+                       body_timeout_s=body_timeout_s, rate=rate_limit, burst=rate_burst)   # middleware below
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -567,6 +531,14 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required")
 
+    def _under_root(bundle: str) -> str:
+        if bundle_root is None:
+            return bundle
+        try:
+            return bundle_under(bundle, bundle_root)
+        except (PermissionError, ValueError) as e:
+            raise HTTPException(403, detail=str(e)) from None
+
     @app.post("/forget")
     def forget(req: ForgetRequest, authorization: Optional[str] = Header(default=None)):
         _authorize(authorization, "forgetting users")
@@ -613,8 +585,9 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         if req.bundle is None or req.fraction == 0:
             engine.clear_candidate()
             return {"ab": None, "version": engine.version}
+        bundle = _under_root(req.bundle)
         try:
-            engine.set_candidate(req.bundle, req.fraction)
+            engine.set_candidate(bundle, req.fraction)
         except Exception as e:      # noqa: BLE001 - any bundle that does not load (bad meta types, ONNX Runtime's
             # own errors on a corrupt model) is the request's fault: the serving version is untouched
             raise HTTPException(422, detail=f"candidate not loaded, still serving {engine.version}: "
@@ -626,8 +599,9 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
         _authorize(authorization, "swapping")
+        bundle = _under_root(req.bundle)
         try:
-            version = engine.swap(req.bundle)
+            version = engine.swap(bundle)
         except Exception as e:      # noqa: BLE001 - as for /ab: whatever the new bundle does wrong, 422
             raise HTTPException(422, detail=f"swap failed, still serving {engine.version}: "
                                             f"{type(e).__name__}: {e}") from None
@@ -668,13 +642,23 @@ def _app_from_env() -> FastAPI:
     options.setdefault("scan_memory", "mmap")
     options.setdefault("num_threads", 1)
     engine = Engine.load(cfg["bundle"], **options)
+    guard = {k: cfg[k] for k in _GUARD_OPTIONS if k in cfg}
     return create_app(engine, max_body=cfg.get("max_body", 1 << 20), coalesce_us=cfg.get("coalesce_us", 0),
-                      max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True)
+                      max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True,
+                      token=os.environ.get(cfg["token_env"]) if cfg.get("token_env") else None,
+                      read_token=os.environ.get(cfg["read_token_env"]) if cfg.get("read_token_env") else None,
+                      **guard)
+
+
+_TOKEN_ENV, _READ_TOKEN_ENV = "REC_ENGINE_WORKER_TOKEN", "REC_ENGINE_WORKER_READ_TOKEN"
+_GUARD_OPTIONS = ("rate_limit", "rate_burst", "body_timeout_s", "bundle_root")
 
 
 def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
-          log_level: str = "info", **engine_options) -> None:
+          log_level: str = "info", read_token: str | None = None, rate_limit: float | None = None,
+          rate_burst: float | None = None, body_timeout_s: float | None = 30.0, header_timeout_s: float = 10.0,
+          bundle_root: str | os.PathLike | None = None, **engine_options) -> None:
     """Load ``bundle`` (or a model home: its ``CURRENT`` version) and serve it with uvicorn until interrupted.
     ``engine_options`` are :class:`~rec_engine.engine.Engine`'s (``events``, ``index``, ``num_threads``, ...);
     ``scan_memory`` defaults to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the
@@ -687,6 +671,11 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     (``follow_events_s``, default 0.2 s here), so an event observed by one worker reaches the others within
     that delay. ``/swap`` and ``/ab`` are refused with 409, since they would reach one worker: restart with
     the new bundle (or point the model home's ``CURRENT`` at it and restart).
+
+    Security (:mod:`rec_engine.http_guard`): ``token`` guards the write endpoints, ``read_token`` the reads;
+    ``rate_limit`` requests/s per client address; ``max_body`` / ``body_timeout_s`` bound a request body,
+    ``header_timeout_s`` a request head. ``/swap`` and ``/ab`` load only bundles under ``bundle_root``
+    (default: the directory that holds ``bundle``).
     """
     import uvicorn
 
@@ -697,14 +686,28 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     opts = {k: v for k, v in engine_options.items() if v is not None}
+    http = protocol_class(header_timeout_s)
+    bundle_root = os.path.abspath(bundle_root if bundle_root is not None
+                                  else os.path.dirname(os.path.abspath(os.fspath(bundle))))
+    if not os.path.isdir(bundle_root):
+        raise ValueError(f"bundle_root {bundle_root!r} is not a directory")
+    guard = {"rate_limit": rate_limit, "rate_burst": rate_burst, "body_timeout_s": body_timeout_s,
+             "bundle_root": bundle_root}
+    Guard(None, token=token, read_token=read_token, max_body=max_body, body_timeout_s=body_timeout_s,
+          rate=rate_limit, burst=rate_burst)          # a wrong setting fails here, before anything loads
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        import warnings
+        warnings.warn(f"serving on {host} without a write token: anyone who reaches it can observe and "
+                      f"give feedback (set REC_ENGINE_TOKEN)", stacklevel=2)
     if "event_log" in opts:
         opts.setdefault("events", opts.pop("event_log"))
     if workers == 1:
         opts.setdefault("scan_memory", "copy")
         engine = Engine.load(bundle, **opts)
         try:
-            app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch)
-            uvicorn.run(app, host=host, port=port, log_level=log_level)
+            app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch,
+                             read_token=read_token, **guard)
+            uvicorn.run(app, host=host, port=port, log_level=log_level, http=http)
         finally:
             engine.close()
         return
@@ -720,8 +723,13 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
         got = opts.get(name)
         if isinstance(got, (str, os.PathLike)) and not str(got).startswith(("redis://", "rediss://", "unix://")):
             opts[name] = os.path.abspath(got)
+    for name, value in ((_TOKEN_ENV, token), (_READ_TOKEN_ENV, read_token)):    # tokens: never in the settings
+        if value is not None:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
     os.environ[SETTINGS_ENV] = json.dumps({
         "bundle": os.path.abspath(bundle), "engine": opts, "max_body": max_body, "coalesce_us": coalesce_us,
-        "max_batch": max_batch})
+        "max_batch": max_batch, "token_env": _TOKEN_ENV, "read_token_env": _READ_TOKEN_ENV, **guard})
     uvicorn.run("rec_engine.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+                log_level=log_level, http=http)
