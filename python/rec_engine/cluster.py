@@ -731,11 +731,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"rec-engine cluster: {e}") from None
     print(f"rec-engine cluster: {args.shards} shards x {args.shard_replicas}, {args.replicas} ingress replicas, "
           f"version {version_id(args.bundle)}, http://{args.host}:{args.port}/recommend", flush=True)
+    import signal
+
+    def stop(signum, frame):           # SIGTERM: shut Serve and the local Ray cluster down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 
