@@ -271,3 +271,90 @@ def test_non_finite_or_nested_context_values_get_422(server, raw):
     client, _ = server
     st, body = client.request("POST", "/recommend", raw=raw)
     assert st == 422 and "context" in body["detail"], body
+
+
+# ---- the published schema (issue 18: it must agree with every answer; scripts/schemathesis.sh checks it live)
+_DECLARED = {   # (method, path): the statuses each operation declares; 401/408/413/429 come from the guard
+    ("post", "/recommend"): {200, 400, 422}, ("get", "/users/{key}/profile"): {200, 400, 404, 422},
+    ("post", "/observe"): {200, 400, 422}, ("post", "/feedback"): {200, 400, 422},
+    ("post", "/similar_items"): {200, 400, 422}, ("post", "/similar_users"): {200, 400, 422},
+    ("post", "/forget"): {200, 400, 403, 422}, ("post", "/items"): {200, 400, 403, 409, 422},
+    ("post", "/items/remove"): {200, 400, 403, 409, 422}, ("post", "/ab"): {200, 400, 403, 409, 422},
+    ("post", "/swap"): {200, 400, 403, 409, 422}, ("get", "/metrics"): {200},
+}
+
+
+ERROR_REF = "#/components/schemas/ErrorResponse"
+
+
+def test_openapi_declares_every_status_with_the_string_detail_shape(server):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    client, _ = server
+    status, doc = client.request("GET", "/openapi.json")
+    assert status == 200
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas    # FastAPI's list shape
+    assert schemas["ErrorResponse"]["properties"]["detail"]["type"] == "string"
+    assert schemas["ErrorResponse"]["required"] == ["detail"]
+    bearer = doc["components"]["securitySchemes"]["bearer"]
+    assert bearer["type"] == "http" and bearer["scheme"] == "bearer"
+    ops = {(m, p): op for p, methods in doc["paths"].items() for m, op in methods.items()}
+    assert set(ops) == set(_DECLARED) | {("get", "/healthz")}
+    assert set(ops[("get", "/healthz")]["responses"]) == {"200"}
+    for key, want in _DECLARED.items():
+        op = ops[key]
+        assert {int(c) for c in op["responses"]} == want | {401, 408, 413, 429}, key
+        for code, resp in op["responses"].items():
+            if code != "200":
+                assert resp["content"] == {"application/json": {"schema": {"$ref": ERROR_REF}}}
+        assert op["responses"]["429"]["headers"]["Retry-After"]["required"] is True
+        assert not any(p["name"].lower() == "authorization" for p in op.get("parameters", ())), key
+        assert {"bearer": []} in op["security"]
+        if key[1] != "/metrics":
+            ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            assert schemas[ref.rsplit("/", 1)[1]]["type"] == "object" and schemas[ref.rsplit("/", 1)[1]]["required"]
+    metrics_200 = ops[("get", "/metrics")]["responses"]["200"]["content"]
+    assert metrics_200 == {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}
+    assert ops[("post", "/swap")]["security"] == [{"bearer": []}]
+
+
+def test_answers_match_their_published_models(server):
+    from rec_engine.service import (ErrorResponse, HealthResponse, ObserveResponse, RecommendResponse,
+                                    SimilarItemsResponse)
+
+    client, _ = server
+    for path, body, model in (("/recommend", {"user": 5, "k": 4, "context": CTX, "return_ids": True},
+                               RecommendResponse),
+                              ("/recommend", {"user": 987654, "k": 2}, RecommendResponse),
+                              ("/similar_items", {"item": 3, "k": 3}, SimilarItemsResponse),
+                              ("/observe", {"user": 7, "items": [2]}, ObserveResponse)):
+        status, got = client.request("POST", path, body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200, got
+        model.model_validate(got)
+    status, got = client.request("GET", "/healthz")
+    assert status == 200
+    HealthResponse.model_validate(got)
+    status, got = client.request("POST", "/recommend", {"user": "x"})
+    assert status == 400
+    ErrorResponse.model_validate(got)
+
+
+@pytest.mark.parametrize("path, raw, status, fragment", [
+    # schemathesis: vectors of different lengths were a ValueError in numpy (500)
+    ("/items", b'{"items": [{"key": 900001, "vector": [0.5]}, {"key": 900002, "vector": [1.0, 2.0]}]}', 422,
+     "different lengths"),
+    # a finite JSON number past float32's range would become inf in the vector table
+    ("/items", b'{"items": [{"key": 900001, "vector": [-1.7976931348623157e+308]}]}', 422, "vector"),
+    ("/items", b'{"items": [{"key": 900001, "vector": []}]}', 422, "vector"),
+    # a body that is not UTF-8: FastAPI's own 400, declared on every operation with a body
+    ("/swap", b'\xff\xfeS', 400, "parsing the body"),
+    ("/ab", b'\xc3', 400, "parsing the body"),
+    ("/recommend", b'\xff', 400, "parsing the body"),
+])
+def test_schemathesis_findings_get_a_documented_4xx_with_a_string_detail(server, path, raw, status, fragment):
+    client, engine = server
+    n_items = engine.n_items
+    got_status, body = client.request("POST", path, raw=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert got_status == status and isinstance(body["detail"], str) and fragment in body["detail"], body
+    assert engine.n_items == n_items

@@ -58,12 +58,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import Annotated
 
 from ._core import RecEngineError
 from .engine import Engine, Recommendation
-from .http_guard import Guard, bundle_under, protocol_class
+from .http_guard import OPEN_PATHS, WRITE_PATHS, Guard, bundle_under, protocol_class
 
 MAX_ITEMS_PER_REQUEST = 10_000
 MAX_KEY_LENGTH = 1024
@@ -76,7 +76,9 @@ ENGINE_ERRORS = (ValueError, TypeError, IndexError, RecEngineError)
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"user": 12, "k": 5,
+                                                               "context": {"hour": 9.0, "device": "android"}}]})
     user: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
     exclude_seen: bool = True
@@ -109,7 +111,8 @@ RequestId = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class ObserveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"user": 12, "items": [3, 4], "kind": "click"}]})
     user: Key
     items: list[Key] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
     kind: FeedbackKind = "click"
@@ -117,7 +120,8 @@ class ObserveRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"user": 12, "item": 3, "kind": "rating", "value": 4.5}]})
     user: Key
     item: Key
     kind: FeedbackKind = "click"
@@ -126,7 +130,8 @@ class FeedbackRequest(BaseModel):
 
 
 class SimilarItemsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"item": 3, "k": 5}]})
     item: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
     by: Literal["collaborative", "content", "blend"] = "collaborative"
@@ -135,43 +140,219 @@ class SimilarItemsRequest(BaseModel):
 
 
 class SimilarUsersRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"user": 12, "k": 5}]})
     user: Key
     k: int = Field(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)
+
+
+_F32_MAX = 3.4e38     # a vector's values must fit a float32 (larger ones would become inf)
 
 
 class NewItem(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     key: Key
-    vector: Optional[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(default=None, max_length=4096)
+    vector: Optional[list[Annotated[float, Field(allow_inf_nan=False, ge=-_F32_MAX, le=_F32_MAX)]]] = Field(
+        default=None, min_length=1, max_length=4096)
     text: Optional[str] = Field(default=None, max_length=100_000)
     features: Optional[dict[str, Any]] = None
 
 
 class AddItemsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"items": [{"key": 100000}]}]})
     items: list[NewItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+
+    @model_validator(mode="after")
+    def _one_dimension(self):
+        """The items' vectors are one table: the same length for all."""
+        dims = {len(it.vector) for it in self.items if it.vector is not None}
+        if len(dims) > 1:
+            raise ValueError(f"items: the vectors have different lengths {sorted(dims)}; give one length for all")
+        return self
 
 
 class RemoveItemsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"items": [7]}]})
     items: list[Key] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class ForgetRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"user": 12}]})
     user: Key
 
 
 class AbRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"bundle": "/srv/bundles/candidate", "fraction": 0.1}]})
     bundle: Optional[str] = Field(default=None, min_length=1)
     fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class SwapRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"bundle": "/srv/bundles/v2"}]})
     bundle: str = Field(min_length=1)
+
+
+# ---- the published schema (/openapi.json): what every answer looks like
+OutKey = Union[int, str]          # a key in an answer: the bundle's own, as stored
+# a (name, weight) pair as a two-element array (no tuple schema: prefixItems is not read by every OpenAPI tool)
+_Pair = Annotated[list[Union[str, float]], Field(min_length=2, max_length=2)]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer (4xx), whichever layer gives it: the message as a string."""
+    detail: str
+
+
+class RecommendResponse(BaseModel):
+    user: OutKey
+    items: list[OutKey]
+    scores: list[float]
+    version: str
+    request_id: Optional[str]
+    fallback: bool
+    timings: dict[str, float]
+    ids: Optional[list[int]] = Field(default=None, description="dense item ids (return_ids)")
+    explored: Optional[list[int]] = Field(default=None, description="positions of explored items")
+    explanations: Optional[list[list[_Pair]]] = Field(
+        default=None, description="per item: (tag, contribution) pairs (explain)")
+
+
+class ProfileResponse(BaseModel):
+    user: OutKey
+    now: float
+    tags: list[_Pair]
+    vectors: dict[str, list[float]]
+    counts: dict[str, int]
+    first_ts: float
+    last_ts: float
+    n_positive: int
+
+
+class ObserveResponse(BaseModel):
+    user: OutKey
+    observed: int
+
+
+class FeedbackResponse(BaseModel):
+    user: OutKey
+    kind: FeedbackKind
+
+
+class SimilarItemsResponse(BaseModel):
+    item: OutKey
+    items: list[OutKey]
+    scores: list[float]
+    version: str
+
+
+class SimilarUsersResponse(BaseModel):
+    user: OutKey
+    users: list[OutKey]
+    scores: list[float]
+    version: str
+
+
+class ForgetResponse(BaseModel):
+    user: OutKey
+    events_erased: int
+
+
+class AddItemsResponse(BaseModel):
+    added: int
+    items: int = Field(description="items in the catalogue now")
+
+
+class RemoveItemsResponse(BaseModel):
+    removed: int
+
+
+class AbResponse(BaseModel):
+    ab: Optional[dict[str, Any]] = Field(description="control, candidate and fraction; null: no A/B serving")
+    version: str
+
+
+class SwapResponse(BaseModel):
+    version: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    version: str
+    items: int
+    pid: int
+    ab: Optional[dict[str, Any]]
+
+
+_ERRORS = {
+    400: "a key of the wrong type, an unknown item, a value the model refuses, or a body that cannot be "
+         "parsed (not UTF-8)",
+    401: "a valid 'Authorization: Bearer <token>' header is required (the write token for writes; the read "
+         "token, or the write token, for reads when the server has a read token)",
+    403: "disabled: the server has no write token, or the bundle lies outside the server's bundle root",
+    404: "no such profile (the user has fewer events than the profile minimum)",
+    408: "the request body was not received in time (the connection is closed)",
+    409: "refused: the server runs several worker processes",
+    413: "the request body is larger than the server's limit",
+    422: "the request is invalid (its fields, their types or ranges), or the bundle did not load",
+    429: "rate limited: retry after the Retry-After header's seconds",
+}
+_GUARDED = (401, 408, 413, 429)   # the guard in front of the app may answer these on every route but /healthz
+
+
+def _doc(ok: type[BaseModel] | None, *codes: int) -> dict:
+    """``responses=`` of a route: its 200 answer's model and, for each status, the error shape (a JSON
+    object with a string ``detail``; explicit content, so a route whose 200 is not JSON keeps JSON errors)."""
+    out: dict = {} if ok is None else {200: {"model": ok}}
+    for code in sorted(set(codes)):
+        out[code] = {"description": _ERRORS[code],
+                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        if code == 429:
+            out[code]["headers"] = {"Retry-After": {"description": "seconds to wait", "required": True,
+                                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    return out
+
+
+class _PrometheusText(Response):
+    """/metrics: Prometheus' text exposition format (a string)."""
+    media_type = CONTENT_TYPE_LATEST
+
+
+def _publish_schema(app: FastAPI) -> None:
+    """``app.openapi()`` made to agree with the answers: the string-detail error model in place of FastAPI's
+    list-shaped 422 (our handler replaces it), the bearer scheme instead of a plain ``authorization`` header
+    parameter, ``security`` per operation (required on writes, optional on reads: needed when the server
+    has a read token)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        doc["components"]["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer", "description": _ERRORS[401]}}
+        for path, ops in doc.get("paths", {}).items():
+            for op in ops.values():
+                params = [p for p in op.get("parameters", ())
+                          if not (p.get("in") == "header" and p.get("name", "").lower() == "authorization")]
+                if params:
+                    op["parameters"] = params
+                else:
+                    op.pop("parameters", None)
+                if path not in OPEN_PATHS:
+                    op["security"] = [{"bearer": []}] if path in WRITE_PATHS else [{"bearer": []}, {}]
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
 
 
 class _Batch:
@@ -438,7 +619,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     def _bad(e: Exception) -> HTTPException:
         return HTTPException(400, detail=f"{type(e).__name__}: {e}")
 
-    @app.post("/recommend")
+    @app.post("/recommend", responses=_doc(RecommendResponse, 400, 422, *_GUARDED))
     def recommend(req: RecommendRequest):
         try:
             tail = {k: getattr(req, k) for k in ("diversity", "debias", "explore") if getattr(req, k) is not None}
@@ -469,7 +650,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             out["explanations"] = [[[t, c] for t, c in ex] for ex, k_ in zip(rec.explanations, keep) if k_]
         return out
 
-    @app.get("/users/{key}/profile")
+    @app.get("/users/{key}/profile", responses=_doc(ProfileResponse, 400, 404, 422, *_GUARDED))
     def user_profile(key: str, top: int = Query(default=10, ge=0, le=MAX_ITEMS_PER_REQUEST)):
         """The user's profile (the engine's ``profiles`` option): interest tags, preference vectors, counters."""
         user: Any = key
@@ -486,7 +667,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise HTTPException(404, detail=f"no profile for user {key!r} (fewer events than the profile minimum)")
         return got
 
-    @app.post("/observe")
+    @app.post("/observe", responses=_doc(ObserveResponse, 400, 422, *_GUARDED))
     def observe(req: ObserveRequest):
         try:
             engine.observe(req.user, req.items, kind=req.kind, request_id=req.request_id)
@@ -495,7 +676,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         served.feedback(req.kind, req.request_id, len(req.items))
         return {"user": req.user, "observed": len(req.items)}
 
-    @app.post("/feedback")
+    @app.post("/feedback", responses=_doc(FeedbackResponse, 400, 422, *_GUARDED))
     def feedback(req: FeedbackRequest):
         try:
             engine.feedback(req.user, req.item, kind=req.kind, request_id=req.request_id, value=req.value)
@@ -508,7 +689,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         keep = rec.ids >= 0
         return {name: rec.items[keep].tolist(), "scores": rec.scores[keep].tolist(), "version": rec.version}
 
-    @app.post("/similar_items")
+    @app.post("/similar_items", responses=_doc(SimilarItemsResponse, 400, 422, *_GUARDED))
     def similar_items(req: SimilarItemsRequest):
         try:
             rec = engine.similar_items(req.item, req.k, by=req.by, alpha=req.alpha, exclude=req.exclude)
@@ -516,7 +697,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         return {"item": req.item, **_neighbours(rec, "items")}
 
-    @app.post("/similar_users")
+    @app.post("/similar_users", responses=_doc(SimilarUsersResponse, 400, 422, *_GUARDED))
     def similar_users(req: SimilarUsersRequest):
         try:
             rec = engine.similar_users(req.user, req.k)
@@ -539,7 +720,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         except (PermissionError, ValueError) as e:
             raise HTTPException(403, detail=str(e)) from None
 
-    @app.post("/forget")
+    @app.post("/forget", responses=_doc(ForgetResponse, 400, 403, 422, *_GUARDED))
     def forget(req: ForgetRequest, authorization: Optional[str] = Header(default=None)):
         _authorize(authorization, "forgetting users")
         try:
@@ -548,7 +729,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         return {"user": req.user, "events_erased": n}
 
-    @app.post("/items")
+    @app.post("/items", responses=_doc(AddItemsResponse, 400, 403, 409, 422, *_GUARDED))
     def add_items(req: AddItemsRequest, authorization: Optional[str] = Header(default=None)):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
@@ -566,7 +747,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         return {"added": len(ids), "items": engine.n_items}
 
-    @app.post("/items/remove")
+    @app.post("/items/remove", responses=_doc(RemoveItemsResponse, 400, 403, 409, 422, *_GUARDED))
     def remove_items(req: RemoveItemsRequest, authorization: Optional[str] = Header(default=None)):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
@@ -577,7 +758,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         return {"removed": len(req.items)}
 
-    @app.post("/ab")
+    @app.post("/ab", responses=_doc(AbResponse, 400, 403, 409, 422, *_GUARDED))
     def ab(req: AbRequest, authorization: Optional[str] = Header(default=None)):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
@@ -594,7 +775,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                                             f"{type(e).__name__}: {e}") from None
         return {"ab": engine.ab, "version": engine.version}
 
-    @app.post("/swap")
+    @app.post("/swap", responses=_doc(SwapResponse, 400, 403, 409, 422, *_GUARDED))
     def swap(req: SwapRequest, authorization: Optional[str] = Header(default=None)):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
@@ -607,15 +788,16 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                                             f"{type(e).__name__}: {e}") from None
         return {"version": version}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=_doc(HealthResponse))
     def healthz():
         return {"status": "ok", "version": engine.version, "items": engine.n_items, "pid": os.getpid(),
                 "ab": engine.ab}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=_PrometheusText, responses=_doc(None, *_GUARDED))
     def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    _publish_schema(app)
     known_paths.update(r.path for r in app.routes if hasattr(r, "path"))
     return app
 
