@@ -12,7 +12,7 @@ import pytest
 
 from rec_engine import versions
 from rec_engine.bundle import BundleError
-from rec_engine.engine import Engine
+from rec_engine.engine import Engine, version_tag
 
 from serving_fixtures import trained  # noqa: F401 (fixture)
 
@@ -200,6 +200,20 @@ def test_http_feedback_forget_ab_and_metrics(trained, tmp_path, caplog):  # noqa
         got = {client.request("POST", "/recommend", {"user": u, "k": 2, "context": CTX})[1]["version"]
                for u in range(40)}
         assert got == {body["ab"]["control"], body["ab"]["candidate"]}
+        # feedback is tied to the version whose tag ends its request id, the candidate's included
+        by_version = {}
+        for u in range(40):
+            r = client.request("POST", "/recommend", {"user": u, "k": 2, "context": CTX})[1]
+            assert r["request_id"].endswith(version_tag(r["version"])) and len(r["request_id"]) == 32
+            by_version.setdefault(r["version"], r)
+        cand = body["ab"]["candidate"]
+        r = by_version[cand]
+        clicks = f'rec_engine_feedback_total{{kind="click",version="{cand}"}}'
+        before = _metric(client.request("GET", "/metrics")[1], clicks)
+        assert client.request("POST", "/feedback", {"user": r["user"], "item": r["items"][0],
+                                                    "request_id": r["request_id"]}, headers=auth)[0] == 200
+        text = client.request("GET", "/metrics")[1]
+        assert _metric(text, clicks) == before + 1
         assert client.request("POST", "/ab", {"bundle": str(tmp_path / "nope"), "fraction": 0.5},
                               headers=auth)[0] == 422
         assert client.request("GET", "/healthz")[1]["ab"]["fraction"] == 0.5

@@ -252,3 +252,15 @@ def test_swap_and_ab_load_only_bundles_under_the_root(trained, tmp_path):
             assert st == 200 and engine.version != served
     finally:
         engine.close()
+
+
+def test_malloc_settings_respect_the_environment(monkeypatch):
+    from rec_engine.service import limit_malloc_arenas, trim_heap
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False             # the operator's setting wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    import platform
+    got = limit_malloc_arenas(8)                      # glibc: taken; elsewhere: nothing to do
+    assert got is (platform.libc_ver()[0] == "glibc")
+    trim_heap()

@@ -81,6 +81,12 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _cluster(args) -> int:
+    from .cluster import main as cluster_main
+
+    return cluster_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rec-engine", description="rec_engine command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="int8: store the ranking model's dense part with int8 weights, served by default")
     pl.add_argument("--overwrite", action="store_true")
     pl.set_defaults(handler=_pipeline)
+    cl = sub.add_parser("cluster", add_help=False, prefix_chars="\0",
+                        help="serve a bundle on Ray Serve with the catalogue sharded (needs the cluster extra; "
+                             "rec-engine cluster --help)")
+    cl.add_argument("rest", nargs=argparse.REMAINDER)
+    cl.set_defaults(handler=_cluster)
     from .report import add_report_command
 
     add_report_command(sub)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+import secrets
 import threading
 import time
-import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -341,6 +342,17 @@ class _Version:
                 self._observed.clear()
             self._observed[user] = hit
         return UserState(user, uid, hit[1], hit[0])
+
+
+def version_tag(version: str) -> str:
+    """8 hex digits naming a model version (CRC-32 of its id): the tail of the request ids it answers with."""
+    return f"{zlib.crc32(version.encode()) & 0xFFFFFFFF:08x}"
+
+
+def request_id(version: str) -> str:
+    """A new request id: 24 random hex digits, then the :func:`version_tag` of the version that answered, so
+    feedback can be tied to its version without a table of past answers."""
+    return secrets.token_hex(12) + version_tag(version)
 
 
 class Engine:
@@ -1099,7 +1111,7 @@ class Engine:
         store, rate = self.events, self.impression_sample
         events = []
         for j, rec in enumerate(recs):
-            rec.request_id = uuid.uuid4().hex
+            rec.request_id = request_id(rec.version)
             for ver in (self._version, self._candidate):       # exploration counts every impression
                 ex = getattr(ver, "explorer", None)
                 if ex is not None and ver.id == rec.version:

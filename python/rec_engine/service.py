@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from typing_extensions import Annotated
 
 from ._core import RecEngineError
-from .engine import Engine, Recommendation
+from .engine import Engine, Recommendation, version_tag
 from .http_guard import OPEN_PATHS, WRITE_PATHS, Guard, bundle_under, protocol_class
 
 MAX_ITEMS_PER_REQUEST = 10_000
@@ -499,16 +499,18 @@ class Coalescer:
 
 class _ServedMetrics:
     """Feedback metrics per model version in /metrics: recommendations, items shown, feedback events by kind
-    (tied to a version through the request id of the answer they refer to, for the most recent
-    ``remember`` answers), coverage (distinct items shown / catalogue) and novelty (the shown items' mean
-    self-information, -log2 of their share of the training interactions; its sum per version, so
-    ``novelty_sum / items_shown`` is the mean). Label values are version ids only, never request data."""
+    (tied to the version through the request id of the answer they refer to, whose last 8 hex digits are the
+    version's tag: :func:`~rec_engine.engine.version_tag`; no table of past answers is kept), coverage
+    (distinct items shown / catalogue) and novelty (the shown items' mean self-information, -log2 of their
+    share of the training interactions; its sum per version, so ``novelty_sum / items_shown`` is the mean).
+    Label values are version ids only, never request data. Memory: one bool per item for each of the last
+    ``keep_versions`` versions served, whatever the number of requests."""
 
-    def __init__(self, engine: Engine, registry, remember: int = 100_000):
-        self.engine, self.remember = engine, remember
+    def __init__(self, engine: Engine, registry, keep_versions: int = 4):
+        self.engine, self.keep_versions = engine, keep_versions
         self._lock = threading.Lock()
-        self._versions: OrderedDict = OrderedDict()      # request id -> version id
-        self._seen: dict = {}                            # version id -> bool array of items shown
+        self._tags: dict = {}                            # version tag -> version id
+        self._seen: OrderedDict = OrderedDict()          # version id -> [bool array of items shown, how many]
         self.recs = Counter("rec_engine_recommendations", "Recommendations answered, by model version",
                             ["version"], registry=registry)
         self.items = Counter("rec_engine_items_shown", "Items returned by /recommend, by model version",
@@ -524,19 +526,21 @@ class _ServedMetrics:
         ids = rec.ids[rec.ids >= 0]
         info = self.engine.served_item_info(rec.version)
         with self._lock:
-            if rec.request_id is not None:
-                self._versions[rec.request_id] = rec.version
-                if len(self._versions) > self.remember:
-                    self._versions.popitem(last=False)
+            if rec.version not in self._tags.values():
+                self._tags[version_tag(rec.version)] = rec.version
             if info is not None:
-                seen = self._seen.get(rec.version)
-                if seen is None or len(seen) < len(info):         # first answer, or items were added
+                got = self._seen.get(rec.version)
+                if got is None or len(got[0]) < len(info):         # first answer, or items were added
                     grown = np.zeros(len(info), bool)
-                    if seen is not None:
-                        grown[:len(seen)] = seen
-                    seen = self._seen[rec.version] = grown
-                seen[ids] = True
-                covered = int(seen.sum())
+                    if got is not None:
+                        grown[:len(got[0])] = got[0]
+                    got = self._seen[rec.version] = [grown, int(grown.sum())]
+                self._seen.move_to_end(rec.version)
+                while len(self._seen) > self.keep_versions:
+                    self._seen.popitem(last=False)
+                got[1] += len(ids) - int(np.count_nonzero(got[0][ids]))      # ids of one answer are distinct
+                got[0][ids] = True
+                covered = got[1]
         self.recs.labels(rec.version).inc()
         self.items.labels(rec.version).inc(len(ids))
         if info is not None:
@@ -547,7 +551,7 @@ class _ServedMetrics:
 
     def feedback(self, kind: str, request_id: str | None, n: int) -> None:
         with self._lock:
-            version = self._versions.get(request_id, "unknown") if request_id is not None else "unknown"
+            version = self._tags.get(request_id[-8:], "unknown") if request_id is not None else "unknown"
         self.events.labels(kind, version).inc(n)
 
 
@@ -783,6 +787,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         bundle = _under_root(req.bundle)
         try:
             version = engine.swap(bundle)
+            trim_heap()                   # the old version's memory, freed in the server's many threads
         except Exception as e:      # noqa: BLE001 - as for /ab: whatever the new bundle does wrong, 422
             raise HTTPException(422, detail=f"swap failed, still serving {engine.version}: "
                                             f"{type(e).__name__}: {e}") from None
@@ -802,6 +807,34 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     return app
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """glibc's malloc makes up to 8 arenas per core for the server's threads, and memory freed in one (a
+    swapped-out version's, a large request's) is rarely reused by the others: a long-running server's RSS
+    creeps up. Cap them at ``n`` unless ``MALLOC_ARENA_MAX`` is set. True when glibc took the setting."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(-8, n))          # M_ARENA_MAX
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing): after a swap."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 _MULTI_WORKER_SWAP = ("swapping over HTTP is off with several worker processes (a swap would reach one of "
                       "them): restart the server with the new bundle")
 
@@ -817,6 +850,7 @@ def _app_from_env() -> FastAPI:
     if not raw:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers with rec-engine serve --workers N")
     cfg = json.loads(raw)
+    limit_malloc_arenas()
     options = dict(cfg.get("engine", {}))
     for old in ("event_log", "ort_threads", "num_threads", "index", "ranking_precision", "scan_memory"):
         if cfg.get(old) is not None:                 # settings written by earlier releases
@@ -884,6 +918,7 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     if "event_log" in opts:
         opts.setdefault("events", opts.pop("event_log"))
     if workers == 1:
+        limit_malloc_arenas()
         opts.setdefault("scan_memory", "copy")
         engine = Engine.load(bundle, **opts)
         try:
