@@ -24,6 +24,9 @@ if ! command -v "$CXX_BIN" >/dev/null 2>&1; then
   exit 2
 fi
 jobs="${SANITIZE_JOBS:-2}"
+# the build's own tools (the test extra has cmake and ninja; pybind11 is only a wheel build dependency)
+"$py" -c "import pybind11" 2>/dev/null || "$py" -m pip install -q pybind11
+"$py" -c "import cmake, ninja" 2>/dev/null || "$py" -m pip install -q cmake ninja
 
 PY_TESTS_ASAN=(tests/test_topk.py tests/test_embedding.py tests/test_graph.py tests/test_threads.py
                tests/test_topk_packed_and_quantized.py tests/test_keys.py)

@@ -314,3 +314,20 @@ def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
     after = _replicas_answering(handle, lambda h: h.stats.remote().result(), 2)
     assert all(s["version"] == b.version for s in after.values())
     assert set(after) == set(before), "the swap replaced the replicas instead of reconfiguring them"
+
+
+def test_the_cli_prints_the_serve_config_and_checks_its_options(trained, capsys):
+    pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serve (pip install 'rec_engine[cluster]')")
+    import json
+
+    from rec_engine.cli import main
+
+    bundle = str(trained.bundle("pipe_a"))
+    assert main(["cluster", bundle, "--shards", "3", "--replicas", "2", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)["applications"][0]
+    names = [d["name"] for d in cfg["deployments"]]
+    assert names.count("ingress") == 1 and sorted(n for n in names if n != "ingress") == ["shard0", "shard1", "shard2"]
+    assert all(d["user_config"] == {"bundle": bundle} for d in cfg["deployments"])
+    assert cfg["args"]["shards"] == 3 and cfg["args"]["replicas"] == 2
+    with pytest.raises(SystemExit, match="shards"):
+        main(["cluster", bundle, "--shards", "0"])
