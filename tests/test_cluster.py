@@ -110,6 +110,47 @@ def test_items_added_online_are_scanned_by_the_ingress_and_merged(trained, local
         assert {100_000, 100_001} & set(a.items.tolist())
 
 
+def test_batched_shard_scans_equal_single_scans_bit_for_bit(trained, rng):
+    """ShardScanner.scan_many (what a shard replica runs on a coalesced batch) against one scan per request:
+    random queries, random exclusion lists (empty, None, ids outside the shard, the whole shard), several n,
+    requests of two versions and batches ([B, d]) mixed in, bad requests failing alone."""
+    a, b = trained.bundle("lightgcn"), trained.bundle("pipe_b")
+    va, vb = version_id(a), version_id(b)
+    for shard in range(3):
+        s = ShardScanner(shard, 3)
+        lo, hi = s.load(a)["lo"], s.load(a)["hi"]
+        n_items, d = s.load(a)["n_items"], s.load(a)["dim"]
+        d_b = s.load(b)["dim"]
+        for trial in range(6):
+            reqs = []
+            for j in range(int(rng.integers(1, 17))):
+                path, version, dim = (a, va, d) if rng.random() < 0.8 else (b, vb, d_b)
+                q = (rng.standard_normal(dim) * rng.choice([0.1, 1.0, 10.0])).astype(np.float32)
+                kind = rng.integers(0, 5)
+                ex = (None if kind == 0 else np.zeros(0, np.int64) if kind == 1 else
+                      np.arange(lo, hi) if kind == 2 else rng.choice(n_items, size=int(rng.integers(1, 60)), replace=False))
+                n = int(rng.choice([1, 10, 10, 10, 150]))
+                if rng.random() < 0.1:                      # a batch, as recommend_batch sends
+                    q = rng.standard_normal((5, dim)).astype(np.float32)
+                    ex = None if ex is None else [ex] * 5
+                reqs.append((path, version, q, n, ex))
+            if trial == 5:                                  # bad ones: each fails alone, as its scan would
+                reqs.insert(1, (a, va, np.ones(d + 1, np.float32), 10, None))
+                reqs.insert(3, (a, "0123456789ab", np.ones(d, np.float32), 10, None))
+                reqs.insert(4, (a, va, np.full(d, np.nan, np.float32), 10, None))
+            got = s.scan_many(reqs)
+            assert len(got) == len(reqs)
+            for req, g in zip(reqs, got):
+                try:
+                    want = s.scan(*req)
+                except Exception as e:                      # noqa: BLE001
+                    assert isinstance(g, type(e)) and str(g) == str(e), (g, e)
+                    continue
+                assert isinstance(g, TopK), g
+                np.testing.assert_array_equal(g.ids, want.ids)
+                np.testing.assert_array_equal(g.scores.view(np.int32), want.scores.view(np.int32))
+
+
 def test_shard_refuses_bad_input_and_other_bundles(trained, tmp_path):
     with pytest.raises(ValueError, match="shard must be"):
         ShardScanner(3, 3)
@@ -145,6 +186,7 @@ def test_shards_of_another_bundle_or_shard_count_are_refused_at_load(trained):
 
 # --------------------------------------------------------------------------- on a local Ray cluster
 REDIS_SERVER = shutil.which("redis-server")
+TOKENS = {"REC_ENGINE_TOKEN": "w-" + uuid.uuid4().hex, "REC_ENGINE_READ_TOKEN": "r-" + uuid.uuid4().hex}
 
 
 def _free_port() -> int:
@@ -181,8 +223,8 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(trained, redis_url, tmp_path_factory):
-    """One Serve application for the module: 3 shards, 2 ingress replicas, on a 2-CPU local Ray cluster;
-    the bundle is a model home (its CURRENT is what the swap test changes)."""
+    """One Serve application for the module: 3 shards (batched scans, at most 8), 2 ingress replicas, on a
+    2-CPU local Ray cluster, HTTP on a free port under /rec with a write and a read token."""
     ray = pytest.importorskip("ray", reason="the cluster tests need Ray Serve (pip install 'rec_engine[cluster]')")
     serve = pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serve (pip install 'ray[serve]')")
     from rec_engine.cluster import deploy
@@ -192,10 +234,14 @@ def cluster(trained, redis_url, tmp_path_factory):
     env = {"env_vars": {"PYTHONPATH": pythonpath}}     # rec_engine importable in the workers (a source checkout)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=env)
     stream = f"test:{uuid.uuid4().hex[:10]}"
+    port = _free_port()
+    app_env = {"env_vars": {**env["env_vars"], **TOKENS}}
     opts = dict(shards=3, replicas=2, events=redis_url, stream=stream, ingress_cpus=0.25, shard_cpus=0.25,
-                follow_events_s=0.02, name="test_cluster", route_prefix=None, runtime_env=env)
+                follow_events_s=0.02, name="test_cluster", route_prefix="/rec", runtime_env=app_env, shard_batch=8)
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         handle = deploy(trained.bundle("pipe_a"), **opts)
+        opts["http_port"] = port
         yield handle, opts, serve
     finally:
         serve.shutdown()
@@ -230,6 +276,75 @@ def test_sharded_answers_equal_the_single_process_engine(trained, cluster):
     # both ingress replicas answer (each with its own engine) and agree
     answers = _replicas_answering(handle, lambda h: h.recommend.remote(250, 10, context=CTX).result(), 2)
     assert len(answers) == 2 and len({tuple(a["ids"]) for a in answers.values()}) == 1
+
+
+def test_concurrent_requests_are_batched_at_the_shards_and_answered_exactly(trained, cluster):
+    handle, opts, serve = cluster
+    users = [0, 7, 123, 250, 399, 10_000, 11, 42, 77, 300, 5, 199]
+    with Engine.load(trained.bundle("pipe_a")) as ref:
+        want = {(u, k): ref.recommend(u, k, context=CTX) for u in users for k in (5, 10)}
+        want_batch = ref.recommend_batch(users[:6], 10, context=CTX)
+    shard_handles = [serve.get_deployment_handle(f"shard{i}", app_name=opts["name"]) for i in range(3)]
+    before = [h.stats.remote().result() for h in shard_handles]
+    jobs = [(u, k) for u in users for k in (5, 10)] * 2
+    out: dict = {}
+
+    def one(j):
+        u, k = jobs[j]
+        out[j] = handle.recommend.remote(u, k, context=CTX)
+
+    threads = [threading.Thread(target=one, args=(j,)) for j in range(len(jobs))]
+    batch = handle.recommend_batch.remote(users[:6], 10, context=CTX)       # a [B, d] scan among them
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j, (u, k) in enumerate(jobs):
+        got, ref_rec = out[j].result(), want[(u, k)]
+        assert got["ids"] == ref_rec.ids.tolist(), (u, k)
+        np.testing.assert_array_equal(np.array(got["scores"], np.float32).view(np.int32),
+                                      ref_rec.scores.view(np.int32))
+    assert [b["ids"] for b in batch.result()] == [r.ids.tolist() for r in want_batch]
+    after = [h.stats.remote().result() for h in shard_handles]
+    grew = [(a["batched_requests"] - b["batched_requests"], a["batches"] - b["batches"]) for a, b in zip(after, before)]
+    assert all(r >= len(jobs) // 2 for r, _ in grew), grew    # the scans went through @serve.batch
+    assert any(r > n for r, n in grew), f"no shard coalesced two scans into one batch: {grew}"
+
+
+def _http(port, method, path, body=None, token=None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_needs_the_tokens(trained, cluster):
+    _, opts, _ = cluster
+    port, w, r = opts["http_port"], TOKENS["REC_ENGINE_TOKEN"], TOKENS["REC_ENGINE_READ_TOKEN"]
+    body = {"user": 123, "k": 10, "context": CTX}
+    assert _http(port, "GET", "/rec/healthz")[0] == 200                   # open
+    for token in (None, "wrong", w[:-1]):
+        status, out = _http(port, "POST", "/rec/recommend", body, token)
+        assert status == 401 and "read token" in out["detail"], (token, status, out)
+    with Engine.load(trained.bundle("pipe_a")) as ref:
+        want = ref.recommend(123, 10, context=CTX).ids.tolist()
+    for token in (r, w):                                                  # the read or the write token
+        status, out = _http(port, "POST", "/rec/recommend", body, token)
+        assert status == 200 and out["ids"] == want, (status, out)
+    obs = {"user": 10_001, "items": [want[0]]}
+    for token in (None, r, "wrong"):                                      # observe: the write token only
+        status, out = _http(port, "POST", "/rec/observe", obs, token)
+        assert status == 401 and "write token" in out["detail"], (token, status, out)
+    assert _http(port, "POST", "/rec/observe", obs, w)[0] == 200
 
 
 def test_bad_requests_get_clear_errors(cluster):
@@ -290,7 +405,7 @@ def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
     try:
         time.sleep(1.0)
         t_swap = time.monotonic()
-        deploy(trained.bundle("pipe_b"), **opts)         # only user_config changes: reconfigure in place
+        deploy(trained.bundle("pipe_b"), **{k: v for k, v in opts.items() if k != "http_port"})   # reconfigure
         t_run = time.monotonic()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:        # until both replicas answer from the new version
@@ -316,7 +431,7 @@ def test_a_swap_under_load_loses_no_request(trained, cluster, tmp_path):
     assert set(after) == set(before), "the swap replaced the replicas instead of reconfiguring them"
 
 
-def test_the_cli_prints_the_serve_config_and_checks_its_options(trained, capsys):
+def test_the_cli_prints_the_serve_config_and_checks_its_options(trained, capsys, monkeypatch):
     pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serve (pip install 'rec_engine[cluster]')")
     import json
 
@@ -329,5 +444,23 @@ def test_the_cli_prints_the_serve_config_and_checks_its_options(trained, capsys)
     assert names.count("ingress") == 1 and sorted(n for n in names if n != "ingress") == ["shard0", "shard1", "shard2"]
     assert all(d["user_config"] == {"bundle": bundle} for d in cfg["deployments"])
     assert cfg["args"]["shards"] == 3 and cfg["args"]["replicas"] == 2
+    assert cfg["args"]["shard_batch"] == 16 and "runtime_env" not in cfg
     with pytest.raises(SystemExit, match="shards"):
         main(["cluster", bundle, "--shards", "0"])
+    with pytest.raises(SystemExit, match="shard.batch"):
+        main(["cluster", bundle, "--shards", "2", "--shard-batch", "0"])
+    # tokens reach the replicas through the runtime_env; the printed config holds placeholders, never them
+    monkeypatch.setenv("REC_ENGINE_TOKEN", "secret-write-token")
+    monkeypatch.setenv("REC_ENGINE_READ_TOKEN", "secret-read-token")
+    assert main(["cluster", bundle, "--shards", "2", "--shard-batch", "1", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "secret" not in text
+    cfg = json.loads(text)["applications"][0]
+    assert cfg["runtime_env"] == {"env_vars": {"REC_ENGINE_TOKEN": "<REC_ENGINE_TOKEN>",
+                                               "REC_ENGINE_READ_TOKEN": "<REC_ENGINE_READ_TOKEN>"}}
+    assert cfg["args"]["shard_batch"] == 1
+    from rec_engine.cluster import _guard_from_env
+
+    with pytest.raises(ValueError, match="placeholder"):
+        monkeypatch.setenv("REC_ENGINE_TOKEN", "<REC_ENGINE_TOKEN>")
+        _guard_from_env()

@@ -63,6 +63,11 @@ from .versions import resolve as resolve_bundle
 APP_NAME = "rec_engine"
 DEFAULT_STREAM = "rec_engine:events"
 _NO_IDS = np.zeros(0, np.int64)
+#: Single queries scanned together in one core call by :meth:`ShardScanner.scan_many`: the core scores 1-3
+#: queries on its streaming path, each score summed exactly as for a lone query (4+ take the packed path).
+EXACT_BLOCK = 3
+DEFAULT_SHARD_BATCH = 16          # scan requests a shard replica coalesces at most (1: no batching)
+DEFAULT_BATCH_WAIT_S = 0.002      # how long a shard waits for a batch to fill after its first request
 
 
 # --------------------------------------------------------------------------- shard arithmetic and merging
@@ -266,6 +271,65 @@ class ShardScanner:
         with self._lock:
             return list(self._versions)
 
+    def scan_many(self, requests: Sequence[tuple]) -> list:
+        """Several scans ``(path, version, queries, n, exclude)`` (:meth:`scan`'s arguments) in as few core calls
+        as exactness allows: each answer (a :class:`TopK`, or the exception that scan alone raises, returned
+        in its place) is what :meth:`scan` gives for that request alone, the same ids and float32 scores bit
+        for bit.
+
+        Requests are grouped by ``(path, version, n)``; within a group the single queries (``[d]``) are scanned
+        together, :data:`EXACT_BLOCK` at a time (a ``[<=3, d]`` block with per-query exclusion lists: the core
+        scores 1, 2 or 3 queries on its streaming path, reading the rows once for all of them, and sums each
+        score exactly as for a lone query; 4 or more would take its packed path, whose last bit can differ).
+        A request that is already a batch (``[B, d]``, from ``recommend_batch``) is scanned as it came."""
+        out: list = [None] * len(requests)
+        groups: dict = {}
+        for j, req in enumerate(requests):
+            path, version, queries, n, exclude = req
+            try:
+                key = (str(path), version, int(n))
+            except (TypeError, ValueError) as e:
+                out[j] = e
+                continue
+            groups.setdefault(key, []).append(j)
+        for (path, version, n), members in groups.items():
+            try:
+                s = self._get(path, version)
+            except Exception as e:          # noqa: BLE001 - every member gets the error its own scan gets
+                for j in members:
+                    out[j] = e
+                continue
+            singles = []
+            for j in members:
+                q = requests[j][2]
+                if isinstance(q, np.ndarray) and q.ndim == 1 and q.dtype == np.float32:
+                    singles.append(j)
+                else:
+                    out[j] = self._scan_one(requests[j])
+            for c in range(0, len(singles), EXACT_BLOCK):
+                block = singles[c:c + EXACT_BLOCK]
+                if len(block) == 1:
+                    out[block[0]] = self._scan_one(requests[block[0]])
+                    continue
+                try:
+                    q = np.stack([requests[j][2] for j in block])
+                    ex = IdLists.from_lists([_cut(requests[j][4], s.lo, s.hi) - s.lo for j in block])
+                    res = topk(q, s.items, n, exclude=ex, num_threads=self.num_threads)
+                except Exception:           # noqa: BLE001 - a bad request: each alone, so only it fails
+                    for j in block:
+                        out[j] = self._scan_one(requests[j])
+                    continue
+                ids = np.where(res.ids >= 0, res.ids + s.lo, -1)
+                for r, j in enumerate(block):
+                    out[j] = TopK(ids[r], res.scores[r])
+        return out
+
+    def _scan_one(self, req):
+        try:
+            return self.scan(*req)
+        except Exception as e:              # noqa: BLE001 - handed back in the request's place
+            return e
+
     def scan(self, path, version: str | None, queries, n: int, exclude=None) -> TopK:
         """The exact top-``n`` of this shard's rows for ``queries`` (``[d]`` or ``[B, d]`` float32), excluding
         ``exclude`` (global ids: one array, or one per query; ids outside the shard are ignored); ids global."""
@@ -402,13 +466,33 @@ def _rss_mib() -> float:
 
 
 class Shard:
-    """The shard deployment's class: a :class:`ShardScanner` behind Ray Serve (``user_config``: the bundle)."""
+    """The shard deployment's class: a :class:`ShardScanner` behind Ray Serve (``user_config``: the bundle).
+
+    ``batch`` > 1: concurrent :meth:`scan` requests are coalesced by Ray Serve's ``@serve.batch`` (at most
+    ``batch`` of them, waiting at most ``batch_wait_s`` after the first for others) into one
+    :meth:`ShardScanner.scan_many` call, one batch at a time per replica (``num_threads`` spreads a batch's
+    scan over cores); every answer is the one its scan alone gives, bit for bit. ``batch`` = 1: each
+    request is scanned on its own, ``threads`` at a time."""
 
     def __init__(self, shard: int, n_shards: int, verify: bool = True, scan_memory: str = "mmap",
-                 num_threads: int = 1, threads: int = 4, keep: int = 2):
+                 num_threads: int = 1, threads: int = 4, keep: int = 2, batch: int = 1,
+                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S):
         self.scanner = ShardScanner(shard, n_shards, verify=verify, keep=keep, scan_memory=scan_memory,
                                     num_threads=num_threads)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"shard{shard}")
+        self._batched = None
+        self.batches, self.batched_requests = 0, 0
+        if batch > 1:
+            from ray import serve
+
+            @serve.batch(max_batch_size=int(batch), batch_wait_timeout_s=float(batch_wait_s))
+            async def scan_batch(paths, versions, queries, ns, excludes):
+                self.batches += 1
+                self.batched_requests += len(paths)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self.scanner.scan_many, list(zip(paths, versions, queries, ns, excludes)))
+
+            self._batched = scan_batch
 
     async def reconfigure(self, config) -> None:
         path = _check_config(config)
@@ -418,12 +502,17 @@ class Shard:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.scanner.load, path, version)
 
     async def scan(self, path: str, version: str, queries, n: int, exclude=None) -> TopK:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.scanner.scan, path, version,
-                                                                queries, n, exclude)
+        if self._batched is None:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.scanner.scan, path, version,
+                                                                    queries, n, exclude)
+        got = await self._batched(path, version, queries, n, exclude)
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
     async def stats(self) -> dict:
         return {"replica": _replica_id(), "pid": os.getpid(), "rss_mib": _rss_mib(), "versions": self.scanner.versions,
-                "loads": self.scanner.loads}
+                "loads": self.scanner.loads, "batches": self.batches, "batched_requests": self.batched_requests}
 
 
 def _jsonable_rec(rec, replica: str) -> dict:
@@ -432,13 +521,36 @@ def _jsonable_rec(rec, replica: str) -> dict:
             "fallback": bool(rec.fallback), "request_id": rec.request_id, "timings": rec.timings, "replica": replica}
 
 
+TOKEN_ENV = ("REC_ENGINE_TOKEN", "REC_ENGINE_READ_TOKEN")      # write token, read token
+
+
+def _guard_from_env():
+    """A :class:`~rec_engine.http_guard.Guard` (only its token policy is used) with the tokens of this process's
+    environment (an empty variable: no token). Refuses a placeholder ``<...>`` left from ``--print-config``."""
+    from .http_guard import Guard
+
+    tokens = {}
+    for name in TOKEN_ENV:
+        value = os.environ.get(name) or None
+        if value is not None and value.startswith("<") and value.endswith(">"):
+            raise ValueError(f"{name} is the placeholder {value!r} from `rec-engine cluster --print-config`: put the "
+                             "token itself in the Serve config's runtime_env")
+        tokens[name] = value
+    return Guard(None, token=tokens["REC_ENGINE_TOKEN"], read_token=tokens["REC_ENGINE_READ_TOKEN"])
+
+
 class Ingress:
     """The ingress deployment's class: a :class:`ShardedEngine` per replica (``user_config``: the bundle).
 
     Python callers use the handle's methods :meth:`recommend`, :meth:`recommend_batch`, :meth:`observe`,
     :meth:`stats` (answers are dicts of plain values); HTTP clients POST JSON to ``/recommend``
     (``{"user", "k", "context", "exclude", "candidates", "exclude_seen", "n_candidates"}``) and ``/observe``
-    (``{"user", "items", "kind"}``), and GET ``/healthz``."""
+    (``{"user", "items", "kind"}``), and GET ``/healthz``.
+
+    HTTP requests follow ``rec-engine serve``'s token policy (:class:`~rec_engine.http_guard.Guard`) with the
+    tokens in this replica's environment: ``REC_ENGINE_TOKEN`` (the write token: ``/observe`` needs it when
+    set) and ``REC_ENGINE_READ_TOKEN`` (when set, ``/recommend`` needs it or the write token); a refusal is a
+    401 ``{"detail": ...}``. ``/healthz`` is open. Calls through a handle are Ray's, not HTTP: no token."""
 
     _REC_FIELDS = ("k", "exclude_seen", "exclude", "candidates", "context", "n_candidates")
 
@@ -451,6 +563,7 @@ class Ingress:
         self.engine: ShardedEngine | None = None
         self._store = None
         self._replica = _replica_id()
+        self._guard = _guard_from_env()
 
     def _submit(self, i, path, version, queries, n, exclude):
         h = self._shards[i]
@@ -515,6 +628,10 @@ class Ingress:
         from starlette.responses import JSONResponse
 
         path = request.url.path.rstrip("/")
+        route = "/" + path.rsplit("/", 1)[-1]           # the route under any route prefix
+        refused = self._guard._refusal({"path": route, "headers": request.scope.get("headers", [])})
+        if refused is not None:
+            return JSONResponse({"detail": refused[1]}, status_code=refused[0], headers={"WWW-Authenticate": "Bearer"})
         try:
             if request.method == "GET" and path.endswith("/healthz"):
                 return JSONResponse(await self.stats())
@@ -541,28 +658,35 @@ class Ingress:
 
 
 _APP_ARGS = ("shards", "replicas", "events", "stream", "shard_replicas", "ingress_cpus", "shard_cpus",
-             "follow_events_s", "verify", "scan_memory", "scan_threads", "engine_options", "max_ongoing_requests")
+             "follow_events_s", "verify", "scan_memory", "scan_threads", "engine_options", "max_ongoing_requests",
+             "shard_batch", "shard_batch_wait_s")
 
 
 def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = None, stream: str = DEFAULT_STREAM,
               shard_replicas: int = 1, ingress_cpus: float = 1.0, shard_cpus: float = 1.0,
               follow_events_s: float = 0.05, verify: bool = True, scan_memory: str = "mmap",
               scan_threads: int = 1, engine_options: Mapping[str, Any] | None = None,
-              max_ongoing_requests: int = 16):
+              max_ongoing_requests: int = 16, shard_batch: int = DEFAULT_SHARD_BATCH,
+              shard_batch_wait_s: float = DEFAULT_BATCH_WAIT_S):
     """The Ray Serve application: ``shards`` shard deployments (``shard0`` ...), each with ``shard_replicas``
     replicas, and the deployment ``ingress`` with ``replicas`` replicas; every deployment's ``user_config``
     is ``{"bundle": str(bundle)}`` (None: left to the Serve config, see :func:`serve_config`).
     ``events``: the Redis URL (or a SQLite path, for one machine) of the event store the ingress replicas
     share, on stream ``stream``. ``ingress_cpus`` / ``shard_cpus``: Ray logical CPUs per replica.
     ``engine_options``: further :class:`~rec_engine.engine.Engine` options (``ort_threads``, ``num_threads``,
-    ``diversity`` ...). Checks its arguments here (ValueError / TypeError)."""
+    ``diversity`` ...). ``shard_batch``: the most concurrent scan requests a shard replica coalesces into one
+    :meth:`ShardScanner.scan_many` (Ray Serve's ``@serve.batch``, waiting at most ``shard_batch_wait_s`` for
+    a batch to fill; answers unchanged bit for bit); 1: no batching. Checks its arguments here (ValueError /
+    TypeError)."""
     from ray import serve
 
     for name, val in (("shards", shards), ("replicas", replicas), ("shard_replicas", shard_replicas),
-                      ("scan_threads", scan_threads), ("max_ongoing_requests", max_ongoing_requests)):
+                      ("scan_threads", scan_threads), ("max_ongoing_requests", max_ongoing_requests),
+                      ("shard_batch", shard_batch)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
-    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus), ("follow_events_s", follow_events_s)):
+    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus), ("follow_events_s", follow_events_s),
+                      ("shard_batch_wait_s", shard_batch_wait_s)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {val!r}")
     if events is not None and not isinstance(events, str):
@@ -579,9 +703,10 @@ def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = N
         config = {"bundle": str(bundle)}
     shard_dep = serve.deployment(Shard)
     handles = [shard_dep.options(name=f"shard{i}", num_replicas=shard_replicas, user_config=config,
-                                 max_ongoing_requests=max_ongoing_requests * replicas,
+                                 max_ongoing_requests=max(max_ongoing_requests * replicas, shard_batch),
                                  ray_actor_options={"num_cpus": shard_cpus})
-               .bind(i, shards, verify, scan_memory, scan_threads, max_ongoing_requests)
+               .bind(i, shards, verify, scan_memory, scan_threads, max_ongoing_requests, batch=shard_batch,
+                     batch_wait_s=float(shard_batch_wait_s))
                for i in range(shards)]
     ingress = serve.deployment(Ingress).options(name="ingress", num_replicas=replicas, user_config=config,
                                                 max_ongoing_requests=max_ongoing_requests,
@@ -676,6 +801,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ingress-cpus", type=float, default=1.0, help="Ray CPUs per ingress replica (default 1)")
     p.add_argument("--shard-cpus", type=float, default=1.0, help="Ray CPUs per shard replica (default 1)")
     p.add_argument("--scan-threads", type=int, default=1, help="OpenMP threads of one shard scan (default 1)")
+    p.add_argument("--shard-batch", type=int, default=DEFAULT_SHARD_BATCH,
+                   help=f"concurrent scan requests a shard replica coalesces into one exact batched scan "
+                        f"(Ray Serve @serve.batch; default {DEFAULT_SHARD_BATCH}; 1: off)")
+    p.add_argument("--shard-batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1e3,
+                   help=f"how long a shard waits for a batch to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g} ms)")
     p.add_argument("--scan-memory", choices=("mmap", "copy"), default="mmap",
                    help="shard rows memory-mapped (shared page cache) or copied (huge pages); default mmap")
     p.add_argument("--follow-events-s", type=float, default=0.05, help="event store poll period (default 0.05)")
@@ -696,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ray import serve
     except ImportError:
         raise SystemExit("rec-engine cluster needs Ray Serve: pip install 'rec_engine[cluster]'") from None
-    for name in ("shards", "replicas", "shard_replicas", "scan_threads"):
+    for name in ("shards", "replicas", "shard_replicas", "scan_threads", "shard_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.events is not None and not args.events.startswith(("redis://", "rediss://", "unix://")) and (
@@ -705,9 +835,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = dict(shards=args.shards, replicas=args.replicas, events=args.events, stream=args.stream,
                    shard_replicas=args.shard_replicas, ingress_cpus=args.ingress_cpus, shard_cpus=args.shard_cpus,
                    follow_events_s=args.follow_events_s, verify=not args.no_verify, scan_memory=args.scan_memory,
-                   scan_threads=args.scan_threads)
+                   scan_threads=args.scan_threads, shard_batch=args.shard_batch,
+                   shard_batch_wait_s=args.shard_batch_wait_ms / 1e3)
+    tokens = {k: os.environ[k] for k in TOKEN_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": tokens} if tokens else None     # the ingress replicas check HTTP requests with them
     try:
-        cfg = serve_config(args.bundle, name=args.name, **options)
+        # printed: placeholders, never the tokens (the ingress refuses to start with a placeholder left in)
+        cfg = serve_config(args.bundle, name=args.name, **options,
+                           runtime_env={"env_vars": {k: f"<{k}>" for k in tokens}} if tokens else None)
     except (ValueError, TypeError, RecEngineError) as e:
         raise SystemExit(f"rec-engine cluster: {e}") from None
     if args.print_config:
@@ -718,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.swap:
         ray.init(address=args.address or "auto", log_to_driver=False)
         try:
-            deploy(args.bundle, name=args.name, **options)
+            deploy(args.bundle, name=args.name, runtime_env=runtime_env, **options)
         except RecEngineError as e:
             raise SystemExit(f"rec-engine cluster --swap: {e}") from None
         print(f"{args.name}: swapped to {args.bundle} (version {version_id(args.bundle)})", flush=True)
@@ -726,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None)
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
-        deploy(args.bundle, name=args.name, **options)
+        deploy(args.bundle, name=args.name, runtime_env=runtime_env, **options)
     except RecEngineError as e:
         raise SystemExit(f"rec-engine cluster: {e}") from None
     print(f"rec-engine cluster: {args.shards} shards x {args.shard_replicas}, {args.replicas} ingress replicas, "
