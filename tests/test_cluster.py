@@ -307,7 +307,7 @@ def test_concurrent_requests_are_batched_at_the_shards_and_answered_exactly(trai
     assert [b["ids"] for b in batch.result()] == [r.ids.tolist() for r in want_batch]
     after = [h.stats.remote().result() for h in shard_handles]
     grew = [(a["batched_requests"] - b["batched_requests"], a["batches"] - b["batches"]) for a, b in zip(after, before)]
-    assert all(r >= len(jobs) // 2 for r, _ in grew), grew    # the scans went through @serve.batch
+    assert all(r >= len(jobs) // 2 for r, _ in grew), grew    # the scans went through the coalescer
     assert any(r > n for r, n in grew), f"no shard coalesced two scans into one batch: {grew}"
 
 

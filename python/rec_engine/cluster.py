@@ -67,7 +67,6 @@ _NO_IDS = np.zeros(0, np.int64)
 #: queries on its streaming path, each score summed exactly as for a lone query (4+ take the packed path).
 EXACT_BLOCK = 3
 DEFAULT_SHARD_BATCH = 16          # scan requests a shard replica coalesces at most (1: no batching)
-DEFAULT_BATCH_WAIT_S = 0.002      # how long a shard waits for a batch to fill after its first request
 
 
 # --------------------------------------------------------------------------- shard arithmetic and merging
@@ -468,31 +467,44 @@ def _rss_mib() -> float:
 class Shard:
     """The shard deployment's class: a :class:`ShardScanner` behind Ray Serve (``user_config``: the bundle).
 
-    ``batch`` > 1: concurrent :meth:`scan` requests are coalesced by Ray Serve's ``@serve.batch`` (at most
-    ``batch`` of them, waiting at most ``batch_wait_s`` after the first for others) into one
-    :meth:`ShardScanner.scan_many` call, one batch at a time per replica (``num_threads`` spreads a batch's
-    scan over cores); every answer is the one its scan alone gives, bit for bit. ``batch`` = 1: each
-    request is scanned on its own, ``threads`` at a time."""
+    ``batch`` > 1: concurrent :meth:`scan` requests are coalesced. A request that finds the replica idle is
+    scanned at once (no added wait); requests that arrive while a scan runs wait for it and are then scanned
+    together, at most ``batch`` of them, in one :meth:`ShardScanner.scan_many` call (one at a time per
+    replica; ``num_threads`` spreads it over cores). Every answer is the one its scan alone gives, bit for
+    bit. ``batch`` = 1: each request is scanned on its own, ``threads`` at a time.
+
+    (Ray Serve's ``@serve.batch`` was tried first: it closes a batch ``batch_wait_timeout_s`` after its first
+    request whether or not the previous batch is still scanning, so under load it made batches of ~2 and
+    added its wait to every lone request; the queue here fills while the previous scan runs.)"""
 
     def __init__(self, shard: int, n_shards: int, verify: bool = True, scan_memory: str = "mmap",
-                 num_threads: int = 1, threads: int = 4, keep: int = 2, batch: int = 1,
-                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S):
+                 num_threads: int = 1, threads: int = 4, keep: int = 2, batch: int = 1):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
         self.scanner = ShardScanner(shard, n_shards, verify=verify, keep=keep, scan_memory=scan_memory,
                                     num_threads=num_threads)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"shard{shard}")
-        self._batched = None
+        self.batch = batch
+        self._pending: list = []          # (scan arguments, future) waiting for the next scan_many
+        self._draining = False
         self.batches, self.batched_requests = 0, 0
-        if batch > 1:
-            from ray import serve
 
-            @serve.batch(max_batch_size=int(batch), batch_wait_timeout_s=float(batch_wait_s))
-            async def scan_batch(paths, versions, queries, ns, excludes):
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                take, self._pending = self._pending[:self.batch], self._pending[self.batch:]
                 self.batches += 1
-                self.batched_requests += len(paths)
-                return await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.scanner.scan_many, list(zip(paths, versions, queries, ns, excludes)))
-
-            self._batched = scan_batch
+                self.batched_requests += len(take)
+                try:
+                    got = await loop.run_in_executor(self._pool, self.scanner.scan_many, [r for r, _ in take])
+                except Exception as e:                  # noqa: BLE001 - scan_many hands errors back; a stray one
+                    got = [e] * len(take)
+                for (_, fut), res in zip(take, got):
+                    if not fut.done():                   # its caller may have gone
+                        fut.set_result(res)
+        finally:
+            self._draining = False
 
     async def reconfigure(self, config) -> None:
         path = _check_config(config)
@@ -502,10 +514,15 @@ class Shard:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.scanner.load, path, version)
 
     async def scan(self, path: str, version: str, queries, n: int, exclude=None) -> TopK:
-        if self._batched is None:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self.scanner.scan, path, version,
-                                                                    queries, n, exclude)
-        got = await self._batched(path, version, queries, n, exclude)
+        loop = asyncio.get_running_loop()
+        if self.batch == 1:
+            return await loop.run_in_executor(self._pool, self.scanner.scan, path, version, queries, n, exclude)
+        fut = loop.create_future()
+        self._pending.append(((path, version, queries, n, exclude), fut))
+        if not self._draining:                           # idle: this request starts a scan now
+            self._draining = True
+            loop.create_task(self._drain())
+        got = await fut
         if isinstance(got, BaseException):
             raise got
         return got
@@ -659,25 +676,23 @@ class Ingress:
 
 _APP_ARGS = ("shards", "replicas", "events", "stream", "shard_replicas", "ingress_cpus", "shard_cpus",
              "follow_events_s", "verify", "scan_memory", "scan_threads", "engine_options", "max_ongoing_requests",
-             "shard_batch", "shard_batch_wait_s")
+             "shard_batch")
 
 
 def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = None, stream: str = DEFAULT_STREAM,
               shard_replicas: int = 1, ingress_cpus: float = 1.0, shard_cpus: float = 1.0,
               follow_events_s: float = 0.05, verify: bool = True, scan_memory: str = "mmap",
               scan_threads: int = 1, engine_options: Mapping[str, Any] | None = None,
-              max_ongoing_requests: int = 16, shard_batch: int = DEFAULT_SHARD_BATCH,
-              shard_batch_wait_s: float = DEFAULT_BATCH_WAIT_S):
+              max_ongoing_requests: int = 16, shard_batch: int = DEFAULT_SHARD_BATCH):
     """The Ray Serve application: ``shards`` shard deployments (``shard0`` ...), each with ``shard_replicas``
     replicas, and the deployment ``ingress`` with ``replicas`` replicas; every deployment's ``user_config``
     is ``{"bundle": str(bundle)}`` (None: left to the Serve config, see :func:`serve_config`).
     ``events``: the Redis URL (or a SQLite path, for one machine) of the event store the ingress replicas
     share, on stream ``stream``. ``ingress_cpus`` / ``shard_cpus``: Ray logical CPUs per replica.
     ``engine_options``: further :class:`~rec_engine.engine.Engine` options (``ort_threads``, ``num_threads``,
-    ``diversity`` ...). ``shard_batch``: the most concurrent scan requests a shard replica coalesces into one
-    :meth:`ShardScanner.scan_many` (Ray Serve's ``@serve.batch``, waiting at most ``shard_batch_wait_s`` for
-    a batch to fill; answers unchanged bit for bit); 1: no batching. Checks its arguments here (ValueError /
-    TypeError)."""
+    ``diversity`` ...). ``shard_batch``: the most scan requests a shard replica coalesces into one
+    :meth:`ShardScanner.scan_many` (those that arrived while its previous scan ran; answers unchanged bit for
+    bit, see :class:`Shard`); 1: no batching. Checks its arguments here (ValueError / TypeError)."""
     from ray import serve
 
     for name, val in (("shards", shards), ("replicas", replicas), ("shard_replicas", shard_replicas),
@@ -685,8 +700,7 @@ def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = N
                       ("shard_batch", shard_batch)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
-    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus), ("follow_events_s", follow_events_s),
-                      ("shard_batch_wait_s", shard_batch_wait_s)):
+    for name, val in (("ingress_cpus", ingress_cpus), ("shard_cpus", shard_cpus), ("follow_events_s", follow_events_s)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {val!r}")
     if events is not None and not isinstance(events, str):
@@ -705,8 +719,7 @@ def build_app(bundle=None, *, shards: int, replicas: int, events: str | None = N
     handles = [shard_dep.options(name=f"shard{i}", num_replicas=shard_replicas, user_config=config,
                                  max_ongoing_requests=max(max_ongoing_requests * replicas, shard_batch),
                                  ray_actor_options={"num_cpus": shard_cpus})
-               .bind(i, shards, verify, scan_memory, scan_threads, max_ongoing_requests, batch=shard_batch,
-                     batch_wait_s=float(shard_batch_wait_s))
+               .bind(i, shards, verify, scan_memory, scan_threads, max_ongoing_requests, batch=shard_batch)
                for i in range(shards)]
     ingress = serve.deployment(Ingress).options(name="ingress", num_replicas=replicas, user_config=config,
                                                 max_ongoing_requests=max_ongoing_requests,
@@ -802,10 +815,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-cpus", type=float, default=1.0, help="Ray CPUs per shard replica (default 1)")
     p.add_argument("--scan-threads", type=int, default=1, help="OpenMP threads of one shard scan (default 1)")
     p.add_argument("--shard-batch", type=int, default=DEFAULT_SHARD_BATCH,
-                   help=f"concurrent scan requests a shard replica coalesces into one exact batched scan "
-                        f"(Ray Serve @serve.batch; default {DEFAULT_SHARD_BATCH}; 1: off)")
-    p.add_argument("--shard-batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_S * 1e3,
-                   help=f"how long a shard waits for a batch to fill (default {DEFAULT_BATCH_WAIT_S * 1e3:g} ms)")
+                   help=f"scan requests a shard replica coalesces into one exact batched scan (those that came "
+                        f"while its previous scan ran; default {DEFAULT_SHARD_BATCH}; 1: off)")
     p.add_argument("--scan-memory", choices=("mmap", "copy"), default="mmap",
                    help="shard rows memory-mapped (shared page cache) or copied (huge pages); default mmap")
     p.add_argument("--follow-events-s", type=float, default=0.05, help="event store poll period (default 0.05)")
@@ -835,8 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = dict(shards=args.shards, replicas=args.replicas, events=args.events, stream=args.stream,
                    shard_replicas=args.shard_replicas, ingress_cpus=args.ingress_cpus, shard_cpus=args.shard_cpus,
                    follow_events_s=args.follow_events_s, verify=not args.no_verify, scan_memory=args.scan_memory,
-                   scan_threads=args.scan_threads, shard_batch=args.shard_batch,
-                   shard_batch_wait_s=args.shard_batch_wait_ms / 1e3)
+                   scan_threads=args.scan_threads, shard_batch=args.shard_batch)
     tokens = {k: os.environ[k] for k in TOKEN_ENV if os.environ.get(k)}
     runtime_env = {"env_vars": tokens} if tokens else None     # the ingress replicas check HTTP requests with them
     try:
