@@ -93,6 +93,30 @@ def test_the_catalogue_survives_a_restart_and_a_swap(trained, tmp_path):  # noqa
         assert NEW[0] in swapped and NEW[1] not in swapped and not set(gone) & set(swapped)
 
 
+def test_items_added_then_withdrawn_leave_nothing_behind_after_a_swap_or_restart(trained, tmp_path):  # noqa: F811
+    db = tmp_path / "ev.db"
+    with Engine.load(trained.bundle("pipe_a"), events=db, num_threads=1) as e:
+        base = e.n_items
+        u = _user_vec(e, 3)
+        churn = [9_000_000 + i for i in range(300)]
+        for i in range(0, 300, 30):                           # 300 new items come and go, 10 stay
+            e.add_items(churn[i:i + 30], vectors=np.tile(u, (30, 1)) * (1 + np.arange(30)[:, None] / 30),
+                        features=[{"category": 1}] * 30)
+            e.remove_items(churn[i + 1:i + 30])
+        kept = churn[::30]
+        assert sorted(e.catalogue.added) == kept              # the withdrawn records are gone
+        assert set(churn) - set(kept) <= e.catalogue.removed
+        e.swap(trained.bundle("pipe_b"))
+        assert e.n_items == base + len(kept)                  # the new version holds the live additions only
+        shown = set(e.recommend(3, k=e.n_items, context=CTX, n_candidates=e.n_items).items.tolist())
+        assert set(kept) <= shown and not (set(churn) - set(kept)) & shown
+        e.add_items([churn[1]], vectors=u[None, :] * 3, features=[{"category": 2}])    # re-added: back
+        assert churn[1] in e.recommend(3, k=e.n_items, context=CTX, n_candidates=e.n_items).items.tolist()
+    with Engine.load(trained.bundle("pipe_a"), events=db, num_threads=1) as again:    # the replay agrees
+        assert sorted(again.catalogue.added) == sorted(kept + [churn[1]])
+        assert again.n_items == base + len(kept) + 1
+
+
 def test_add_and_remove_while_eight_threads_recommend(trained):  # noqa: F811
     with Engine.load(trained.bundle("pipe_a"), num_threads=1) as e:
         every = e.n_items + 200

@@ -109,15 +109,21 @@ def _call(port: int, method: str, path: str, body: dict | None, token: str, time
         conn.close()
 
 
-def _rss_kb(pid: int) -> int | None:
+_RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def _rss_kb(pid: int) -> tuple | None:
+    """(VmRSS, RssAnon, RssFile) of ``pid`` in KiB: the heap and the mapped files (bundle tables, libraries)."""
+    got = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                name = line.split(":", 1)[0]
+                if name in _RSS_FIELDS:
+                    got[name] = int(line.split()[1])
     except OSError:
         return None
-    return None
+    return tuple(got.get(n, 0) for n in _RSS_FIELDS) if "VmRSS" in got else None
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -135,14 +141,16 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.t0, self.every = pid, t0, every
         self.samples: list[tuple[float, int]] = []
+        self.parts: list[tuple[int, int]] = []       # (RssAnon, RssFile) beside each sample
         self.stop = threading.Event()
 
     def run(self):
         nxt = time.monotonic()
         while not self.stop.is_set():
-            kb = _rss_kb(self.pid)
-            if kb is not None:
-                self.samples.append((round(time.monotonic() - self.t0, 2), kb))
+            got = _rss_kb(self.pid)
+            if got is not None:
+                self.samples.append((round(time.monotonic() - self.t0, 2), got[0]))
+                self.parts.append(got[1:])
             nxt += self.every
             self.stop.wait(max(0.0, nxt - time.monotonic()))
 
@@ -261,7 +269,9 @@ def write_report(res: dict, out_dir: Path) -> None:
         f"- **RSS** (VmRSS every second): {r['start_mb']:.1f} MiB after load, {r['warm_mb']:.1f} MiB at the end of "
         f"the warm-up ({r['warmup_s']} s), **{r['end_mb']:.1f} MiB at the end**, max {r['max_mb']:.1f} MiB: "
         f"**growth {r['growth_pct']:+.2f}%** from the warm-up's end (limit {res['max_growth_pct']}%). Per 30 s: "
-        f"{', '.join(f'{m:.1f}' for m in r['per_30s_mb'])} MiB.",
+        f"{', '.join(f'{m:.1f}' for m in r['per_30s_mb'])} MiB. Of it, the heap (RssAnon) "
+        f"{r['anon_warm_mb']:.1f} -> {r['anon_end_mb']:.1f} MiB and mapped files (RssFile: bundle tables, "
+        f"libraries) {r['file_warm_mb']:.1f} -> {r['file_end_mb']:.1f} MiB.",
         f"- **Server log:** {res['server_log']['tracebacks']} tracebacks, {res['server_log']['error_lines']} ERROR "
         f"lines; exit code after SIGINT {res['server_exit']}.",
         "",
@@ -384,7 +394,10 @@ def main(argv=None) -> int:
         warm, end = kbs[min(i_warm, len(kbs) - 1)], kbs[-1]
         per30 = [kbs[(ts >= a) & (ts < a + 30)].mean() / 1024 for a in range(0, args.run_time, 30)
                  if ((ts >= a) & (ts < a + 30)).any()]
+        parts = np.array(sampler.parts[:len(samples)], np.float64) / 1024
         rss = {"warmup_s": warmup, "start_mb": kbs[0] / 1024, "warm_mb": warm / 1024, "end_mb": end / 1024,
+               "anon_warm_mb": parts[min(i_warm, len(parts) - 1), 0], "anon_end_mb": parts[-1, 0],
+               "file_warm_mb": parts[min(i_warm, len(parts) - 1), 1], "file_end_mb": parts[-1, 1],
                "max_mb": kbs.max() / 1024, "growth_pct": (end - warm) / warm * 100, "per_30s_mb": per30,
                "samples": [[t, kb] for t, kb in samples]}
         stored = stored_events(events_db)

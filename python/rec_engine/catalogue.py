@@ -120,8 +120,10 @@ class Catalogue:
     """The items added and removed online (by key), in the order they happened; thread-safe.
 
     ``added``: key -> ``{"vector": float32 array or None, "features": mapping or None}``; ``removed``: keys.
-    Adding a removed key brings it back; removing an added key keeps its record (a later re-add replaces
-    it)."""
+    Adding a removed key brings it back; removing an added key drops its record (nothing of it is served or
+    re-applied to later versions again, so a server that adds and withdraws items for months does not keep
+    them all; a later re-add brings a new record). The removed keys stay, so a later bundle that holds one
+    does not serve it."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -136,6 +138,7 @@ class Catalogue:
     def remove(self, key) -> None:
         with self._lock:
             self.removed.add(key)
+            self.added.pop(key, None)
 
     def removed_keys(self) -> list:
         """The removed keys, in a stable order."""

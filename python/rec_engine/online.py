@@ -39,6 +39,7 @@ class OnlineState:
         self._lock = threading.Lock()
         self._items: dict = {}       # user key -> list of item keys (appended in place)
         self._stamp: dict = {}
+        self._keys: dict = {}        # item key -> the one object of that value every history refers to
         self._clock = itertools.count(1)
         self.n_events = 0
         self.store, self.owns_store = store, owns_store
@@ -52,8 +53,9 @@ class OnlineState:
             self._cursor = store.events_after(None)[1] if follow_s else None
             self._forgotten = store.forgotten() if follow_s else set()
             since = None if window_days is None else time.time() - window_days * 86400.0
+            keys = self._keys
             for user, items in store.load_state(since).items():
-                self._items[user] = items
+                self._items[user] = [keys.setdefault(i, i) for i in items]
                 self._stamp[user] = next(self._clock)
                 self.n_events += len(items)
             self.load_seconds = time.perf_counter() - t0
@@ -69,7 +71,8 @@ class OnlineState:
             self._follower.start()
 
     def _add(self, user, items: list) -> None:
-        self._items.setdefault(user, []).extend(items)
+        keys = self._keys                   # one object per distinct item key: an event then costs a list slot
+        self._items.setdefault(user, []).extend([keys.setdefault(i, i) for i in items])
         self._stamp[user] = next(self._clock)
         self.n_events += len(items)
 
