@@ -117,6 +117,26 @@ def test_items_added_then_withdrawn_leave_nothing_behind_after_a_swap_or_restart
         assert again.n_items == base + len(kept) + 1
 
 
+def test_items_added_or_removed_while_a_swap_loads_reach_the_new_version(trained, monkeypatch):  # noqa: F811
+    with Engine.load(trained.bundle("pipe_a"), num_threads=1) as e:
+        u = _user_vec(e, 3)
+        e.add_items([NEW[0]], vectors=u[None, :] * 50)
+        load = e._load_version
+
+        def slow_load(path):                       # what other threads do between the load and the switch
+            v = load(path)
+            e.add_items([NEW[1]], vectors=u[None, :] * 40)
+            e.remove_items([NEW[0]])
+            return v
+
+        monkeypatch.setattr(e, "_load_version", slow_load)
+        e.swap(trained.bundle("pipe_b"))
+        every = e.recommend(3, k=e.n_items, context=CTX, n_candidates=e.n_items).items.tolist()
+        assert NEW[1] in every and NEW[0] not in every
+        e.observe(3, [NEW[1]])                     # the new version knows the item added during its load
+        e.remove_items([NEW[1]])
+
+
 def test_add_and_remove_while_eight_threads_recommend(trained):  # noqa: F811
     with Engine.load(trained.bundle("pipe_a"), num_threads=1) as e:
         every = e.n_items + 200

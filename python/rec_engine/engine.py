@@ -475,7 +475,7 @@ class Engine:
         self._explore_lock = threading.Lock()
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
         self.catalogue = None                      # set below, once the first version is loaded
-        self._cat_lock = threading.Lock()
+        self._cat_lock = threading.RLock()      # catalogue changes; a swap publishes its version under it
         # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
         self._batch_threads = num_threads if num_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
@@ -1214,7 +1214,13 @@ class Engine:
         event store (``item_added``), so a restart replays it; a swap re-applies it by key: through the new
         version's content map when the item came with text, else with its vector when the new version's
         item vectors have the same dimension. Returns the items' dense ids in the current version."""
-        v = self._version
+        while True:
+            v = self._version
+            ids = self._add_items(v, keys, vectors, text, features)
+            if ids is not None:
+                return ids                   # else a swap published another version meanwhile: again on it
+
+    def _add_items(self, v: _Version, keys, vectors, text, features) -> np.ndarray | None:
         keys = self._key_list(keys)
         if not keys:
             raise ValueError("add_items needs at least one key")
@@ -1235,6 +1241,8 @@ class Engine:
             if vecs is None:
                 vecs = v.map_content(content)
         with self._cat_lock:
+            if self._version is not v:
+                return None
             ids = view.apply_add(keys, vecs, feats, content)
             cand = self._candidate
             if cand is not None and cand.retrieval is not None:
@@ -1470,7 +1478,9 @@ class Engine:
         this raises and the old version keeps serving."""
         with self._swap_lock:
             new = self._load_version(path)
-            self._version = new
+            with self._cat_lock:      # items added or removed while it loaded, then publish: none is missed
+                self._apply_catalogue(new)
+                self._version = new
             return new.id
 
     def close(self) -> None:
