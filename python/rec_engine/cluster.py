@@ -20,13 +20,17 @@
   with the exact top-n of its rows (the core's top-k, the query's exclusions within its range), ids global.
   The ingress merges the M lists by score, ties to the lower id: that is exactly the global top-n, the
   same ids and the same float32 scores as one scan of the whole table (the core scores an item the same
-  way whatever block it sits in; tested).
+  way whatever block it sits in; tested). Scans that reach a busy shard replica are coalesced
+  (``shard_batch``): those that arrived during a scan are scanned together next, single queries 3 to a
+  core call, each answer still the lone scan's bit for bit (:meth:`ShardScanner.scan_many`).
 - **Versions**: a scan names the bundle path and version id the ingress serves; a shard answers from that
   version, loading it on demand if its own ``reconfigure`` has not yet (it keeps the last ``keep``
   versions), so during a swap every answer comes wholly from one version and none fails.
 - **Hot swap**: the bundle path is the deployments' ``user_config`` (``{"bundle": path}``); a new one
   reaches ``reconfigure`` of every replica, which loads it beside the old version and switches
   (:meth:`Engine.swap`); requests in flight finish on the old version.
+- **Tokens**: the ingress checks HTTP requests against ``REC_ENGINE_TOKEN`` / ``REC_ENGINE_READ_TOKEN`` of its
+  environment (``rec-engine serve``'s policy; :func:`main` passes them in the Serve config's ``runtime_env``).
 - **Events**: the ingress replicas share a Redis stream (``events="redis://..."``), and each follows it
   (``follow_events_s``), so an ``observe`` answered by one replica reaches the others within milliseconds.
 
