@@ -198,7 +198,7 @@ def test_swap_is_guarded_by_the_token(server, trained, tmp_path):
     _, h = client.request("GET", "/healthz")
     assert h["version"] == engine.version
     status, _ = client.request("POST", "/swap", {"bundle": str(trained.bundle("pipe_a"))},
-                               headers={"Authorization": f"Bearer {TOKEN}"})
+                               headers={"Authorization": f"bearer  {TOKEN}"})    # the scheme in any case
     assert status == 200 and engine.version == before
 
 

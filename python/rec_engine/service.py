@@ -712,8 +712,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     def _authorize(authorization: Optional[str], what: str) -> None:
         if token is None:
             raise HTTPException(403, detail=f"{what} over HTTP is disabled (start the server with a token)")
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        given = (authorization or "").strip()
+        if given[:7].lower() == "bearer ":            # the scheme is case-insensitive (RFC 9110), as in the guard
+            given = given[7:].strip()
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
             raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required")
 
     def _under_root(bundle: str) -> str:
