@@ -151,6 +151,43 @@ def test_batched_shard_scans_equal_single_scans_bit_for_bit(trained, rng):
                 np.testing.assert_array_equal(g.scores.view(np.int32), want.scores.view(np.int32))
 
 
+def test_a_shard_replica_coalesces_concurrent_scans_and_answers_each_exactly(trained, rng):
+    """The Shard deployment's class without Ray: concurrent scan() calls are answered by one scan_many (a lone
+    one at once), each answer its own scan's, an error only its own request's; batch=1 scans one by one."""
+    import asyncio
+
+    from rec_engine.cluster import Shard
+
+    path = trained.bundle("lightgcn")
+    vid = version_id(path)
+    qs = [rng.standard_normal(16).astype(np.float32) for _ in range(10)]
+    exs = [rng.choice(300, size=j * 3, replace=False) for j in range(10)]
+
+    async def run(shard, bad=False):
+        await shard.reconfigure({"bundle": str(path)})
+        alone = await shard.scan(str(path), vid, qs[0], 10, exs[0])
+        calls = [shard.scan(str(path), vid, q, 10, e) for q, e in zip(qs, exs)]
+        if bad:
+            calls.insert(3, shard.scan(str(path), vid, np.ones(17, np.float32), 10, None))
+        return alone, await asyncio.gather(*calls, return_exceptions=True)
+
+    for batch in (1, 8):
+        shard = Shard(0, 3, batch=batch)
+        alone, got = asyncio.run(run(shard, bad=batch > 1))
+        if batch > 1:
+            assert isinstance(got.pop(3), ValueError)
+            # the lone scan alone, then 8 + 2 (the first caller's batch takes all that queued, up to 8)
+            assert (shard.batches, shard.batched_requests) == (1 + 2, 1 + 11), (shard.batches, shard.batched_requests)
+        else:
+            assert shard.batches == 0
+        for q, e, g in zip([qs[0]] + qs, [exs[0]] + exs, [alone] + got):
+            want = shard.scanner.scan(path, vid, q, 10, e)
+            np.testing.assert_array_equal(g.ids, want.ids)
+            np.testing.assert_array_equal(g.scores.view(np.int32), want.scores.view(np.int32))
+    with pytest.raises(ValueError, match="batch"):
+        Shard(0, 3, batch=0)
+
+
 def test_shard_refuses_bad_input_and_other_bundles(trained, tmp_path):
     with pytest.raises(ValueError, match="shard must be"):
         ShardScanner(3, 3)
@@ -308,7 +345,8 @@ def test_concurrent_requests_are_batched_at_the_shards_and_answered_exactly(trai
     after = [h.stats.remote().result() for h in shard_handles]
     grew = [(a["batched_requests"] - b["batched_requests"], a["batches"] - b["batches"]) for a, b in zip(after, before)]
     assert all(r >= len(jobs) // 2 for r, _ in grew), grew    # the scans went through the coalescer
-    assert any(r > n for r, n in grew), f"no shard coalesced two scans into one batch: {grew}"
+    print("coalesced (requests, scans) per shard:", grew)     # e.g. [(45, 37), (45, 31), (45, 37)] here; how
+    # many overlap depends on the machine's speed, so the coalescing itself is asserted in one process below
 
 
 def _http(port, method, path, body=None, token=None):
