@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import sys
 import time
 from pathlib import Path
@@ -121,17 +120,7 @@ def batch_scan_times(bundle: Path, sizes=(1, 4, 16), n: int = N_CANDIDATES, reps
 class ClusterServer(Server):
     def wait_ready(self, timeout: float = 900) -> None:
         """Until ``/healthz`` answers JSON (the Serve proxy answers plain text before the app runs)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
-            try:
-                if request(self.port, "GET", "/healthz")[0] == 200:
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not start within {timeout} s")
+        super().wait_ready(timeout)
 
 
 def cluster_server(bundle: Path, shards: int, replicas: int, log_dir: Path, cpus: int, batch: int = 1) -> Server:

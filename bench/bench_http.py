@@ -235,7 +235,7 @@ class Server:
             try:
                 if request(self.port, "GET", "/healthz")[0] == 200:
                     return
-            except OSError:
+            except (OSError, ValueError):      # not up yet, or a proxy's plain-text answer before the app runs
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"{self.name} did not start within {timeout} s")

@@ -7,9 +7,6 @@ replica is seen by another (Redis stream)."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -222,40 +219,9 @@ def test_shards_of_another_bundle_or_shard_count_are_refused_at_load(trained):
 
 
 # --------------------------------------------------------------------------- on a local Ray cluster
-REDIS_SERVER = shutil.which("redis-server")
+from redis_fixture import free_port as _free_port, redis_url  # noqa: E402,F401 (fixture)
+
 TOKENS = {"REC_ENGINE_TOKEN": "w-" + uuid.uuid4().hex, "REC_ENGINE_READ_TOKEN": "r-" + uuid.uuid4().hex}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis", reason="the Redis event store needs the redis package")
-    d = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

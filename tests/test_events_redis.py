@@ -3,8 +3,6 @@ against a brute-force reference: the list of events appended, filtered in Python
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,47 +16,7 @@ redis = pytest.importorskip("redis", reason="the Redis event store needs the red
 from rec_engine.events import INTERACTIONS, Event, EventStoreError, open_store, user_hash  # noqa: E402
 from rec_engine.events_redis import RedisEventStore  # noqa: E402
 
-REDIS_SERVER = shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A private redis-server on a free loopback port, in a tmp dir, without persistence."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    d = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    log = d / "redis.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-                                 "--save", "", "--appendonly", "no", "--daemonize", "no"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, f"redis-server exited: {log.read_text()}"
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, f"redis-server not answering after 20 s: {log.read_text()}"
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from redis_fixture import REDIS_SERVER, free_port as _free_port, redis_url  # noqa: E402,F401
 
 
 @pytest.fixture
