@@ -271,15 +271,20 @@ def main(argv=None) -> int:
     bodies = _bodies(settings, 400)
     log_dir = HERE / "results" / "cluster_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def measure(server) -> None:
+        """The server's stage timings, then its throughput and latency at each client count."""
+        result["timings"][server.name] = engine_timings(server, bodies)
+        result["http"][server.name] = []
+        for c in clients:
+            r = load(server.port, bodies, c, args.seconds, server.pids())
+            print(server.name, c, f"{r['throughput_rps']:.1f} req/s p99 {r['p99_ms']:.1f} ms", flush=True)
+            result["http"][server.name].append(r)
+
     single = rec_server(bundle, 1, 0, 32, log_dir)
     try:
         single.wait_ready()
-        result["timings"][single.name] = engine_timings(single, bodies)
-        result["http"][single.name] = []
-        for c in clients:
-            r = load(single.port, bodies, c, args.seconds, single.pids())
-            print(single.name, c, f"{r['throughput_rps']:.1f} req/s p99 {r['p99_ms']:.1f} ms", flush=True)
-            result["http"][single.name].append(r)
+        measure(single)
         runs = [(*(int(x) for x in p.split("x")), int(b), r) for r in range(args.rounds)
                 for p in args.clusters.split(",") for b in args.shard_batch.split(",")]
         for shards, replicas, batch, rnd in runs:
@@ -289,12 +294,7 @@ def main(argv=None) -> int:
             try:
                 srv.wait_ready(timeout=900)
                 check_agreement([single, srv], bodies)
-                result["timings"][srv.name] = engine_timings(srv, bodies)
-                result["http"][srv.name] = []
-                for c in clients:
-                    r = load(srv.port, bodies, c, args.seconds, srv.pids())
-                    print(srv.name, c, f"{r['throughput_rps']:.1f} req/s p99 {r['p99_ms']:.1f} ms", flush=True)
-                    result["http"][srv.name].append(r)
+                measure(srv)
                 result["memory"][srv.name] = replica_memory()
                 st = shard_stats(shards)
                 if st:

@@ -2,7 +2,7 @@
 # Schemathesis against a live server (issue 18): every operation of the published /openapi.json, positive and
 # negative (fuzzed) data, the token header on every call; fails on any 5xx or any answer that breaks the schema.
 #   bash scripts/schemathesis.sh [EXAMPLES] [SEED]     EXAMPLES per operation and phase (default 200), SEED (default 1)
-# It trains a small synthetic pipeline bundle (LightGCN retrieval + DeepFM ranking, ~20 s) into a temp dir, starts
+# It builds a small synthetic pipeline bundle with `rec-engine demo` (LightGCN + DeepFM, ~20 s) in a temp dir, starts
 # `rec-engine serve` on a free loopback port (write token, event log, profiles), runs schemathesis with the checks
 # not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance and
 # response_headers_conformance, prints the totals (operations, cases, failures) and exits non-zero on any
@@ -24,34 +24,12 @@ cleanup() {
 trap cleanup EXIT
 
 echo "schemathesis: training a small bundle into $work"
-"$py" - "$work" > "$work/build.log" 2>&1 <<'EOF' || { tail -30 "$work/build.log" >&2; exit 1; }
-import sys
-from pathlib import Path
-
-import torch
-from rec_engine.bundle import write_pipeline
-from rec_engine_train import pipeline
-from rec_engine_train.loop import TrainConfig
-
-torch.manual_seed(0)
-torch.set_num_threads(2)
-root = Path(sys.argv[1])
-quiet = dict(log=lambda _m: None)
-graph = pipeline.load_data("synthetic", "graph", synthetic={"n_users": 200, "n_items": 150})
-ctr = pipeline.load_data("synthetic", "ctr", synthetic={"n_users": 200, "n_items": 150})
-lg = pipeline.train("lightgcn", graph, TrainConfig(epochs=2, lr=0.05, seed=0, dim=8, batch_size=4096,
-                                                   progress=False), **quiet)
-dfm = pipeline.train("deepfm", ctr, TrainConfig(epochs=1, lr=1e-2, batch_size=256, dim=8, progress=False,
-                                                params={"mlp": [16]}), **quiet)
-pipeline.export(lg, graph, root / "bundles" / "lightgcn")
-pipeline.export(dfm, ctr, root / "bundles" / "deepfm")
-write_pipeline(root / "bundles" / "pipe", retrieval=root / "bundles" / "lightgcn",
-               ranking=root / "bundles" / "deepfm", n_candidates=50)
-EOF
+"$py" -m rec_engine.cli demo --out "$work/demo" --users 200 --items 150 > "$work/build.log" 2>&1 \
+  || { tail -30 "$work/build.log" >&2; exit 1; }      # the demo's pipeline bundle (LightGCN + DeepFM)
 
 port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 token="schemathesis-$RANDOM$RANDOM"
-REC_ENGINE_TOKEN="$token" "$py" -m rec_engine.cli serve "$work/bundles/pipe" --host 127.0.0.1 --port "$port" \
+REC_ENGINE_TOKEN="$token" "$py" -m rec_engine.cli serve "$work/demo/pipeline" --host 127.0.0.1 --port "$port" \
   --events "$work/events" --profiles --log-level warning > "$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 150); do

@@ -64,9 +64,11 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
             shape, _fortran, dtype = read(fh)
             need = fh.tell() + math.prod(shape) * dtype.itemsize
             have = os.fstat(fh.fileno()).st_size
-        if dtype.hasobject or need != have:
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        if need != have:
             raise ValueError(f"header says shape {shape} of {dtype} ({need} bytes with the header), the file has "
-                             f"{have} bytes" if not dtype.hasobject else "object arrays are not allowed")
+                             f"{have} bytes")
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as e:   # numpy's header parser raises ValueError, EOFError, SyntaxError, TokenError, ...
         raise BundleError(f"{path}: not a readable .npy array: {type(e).__name__}: {e}") from None

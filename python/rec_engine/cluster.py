@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import threading
 import time
@@ -60,7 +59,7 @@ import numpy as np
 from . import kinds
 from ._core import RecEngineError
 from .bundle import BundleError, open_bundle
-from .engine import Engine
+from .engine import Engine, bundle_version_id
 from .topk import IdLists, TopK, topk
 from .versions import resolve as resolve_bundle
 
@@ -132,7 +131,7 @@ def version_id(path) -> str:
     """The id :class:`~rec_engine.engine.Engine` gives the bundle at ``path`` (a model home: its CURRENT)."""
     p = resolve_bundle(Path(path))
     try:
-        return hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest()[:12]
+        return bundle_version_id(p)
     except OSError as e:
         raise BundleError(f"{p} is not a readable bundle: {e}") from None
 
@@ -650,7 +649,7 @@ class Ingress:
 
         path = request.url.path.rstrip("/")
         route = "/" + path.rsplit("/", 1)[-1]           # the route under any route prefix
-        refused = self._guard._refusal({"path": route, "headers": request.scope.get("headers", [])})
+        refused = self._guard.refusal({"path": route, "headers": request.scope.get("headers", [])})
         if refused is not None:
             return JSONResponse({"detail": refused[1]}, status_code=refused[0], headers={"WWW-Authenticate": "Bearer"})
         try:

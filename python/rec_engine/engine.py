@@ -141,7 +141,7 @@ class _Version:
         opts.intra_op_num_threads = ort_threads
         opts.inter_op_num_threads = 1
         self.path = path
-        self.id = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()[:12]
+        self.id = bundle_version_id(path)
         if top.kind == "pipeline":
             stages = top.meta.get("stages", {})
             rb = open_bundle(path / stages["retrieval"], verify=verify) if stages.get("retrieval") else None
@@ -342,6 +342,11 @@ class _Version:
                 self._observed.clear()
             self._observed[user] = hit
         return UserState(user, uid, hit[1], hit[0])
+
+
+def bundle_version_id(path: Path) -> str:
+    """The id of the version a bundle directory serves as: the first 12 hex digits of its manifest's sha256."""
+    return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
 def version_tag(version: str) -> str:

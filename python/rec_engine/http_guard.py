@@ -107,7 +107,8 @@ class Guard:
         self.max_body, self.body_timeout_s = max_body, body_timeout_s
         self.limiter = RateLimiter(rate, burst, max_clients) if rate is not None else None
 
-    def _refusal(self, scope) -> tuple[int, str] | None:
+    def refusal(self, scope) -> tuple[int, str] | None:
+        """(status, message) when the request of ``scope`` (its path and headers) lacks a token it needs."""
         path = scope["path"]
         if path in OPEN_PATHS:
             return None
@@ -131,7 +132,7 @@ class Guard:
                 return await _answer(send, 429, f"rate limit of {self.limiter.rate:g} requests/s per client "
                                                 f"exceeded; retry after {wait:.3f} s",
                                      [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
-        refused = self._refusal(scope)
+        refused = self.refusal(scope)
         if refused is not None:
             return await _answer(send, *refused, [(b"www-authenticate", b"Bearer")])
         if scope["method"] not in _BODY_METHODS:

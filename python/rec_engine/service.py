@@ -43,7 +43,6 @@ the event log at start and appends to it, but what one worker observes the other
 from __future__ import annotations
 
 import contextlib
-import hmac
 import math
 import inspect
 import json
@@ -53,7 +52,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal, Optional, Union
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 import numpy as np
@@ -324,9 +323,8 @@ class _PrometheusText(Response):
 
 def _publish_schema(app: FastAPI) -> None:
     """``app.openapi()`` made to agree with the answers: the string-detail error model in place of FastAPI's
-    list-shaped 422 (our handler replaces it), the bearer scheme instead of a plain ``authorization`` header
-    parameter, ``security`` per operation (required on writes, optional on reads: needed when the server
-    has a read token)."""
+    list-shaped 422 (our handler replaces it), the bearer scheme and ``security`` per operation (required on
+    writes, optional on reads: needed when the server has a read token)."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi() -> dict:
@@ -341,12 +339,6 @@ def _publish_schema(app: FastAPI) -> None:
             "type": "http", "scheme": "bearer", "description": _ERRORS[401]}}
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
-                params = [p for p in op.get("parameters", ())
-                          if not (p.get("in") == "header" and p.get("name", "").lower() == "authorization")]
-                if params:
-                    op["parameters"] = params
-                else:
-                    op.pop("parameters", None)
                 if path not in OPEN_PATHS:
                     op["security"] = [{"bearer": []}] if path in WRITE_PATHS else [{"bearer": []}, {}]
         app.openapi_schema = doc
@@ -526,8 +518,7 @@ class _ServedMetrics:
         ids = rec.ids[rec.ids >= 0]
         info = self.engine.served_item_info(rec.version)
         with self._lock:
-            if rec.version not in self._tags.values():
-                self._tags[version_tag(rec.version)] = rec.version
+            self._tags.setdefault(version_tag(rec.version), rec.version)
             if info is not None:
                 got = self._seen.get(rec.version)
                 if got is None or len(got[0]) < len(info):         # first answer, or items were added
@@ -709,14 +700,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise _bad(e) from None
         return {"user": req.user, **_neighbours(rec, "users")}
 
-    def _authorize(authorization: Optional[str], what: str) -> None:
+    def _enabled(what: str) -> None:
+        """403 when the server has no write token (the guard has already checked the token when it has one)."""
         if token is None:
             raise HTTPException(403, detail=f"{what} over HTTP is disabled (start the server with a token)")
-        given = (authorization or "").strip()
-        if given[:7].lower() == "bearer ":            # the scheme is case-insensitive (RFC 9110), as in the guard
-            given = given[7:].strip()
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
-            raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required")
 
     def _under_root(bundle: str) -> str:
         if bundle_root is None:
@@ -727,8 +714,8 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             raise HTTPException(403, detail=str(e)) from None
 
     @app.post("/forget", responses=_doc(ForgetResponse, 400, 403, 422, *_GUARDED))
-    def forget(req: ForgetRequest, authorization: Optional[str] = Header(default=None)):
-        _authorize(authorization, "forgetting users")
+    def forget(req: ForgetRequest):
+        _enabled("forgetting users")
         try:
             n = engine.forget(req.user)
         except ENGINE_ERRORS as e:
@@ -736,10 +723,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         return {"user": req.user, "events_erased": n}
 
     @app.post("/items", responses=_doc(AddItemsResponse, 400, 403, 409, 422, *_GUARDED))
-    def add_items(req: AddItemsRequest, authorization: Optional[str] = Header(default=None)):
+    def add_items(req: AddItemsRequest):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
-        _authorize(authorization, "changing the catalogue")
+        _enabled("changing the catalogue")
         with_vec = [it.vector is not None for it in req.items]
         with_text = [it.text is not None for it in req.items]
         if (any(with_vec) and not all(with_vec)) or (any(with_text) and not all(with_text)):
@@ -754,10 +741,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         return {"added": len(ids), "items": engine.n_items}
 
     @app.post("/items/remove", responses=_doc(RemoveItemsResponse, 400, 403, 409, 422, *_GUARDED))
-    def remove_items(req: RemoveItemsRequest, authorization: Optional[str] = Header(default=None)):
+    def remove_items(req: RemoveItemsRequest):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
-        _authorize(authorization, "changing the catalogue")
+        _enabled("changing the catalogue")
         try:
             engine.remove_items(req.items)
         except ENGINE_ERRORS as e:
@@ -765,10 +752,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         return {"removed": len(req.items)}
 
     @app.post("/ab", responses=_doc(AbResponse, 400, 403, 409, 422, *_GUARDED))
-    def ab(req: AbRequest, authorization: Optional[str] = Header(default=None)):
+    def ab(req: AbRequest):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
-        _authorize(authorization, "A/B serving")
+        _enabled("A/B serving")
         if req.bundle is None or req.fraction == 0:
             engine.clear_candidate()
             return {"ab": None, "version": engine.version}
@@ -782,10 +769,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
         return {"ab": engine.ab, "version": engine.version}
 
     @app.post("/swap", responses=_doc(SwapResponse, 400, 403, 409, 422, *_GUARDED))
-    def swap(req: SwapRequest, authorization: Optional[str] = Header(default=None)):
+    def swap(req: SwapRequest):
         if swap_refusal is not None:
             raise HTTPException(409, detail=swap_refusal)
-        _authorize(authorization, "swapping")
+        _enabled("swapping")
         bundle = _under_root(req.bundle)
         try:
             version = engine.swap(bundle)
