@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import threading
 import time
@@ -813,7 +814,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local node's) "
                                                     "instead of starting one")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of a local Ray cluster (default: the cores, or what the replicas need if more)")
     p.add_argument("--ingress-cpus", type=float, default=1.0, help="Ray CPUs per ingress replica (default 1)")
     p.add_argument("--shard-cpus", type=float, default=1.0, help="Ray CPUs per shard replica (default 1)")
     p.add_argument("--scan-threads", type=int, default=1, help="OpenMP threads of one shard scan (default 1)")
@@ -871,7 +873,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"rec-engine cluster --swap: {e}") from None
         print(f"{args.name}: swapped to {args.bundle} (version {version_id(args.bundle)})", flush=True)
         return 0
-    ray.init(address=args.address, num_cpus=args.num_cpus if args.address is None else None)
+    num_cpus = None
+    if args.address is None:          # a local cluster: enough logical CPUs for every replica to be placed
+        need = math.ceil(args.shards * args.shard_replicas * args.shard_cpus + args.replicas * args.ingress_cpus)
+        num_cpus = args.num_cpus if args.num_cpus is not None else max(os.cpu_count() or 1, need)
+        if num_cpus < need:
+            raise SystemExit(f"rec-engine cluster: --num-cpus {num_cpus} cannot place {args.shards} x "
+                             f"{args.shard_replicas} shards and {args.replicas} ingress replicas ({need} Ray CPUs "
+                             f"with --shard-cpus {args.shard_cpus:g} and --ingress-cpus {args.ingress_cpus:g})")
+        if num_cpus > (os.cpu_count() or 1):
+            print(f"rec-engine cluster: a local Ray cluster of {num_cpus} logical CPUs on {os.cpu_count()} cores "
+                  f"(the replicas share them)", flush=True)
+    ray.init(address=args.address, num_cpus=num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         deploy(args.bundle, name=args.name, runtime_env=runtime_env, **options)
