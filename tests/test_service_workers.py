@@ -205,6 +205,65 @@ def test_a_request_that_finds_the_coalescer_idle_starts_at_once():
     assert [c[0] for c in slow.calls] == ["single", "batch"] and slow.calls[1][2] == [7, 8]
 
 
+def test_an_open_batch_starts_when_the_running_call_ends_not_at_the_window():
+    """idle_start: the batch that collected requests while a call ran starts as soon as that call ends (the
+    cores are free), long before its window."""
+    release = threading.Event()
+    slow = _StubEngine()
+    single = slow.recommend
+
+    def held(user, *a, **kw):
+        if user == "first":
+            release.wait(10)
+        return single(user, *a, **kw)
+
+    slow.recommend = held
+    window = 1.5
+    co = Coalescer(slow, window_us=int(window * 1e6), max_batch=8)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(co.recommend, "first", 5)
+        time.sleep(0.1)
+        later = [pool.submit(co.recommend, u, 5) for u in (7, 8, 9)]
+        time.sleep(0.1)
+        t_release = time.perf_counter()
+        release.set()
+        assert [f.result(10) for f in later] == [("rec", u, 5, None) for u in (7, 8, 9)]
+        assert first.result(10) == ("rec", "first", 5, None)
+    assert [(c[0], c[2]) for c in slow.calls] == [("single", ["first"]), ("batch", [7, 8, 9])]
+    started = slow.calls[1][1] - t_release
+    assert started < 0.5 * window, f"the batch started {started:.2f} s after the running call ended"
+
+
+class _ThreadedStub(_StubEngine):
+    """A stub whose batches get other threads than its single calls (Engine(batch_threads=...))."""
+
+    num_threads, batch_threads = 1, 2
+
+
+def test_a_lone_request_takes_the_batch_path_when_batches_get_more_threads():
+    for stub, kind in ((_StubEngine(), "single"), (_ThreadedStub(), "batch")):
+        co = Coalescer(stub, window_us=2_000_000, max_batch=8)
+        t = time.perf_counter()
+        assert co.recommend(3, 5, context={"a": 1}) == ("rec", 3, 5, {"a": 1})
+        assert time.perf_counter() - t < 1.0                       # started at once either way
+        assert [c[0] for c in stub.calls] == [kind] and stub.calls[0][2] == [3]
+
+
+def test_engine_batch_threads(trained):
+    """batch_threads: recommend_batch's threads, checked; answers equal single calls whatever the threads."""
+    path = trained.bundle("pipe_a")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="batch_threads"):
+            Engine.load(path, num_threads=1, batch_threads=bad)
+    with Engine.load(path, num_threads=1, batch_threads=2) as e:
+        assert e.num_threads == 1 and e.batch_threads == 2
+        users = list(range(0, 300, 7)) + [10_001]
+        for rec, u in zip(e.recommend_batch(users, 10), users):
+            _same(rec, e.recommend(u, 10))
+    with Engine.load(path, num_threads=1) as e:
+        assert e.batch_threads == 1
+
+
 def test_a_full_batch_goes_at_once_and_every_wait_is_bounded():
     stub = _StubEngine()
     co = Coalescer(stub, window_us=10_000_000, max_batch=4, idle_start=False)   # 10 s: only a full batch leaves early

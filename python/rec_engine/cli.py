@@ -33,7 +33,7 @@ def _serve(args) -> int:
           bundle_root=args.bundle_root,
           max_body=args.max_body, workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch,
           log_level=args.log_level, events=args.events or args.event_log, ort_threads=args.ort_threads,
-          num_threads=args.threads, index=args.index, ranking_precision=args.ranking_precision,
+          num_threads=args.threads, batch_threads=args.batch_threads, index=args.index, ranking_precision=args.ranking_precision,
           scan_memory=args.scan_memory, durable=args.durable or None, window_days=args.window_days,
           retention_days=args.retention_days, impression_sample=args.impression_sample,
           candidate=args.candidate, candidate_fraction=args.candidate_fraction if args.candidate else None,
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                           "--workers > 1, else off)")
     srv.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime threads per session")
     srv.add_argument("--threads", type=int, default=1, help="core threads per request")
+    srv.add_argument("--batch-threads", type=int, default=None,
+                     help="threads of a coalesced batch (top-k and ranking; default with --coalesce-us: the "
+                          "available cores divided among the workers)")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     srv.add_argument("--workers", type=int, default=1,
                      help="server processes (uvicorn's multi-process mode: one socket, N spawned workers, each "

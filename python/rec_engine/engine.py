@@ -420,6 +420,11 @@ class Engine:
     num_threads : int, optional
         Threads of the core's top-k (default: OpenMP's default; 1 in a busy multi-threaded server), and of
         the ONNX Runtime session that ranks :meth:`recommend_batch`'s candidates (default: all cores).
+    batch_threads : int, optional
+        Threads of :meth:`recommend_batch` alone (its top-k and the ONNX Runtime session that ranks its
+        candidates), when they should differ from ``num_threads``: a server that answers lone requests on one
+        core each but coalesces concurrent ones into batches gives the batches every core (``serve
+        --coalesce-us``). Default: ``num_threads``.
     verify : bool
         Check every bundle file's sha256 at load (default True).
     index : {"float32", "int8", "bf16"}, optional
@@ -450,7 +455,8 @@ class Engine:
                  impression_sample: float = 1.0, follow_events_s: float | None = None,
                  candidate=None, candidate_fraction: float = 0.0, clock=None, content_encoder=None,
                  hybrid_max_events: int = 5, diversity: float = 0.0, debias: float = 0.0, explore: float = 0.0,
-                 explore_max_impressions: int = 100, seed: int | None = None, profiles=None):
+                 explore_max_impressions: int = 100, seed: int | None = None, profiles=None,
+                 batch_threads: int | None = None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
@@ -481,8 +487,12 @@ class Engine:
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
         self.catalogue = None                      # set below, once the first version is loaded
         self._cat_lock = threading.RLock()      # catalogue changes; a swap publishes its version under it
-        # recommend_batch ranks with as many ONNX Runtime threads as the core's top-k uses (0: all cores)
-        self._batch_threads = num_threads if num_threads is not None else 0
+        # recommend_batch ranks with as many ONNX Runtime threads as its top-k uses (0: all cores)
+        if batch_threads is not None and (isinstance(batch_threads, bool) or not isinstance(batch_threads, int)
+                                          or batch_threads < 1):
+            raise ValueError(f"batch_threads must be an integer >= 1, got {batch_threads!r}")
+        self.batch_threads = batch_threads if batch_threads is not None else num_threads
+        self._batch_threads = self.batch_threads if self.batch_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
         if events is not None and event_log is not None:
             raise ValueError("give events= or its older name event_log=, not both")
@@ -951,7 +961,7 @@ class Engine:
                 seen = extra if seen is None else np.concatenate([seen, extra])
             excludes.append(seen if seen is not None else _NO_IDS)
         n = k if v.ranking is None else max(k, n_candidates or v.n_candidates)
-        results = v.retrieval.retrieve_batch(states, n, excludes=excludes, num_threads=self.num_threads)
+        results = v.retrieval.retrieve_batch(states, n, excludes=excludes, num_threads=self.batch_threads)
         if v.content_vectors is not None and self.hybrid_max_events:
             results = [self._hybrid(v, st, n, ex, r) for st, ex, r in zip(states, excludes, results)]
         fallback = [r is None for r in results]

@@ -347,17 +347,42 @@ def _publish_schema(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+class _Counting:
+    """Plain ASGI middleware that calls ``record(path, status, seconds)`` once per HTTP request, when its
+    answer has been sent (500 when the app raised before answering); Starlette's ``@app.middleware("http")``
+    would run the app in a task of its own and stream every answer through a copy."""
+
+    def __init__(self, app, *, record):
+        self.app, self.record = app, record
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            self.record(scope["path"], status[0], time.perf_counter() - t0)
+
+
 class _Batch:
     """Requests collected under one key; the first one (the leader) runs the batch."""
 
-    __slots__ = ("users", "contexts", "results", "closed", "full", "done")
+    __slots__ = ("users", "contexts", "results", "closed", "done")
 
     def __init__(self):
         self.users: list = []
         self.contexts: list = []
         self.results: list = []      # per request: a Recommendation, or None (answer it with a single call)
         self.closed = False
-        self.full = threading.Event()
         self.done = threading.Event()
 
 
@@ -371,12 +396,17 @@ class Coalescer:
     that joined wait for that call. Each request gets its own :class:`~rec_engine.engine.Recommendation`,
     the one ``engine.recommend`` would give. A batch whose call raises is answered request by request
     (each in its own thread), so an error belongs to the request that caused it. A lone request is
-    answered by ``engine.recommend`` directly. Engines whose ``recommend_batch`` takes no per-user
+    answered by ``engine.recommend`` directly, or by ``recommend_batch`` of one when the engine gives
+    batches other threads than single calls (``batch_threads``: then it gets the batches' cores). Engines whose ``recommend_batch`` takes no per-user
     ``contexts`` get batches only when every request of the batch has the same context.
 
     ``idle_start`` (default): a request that finds no other request in the coalescer starts at once
     instead of waiting the window, since nothing could join it (one client pays no added wait); requests
-    that arrive while others are in flight wait as above.
+    that arrive while others are in flight wait as above, but an open batch also starts as soon as no call
+    of this coalescer is running any more: waiting on would leave the cores idle, and what the running
+    calls' clients send next joins the next batch. So under load one call runs at a time with every core
+    the engine gives batches (``Engine(batch_threads=...)``), each batch holding what came during the
+    previous call, and no request waits longer than the window for its batch to start.
 
     Thread-safe; it keeps no thread of its own (the callers' threads do the work). ``stats`` counts
     ``batches`` (batch calls), ``batched`` (requests answered by them), ``singles`` and ``fallbacks``
@@ -392,10 +422,14 @@ class Coalescer:
         self.engine, self.window_s, self.max_batch = engine, window_us / 1e6, max_batch
         self.on_batch = on_batch                     # called with each batch's size (metrics)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a call ends or a batch fills up
         self._open: dict = {}
         self.idle_start = bool(idle_start)
-        self._inflight = 0                           # requests inside recommend()
+        self._running = 0                            # engine calls running (singles and batches)
         self.stats = {"batches": 0, "batched": 0, "singles": 0, "fallbacks": 0}
+        # a lone request goes through recommend_batch too when the engine gives batches more threads
+        nt, bt = getattr(engine, "num_threads", None), getattr(engine, "batch_threads", None)
+        self._lone_batch = bt is not None and bt != nt
         try:
             params = inspect.signature(engine.recommend_batch).parameters
             self.per_user_contexts = "contexts" in params or any(
@@ -408,17 +442,7 @@ class Coalescer:
         """What ``engine.recommend(user, k, exclude_seen=..., n_candidates=..., context=...)`` returns."""
         if self.window_s == 0 or self.max_batch == 1:
             return self._single(user, k, exclude_seen, n_candidates, context)
-        key = (k, exclude_seen, n_candidates)
-        with self._lock:
-            alone = self.idle_start and self._inflight == 0 and not self._open
-            self._inflight += 1
-        try:
-            if alone:
-                return self._single(user, k, exclude_seen, n_candidates, context)
-            return self._coalesced(key, user, k, exclude_seen, n_candidates, context)
-        finally:
-            with self._lock:
-                self._inflight -= 1
+        return self._coalesced((k, exclude_seen, n_candidates), user, k, exclude_seen, n_candidates, context)
 
     def _coalesced(self, key, user, k, exclude_seen, n_candidates, context) -> Recommendation:
         with self._lock:
@@ -431,12 +455,17 @@ class Coalescer:
             batch.contexts.append(context)
             if len(batch.users) >= self.max_batch:
                 self._close(key, batch)
-                batch.full.set()
+                self._idle.notify_all()
         if leader:
-            batch.full.wait(self.window_s)
             with self._lock:
+                self._idle.wait_for(lambda: batch.closed or (self.idle_start and self._running == 0),
+                                    self.window_s)
                 self._close(key, batch)
-            self._run(batch, k, exclude_seen, n_candidates)
+                self._running += 1
+            try:
+                self._run(batch, k, exclude_seen, n_candidates)
+            finally:
+                self._ended()
         else:
             batch.done.wait()
         rec = batch.results[slot]
@@ -450,18 +479,28 @@ class Coalescer:
             if self._open.get(key) is batch:
                 del self._open[key]
 
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.notify_all()
+
     def _single(self, user, k, exclude_seen, n_candidates, context) -> Recommendation:
         with self._lock:
             self.stats["singles"] += 1
-        return self.engine.recommend(user, k, exclude_seen=exclude_seen, n_candidates=n_candidates,
-                                     context=context)
+            self._running += 1
+        try:
+            return self.engine.recommend(user, k, exclude_seen=exclude_seen, n_candidates=n_candidates,
+                                         context=context)
+        finally:
+            self._ended()
 
     def _run(self, batch: _Batch, k, exclude_seen, n_candidates) -> None:
         """Answer the closed ``batch`` (slot 0 is the leader's); never raises."""
         n = len(batch.users)
         results: list = [None] * n
         try:
-            if n > 1:
+            if n > 1 or self._lone_batch:
                 if self.per_user_contexts:
                     opts = {"contexts": batch.contexts}
                 elif all(c == batch.contexts[0] for c in batch.contexts):
@@ -592,17 +631,15 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     app.add_middleware(Guard, token=token, read_token=read_token, max_body=max_body,     # inside the counting
                        body_timeout_s=body_timeout_s, rate=rate_limit, burst=rate_burst)   # middleware below
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
+    def count(path: str, status: int, seconds: float) -> None:
         # the route's own path, never the request's: an unknown path must not make new time series
-        endpoint = request.url.path if request.url.path in known_paths else "other"
-        requests.labels(endpoint, str(response.status_code)).inc()
-        if response.status_code >= 400:
+        endpoint = path if path in known_paths else "other"
+        requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
             errors.labels(endpoint).inc()
-        latency.labels("http").observe(time.perf_counter() - t0)
-        return response
+        latency.labels("http").observe(seconds)
+
+    app.add_middleware(_Counting, record=count)
 
     known_paths: set = set()              # filled below, once every route is declared
 
@@ -859,6 +896,13 @@ _TOKEN_ENV, _READ_TOKEN_ENV = "REC_ENGINE_WORKER_TOKEN", "REC_ENGINE_WORKER_READ
 _GUARD_OPTIONS = ("rate_limit", "rate_burst", "body_timeout_s", "bundle_root")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
           log_level: str = "info", read_token: str | None = None, rate_limit: float | None = None,
@@ -867,7 +911,8 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     """Load ``bundle`` (or a model home: its ``CURRENT`` version) and serve it with uvicorn until interrupted.
     ``engine_options`` are :class:`~rec_engine.engine.Engine`'s (``events``, ``index``, ``num_threads``, ...);
     ``scan_memory`` defaults to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the
-    scanned table.
+    scanned table. With ``coalesce_us > 0``, ``batch_threads`` defaults to the available cores divided
+    among the workers (the coalesced batches run one at a time per worker).
 
     ``workers=1``: one process (the engine loaded here). ``workers=N > 1``: uvicorn's multi-process mode,
     N spawned worker processes accepting on the socket this process binds; each builds its app with
@@ -891,6 +936,8 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     opts = {k: v for k, v in engine_options.items() if v is not None}
+    if coalesce_us > 0:     # coalesced batches run one at a time (see Coalescer): give them the workers' cores
+        opts.setdefault("batch_threads", max(1, _cores() // workers))
     http = protocol_class(header_timeout_s)
     bundle_root = os.path.abspath(bundle_root if bundle_root is not None
                                   else os.path.dirname(os.path.abspath(os.fspath(bundle))))
