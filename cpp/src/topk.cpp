@@ -294,6 +294,7 @@ constexpr int64_t kPanel = topk_gemm::kPanel;
 static_assert(kPanel <= 64, "a panel's filter result is one 64-bit mask per query");
 constexpr int64_t kPanelQueries = 48;      // queries scored per panel visit (a multiple of the kernel's 6)
 constexpr int64_t kPackedMinQueries = 4;   // fewer queries take the row-major path
+static_assert(kPackedMinQueries == topk_gemm::kStreamQueries + 1, "fewer queries stream (stream_f32's limit)");
 
 // Per-thread buffers of the packed scans.
 struct PanelWork {
@@ -379,8 +380,8 @@ void scan_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64_t pa, i
   const int64_t nq = q_end - q_begin, d = p.d;
   w.tile.resize(static_cast<size_t>(nq * kPanel));
   float* tile = w.tile.data();
-  float thrs[kPackedMinQueries];
-  uint64_t masks[kPackedMinQueries];
+  float thrs[topk_gemm::kStreamQueries];
+  uint64_t masks[topk_gemm::kStreamQueries];
   const float* q = p.queries + q_begin * d;
   const int64_t end = std::min(pb * kPanel, p.n_items);
   int64_t i = pa * kPanel;
@@ -536,7 +537,7 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
   // inside a batch).
   const topk_gemm::Table* g = topk_gemm::active();
   if (g != nullptr) {
-    const bool stream = n_queries < kPackedMinQueries;
+    const bool stream = n_queries <= topk_gemm::kStreamQueries;
     const int64_t n_panels = (n_items + kPanel - 1) / kPanel;
     const int ntp = static_cast<int>(std::min<int64_t>(nt, n_panels));
     std::vector<PanelWork> work(ntp);

@@ -11,6 +11,9 @@
 namespace rec_engine::topk_gemm {
 
 constexpr int64_t kPanel = 64;
+// The most queries stream_f32 takes. Measured on Zen 5 (1M x 64, 1 thread): 4-6 queries streamed two a pass
+// took 11.9-17 ms against 9.7-11 ms packed; 3 queries about level (10.5-11 ms either way), so 1-3 stream.
+constexpr int64_t kStreamQueries = 3;
 
 struct Table {
   // Packs rows x[j * ldx .. + d) for j < nx (nx <= kPanel) into panel; missing items are zero.
@@ -32,7 +35,7 @@ struct Table {
   // out[i * ldo + j] = bf16 dot products (vdpbf16ps); nullptr when the CPU lacks AVX512-BF16.
   void (*score_bf16)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2,
                      float* out, int64_t ldo);
-  // Streaming scan of nq <= 3 queries over n row-major items x + j * ldx, read once in memory order, one
+  // Streaming scan of nq <= kStreamQueries queries over n row-major items x + j * ldx, read once in memory order, one
   // panel of kPanel items after another. A score is <q_i, x_j> summed exactly as
   // kernels::KernelTable::dot_tile at the same level sums it (one accumulator over 16-lane chunks, then
   // the lanes reduced in _mm512_reduce_add_ps's order). With thr: bit j of masks[i] is set when item j of
