@@ -24,7 +24,10 @@ scan's GB/s (table bytes / median):
 
 Implementations take turns within each repetition (interleaved: the machine is shared and its speed
 moves), every one gets an untimed warm-up call, and the median and p99 of ``--reps`` repetitions are
-reported. The JSON (default ``bench/results/scan.json``, git-ignored) holds every row and the run
+reported. Before every timed call an untimed read of another buffer (``--flush-mb``, default 128 MB, four
+times a 32 MB L3) evicts what the previous call left in the caches, so each call reads its table from
+memory whatever ran before it (the int8 table, 68 MB, is only about twice such an L3: without the flush
+a scan that followed a scan of the same table found part of it still cached). The JSON (default ``bench/results/scan.json``, git-ignored) holds every row and the run
 conditions; the Markdown table goes to stdout.
 """
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main():
     ap.add_argument("--batches", default="1,2,3")
     ap.add_argument("--recall-queries", type=int, default=50)
     ap.add_argument("--no-reduced", action="store_true", help="skip the int8 / bf16 rows")
+    ap.add_argument("--flush-mb", type=int, default=128, help="untimed read between timed calls (0: none)")
     ap.add_argument("--json", metavar="PATH", default=os.path.join(os.path.dirname(__file__), "results", "scan.json"),
                     help="where the JSON goes ('' for none)")
     args = ap.parse_args()
@@ -105,8 +109,11 @@ def main():
     times = [[] for _ in rows]
     for _, _, _, fn in rows:
         fn()
+    flush_buf = torch.ones(args.flush_mb * (1 << 20) // 4) if args.flush_mb > 0 else None
     for _ in range(args.reps):
         for i, (_, _, _, fn) in enumerate(rows):
+            if flush_buf is not None:
+                flush_buf.sum()
             t0 = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t0)
@@ -134,7 +141,7 @@ def main():
                 row["recall_at_k"] = recalls.get(f"{precision} k={name.split('k=')[1].split()[0]}")
         out_rows.append(row)
 
-    cond = {"items": n, "dim": d, "threads": nt, "reps": args.reps, "excluded": N_EX,
+    cond = {"items": n, "dim": d, "threads": nt, "reps": args.reps, "excluded": N_EX, "flush_mb": args.flush_mb,
             "simd_level": rec_engine.simd_level(), "cpu": platform.processor() or platform.machine(),
             "loadavg": os.getloadavg(), "torch": torch.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0]}
