@@ -255,6 +255,8 @@ def test_engine_batch_threads(trained):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="batch_threads"):
             Engine.load(path, num_threads=1, batch_threads=bad)
+        with pytest.raises(ValueError, match="batch_threads"):      # what serve --workers N checks once
+            Engine.check_options(batch_threads=bad)
     with Engine.load(path, num_threads=1, batch_threads=2) as e:
         assert e.num_threads == 1 and e.batch_threads == 2
         users = list(range(0, 300, 7)) + [10_001]

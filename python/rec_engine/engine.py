@@ -458,6 +458,7 @@ class Engine:
                  explore_max_impressions: int = 100, seed: int | None = None, profiles=None,
                  batch_threads: int | None = None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
+                           batch_threads=batch_threads,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
                            candidate=candidate, candidate_fraction=candidate_fraction)
@@ -488,9 +489,6 @@ class Engine:
         self.catalogue = None                      # set below, once the first version is loaded
         self._cat_lock = threading.RLock()      # catalogue changes; a swap publishes its version under it
         # recommend_batch ranks with as many ONNX Runtime threads as its top-k uses (0: all cores)
-        if batch_threads is not None and (isinstance(batch_threads, bool) or not isinstance(batch_threads, int)
-                                          or batch_threads < 1):
-            raise ValueError(f"batch_threads must be an integer >= 1, got {batch_threads!r}")
         self.batch_threads = batch_threads if batch_threads is not None else num_threads
         self._batch_threads = self.batch_threads if self.batch_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
@@ -660,6 +658,9 @@ class Engine:
             got = options.get(name)
             if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0):
                 raise ValueError(f"{name} must be a number > 0, got {got!r}")
+        bt = options.get("batch_threads")
+        if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
+            raise ValueError(f"batch_threads must be an integer >= 1, got {bt!r}")
         frac = options.get("candidate_fraction", 0.0)
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
             raise ValueError(f"candidate_fraction must be in [0, 1], got {frac!r}")
