@@ -488,9 +488,7 @@ class Engine:
         self.ort_threads, self.num_threads, self.verify, self._index = ort_threads, num_threads, verify, index
         self.catalogue = None                      # set below, once the first version is loaded
         self._cat_lock = threading.RLock()      # catalogue changes; a swap publishes its version under it
-        # recommend_batch ranks with as many ONNX Runtime threads as its top-k uses (0: all cores)
         self.batch_threads = batch_threads if batch_threads is not None else num_threads
-        self._batch_threads = self.batch_threads if self.batch_threads is not None else 0
         self._ranking_precision, self._scan_memory = ranking_precision, scan_memory
         if events is not None and event_log is not None:
             raise ValueError("give events= or its older name event_log=, not both")
@@ -539,7 +537,9 @@ class Engine:
 
     def _load_version(self, path) -> _Version:
         v = _Version(resolve_bundle(Path(path)), ort_threads=self.ort_threads, verify=self.verify,
-                     index=self._index, batch_threads=self._batch_threads,
+                     index=self._index,
+                     # recommend_batch ranks with as many ONNX Runtime threads as its top-k uses (0: all cores)
+                     batch_threads=self.batch_threads if self.batch_threads is not None else 0,
                      ranking_precision=self._ranking_precision, scan_memory=self._scan_memory)
         if getattr(self, "catalogue", None) is not None:
             self._apply_catalogue(v)

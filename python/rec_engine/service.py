@@ -52,7 +52,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal, Optional, Union
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 import numpy as np
@@ -397,8 +397,9 @@ class Coalescer:
     the one ``engine.recommend`` would give. A batch whose call raises is answered request by request
     (each in its own thread), so an error belongs to the request that caused it. A lone request is
     answered by ``engine.recommend`` directly, or by ``recommend_batch`` of one when the engine gives
-    batches other threads than single calls (``batch_threads``: then it gets the batches' cores). Engines whose ``recommend_batch`` takes no per-user
-    ``contexts`` get batches only when every request of the batch has the same context.
+    batches other threads than single calls (``batch_threads``: then it gets the batches' cores). Engines
+    whose ``recommend_batch`` takes no per-user ``contexts`` get batches only when every request of the
+    batch has the same context.
 
     ``idle_start`` (default): a request that finds no other request in the coalescer starts at once
     instead of waiting the window, since nothing could join it (one client pays no added wait); requests

@@ -310,7 +310,7 @@ __attribute__((always_inline)) inline __m512 dots16_one(const __m512 (&qv)[C], c
   return reduce16(acc);
 }
 
-// reduce16 leaves input p in lane kLaneOf(p) (a 4 x 4 transpose, so also the input whose sum lane L holds).
+// reduce16 leaves input p in lane lane_of(p) (a 4 x 4 transpose, so also the input whose sum lane L holds).
 constexpr int lane_of(int p) { return 4 * (p % 4) + p / 4; }
 struct PairLanes {
   int first[16]{}, second[16]{};
@@ -443,6 +443,7 @@ int64_t stream_f32_impl(const float* q, int64_t nq, int64_t ldq, const float* x,
   return i;
 }
 
+static_assert(kStreamQueries == 3, "stream_f32_c has one case per query count");
 template <int C>
 int64_t stream_f32_c(const float* q, int64_t nq, int64_t ldq, const float* x, int64_t n, int64_t ldx, int64_t d,
                      const float* thr, float* out, int64_t ldo, uint64_t* masks) {
@@ -450,7 +451,7 @@ int64_t stream_f32_c(const float* q, int64_t nq, int64_t ldq, const float* x, in
     case 1: return stream_f32_impl<C, 1>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
     case 2: return stream_f32_impl<C, 2>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
     case 3: return stream_f32_impl<C, 3>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
-    default: static_assert(kStreamQueries == 3, "one case per query count"); return stream_f32_impl<0, 0>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
+    default: return stream_f32_impl<0, 0>(q, nq, ldq, x, n, ldx, d, thr, out, ldo, masks);
   }
 }
 
