@@ -23,6 +23,7 @@ import numpy as np
 
 from ._convert import threads_arg
 from .bundle import onnx_session
+from .dense_split import FIRST_BIAS, split_first_layer
 from .embedding import EmbeddingTable
 
 _BIND_MAX_ROWS = 1024
@@ -45,6 +46,10 @@ class CtrRunner:
     num_threads : int, optional  core threads of the pooling (None: the core's default)
     batch_threads : int, optional  intra-op threads of a second session, created at the first call for a batch
         of users (``batch=True``), with spinning off; None: the first session runs them
+    constant_fields : sequence of int, optional  fields that hold the same values on every example of one request
+        (the user's and the context's): calls that say where their requests begin (``groups=``) run the dense
+        part with its first layer split (:mod:`rec_engine.dense_split`), computing those fields' share of it once
+        per request. None: no split. :attr:`split` is None when the model does not match the split's pattern.
 
     Notes
     -----
@@ -54,7 +59,8 @@ class CtrRunner:
 
     def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike | bytes, *,
                  n_fields: int, inputs=("emb", "lin"), output: str = "logit", session_options=None,
-                 num_threads: int | None = 1, batch_threads: int | None = None):
+                 num_threads: int | None = 1, batch_threads: int | None = None,
+                 constant_fields=None):
         import onnxruntime as ort
 
         self.embedding, self.linear = embedding, linear
@@ -68,7 +74,7 @@ class CtrRunner:
         self.session = onnx_session(model, session_options, what="the ranking model's dense part")
         self.inputs = tuple(inputs)
         self.output = output
-        self._onnx_path, self._batch_threads, self._batch_run = model, batch_threads, None
+        self._onnx_path, self._batch_threads, self._batch_runs = model, batch_threads, {}
         self._batch_lock = threading.Lock()
         # the request path calls the core directly (the facade's argument checks and conversions cost more
         # than the lookups at small batches; arrays of the wrong kind fall back to it)
@@ -85,13 +91,39 @@ class CtrRunner:
                     and (len(out_shape) == 1 or (len(out_shape) == 2 and out_shape[1] == 1)))
         self._out_rank = len(out_shape)
         self._bind_rows = min(_BIND_MAX_ROWS, _BIND_MAX_FLOATS // max(1, self.n_fields * self.dim)) if bindable else 0
-        # InferenceSession.run_with_iobinding is a Python wrapper around the binding's method of the same
-        # name; call that directly when this ONNX Runtime has it (~1 us of a 40 us batch-1 call)
-        native = getattr(self.session, "_sess", None)
-        if hasattr(native, "run_with_iobinding") and hasattr(self.session.io_binding(), "_iobinding"):
-            self._run_io = lambda io, _run=native.run_with_iobinding: _run(io._iobinding, None)
-        else:
-            self._run_io = self.session.run_with_iobinding
+        self._run_io = self._io_runner(self.session)
+        self.split, self.split_session, self._run_io_split = None, None, None
+        if constant_fields is not None:
+            self._set_split(model, constant_fields, session_options)
+
+    def _set_split(self, model, constant_fields, session_options) -> None:
+        """Builds the split dense part and keeps it when it gives the whole model's logits on random rows."""
+        split = split_first_layer(model, emb=self.inputs[0], n_fields=self.n_fields, dim=self.dim,
+                                  constant_fields=constant_fields)
+        if split is None:
+            return
+        session = onnx_session(split.model, session_options, what="the ranking model's split dense part")
+        rng = np.random.default_rng(0)
+        n, F, d = 7, self.n_fields, self.dim
+        emb = rng.normal(0.0, 0.5, (n, F, d)).astype(np.float32)
+        emb[:, split.const] = emb[:1, split.const]
+        lin = rng.normal(0.0, 0.5, (n, F)).astype(np.float32)
+        e, li = self._feed
+        (whole,) = self.session.run([self.output], {e: emb, li: lin})
+        (part,) = session.run([self.output], {e: emb, li: lin, FIRST_BIAS: split.first_bias(emb[:1])})
+        if np.allclose(np.asarray(whole, np.float64).reshape(-1), np.asarray(part, np.float64).reshape(-1),
+                       rtol=1e-3, atol=1e-4):
+            self.split, self.split_session, self._run_io_split = split, session, self._io_runner(session)
+
+    @staticmethod
+    def _io_runner(session):
+        """``run(io)`` of an IOBinding of ``session``. InferenceSession.run_with_iobinding is a Python wrapper
+        around the binding's method of the same name; call that directly when this ONNX Runtime has it (~1 us
+        of a 40 us batch-1 call)."""
+        native = getattr(session, "_sess", None)
+        if hasattr(native, "run_with_iobinding") and hasattr(session.io_binding(), "_iobinding"):
+            return lambda io, _run=native.run_with_iobinding: _run(io._iobinding, None)
+        return session.run_with_iobinding
 
     def pool_arrays(self, indices, offsets, weights) -> tuple[np.ndarray, np.ndarray]:
         """Sum-pooled ``emb [bags, dim]`` and ``lin [bags, 1]`` of bags given as in an EncodedBatch."""
@@ -111,42 +143,62 @@ class CtrRunner:
         if cache is None:
             rows, F, d = self._bind_rows, self.n_fields, self.dim
             tls.buffers = (np.zeros((rows, F, d), np.float32), np.zeros((rows, F), np.float32),
-                           np.zeros((rows,) if self._out_rank == 1 else (rows, 1), np.float32))
+                           np.zeros((rows,) if self._out_rank == 1 else (rows, 1), np.float32),
+                           np.zeros((1, self.split.hidden if self.split is not None else 1), np.float32))
             cache = tls.bound = {}
         b = cache.get(n)
         if b is None:
-            emb, lin, out = (a[:n] for a in tls.buffers)     # C-contiguous leading rows
+            emb, lin, out = (a[:n] for a in tls.buffers[:3])     # C-contiguous leading rows
+            fb = tls.buffers[3]
             e, li = self._feed
-            io = self.session.io_binding()
-            io.bind_cpu_input(e, emb)
-            io.bind_cpu_input(li, lin)
-            io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), io,
-                            out.reshape(-1))
+            ios = []
+            for session in (self.session, self.split_session):
+                if session is None:
+                    ios.append(None)
+                    continue
+                io = session.io_binding()
+                io.bind_cpu_input(e, emb)
+                io.bind_cpu_input(li, lin)
+                if session is self.split_session:
+                    io.bind_cpu_input(FIRST_BIAS, fb)
+                io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+                ios.append(io)
+            b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), ios[0],
+                            out.reshape(-1), ios[1], fb)
         return b
+
+    def _run_bound(self, b, n: int, groups) -> np.ndarray:
+        """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
+        request and there is a split)."""
+        if groups is not None and b[4] is not None and len(groups) == 1:
+            self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
+            self._run_io_split(b[4])
+        else:
+            self._run_io(b[2])
+        return self.sigmoid(b[3])
 
     @property
     def bind_rows(self) -> int:
         """The most examples a call scores through the bound buffers (0: this model's output cannot be bound)."""
         return self._bind_rows
 
-    def bound_inputs(self, n: int):
+    def bound_inputs(self, n: int, groups=None):
         """``(emb [n, F, dim], lin [n, F], run)`` for ``1 <= n <= bind_rows``: this thread's bound input
         buffers, to be filled in place, and ``run()``, which runs the dense part on them and returns the click
-        probabilities (a new array). None when ``n`` is too large."""
+        probabilities (a new array). None when ``n`` is too large. ``groups``: as in :meth:`logits`."""
         if not 0 < n <= self._bind_rows:
             return None
         b = self._bound(n)
 
         def run(b=b):
-            self._run_io(b[2])
-            return self.sigmoid(b[3])
+            return self._run_bound(b, n, groups)
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
-    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool = False) -> np.ndarray:
+    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool = False, groups=None) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
-        ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``)."""
+        ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``); ``groups``: as in
+        :meth:`logits`."""
         if n <= self._bind_rows and not batch:
             b = self._bound(n)
             try:
@@ -155,34 +207,51 @@ class CtrRunner:
             except (TypeError, ValueError):   # arrays of other kinds: the general path converts or explains
                 pass
             else:
-                self._run_io(b[2])
-                return self.sigmoid(b[3])
+                return self._run_bound(b, n, groups)
         emb, lin = self.pool_arrays(indices, offsets, weights)
         return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
-                                        batch=batch))
+                                        batch=batch, groups=groups))
 
-    def logits(self, emb: np.ndarray, lin: np.ndarray, *, batch: bool = False) -> np.ndarray:
+    def logits(self, emb: np.ndarray, lin: np.ndarray, *, batch: bool = False, groups=None) -> np.ndarray:
         """Logits, float32 ``[n]``, of pooled inputs ``emb [n, F, dim]`` and ``lin [n, F]`` (``session.run``;
-        ``batch``: by the batch session when there is one)."""
+        ``batch``: by the batch session when there is one). ``groups``: the lengths of the requests the rows
+        belong to, in order (each request's constant fields equal on all its rows): the split dense part runs
+        when there is one."""
         e, li = self._feed
-        run = self._batch_session() if batch and self._batch_threads is not None else self._run
-        (out,) = run([self.output], {e: emb, li: lin}, None)
+        split = self.split is not None and groups is not None
+        feed = {e: emb, li: lin}
+        if split:
+            lengths = np.asarray(groups, np.int64).reshape(-1)
+            if lengths.sum() != len(emb):
+                raise ValueError(f"groups add up to {int(lengths.sum())} rows, there are {len(emb)}")
+            starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+            fb = self.split.first_bias(emb[starts])
+            feed[FIRST_BIAS] = fb if len(starts) == 1 else np.repeat(fb, lengths[lengths > 0], axis=0)
+        if batch and self._batch_threads is not None:
+            run = self._batch_session(split)
+        else:
+            run = self.split_session.run if split else self._run
+        (out,) = run([self.output], feed, None)
         return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
 
-    def _batch_session(self):
-        """``run`` of the session for large calls (batch_threads intra-op threads, no spinning)."""
-        if self._batch_run is None:
+    def _batch_session(self, split: bool = False):
+        """``run`` of the session (``split``: of the split model) for large calls (batch_threads intra-op
+        threads, no spinning)."""
+        run = self._batch_runs.get(split)
+        if run is None:
             import onnxruntime as ort
 
             with self._batch_lock:
-                if self._batch_run is None:
+                run = self._batch_runs.get(split)
+                if run is None:
                     opts = ort.SessionOptions()
                     opts.intra_op_num_threads = max(0, int(self._batch_threads))
                     opts.inter_op_num_threads = 1
                     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                    self._batch_run = ort.InferenceSession(self._onnx_path, sess_options=opts,
-                                                           providers=["CPUExecutionProvider"]).run
-        return self._batch_run
+                    run = self._batch_runs[split] = ort.InferenceSession(
+                        self.split.model if split else self._onnx_path, sess_options=opts,
+                        providers=["CPUExecutionProvider"]).run
+        return run
 
     @staticmethod
     def sigmoid(z: np.ndarray) -> np.ndarray:

@@ -139,16 +139,6 @@ class CtrRanker:
                               f"is {self.dim}")
         self.inputs = tuple(meta.get("inputs", ("emb", "lin")))
         self.output = meta.get("output", "logit")
-        self.runner = CtrRunner(self.embedding, self.linear, dense if dense is not None else bundle.onnx_path("dense"),
-                                n_fields=self.n_fields,
-                                inputs=self.inputs, output=self.output, session_options=session_options,
-                                num_threads=num_threads, batch_threads=batch_threads)
-        self.session = self.runner.session
-        given = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
-        if not (all(isinstance(n, str) and n in given[0] for n in self.inputs) and isinstance(self.output, str)
-                and self.output in given[1]):
-            raise BundleError(f"bundle {bundle.path}: meta inputs {self.inputs!r} / output {self.output!r} do not "
-                              f"name the dense model's inputs {sorted(given[0])} / outputs {sorted(given[1])}")
         groups = meta.get("entity_fields") or {}
         if not isinstance(groups, dict):
             raise BundleError(f"bundle {bundle.path}: meta entity_fields must be an object, got {groups!r}")
@@ -160,6 +150,23 @@ class CtrRanker:
         self.user_pos = np.array([pos[n] for n in self.user_fields], np.int64)
         self.item_pos = np.array([pos[n] for n in self.item_fields], np.int64)
         self.ctx_pos = np.array([pos[n] for n in self.context_fields], np.int64)
+        # pair fields: numeric features of the (user, candidate) pair (meta "pair_fields", e.g. the profile
+        # affinities of rec_engine.profiles), given per candidate at scoring time (score_candidates(pair=...))
+        self.pair_fields = [n for n in meta.get("pair_fields", ()) if n in self._names_set()]
+        # the fields equal on every candidate of a request (the dense part's first layer computes their share
+        # once per request, rec_engine.dense_split)
+        constant = [pos[n] for n in self.user_fields + self.context_fields if n not in set(self.pair_fields)]
+        self.runner = CtrRunner(self.embedding, self.linear, dense if dense is not None else bundle.onnx_path("dense"),
+                                n_fields=self.n_fields,
+                                inputs=self.inputs, output=self.output, session_options=session_options,
+                                num_threads=num_threads, batch_threads=batch_threads,
+                                constant_fields=constant if self.item_fields else None)
+        self.session = self.runner.session
+        given = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
+        if not (all(isinstance(n, str) and n in given[0] for n in self.inputs) and isinstance(self.output, str)
+                and self.output in given[1]):
+            raise BundleError(f"bundle {bundle.path}: meta inputs {self.inputs!r} / output {self.output!r} do not "
+                              f"name the dense model's inputs {sorted(given[0])} / outputs {sorted(given[1])}")
         rows = self.schema.n_rows
         self.items = _Store(bundle, "item_features", len(self.item_fields), rows) if self.item_fields else None
         self.users = _Store(bundle, "user_features", len(self.user_fields), rows) if self.user_fields else None
@@ -167,9 +174,6 @@ class CtrRanker:
         # content fields (a model trained with an items file): the projection of text vectors they come from
         from .content import ContentProjection
 
-        # pair fields: numeric features of the (user, candidate) pair (meta "pair_fields", e.g. the profile
-        # affinities of rec_engine.profiles), given per candidate at scoring time (score_candidates(pair=...))
-        self.pair_fields = [n for n in meta.get("pair_fields", ()) if n in self._names_set()]
         self._pair_rows = {}
         for name in self.pair_fields:
             fi = names.index(name)
@@ -348,10 +352,10 @@ class CtrRanker:
             else:
                 ids = self._row_matrix(users, cands, lengths, parts)
             offsets, weights = self._one_entry_bags(N * F)
-            return self._score_bags(ids.reshape(-1), offsets, weights, N)
+            return self._score_bags(ids.reshape(-1), offsets, weights, N, groups=lengths)
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
         # place them (into the runner's bound input buffers when the candidates fit)
-        bound = self.runner.bound_inputs(N)
+        bound = self.runner.bound_inputs(N, lengths)
         if bound is not None:
             emb, lin, run = bound
         else:
@@ -359,7 +363,7 @@ class CtrRanker:
         self._fill_pooled(emb, lin, users, cands, lengths, parts)
         if pairs is not None:
             self._put_pairs(emb, lin, pairs)
-        return run() if run is not None else self._sigmoid(self._logits(emb, lin))
+        return run() if run is not None else self._sigmoid(self._logits(emb, lin, groups=lengths))
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):
         """``(known, context part, guest part)`` of one request (parts as :meth:`_encode_part` gives them;
@@ -466,10 +470,10 @@ class CtrRanker:
         if self._rows_apply(parts):
             offsets, weights = self._one_entry_bags(M * F)
             return self._score_bags(self._row_matrix(users, cands, lengths, parts).reshape(-1), offsets, weights, M,
-                                    batch=True)
+                                    batch=True, groups=lengths)
         emb, lin = np.empty((M, F, self.dim), np.float32), np.empty((M, F), np.float32)
         self._fill_pooled(emb, lin, users, cands, lengths, parts)
-        return self._sigmoid(self._logits(emb, lin, batch=True))
+        return self._sigmoid(self._logits(emb, lin, batch=True, groups=lengths))
 
     @staticmethod
     def _context_key(context: Mapping[str, Any]):

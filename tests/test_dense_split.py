@@ -1,0 +1,191 @@
+"""The ranking model's first dense layer split by what is constant within a request (rec_engine.dense_split):
+the split model against the whole one, through the ranker's single and batched paths, and the graphs it must
+leave alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="the split rewrites ONNX graphs with the onnx package (serve extra)")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from rec_engine import dense_split  # noqa: E402
+from rec_engine.dense_split import FIRST_BIAS, split_first_layer  # noqa: E402
+
+F, D, H = 5, 4, 6
+
+
+def _mlp_model(*, shape=(-1, F * D), trans_b=1, alpha=1.0, reshape_twice=False, bias=True) -> bytes:
+    """emb [B, F, D], lin [B, F] -> sum(lin) + relu(reshape(emb) W0^T + b0) w1 (a small DeepFM-like graph)."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(0, 0.5, (H, F * D) if trans_b else (F * D, H)).astype(np.float32)
+    b0 = rng.normal(0, 0.5, H).astype(np.float32)
+    w1 = rng.normal(0, 0.5, (1, H)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(shape, np.int64), "shape"), numpy_helper.from_array(w0, "w0"),
+             numpy_helper.from_array(b0, "b0"), numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    gemm_in = ["view", "w0", "b0"] if bias else ["view", "w0"]
+    nodes = [helper.make_node("Reshape", ["emb", "shape"], ["view"]),
+             helper.make_node("Gemm", gemm_in, ["h"], transB=trans_b, alpha=alpha),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w1"], ["o"], transB=1),
+             helper.make_node("Squeeze", ["o", "axes"], ["sq"]),
+             helper.make_node("ReduceSum", ["lin", "axes"], ["ls"], keepdims=0),
+             helper.make_node("Add", ["sq", "ls"], ["logit"])]
+    if reshape_twice:
+        nodes += [helper.make_node("ReduceSum", ["view", "axes"], ["vs"], keepdims=0),
+                  helper.make_node("Add", ["logit", "vs"], ["logit2"])]
+    out = "logit2" if reshape_twice else "logit"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", F, D]),
+                                             helper.make_tensor_value_info("lin", TensorProto.FLOAT, ["b", F])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _run(model: bytes, feed: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return s.run(None, feed)[0]
+
+
+@pytest.mark.parametrize("const", [[0], [0, 1], [1, 3], [0, 2, 4], [1, 2, 3, 4]])
+def test_split_model_equals_the_whole_one(rng, const):
+    model = _mlp_model()
+    split = split_first_layer(model, emb="emb", n_fields=F, dim=D, constant_fields=const)
+    assert split is not None and split.const.tolist() == sorted(const)
+    for lengths in ([1], [7], [3, 1, 5], [2, 0, 4]):
+        n = sum(lengths)
+        emb = rng.normal(0, 1, (n, F, D)).astype(np.float32)
+        lin = rng.normal(0, 1, (n, F)).astype(np.float32)
+        starts = np.cumsum(lengths) - lengths
+        for s, ln in zip(starts, lengths):          # constant fields equal within each request
+            emb[s:s + ln, const] = emb[s, const]
+        want = _run(model, {"emb": emb, "lin": lin}).astype(np.float64)
+        nz = np.array(lengths) > 0
+        fb = np.repeat(split.first_bias(emb[starts[nz]]), np.array(lengths)[nz], axis=0)
+        got = _run(split.model, {"emb": emb, "lin": lin, FIRST_BIAS: fb})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # the reference arithmetic of first_bias: the constant fields' columns of W0 times their values, plus b0
+        m = onnx.load_from_string(model)
+        w0 = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "w0"))
+        b0 = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "b0"))
+        cols = np.concatenate([np.arange(f * D, (f + 1) * D) for f in sorted(const)])
+        x = emb[starts[nz]].reshape(int(nz.sum()), -1)[:, cols].astype(np.float64)
+        np.testing.assert_allclose(split.first_bias(emb[starts[nz]]), x @ w0[:, cols].T.astype(np.float64) + b0,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(trans_b=0), dict(alpha=0.5), dict(shape=(-1, F, D)),
+                                    dict(reshape_twice=True), dict(bias=False)])
+def test_graphs_outside_the_pattern_are_not_split(kwargs):
+    assert split_first_layer(_mlp_model(**kwargs), emb="emb", n_fields=F, dim=D, constant_fields=[0, 1]) is None
+
+
+def test_nothing_to_split_and_no_onnx(monkeypatch):
+    model = _mlp_model()
+    for const in ([], list(range(F)), [F], [-1]):
+        assert split_first_layer(model, emb="emb", n_fields=F, dim=D, constant_fields=const) is None
+    assert split_first_layer(model, emb="other", n_fields=F, dim=D, constant_fields=[0]) is None
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)      # the onnx package missing
+    assert split_first_layer(model, emb="emb", n_fields=F, dim=D, constant_fields=[0]) is None
+
+
+# ------------------------------------------------------------------------------------------ through the ranker
+@pytest.fixture(scope="module")
+def ctr_bundles(tmp_path_factory):
+    torch = pytest.importorskip("torch", reason="the ranker tests train small models with torch (test extra)")
+    from rec_engine_train import pipeline
+    from rec_engine_train.loop import TrainConfig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("split")
+        data = pipeline.load_data("synthetic", "ctr", synthetic={"n_users": 200, "n_items": 150})
+        out = {}
+        for kind, params in (("deepfm", {"mlp": [24, 12]}), ("widedeep", {"mlp": [16]}),
+                             ("xdeepfm", {"mlp": [16], "cin": [8]}), ("fm", {})):
+            res = pipeline.train(kind, data, TrainConfig(epochs=1, lr=1e-2, batch_size=512, dim=8, seed=0,
+                                                         progress=False, params=params), log=lambda _m: None)
+            out[kind] = pipeline.export(res, data, root / kind)
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _whole(ranker):
+    """The same ranker with its split turned off (the reference: the whole dense part)."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    r = CtrRanker(open_bundle(ranker.bundle.path))
+    r.runner.split = None
+    r.runner.split_session = None
+    return r
+
+
+CONTEXTS = [None, {"hour": 9.0, "device": "android"}, {"device": "web"}]
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "widedeep", "xdeepfm"])
+def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    r = CtrRanker(open_bundle(ctr_bundles[kind]), batch_threads=2)
+    assert r.runner.split is not None
+    const = set(r.runner.split.const.tolist())
+    assert const == set(r.user_pos.tolist()) | set(r.ctx_pos.tolist())
+    ref = _whole(r)
+    users = [int(u) for u in rng.integers(0, 200, 6)] + [10_000]         # the last one unknown to the store
+    for j, u in enumerate(users):
+        ctx = CONTEXTS[j % len(CONTEXTS)]
+        for n in (1, 2, 37, 150, 1500):                                    # 1500: past the bound buffers
+            cands = rng.integers(0, r.n_items, n)
+            np.testing.assert_allclose(r.score_candidates(u, cands, ctx), ref.score_candidates(u, cands, ctx),
+                                       rtol=1e-5, atol=1e-6)
+    cands = [rng.integers(0, r.n_items, int(n)) for n in rng.integers(0, 400, len(users))]
+    ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+    got = r.score_candidates_batch(users, cands, ctxs, chunk_rows=700)
+    want = [ref.score_candidates(u, c, x) for u, c, x in zip(users, cands, ctxs)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_models_without_a_first_layer_or_int8_run_whole(ctr_bundles, rng):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker, quantize_dense
+
+    fm = CtrRanker(open_bundle(ctr_bundles["fm"]))
+    assert fm.runner.split is None
+    assert fm.score_candidates(3, np.arange(20)).shape == (20,)
+    b = open_bundle(ctr_bundles["deepfm"])
+    q = CtrRanker(b, dense=quantize_dense(b.onnx_path("dense")))
+    assert q.runner.split is None
+    assert np.all(np.isfinite(q.score_candidates(3, np.arange(20))))
+
+
+def test_a_split_that_disagrees_is_dropped(ctr_bundles, monkeypatch):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    monkeypatch.setattr(dense_split.FirstLayerSplit, "first_bias",
+                        lambda self, rows, out=None: np.full((len(rows), self.hidden), 5.0, np.float32))
+    r = CtrRanker(open_bundle(ctr_bundles["deepfm"]))
+    assert r.runner.split is None
+
+
+def test_groups_must_cover_the_rows(ctr_bundles):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    r = CtrRanker(open_bundle(ctr_bundles["deepfm"]))
+    emb = np.zeros((4, r.n_fields, r.dim), np.float32)
+    lin = np.zeros((4, r.n_fields), np.float32)
+    with pytest.raises(ValueError, match="groups add up to 3 rows, there are 4"):
+        r.runner.logits(emb, lin, groups=[1, 2])
+    np.testing.assert_allclose(r.runner.logits(emb, lin, groups=[1, 3]), r.runner.logits(emb, lin), rtol=1e-5,
+                               atol=1e-6)
