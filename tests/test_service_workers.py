@@ -95,6 +95,11 @@ def test_serve_refuses_bad_worker_counts_and_missing_bundles(tmp_path, capsys):
     assert "--workers must be >= 1" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--workers", "2"]) == 2
     assert "not a bundle directory" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--coalesce-linger-us", "-5"]) == 2
+    assert "--coalesce-linger-us must be >= 0" in capsys.readouterr().err
+    from rec_engine.service import serve
+    with pytest.raises(ValueError, match="coalesce_linger_us"):
+        serve(str(tmp_path), coalesce_linger_us=1.5)
 
 
 # -------------------------------------------------------------------------------- coalescing
@@ -266,6 +271,65 @@ def test_engine_batch_threads(trained):
         assert e.batch_threads == 1
 
 
+class _SlowStub(_StubEngine):
+    """Every call takes ``seconds`` (the engine's work), whatever its size."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def recommend(self, user, *a, **kw):
+        time.sleep(self.seconds)
+        return super().recommend(user, *a, **kw)
+
+    def recommend_batch(self, users, *a, **kw):
+        time.sleep(self.seconds)
+        return super().recommend_batch(users, *a, **kw)
+
+
+def _closed_loop(co, clients: int, rounds: int, think_s: float):
+    """``clients`` threads, each sending its next request ``think_s`` after its answer came."""
+    def client(c):
+        for r in range(rounds):
+            assert co.recommend(c * 1000 + r, 5) == ("rec", c * 1000 + r, 5, None)
+            time.sleep(think_s)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client, c) for c in range(clients)]:
+            f.result(60)
+
+
+def test_clients_that_come_back_together_share_batches():
+    """Two closed-loop clients: without linger they take turns (a call of one at a time, the other waiting for
+    it); with it, the request that would start alone waits for the other client's next request."""
+    sizes = {}
+    for linger in (0, 200_000):
+        stub = _SlowStub(0.02)
+        co = Coalescer(stub, window_us=1_000_000, max_batch=8, linger_us=linger)
+        _closed_loop(co, clients=2, rounds=12, think_s=0.002)
+        sizes[linger] = [len(c[2]) for c in stub.calls]
+        assert sum(sizes[linger]) == 24
+    assert sizes[0].count(2) <= 3, sizes[0]                  # turns: almost every call answers one request
+    assert sizes[200_000].count(2) >= 9, sizes[200_000]      # pairs after the first answer
+
+
+def test_linger_adds_no_wait_for_a_lone_client_and_is_bounded():
+    stub = _SlowStub(0.0)
+    co = Coalescer(stub, window_us=5_000_000, max_batch=8, linger_us=2_000_000)
+    t = time.perf_counter()
+    _closed_loop(co, clients=1, rounds=10, think_s=0.0)        # its own next request is the one awaited
+    assert time.perf_counter() - t < 1.0
+    # three requests answered together, then only one of their clients comes back: it waits for the others
+    # at most linger_us (not the window), then goes alone
+    stub = _SlowStub(0.05)
+    co = Coalescer(stub, window_us=5_000_000, max_batch=3, linger_us=300_000)
+    got = _run_concurrently(lambda u: co.recommend(u, 5), [(u,) for u in range(3)], threads=3)
+    assert sorted(g[1] for g in got) == [0, 1, 2] and len(stub.calls) >= 1
+    t = time.perf_counter()
+    assert co.recommend(9, 5) == ("rec", 9, 5, None)
+    assert 0.1 < time.perf_counter() - t < 2.0
+
+
 def test_a_full_batch_goes_at_once_and_every_wait_is_bounded():
     stub = _StubEngine()
     co = Coalescer(stub, window_us=10_000_000, max_batch=4, idle_start=False)   # 10 s: only a full batch leaves early
@@ -311,6 +375,9 @@ def test_coalescer_settings_are_checked(engine):
         Coalescer(engine, window_us=-1)
     with pytest.raises(ValueError, match="max_batch"):
         Coalescer(engine, window_us=10, max_batch=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="linger_us"):
+            Coalescer(engine, window_us=10, linger_us=bad)
 
 
 def test_a_bad_request_in_a_coalesced_batch_gets_its_4xx_and_the_others_succeed(engine):

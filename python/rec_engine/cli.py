@@ -25,6 +25,8 @@ def _serve(args) -> int:
         raise ValueError(f"--coalesce-us must be >= 0, got {args.coalesce_us}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.coalesce_linger_us is not None and args.coalesce_linger_us < 0:
+        raise ValueError(f"--coalesce-linger-us must be >= 0, got {args.coalesce_linger_us}")
     if args.events is not None and args.event_log is not None:
         raise ValueError("give --events or its older name --event-log, not both")
     serve(args.bundle, host=args.host, port=args.port, token=os.environ.get(args.token_env) or None,
@@ -32,6 +34,7 @@ def _serve(args) -> int:
           rate_burst=args.rate_burst, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
           bundle_root=args.bundle_root,
           max_body=args.max_body, workers=args.workers, coalesce_us=args.coalesce_us, max_batch=args.max_batch,
+          coalesce_linger_us=args.coalesce_linger_us,
           log_level=args.log_level, events=args.events or args.event_log, ort_threads=args.ort_threads,
           num_threads=args.threads, batch_threads=args.batch_threads, index=args.index, ranking_precision=args.ranking_precision,
           scan_memory=args.scan_memory, durable=args.durable or None, window_days=args.window_days,
@@ -153,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                           "candidates or exclude lists) for at most this many microseconds into one "
                           "recommend_batch call; 0: off (default %(default)s, see the README)")
     srv.add_argument("--max-batch", type=int, default=32, help="most requests in one coalesced batch")
+    srv.add_argument("--coalesce-linger-us", type=int, default=None,
+                     help="after a coalesced call answers n requests, how long a batch that could start waits "
+                          "for n more to come (their clients sending again; default: the window, at most 2000; "
+                          "0: off)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                      help="uvicorn's log level ('warning' drops the access log)")
     srv.add_argument("--index", default=None, choices=["float32", "int8", "bf16"],

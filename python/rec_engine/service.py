@@ -409,15 +409,27 @@ class Coalescer:
     the engine gives batches (``Engine(batch_threads=...)``), each batch holding what came during the
     previous call, and no request waits longer than the window for its batch to start.
 
+    ``linger_us`` (default: the window, at most 2 ms): after a call answers ``n`` requests, a batch that could
+    start because nothing runs waits until ``n`` more requests have come in, or ``linger_us`` has passed since
+    that answer: clients that wait for their answer before sending again (every HTTP client with a fixed number
+    of connections) come back together, and then share a batch instead of taking turns one by one. A lone
+    client's next request is the one awaited, so it starts at once; 0 turns this off.
+
     Thread-safe; it keeps no thread of its own (the callers' threads do the work). ``stats`` counts
     ``batches`` (batch calls), ``batched`` (requests answered by them), ``singles`` and ``fallbacks``
     (batches answered request by request after their call raised or could not be made).
     """
 
     def __init__(self, engine: Engine, *, window_us: int, max_batch: int = 32, on_batch=None,
-                 idle_start: bool = True):
+                 idle_start: bool = True, linger_us: int | None = None):
         if isinstance(window_us, bool) or not isinstance(window_us, int) or window_us < 0:
             raise ValueError(f"window_us must be an integer >= 0, got {window_us!r}")
+        if linger_us is None:
+            linger_us = min(window_us, 2000)
+        if isinstance(linger_us, bool) or not isinstance(linger_us, int) or linger_us < 0:
+            raise ValueError(f"linger_us must be an integer >= 0, got {linger_us!r}")
+        self.linger_s = linger_us / 1e6
+        self._expect, self._expect_until = 0, 0.0    # requests awaited after the last answer, until when
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.engine, self.window_s, self.max_batch = engine, window_us / 1e6, max_batch
@@ -447,6 +459,10 @@ class Coalescer:
 
     def _coalesced(self, key, user, k, exclude_seen, n_candidates, context) -> Recommendation:
         with self._lock:
+            if self._expect > 0:                     # one of the clients awaited after the last answer
+                self._expect -= 1
+                if self._expect == 0:
+                    self._idle.notify_all()
             batch = self._open.get(key)
             leader = batch is None
             if leader:
@@ -459,20 +475,33 @@ class Coalescer:
                 self._idle.notify_all()
         if leader:
             with self._lock:
-                self._idle.wait_for(lambda: batch.closed or (self.idle_start and self._running == 0),
-                                    self.window_s)
+                self._wait_to_start(batch)
                 self._close(key, batch)
                 self._running += 1
             try:
                 self._run(batch, k, exclude_seen, n_candidates)
-            finally:
-                self._ended()
+            finally:   # (requests the batch did not answer are answered below, and counted there)
+                self._ended(sum(r is not None for r in batch.results or ()))
         else:
             batch.done.wait()
         rec = batch.results[slot]
         if rec is None:
-            return self._single(user, k, exclude_seen, n_candidates, context)
+            return self._single(user, k, exclude_seen, n_candidates, context, answered=1)
         return rec
+
+    def _wait_to_start(self, batch: _Batch) -> None:
+        """Holding the lock: waits until ``batch`` is full, the window has passed, or (``idle_start``) no call
+        runs and no client answered within ``linger_us`` is still awaited."""
+        now = time.monotonic()
+        deadline = now + self.window_s
+        while not batch.closed and now < deadline:
+            until = deadline
+            if self.idle_start and self._running == 0:
+                if self._expect <= 0 or now >= self._expect_until:
+                    return
+                until = min(deadline, self._expect_until)
+            self._idle.wait(until - now)
+            now = time.monotonic()
 
     def _close(self, key, batch: _Batch) -> None:
         if not batch.closed:
@@ -480,13 +509,17 @@ class Coalescer:
             if self._open.get(key) is batch:
                 del self._open[key]
 
-    def _ended(self) -> None:
+    def _ended(self, answered: int = 0) -> None:
         with self._lock:
             self._running -= 1
+            if answered and self.linger_s > 0:
+                now = time.monotonic()
+                self._expect = (self._expect if now < self._expect_until else 0) + answered
+                self._expect_until = now + self.linger_s
             if self._running == 0:
                 self._idle.notify_all()
 
-    def _single(self, user, k, exclude_seen, n_candidates, context) -> Recommendation:
+    def _single(self, user, k, exclude_seen, n_candidates, context, answered: int = 0) -> Recommendation:
         with self._lock:
             self.stats["singles"] += 1
             self._running += 1
@@ -494,7 +527,7 @@ class Coalescer:
             return self.engine.recommend(user, k, exclude_seen=exclude_seen, n_candidates=n_candidates,
                                          context=context)
         finally:
-            self._ended()
+            self._ended(answered)
 
     def _run(self, batch: _Batch, k, exclude_seen, n_candidates) -> None:
         """Answer the closed ``batch`` (slot 0 is the leader's); never raises."""
@@ -590,7 +623,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                max_batch: int = 32, swap_refusal: str | None = None, close_engine: bool = False,
                coalesce_idle_start: bool = True, read_token: str | None = None, rate_limit: float | None = None,
                rate_burst: float | None = None, body_timeout_s: float | None = 30.0,
-               bundle_root: str | os.PathLike | None = None) -> FastAPI:
+               bundle_root: str | os.PathLike | None = None, coalesce_linger_us: int | None = None) -> FastAPI:
     """The ASGI app serving ``engine``.
 
     ``token`` (the write token) guards the write endpoints: observe, feedback, forget, swap, A/B and catalogue
@@ -602,8 +635,9 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     anywhere, for an app built in-process; ``serve`` always sets one).
 
     ``coalesce_us > 0`` coalesces concurrent single ``/recommend`` requests into
-    batches of up to ``max_batch`` (see :class:`Coalescer`; ``coalesce_idle_start``: its ``idle_start``). ``close_engine``: close the engine when the
-    server shuts down (the app owns it)."""
+    batches of up to ``max_batch`` (see :class:`Coalescer`; ``coalesce_idle_start`` and ``coalesce_linger_us``: its
+    ``idle_start`` and ``linger_us``). ``close_engine``: close the engine when the server shuts down (the app owns
+    it)."""
     lifespan = None
     if close_engine:
         @contextlib.asynccontextmanager
@@ -623,7 +657,7 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
                            buckets=_BATCH_BUCKETS, registry=registry)
     served = _ServedMetrics(engine, registry)
     coalescer = (Coalescer(engine, window_us=coalesce_us, max_batch=max_batch, on_batch=batch_size.observe,
-                           idle_start=coalesce_idle_start)
+                           idle_start=coalesce_idle_start, linger_us=coalesce_linger_us)
                  if coalesce_us > 0 else None)
     app.state.engine = engine
     app.state.registry = registry
@@ -887,7 +921,7 @@ def _app_from_env() -> FastAPI:
     engine = Engine.load(cfg["bundle"], **options)
     guard = {k: cfg[k] for k in _GUARD_OPTIONS if k in cfg}
     return create_app(engine, max_body=cfg.get("max_body", 1 << 20), coalesce_us=cfg.get("coalesce_us", 0),
-                      max_batch=cfg.get("max_batch", 32), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True,
+                      max_batch=cfg.get("max_batch", 32), coalesce_linger_us=cfg.get("coalesce_linger_us"), swap_refusal=_MULTI_WORKER_SWAP, close_engine=True,
                       token=os.environ.get(cfg["token_env"]) if cfg.get("token_env") else None,
                       read_token=os.environ.get(cfg["read_token_env"]) if cfg.get("read_token_env") else None,
                       **guard)
@@ -908,12 +942,14 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
           max_body: int = 1 << 20, workers: int = 1, coalesce_us: int = 0, max_batch: int = 32,
           log_level: str = "info", read_token: str | None = None, rate_limit: float | None = None,
           rate_burst: float | None = None, body_timeout_s: float | None = 30.0, header_timeout_s: float = 10.0,
-          bundle_root: str | os.PathLike | None = None, **engine_options) -> None:
+          bundle_root: str | os.PathLike | None = None, coalesce_linger_us: int | None = None,
+          **engine_options) -> None:
     """Load ``bundle`` (or a model home: its ``CURRENT`` version) and serve it with uvicorn until interrupted.
     ``engine_options`` are :class:`~rec_engine.engine.Engine`'s (``events``, ``index``, ``num_threads``, ...);
     ``scan_memory`` defaults to ``"copy"`` for one worker, ``"mmap"`` for several, which then share the
     scanned table. With ``coalesce_us > 0``, ``batch_threads`` defaults to the available cores divided
-    among the workers (the coalesced batches run one at a time per worker).
+    among the workers (the coalesced batches run one at a time per worker); ``coalesce_linger_us``: the
+    :class:`Coalescer`'s ``linger_us`` (None: its default).
 
     ``workers=1``: one process (the engine loaded here). ``workers=N > 1``: uvicorn's multi-process mode,
     N spawned worker processes accepting on the socket this process binds; each builds its app with
@@ -936,6 +972,9 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
         raise ValueError(f"coalesce_us must be an integer >= 0, got {coalesce_us!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if coalesce_linger_us is not None and (isinstance(coalesce_linger_us, bool)
+                                           or not isinstance(coalesce_linger_us, int) or coalesce_linger_us < 0):
+        raise ValueError(f"coalesce_linger_us must be an integer >= 0, got {coalesce_linger_us!r}")
     opts = {k: v for k, v in engine_options.items() if v is not None}
     if coalesce_us > 0:     # coalesced batches run one at a time (see Coalescer): give them the workers' cores
         opts.setdefault("batch_threads", max(1, _cores() // workers))
@@ -960,7 +999,7 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
         engine = Engine.load(bundle, **opts)
         try:
             app = create_app(engine, token=token, max_body=max_body, coalesce_us=coalesce_us, max_batch=max_batch,
-                             read_token=read_token, **guard)
+                             read_token=read_token, coalesce_linger_us=coalesce_linger_us, **guard)
             uvicorn.run(app, host=host, port=port, log_level=log_level, http=http)
         finally:
             engine.close()
@@ -984,6 +1023,6 @@ def serve(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, token: str 
             os.environ.pop(name, None)
     os.environ[SETTINGS_ENV] = json.dumps({
         "bundle": os.path.abspath(bundle), "engine": opts, "max_body": max_body, "coalesce_us": coalesce_us,
-        "max_batch": max_batch, "token_env": _TOKEN_ENV, "read_token_env": _READ_TOKEN_ENV, **guard})
+        "max_batch": max_batch, "coalesce_linger_us": coalesce_linger_us, "token_env": _TOKEN_ENV, "read_token_env": _READ_TOKEN_ENV, **guard})
     uvicorn.run("rec_engine.service:_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, http=http)
