@@ -218,6 +218,51 @@ class PyEmbeddingTable {
     return out;
   }
 
+  // Sum-pools the selected bags of a bag store (indices with n_bags + 1 int64 offsets, optional float32
+  // weights) into rows of out: out[dest[i]] = pool of bag bags[i]. out (float32, (n_out, dim), C-contiguous,
+  // writeable) is written in place and returned; rows not named in dest are left as they are. Nothing is
+  // written when a check fails.
+  py::array pool_select(py::handle indices_obj, py::handle offsets_obj, py::handle weights_obj, py::handle bags_obj,
+                        py::handle dest_obj, py::handle out_obj, int num_threads) const {
+    const py::array indices = take(indices_obj, "indices", {kI32, kI64}, 1);
+    const py::array offsets = take(offsets_obj, "offsets", {kI64}, 1);
+    const py::array bags = take(bags_obj, "bags", {kI64}, 1);
+    const py::array dest = take(dest_obj, "dest", {kI64}, 1);
+    const int64_t n = indices.shape(0);
+    if (offsets.shape(0) < 1) throw py::value_error("offsets must hold n_bags + 1 entries (at least 1)");
+    const int64_t n_bags = offsets.shape(0) - 1;
+    if (bags.shape(0) != dest.shape(0))
+      throw py::value_error("bags and dest must have the same length, got " + std::to_string(bags.shape(0)) +
+                            " and " + std::to_string(dest.shape(0)));
+    py::array weights;
+    const float* w = nullptr;
+    if (!weights_obj.is_none()) {
+      weights = take(weights_obj, "weights", {kF32}, 1);
+      if (weights.shape(0) != n)
+        throw py::value_error("weights must have one entry per index (" + std::to_string(n) + "), got " +
+                              std::to_string(weights.shape(0)));
+      w = ptr<float>(weights);
+    }
+    py::array out = take(out_obj, "out", {kF32}, 2);
+    if (out.shape(1) != view_.dim)
+      throw py::value_error("out must have " + std::to_string(view_.dim) + " columns (the table's dim), got " +
+                            std::to_string(out.shape(1)));
+    if (!out.writeable()) throw py::value_error("out must be writeable");
+    float* o = static_cast<float*>(out.mutable_data());
+    const int64_t n_out = out.shape(0), n_select = bags.shape(0);
+    const bool i32 = indices.itemsize() == 4;
+    {
+      py::gil_scoped_release release;
+      if (i32)
+        rec_engine::pool_select(view_, ptr<int32_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, ptr<int64_t>(bags),
+                                ptr<int64_t>(dest), n_select, o, n_out, num_threads);
+      else
+        rec_engine::pool_select(view_, ptr<int64_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, ptr<int64_t>(bags),
+                                ptr<int64_t>(dest), n_select, o, n_out, num_threads);
+    }
+    return out;
+  }
+
   int64_t rows() const { return view_.rows; }
   int64_t dim() const { return view_.dim; }
   std::string storage() const {
@@ -461,6 +506,8 @@ PYBIND11_MODULE(_core, m) {
       .def("pool", &PyEmbeddingTable::pool, py::arg("indices"), py::arg("offsets") = py::none(),
            py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0,
            py::arg("include_last_offset") = true, py::arg("out") = py::none())
+      .def("pool_select", &PyEmbeddingTable::pool_select, py::arg("indices"), py::arg("offsets"),
+           py::arg("weights"), py::arg("bags"), py::arg("dest"), py::arg("out"), py::arg("num_threads") = 0)
       .def_property_readonly("rows", &PyEmbeddingTable::rows)
       .def_property_readonly("dim", &PyEmbeddingTable::dim)
       .def_property_readonly("storage", &PyEmbeddingTable::storage)

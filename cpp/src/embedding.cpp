@@ -73,6 +73,14 @@ struct RowOps {
 
 constexpr int64_t kPrefetchDistance = 8;
 
+inline void prefetch_read(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
 }  // namespace
 
 void validate_table(const TableView& t) {
@@ -167,11 +175,158 @@ void pool(const TableView& table, const Index* indices, int64_t n_indices, const
   detail::parallel_for(parts, nt, 1, [&](int64_t p) { k.pool_bags(args, cut[p], cut[p + 1]); });
 }
 
+// The selection is pooled in blocks of this many bags: each block's ids and weights are copied into small
+// per-thread compact arrays and pooled by one kernel call into a [block, dim] scratch, whose rows are then
+// copied to their dest rows.
+constexpr int64_t kSelectBlock = 64;
+// The checks run this many selected bags ahead with prefetches: the store is typically a memory-mapped
+// file far larger than the caches, and its entries of random bags would otherwise be loaded one
+// dependent miss after another (offsets, then ids and weights).
+constexpr int64_t kSelectPrefetch = 64;
+// The table rows of a block's first this many ids are prefetched as the ids are copied (all of them in a
+// block of short bags: more misses in flight than the kernel's own prefetch, a fixed distance ahead
+// within its call, keeps; the cap keeps a block of long bags from flushing the cache).
+constexpr int64_t kSelectRowPrefetch = 256;
+
+template <class Index>
+void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
+                 int64_t n_bags, const float* weights, const int64_t* bags, const int64_t* dest, int64_t n_select,
+                 float* out, int64_t n_out, int num_threads) {
+  validate_table(table);
+  if (n_indices < 0 || n_bags < 0 || n_select < 0 || n_out < 0)
+    throw std::invalid_argument("pool_select: sizes must be >= 0");
+  // A sequential pre-pass checks everything before anything is written, and keeps each selected bag's
+  // [lo, hi) (so the blocks below read the offsets no more).
+  // 1. bags, dest rows, and the selected bags' offsets.
+  std::vector<bool> named(static_cast<size_t>(n_out), false);
+  std::vector<int64_t> span(static_cast<size_t>(2 * n_select));
+  for (int64_t i = 0; i < std::min(n_select, kSelectPrefetch); ++i)
+    if (bags[i] >= 0 && bags[i] < n_bags) prefetch_read(offsets + bags[i]);
+  for (int64_t i = 0; i < n_select; ++i) {
+    if (i + kSelectPrefetch < n_select) {
+      const int64_t ahead = bags[i + kSelectPrefetch];
+      if (ahead >= 0 && ahead < n_bags) prefetch_read(offsets + ahead);
+    }
+    const int64_t b = bags[i];
+    if (b < 0 || b >= n_bags)
+      throw std::out_of_range("bags[" + std::to_string(i) + "] = " + std::to_string(b) + " is out of range for " +
+                              std::to_string(n_bags) + " bags");
+    const int64_t r = dest[i];
+    if (r < 0 || r >= n_out)
+      throw std::out_of_range("dest[" + std::to_string(i) + "] = " + std::to_string(r) +
+                              " is out of range for an output of " + std::to_string(n_out) + " rows");
+    if (named[static_cast<size_t>(r)])
+      throw std::invalid_argument("dest[" + std::to_string(i) + "] = " + std::to_string(r) +
+                                  " names an output row already named: dest rows must be distinct");
+    named[static_cast<size_t>(r)] = true;
+    const int64_t lo = offsets[b], hi = offsets[b + 1];
+    if (lo < 0 || hi < lo || hi > n_indices)
+      throw std::invalid_argument("bag " + std::to_string(b) + " (bags[" + std::to_string(i) + "]) has offsets " +
+                                  std::to_string(lo) + ".." + std::to_string(hi) +
+                                  ": they must not decrease and must lie in [0, " + std::to_string(n_indices) + "]");
+    span[2 * i] = lo;
+    span[2 * i + 1] = hi;
+  }
+  // 2. their ids and weights.
+  int64_t n_ids = 0;
+  for (int64_t i = 0; i < std::min(n_select, kSelectPrefetch); ++i) {
+    if (span[2 * i] < n_indices) {
+      prefetch_read(indices + span[2 * i]);
+      if (weights != nullptr) prefetch_read(weights + span[2 * i]);
+    }
+  }
+  for (int64_t i = 0; i < n_select; ++i) {
+    if (i + kSelectPrefetch < n_select) {
+      const int64_t ahead = span[2 * (i + kSelectPrefetch)];
+      if (ahead < n_indices) {
+        prefetch_read(indices + ahead);
+        if (weights != nullptr) prefetch_read(weights + ahead);
+      }
+    }
+    const int64_t lo = span[2 * i], hi = span[2 * i + 1];
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t v = static_cast<int64_t>(indices[j]);
+      if (v < 0 || v >= table.rows)
+        throw std::out_of_range("indices[" + std::to_string(j) + "] = " + std::to_string(v) + " (bag " +
+                                std::to_string(bags[i]) + ", bags[" + std::to_string(i) +
+                                "]) is out of range for a table of " + std::to_string(table.rows) + " rows");
+      if (weights != nullptr && !(weights[j] - weights[j] == 0.f))
+        throw std::invalid_argument("weights[" + std::to_string(j) + "] (bag " + std::to_string(bags[i]) +
+                                    ", bags[" + std::to_string(i) + "]) is not finite");
+    }
+    n_ids += hi - lo;
+  }
+  const int64_t d = table.dim;
+  if (n_select == 0 || d == 0) return;
+
+  kernels::PoolArgs proto;
+  proto.storage = table.type == StorageType::float32   ? kernels::PoolStorage::f32
+                  : table.type == StorageType::float16 ? kernels::PoolStorage::f16
+                                                       : kernels::PoolStorage::u8;
+  proto.data = table.data;
+  proto.scale_bias = table.scale_bias;
+  proto.dim = d;
+  proto.ids64 = sizeof(Index) == 8;
+  proto.op = kernels::PoolOp::sum;
+  const auto& k = kernels::active();
+  const RowOps ops{table, k};
+  const int64_t n_blocks = (n_select + kSelectBlock - 1) / kSelectBlock;
+  const int nt = detail::threads_for(num_threads, (n_ids + n_select) * d, n_blocks);
+
+  struct Scratch {
+    std::vector<Index> ids;
+    std::vector<float> w;
+    std::vector<int64_t> offs;
+    std::vector<float> y;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(nt));
+  detail::parallel_for(n_blocks, nt, 1, [&](int64_t blk) {
+    Scratch& s = scratch[static_cast<size_t>(detail::thread_id())];
+    const int64_t i0 = blk * kSelectBlock, i1 = std::min(n_select, i0 + kSelectBlock), nb = i1 - i0;
+    s.offs.resize(static_cast<size_t>(nb + 1));
+    s.offs[0] = 0;
+    for (int64_t i = i0; i < i1; ++i) s.offs[i - i0 + 1] = s.offs[i - i0] + (span[2 * i + 1] - span[2 * i]);
+    const int64_t m = s.offs[nb];
+    if (static_cast<int64_t>(s.ids.size()) < m) s.ids.resize(static_cast<size_t>(m));
+    if (weights != nullptr && static_cast<int64_t>(s.w.size()) < m) s.w.resize(static_cast<size_t>(m));
+    if (static_cast<int64_t>(s.y.size()) < nb * d) s.y.resize(static_cast<size_t>(nb * d));
+    // Copy the block's ids (and weights) in bag order, starting the loads of their table rows (bags
+    // hold a few ids each: plain loops, not a memcpy call per bag).
+    Index* ids = s.ids.data();
+    float* w = s.w.data();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t lo = span[2 * i], hi = span[2 * i + 1];
+      for (int64_t j = lo; j < hi; ++j) {
+        if (ids - s.ids.data() < kSelectRowPrefetch) ops.prefetch(static_cast<int64_t>(indices[j]));
+        *ids++ = indices[j];
+      }
+      if (weights != nullptr)
+        for (int64_t j = lo; j < hi; ++j) *w++ = weights[j];
+    }
+    kernels::PoolArgs args = proto;
+    args.ids = s.ids.data();
+    args.offsets = s.offs.data();
+    args.weights = weights != nullptr ? s.w.data() : nullptr;
+    args.out = s.y.data();
+    k.pool_bags(args, 0, nb);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* src = s.y.data() + (i - i0) * d;
+      float* dst = out + dest[i] * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = src[c];
+    }
+  });
+}
+
 template void gather<int32_t>(const TableView&, const int32_t*, int64_t, float*, int);
 template void gather<int64_t>(const TableView&, const int64_t*, int64_t, float*, int);
 template void pool<int32_t>(const TableView&, const int32_t*, int64_t, const int64_t*, int64_t,
                             const float*, PoolMode, float*, int);
 template void pool<int64_t>(const TableView&, const int64_t*, int64_t, const int64_t*, int64_t,
                             const float*, PoolMode, float*, int);
+
+template void pool_select<int32_t>(const TableView&, const int32_t*, int64_t, const int64_t*, int64_t,
+                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int);
+template void pool_select<int64_t>(const TableView&, const int64_t*, int64_t, const int64_t*, int64_t,
+                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int);
 
 }  // namespace rec_engine

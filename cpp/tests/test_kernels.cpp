@@ -343,6 +343,154 @@ static void test_pool_and_graph_api() {
   CHECK(a.indices[0] == 2 && close(a.data[0], 1.f / std::sqrt(2.f), 1e-6f), "adjacency value");
 }
 
+// pool_select against pool() over the taken bags: bit-identical rows at their dest, other rows untouched,
+// for every storage type, int32 and int64 ids, with and without weights, empty bags, repeated bags, 1 and
+// 2 threads; then every error, each leaving out as it was.
+template <class Index>
+static void pool_select_case(const TableView& t, std::mt19937& g, int64_t n_bags, int64_t n_select, bool weighted,
+                             int num_threads, const char* what) {
+  const int64_t d = t.dim;
+  std::uniform_int_distribution<int> len(0, 5);
+  std::vector<int64_t> offs = {0};
+  for (int64_t b = 0; b < n_bags; ++b) offs.push_back(offs.back() + (b % 7 == 3 ? 0 : len(g)));
+  const int64_t n = offs.back();
+  std::vector<Index> idx(static_cast<size_t>(n));
+  for (auto& v : idx) v = static_cast<Index>(g() % static_cast<uint64_t>(t.rows));
+  std::vector<float> w = randn(g, static_cast<size_t>(n));
+  const float* wp = weighted ? w.data() : nullptr;
+  const int64_t n_out = n_select + 9;
+  std::vector<int64_t> bags(static_cast<size_t>(n_select)), perm(static_cast<size_t>(n_out));
+  for (auto& b : bags) b = static_cast<int64_t>(g() % static_cast<uint64_t>(n_bags));
+  if (n_select > 3) bags[1] = bags[0];  // a repeated bag
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g);
+  std::vector<int64_t> dest(perm.begin(), perm.begin() + n_select);
+  // the reference: the taken bags pooled by pool()
+  std::vector<Index> tidx;
+  std::vector<float> tw;
+  std::vector<int64_t> toffs = {0};
+  for (int64_t b : bags) {
+    for (int64_t j = offs[b]; j < offs[b + 1]; ++j) {
+      tidx.push_back(idx[j]);
+      tw.push_back(w[j]);
+    }
+    toffs.push_back(static_cast<int64_t>(tidx.size()));
+  }
+  std::vector<float> ref(static_cast<size_t>(n_select * d));
+  pool(t, tidx.data(), static_cast<int64_t>(tidx.size()), toffs.data(), n_select, weighted ? tw.data() : nullptr,
+       PoolMode::sum, ref.data(), 1);
+  const float sentinel = 7.25f;
+  std::vector<float> out(static_cast<size_t>(n_out * d), sentinel);
+  pool_select(t, idx.data(), n, offs.data(), n_bags, wp, bags.data(), dest.data(), n_select, out.data(), n_out,
+              num_threads);
+  std::vector<bool> named(static_cast<size_t>(n_out));
+  for (int64_t i = 0; i < n_select; ++i) {
+    named[dest[i]] = true;
+    CHECK(std::memcmp(out.data() + dest[i] * d, ref.data() + i * d, sizeof(float) * d) == 0,
+          "%s pool_select %s d=%lld n_select=%lld weighted=%d threads=%d: row %lld differs from pool", k::active().name,
+          what, (long long)d, (long long)n_select, (int)weighted, num_threads, (long long)i);
+  }
+  for (int64_t r = 0; r < n_out; ++r)
+    if (!named[r])
+      for (int64_t c = 0; c < d; ++c)
+        CHECK(out[r * d + c] == sentinel, "%s pool_select %s: row %lld not in dest was written", k::active().name,
+              what, (long long)r);
+
+  // errors: each one thrown before anything is written
+  if (n_select < 4) return;
+  auto expect = [&](auto exc_tag, auto&& mutate, const char* err, bool with_weights = false) {
+    using Exc = decltype(exc_tag);
+    auto idx2 = idx;
+    auto offs2 = offs;
+    auto w2 = w;
+    auto bags2 = bags;
+    auto dest2 = dest;
+    mutate(idx2, offs2, w2, bags2, dest2);
+    std::vector<float> o(static_cast<size_t>(n_out * d), sentinel);
+    bool threw = false;
+    try {
+      pool_select(t, idx2.data(), n, offs2.data(), n_bags, weighted || with_weights ? w2.data() : nullptr,
+                  bags2.data(), dest2.data(), n_select, o.data(), n_out, num_threads);
+    } catch (const Exc&) {
+      threw = true;
+    } catch (...) {
+    }
+    CHECK(threw, "%s pool_select %s: %s must throw the documented exception", k::active().name, what, err);
+    bool same = true;
+    for (float v : o) same = same && v == sentinel;
+    CHECK(same, "%s pool_select %s: %s wrote to out before throwing", k::active().name, what, err);
+  };
+  using V = std::vector<Index>;
+  using O = std::vector<int64_t>;
+  using W = std::vector<float>;
+  const int64_t last = n_select - 1;
+  expect(std::out_of_range(""), [&](V&, O&, W&, O& b, O&) { b[last] = n_bags; }, "bag == n_bags");
+  expect(std::out_of_range(""), [&](V&, O&, W&, O& b, O&) { b[last] = -1; }, "bag -1");
+  expect(std::out_of_range(""), [&](V&, O&, W&, O&, O& de) { de[last] = n_out; }, "dest == n_out");
+  expect(std::out_of_range(""), [&](V&, O&, W&, O&, O& de) { de[last] = -1; }, "dest -1");
+  expect(std::invalid_argument(""), [&](V&, O&, W&, O&, O& de) { de[last] = de[0]; }, "a repeated dest");
+  // a selected bag with at least one id, for the per-id errors
+  int64_t pos = -1;
+  for (int64_t i = n_select - 1; i >= 0 && pos < 0; --i)
+    if (offs[bags[i] + 1] > offs[bags[i]]) pos = i;
+  if (pos < 0) return;
+  const int64_t b = bags[pos], j = offs[b + 1] - 1;
+  expect(std::out_of_range(""), [&](V& ix, O&, W&, O&, O&) { ix[j] = static_cast<Index>(t.rows); }, "id == rows");
+  expect(std::out_of_range(""), [&](V& ix, O&, W&, O&, O&) { ix[j] = static_cast<Index>(-1); }, "id -1");
+  expect(std::invalid_argument(""), [&](V&, O& of, W&, O&, O&) { of[b + 1] = of[b] - 1; }, "decreasing offsets");
+  expect(std::invalid_argument(""), [&](V&, O& of, W&, O&, O&) { of[b + 1] = n + 1; }, "an offset past the ids");
+  expect(std::invalid_argument(""), [&](V&, O& of, W&, O&, O&) { of[b] = -1; }, "a negative offset");
+  expect(std::invalid_argument(""), [&](V&, O&, W& ww, O&, O&) { ww[j] = std::numeric_limits<float>::quiet_NaN(); },
+         "a NaN weight", true);
+  expect(std::invalid_argument(""), [&](V&, O&, W& ww, O&, O&) { ww[j] = -std::numeric_limits<float>::infinity(); },
+         "an infinite weight", true);
+}
+
+static void test_pool_select() {
+  std::mt19937 g(17);
+  for (int64_t d : {1, 7, 16, 33, 100}) {
+    const int64_t rows = 300;
+    auto vals = randn(g, rows * d);
+    std::vector<uint16_t> h(vals.size());
+    std::vector<uint8_t> c(vals.size());
+    for (size_t i = 0; i < vals.size(); ++i) {
+      h[i] = float_to_half(vals[i]);
+      c[i] = static_cast<uint8_t>(g() & 0xff);
+    }
+    auto sb = randn(g, rows * 2);
+    const TableView tables[] = {{StorageType::float32, vals.data(), rows, d, nullptr},
+                                {StorageType::float16, h.data(), rows, d, nullptr},
+                                {StorageType::int8_rowwise, c.data(), rows, d, sb.data()}};
+    const char* names[] = {"f32", "f16", "int8"};
+    for (int s = 0; s < 3; ++s)
+      for (int64_t n_select : {0, 1, 5, 63, 64, 65, 300})
+        for (bool weighted : {false, true}) {
+          pool_select_case<int32_t>(tables[s], g, 200, n_select, weighted, 1, names[s]);
+          pool_select_case<int64_t>(tables[s], g, 200, n_select, weighted, 1, names[s]);
+        }
+    // large enough for the parallel path (2 threads), and the same with 1
+    for (int s = 0; s < 3; ++s)
+      for (int nt : {1, 2}) {
+        pool_select_case<int32_t>(tables[s], g, 20000, 6000, true, nt, names[s]);
+        pool_select_case<int64_t>(tables[s], g, 20000, 6000, false, nt, names[s]);
+      }
+  }
+  // the size checks
+  float x = 0.f, o = 0.f;
+  int64_t offs[2] = {0, 0}, bag = 0, dst = 0;
+  int32_t id = 0;
+  TableView t{StorageType::float32, &x, 1, 1, nullptr};
+  bool threw = false;
+  try {
+    pool_select(t, &id, 0, offs, 1, nullptr, &bag, &dst, -1, &o, 1);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "pool_select: a negative n_select must throw std::invalid_argument");
+  pool_select(t, &id, 0, offs, 1, nullptr, &bag, &dst, 1, &o, 1);  // one empty bag: zeros
+  CHECK(o == 0.f, "pool_select: an empty bag gives zeros");
+}
+
 static void test_key_index() {
   std::mt19937_64 g(5);
   // integer keys spread over int64, found one by one and in batches; absent keys give -1
@@ -407,6 +555,7 @@ int main() {
     test_topk_api();
     test_topk_small_batches();
     test_pool_and_graph_api();
+    test_pool_select();
   }
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);
   return g_failures ? 1 : 0;

@@ -31,6 +31,10 @@ class EmbeddingTable:
              weights: Optional[npt.NDArray[np.float32]] = None, mode: str = "sum",
              num_threads: int = 0, include_last_offset: bool = True,
              out: Optional[npt.NDArray[np.float32]] = None) -> npt.NDArray[np.float32]: ...
+    def pool_select(self, indices: np.ndarray, offsets: npt.NDArray[np.int64],
+                    weights: Optional[npt.NDArray[np.float32]], bags: npt.NDArray[np.int64],
+                    dest: npt.NDArray[np.int64], out: npt.NDArray[np.float32],
+                    num_threads: int = 0) -> npt.NDArray[np.float32]: ...
     @property
     def rows(self) -> int: ...
     @property

@@ -195,6 +195,31 @@ class EmbeddingTable:
             w = as_float32(per_sample_weights, "per_sample_weights").reshape(-1)
         return self._table.pool(idx, offs, w, mode, nt, bool(include_last_offset) or offs is None)
 
+    def pool_select(self, indices, offsets, weights, bags, dest, out, *,
+                    num_threads: int | None = None) -> np.ndarray:
+        """Sum-pool the selected bags of a bag store into rows of ``out``, in place.
+
+        ``out[dest[i]] = sum(weights[j] * row(indices[j]) for j in bag bags[i])`` (weight 1 when
+        ``weights`` is None; an empty bag gives zeros); rows of ``out`` not named in ``dest`` are left
+        as they are. Each row equals ``pool(...)`` of the taken bag bit for bit.
+
+        Parameters
+        ----------
+        indices : numpy.ndarray, int32 or int64, 1-D
+            Ids of all bags of the store back to back (a memory-mapped array is read only where selected).
+        offsets : numpy.ndarray, int64, 1-D, ``n_bags + 1`` entries
+        weights : numpy.ndarray, float32, 1-D (one per index), or None
+        bags, dest : numpy.ndarray, int64, 1-D, the same length
+            The bags to pool (repeats allowed) and the distinct rows of ``out`` they go to.
+        out : numpy.ndarray, float32, shape ``(n_out, dim)``, C-contiguous and writeable
+
+        Returns ``out``. Arrays must be C-contiguous of exactly these dtypes (TypeError otherwise; no
+        copies are made). Raises IndexError for a bag, dest row or id out of range, ValueError for a
+        repeated dest row, bad offsets of a selected bag, a non-finite weight of one, or mismatched
+        lengths; ``out`` is unchanged when anything raises.
+        """
+        return self._table.pool_select(indices, offsets, weights, bags, dest, out, threads_arg(num_threads))
+
     def to_numpy(self) -> np.ndarray:
         """The whole table as float32 (dequantized for float16 and int8 storage)."""
         return self.gather(np.arange(self.rows, dtype=np.int64))

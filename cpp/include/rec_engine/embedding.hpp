@@ -35,4 +35,20 @@ template <class Index>
 void pool(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
           int64_t n_bags, const float* weights, PoolMode mode, float* out, int num_threads = 0);
 
+// Sum-pools the selected bags bags[0..n_select) of a bag list (indices / offsets / optional weights laid
+// out as in pool(): offsets has n_bags + 1 entries) into out rows dest[0..n_select):
+// out[dest[i], :] = sum over j in [offsets[bags[i]], offsets[bags[i]+1]) of weights[j] * table[indices[j], :]
+// (weight 1 without weights); an empty bag gives zeros. out has n_out x dim floats; rows not named in dest
+// are left untouched. A bag may be selected more than once; a dest row may not. Each row is bit-identical
+// to pool() of the taken bags (the same kernel, the ids of a bag in the same order). Only the selected
+// bags are read, so a memory-mapped store is touched only where it is used.
+// Throws std::out_of_range for a bag outside [0, n_bags), a dest row outside [0, n_out) or an index
+// outside the table; std::invalid_argument for a dest row named twice, a selected bag whose offsets
+// decrease or lie outside [0, n_indices], or a non-finite weight of a selected bag. Checks everything
+// before writing anything. num_threads <= 0 means the default.
+template <class Index>
+void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
+                 int64_t n_bags, const float* weights, const int64_t* bags, const int64_t* dest, int64_t n_select,
+                 float* out, int64_t n_out, int num_threads = 0);
+
 }  // namespace rec_engine
