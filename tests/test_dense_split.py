@@ -155,6 +155,30 @@ def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_item_features_from_the_store_match_take_and_pool(ctr_bundles, rng):
+    """The candidates' item bags go from the feature store into emb / lin by one core call (pool_select); a
+    store the core refuses (other dtypes) takes the bags and pools them instead: the same inputs either way."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    r = CtrRanker(open_bundle(ctr_bundles["deepfm"]), batch_threads=2)
+    assert r.items.rows is None           # multi-valued and numeric item fields: the pooling path
+    users, cands = [3, 10_000], rng.integers(0, r.n_items, 90)
+    parts = [r._parts(u, None) for u in users]
+    got = [np.full((90, r.n_fields, r.dim), np.nan, np.float32), np.full((90, r.n_fields), np.nan, np.float32)]
+    r._fill_pooled(*got, users, cands, (40, 50), parts)
+
+    def refuse(*_a):
+        raise TypeError("other dtypes")
+
+    r._select_emb = r._select_lin = refuse
+    want = [np.zeros((90, r.n_fields, r.dim), np.float32), np.zeros((90, r.n_fields), np.float32)]
+    r._fill_pooled(*want, users, cands, (40, 50), parts)
+    for g, w in zip(got, want):
+        assert not np.isnan(g).any()
+        np.testing.assert_array_equal(g, w)
+
+
 def test_models_without_a_first_layer_or_int8_run_whole(ctr_bundles, rng):
     from rec_engine.bundle import open_bundle
     from rec_engine.ranking import CtrRanker, quantize_dense

@@ -188,6 +188,10 @@ class CtrRanker:
                               f"{self.content.names[0]}..")
         # the runner's methods, bound once (the request path looks them up on every call)
         self._pool_arrays = self.runner.pool_arrays
+        self._select_emb, self._select_lin = self.embedding._table.pool_select, self.linear._table.pool_select
+        self._nt = self.runner._nt
+        # core threads of a batch's feature lookups: the batch session's (0: all cores), else the requests'
+        self._batch_nt = self._nt if batch_threads is None else max(0, int(batch_threads))
         self._score_bags = self.runner.score_bags
         self._logits = self.runner.logits
         self._sigmoid = self.runner.sigmoid
@@ -408,13 +412,24 @@ class CtrRanker:
             ids[:, sel["ctx"]] = self._spread([c[0] for _, c, _ in parts], lengths)
         return ids
 
-    def _fill_pooled(self, emb: np.ndarray, lin: np.ndarray, users, cands: np.ndarray, lengths, parts) -> None:
+    def _fill_pooled(self, emb: np.ndarray, lin: np.ndarray, users, cands: np.ndarray, lengths, parts,
+                     nt: int | None = None) -> None:
         """Writes the pooled inputs ``emb [M, F, d]``, ``lin [M, F]`` of the examples (layout as in
         :meth:`_row_matrix`), pooling each entity's bags."""
-        sel, M, d = self._sel, len(cands), self.dim
-        e, li = self._pool(self.items.batch.take(cands))
-        emb[:, sel["item"]] = e.reshape(M, -1, d)
-        lin[:, sel["item"]] = li.reshape(M, -1)
+        sel, M, d, F = self._sel, len(cands), self.dim, self.n_fields
+        st = self.items
+        # the candidates' bags straight from the store into their rows of emb / lin (one core call per table)
+        fi = st.n_fields
+        bags = (cands[:, None] * fi + np.arange(fi)).reshape(-1)
+        dest = (np.arange(M)[:, None] * F + self.item_pos).reshape(-1)
+        bs, nt = st.batch, self._nt if nt is None else nt
+        try:
+            self._select_emb(bs.indices, bs.offsets, bs.weights, bags, dest, emb.reshape(M * F, d), nt)
+            self._select_lin(bs.indices, bs.offsets, bs.weights, bags, dest, lin.reshape(M * F, 1), nt)
+        except TypeError:      # a store of other dtypes (built by hand): take the bags, then pool them
+            e, li = self._pool(bs.take(cands))
+            emb[:, sel["item"]] = e.reshape(M, -1, d)
+            lin[:, sel["item"]] = li.reshape(M, -1)
         if self.user_fields:
             ue, ul = [], []
             for u, (kn, _, g) in zip(users, parts):
@@ -472,7 +487,7 @@ class CtrRanker:
             return self._score_bags(self._row_matrix(users, cands, lengths, parts).reshape(-1), offsets, weights, M,
                                     batch=True, groups=lengths)
         emb, lin = np.empty((M, F, self.dim), np.float32), np.empty((M, F), np.float32)
-        self._fill_pooled(emb, lin, users, cands, lengths, parts)
+        self._fill_pooled(emb, lin, users, cands, lengths, parts, self._batch_nt)
         return self._sigmoid(self._logits(emb, lin, batch=True, groups=lengths))
 
     @staticmethod
