@@ -365,7 +365,7 @@ class Case:
         the engine's ranking into the dense part and the rest (features, sigmoid, sort)."""
         ranker = self.engine._version.ranking
         runner = ranker.runner
-        inner_logits, inner_io = ranker._logits, runner._run_io
+        inner_logits, inner_io, inner_split = ranker._logits, runner._run_io, runner._run_io_split
         dense = []
 
         def timing(fn):
@@ -377,6 +377,8 @@ class Case:
             return timed
 
         ranker._logits, runner._run_io = timing(inner_logits), timing(inner_io)
+        if inner_split is not None:      # the dense part with its first layer split (rec_engine.dense_split)
+            runner._run_io_split = timing(inner_split)
         try:
             for user, ctx in requests:
                 dense.clear()
@@ -384,7 +386,7 @@ class Case:
                 self.engine_profile["dense"].append(sum(dense))
                 self.engine_profile["rest"].append(ranking - sum(dense))
         finally:
-            ranker._logits, runner._run_io = inner_logits, inner_io
+            ranker._logits, runner._run_io, runner._run_io_split = inner_logits, inner_io, inner_split
 
     def index_recall(self, n_users: int = 256) -> dict:
         """Recall of the int8 engine's retrieval candidates against the exact scan's (top 500, seen items

@@ -171,7 +171,7 @@ def test_item_features_from_the_store_match_take_and_pool(ctr_bundles, rng):
     def refuse(*_a):
         raise TypeError("other dtypes")
 
-    r._select_emb = r._select_lin = refuse
+    r._select = refuse
     want = [np.zeros((90, r.n_fields, r.dim), np.float32), np.zeros((90, r.n_fields), np.float32)]
     r._fill_pooled(*want, users, cands, (40, 50), parts)
     for g, w in zip(got, want):

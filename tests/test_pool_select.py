@@ -102,6 +102,53 @@ def test_pool_select_matches_numpy_and_pool_of_the_taken_bags(simd, rng, storage
 
 
 @pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dims", [(16, 1), (7, 33), (1, 1)])
+def test_pool_select_second_table_equals_two_calls(simd, rng, storage, dims):
+    """second / second_out: the same bags from a second table (other rows, dim, storage) in the same call,
+    bit for bit what two separate calls give; both checked against the float64 reference."""
+    d1, d2 = dims
+    t1, v1 = make_table(rng.standard_normal((300, d1)).astype(np.float32), storage)
+    t2, v2 = make_table(rng.standard_normal((250, d2)).astype(np.float32), "float32")
+    indices, offsets, weights = make_store(rng, 250, 400, 4)
+    for n_select, threads in ((0, 1), (1, 1), (65, 1), (3000, 2)):
+        n_out = n_select + 5
+        bags, dest = make_selection(rng, 400, n_select, n_out)
+        out, out2 = new_out(n_out, d1), new_out(n_out, d2)
+        t1.pool_select(indices, offsets, weights, bags, dest, out, num_threads=threads, second=t2, second_out=out2)
+        np.testing.assert_array_equal(out, t1.pool_select(indices, offsets, weights, bags, dest, new_out(n_out, d1)))
+        np.testing.assert_array_equal(out2, t2.pool_select(indices, offsets, weights, bags, dest, new_out(n_out, d2)))
+        np.testing.assert_allclose(out2, ref_select(v2, indices, offsets, weights, bags, dest, new_out(n_out, d2)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_pool_select_second_table_errors_leave_both_outputs_unchanged(case, rng):
+    small = EmbeddingTable(rng.standard_normal((20, 1)).astype(np.float32))    # fewer rows than the ids reach
+    big = EmbeddingTable(rng.standard_normal((50, 1)).astype(np.float32))
+    c = case
+    for second, second_out, err, match in (
+            (big, None, ValueError, "together"),
+            (None, new_out(10, 1), ValueError, "together"),
+            ("table", new_out(10, 1), TypeError, "EmbeddingTable"),
+            (big, new_out(9, 1), ValueError, "second_out"),
+            (big, new_out(10, 2), ValueError, "second_out"),
+            (big, new_out(10, 1).astype(np.float64), TypeError, "second_out"),
+            (small, new_out(10, 1), IndexError, "out of range for a table of 20 rows")):
+        out = new_out(10, 6)
+        before2 = None if second_out is None else second_out.copy()
+        with pytest.raises(err, match=match):
+            c["table"].pool_select(c["indices"], c["offsets"], c["weights"], c["bags"], c["dest"], out,
+                                   second=second, second_out=second_out)
+        assert (out == SENTINEL).all()
+        if before2 is not None and second_out.dtype == np.float32:
+            np.testing.assert_array_equal(second_out, before2)
+    ro = new_out(10, 1)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        c["table"].pool_select(c["indices"], c["offsets"], c["weights"], c["bags"], c["dest"], new_out(10, 6),
+                               second=big, second_out=ro)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
 def test_pool_select_large_selection_on_threads_equals_one_thread(simd, rng, storage):
     table, values = make_table(rng.standard_normal((5000, 32)).astype(np.float32), storage)
     indices, offsets, weights = make_store(rng, 5000, 40000, 4)

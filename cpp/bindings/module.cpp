@@ -222,8 +222,11 @@ class PyEmbeddingTable {
   // weights) into rows of out: out[dest[i]] = pool of bag bags[i]. out (float32, (n_out, dim), C-contiguous,
   // writeable) is written in place and returned; rows not named in dest are left as they are. Nothing is
   // written when a check fails.
+  // second / second_out: the same bags pooled from another table over the same ids into second_out
+  // (float32, (n_out, second.dim)), the store read once for both.
   py::array pool_select(py::handle indices_obj, py::handle offsets_obj, py::handle weights_obj, py::handle bags_obj,
-                        py::handle dest_obj, py::handle out_obj, int num_threads) const {
+                        py::handle dest_obj, py::handle out_obj, int num_threads, py::object second_obj,
+                        py::handle second_out_obj) const {
     const py::array indices = take(indices_obj, "indices", {kI32, kI64}, 1);
     const py::array offsets = take(offsets_obj, "offsets", {kI64}, 1);
     const py::array bags = take(bags_obj, "bags", {kI64}, 1);
@@ -251,14 +254,31 @@ class PyEmbeddingTable {
     float* o = static_cast<float*>(out.mutable_data());
     const int64_t n_out = out.shape(0), n_select = bags.shape(0);
     const bool i32 = indices.itemsize() == 4;
+    if (second_obj.is_none() != second_out_obj.is_none())
+      throw py::value_error("give second and second_out together");
+    const TableView* second = nullptr;
+    float* o2 = nullptr;
+    py::array out2;
+    if (!second_obj.is_none()) {
+      if (!py::isinstance<PyEmbeddingTable>(second_obj)) throw py::type_error("second must be an EmbeddingTable");
+      second = &second_obj.cast<const PyEmbeddingTable&>().view_;
+      out2 = take(second_out_obj, "second_out", {kF32}, 2);
+      if (out2.shape(0) != n_out || out2.shape(1) != second->dim)
+        throw py::value_error("second_out must have shape (" + std::to_string(n_out) + ", " +
+                              std::to_string(second->dim) + "), got (" + std::to_string(out2.shape(0)) + ", " +
+                              std::to_string(out2.shape(1)) + ")");
+      if (!out2.writeable()) throw py::value_error("second_out must be writeable");
+      if (out2.data() == out.data() && n_out > 0) throw py::value_error("second_out must not be out");
+      o2 = static_cast<float*>(out2.mutable_data());
+    }
     {
       py::gil_scoped_release release;
       if (i32)
         rec_engine::pool_select(view_, ptr<int32_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, ptr<int64_t>(bags),
-                                ptr<int64_t>(dest), n_select, o, n_out, num_threads);
+                                ptr<int64_t>(dest), n_select, o, n_out, num_threads, second, o2);
       else
         rec_engine::pool_select(view_, ptr<int64_t>(indices), n, ptr<int64_t>(offsets), n_bags, w, ptr<int64_t>(bags),
-                                ptr<int64_t>(dest), n_select, o, n_out, num_threads);
+                                ptr<int64_t>(dest), n_select, o, n_out, num_threads, second, o2);
     }
     return out;
   }
@@ -507,7 +527,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("weights") = py::none(), py::arg("mode") = "sum", py::arg("num_threads") = 0,
            py::arg("include_last_offset") = true, py::arg("out") = py::none())
       .def("pool_select", &PyEmbeddingTable::pool_select, py::arg("indices"), py::arg("offsets"),
-           py::arg("weights"), py::arg("bags"), py::arg("dest"), py::arg("out"), py::arg("num_threads") = 0)
+           py::arg("weights"), py::arg("bags"), py::arg("dest"), py::arg("out"), py::arg("num_threads") = 0,
+           py::arg("second") = py::none(), py::arg("second_out") = py::none())
       .def_property_readonly("rows", &PyEmbeddingTable::rows)
       .def_property_readonly("dim", &PyEmbeddingTable::dim)
       .def_property_readonly("storage", &PyEmbeddingTable::storage)

@@ -191,10 +191,14 @@ constexpr int64_t kSelectRowPrefetch = 256;
 template <class Index>
 void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
                  int64_t n_bags, const float* weights, const int64_t* bags, const int64_t* dest, int64_t n_select,
-                 float* out, int64_t n_out, int num_threads) {
+                 float* out, int64_t n_out, int num_threads, const TableView* second, float* second_out) {
   validate_table(table);
+  if ((second == nullptr) != (second_out == nullptr))
+    throw std::invalid_argument("pool_select: give a second table and its output together");
+  if (second != nullptr) validate_table(*second);
   if (n_indices < 0 || n_bags < 0 || n_select < 0 || n_out < 0)
     throw std::invalid_argument("pool_select: sizes must be >= 0");
+  const int64_t n_rows = second != nullptr ? std::min(table.rows, second->rows) : table.rows;
   // A sequential pre-pass checks everything before anything is written, and keeps each selected bag's
   // [lo, hi) (so the blocks below read the offsets no more).
   // 1. bags, dest rows, and the selected bags' offsets.
@@ -246,32 +250,38 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
     const int64_t lo = span[2 * i], hi = span[2 * i + 1];
     for (int64_t j = lo; j < hi; ++j) {
       const int64_t v = static_cast<int64_t>(indices[j]);
-      if (v < 0 || v >= table.rows)
+      if (v < 0 || v >= n_rows)
         throw std::out_of_range("indices[" + std::to_string(j) + "] = " + std::to_string(v) + " (bag " +
                                 std::to_string(bags[i]) + ", bags[" + std::to_string(i) +
-                                "]) is out of range for a table of " + std::to_string(table.rows) + " rows");
+                                "]) is out of range for a table of " + std::to_string(n_rows) + " rows");
       if (weights != nullptr && !(weights[j] - weights[j] == 0.f))
         throw std::invalid_argument("weights[" + std::to_string(j) + "] (bag " + std::to_string(bags[i]) +
                                     ", bags[" + std::to_string(i) + "]) is not finite");
     }
     n_ids += hi - lo;
   }
-  const int64_t d = table.dim;
-  if (n_select == 0 || d == 0) return;
+  const int64_t d = table.dim, d2 = second != nullptr ? second->dim : 0;
+  if (n_select == 0 || d + d2 == 0) return;
 
-  kernels::PoolArgs proto;
-  proto.storage = table.type == StorageType::float32   ? kernels::PoolStorage::f32
-                  : table.type == StorageType::float16 ? kernels::PoolStorage::f16
-                                                       : kernels::PoolStorage::u8;
-  proto.data = table.data;
-  proto.scale_bias = table.scale_bias;
-  proto.dim = d;
-  proto.ids64 = sizeof(Index) == 8;
-  proto.op = kernels::PoolOp::sum;
+  auto args_of = [](const TableView& t) {
+    kernels::PoolArgs a;
+    a.storage = t.type == StorageType::float32   ? kernels::PoolStorage::f32
+                : t.type == StorageType::float16 ? kernels::PoolStorage::f16
+                                                 : kernels::PoolStorage::u8;
+    a.data = t.data;
+    a.scale_bias = t.scale_bias;
+    a.dim = t.dim;
+    a.ids64 = sizeof(Index) == 8;
+    a.op = kernels::PoolOp::sum;
+    return a;
+  };
+  const kernels::PoolArgs proto = args_of(table);
+  const kernels::PoolArgs proto2 = second != nullptr ? args_of(*second) : proto;
   const auto& k = kernels::active();
   const RowOps ops{table, k};
+  const RowOps ops2{second != nullptr ? *second : table, k};
   const int64_t n_blocks = (n_select + kSelectBlock - 1) / kSelectBlock;
-  const int nt = detail::threads_for(num_threads, (n_ids + n_select) * d, n_blocks);
+  const int nt = detail::threads_for(num_threads, (n_ids + n_select) * (d + d2), n_blocks);
 
   struct Scratch {
     std::vector<Index> ids;
@@ -289,7 +299,7 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
     const int64_t m = s.offs[nb];
     if (static_cast<int64_t>(s.ids.size()) < m) s.ids.resize(static_cast<size_t>(m));
     if (weights != nullptr && static_cast<int64_t>(s.w.size()) < m) s.w.resize(static_cast<size_t>(m));
-    if (static_cast<int64_t>(s.y.size()) < nb * d) s.y.resize(static_cast<size_t>(nb * d));
+    if (static_cast<int64_t>(s.y.size()) < nb * std::max(d, d2)) s.y.resize(static_cast<size_t>(nb * std::max(d, d2)));
     // Copy the block's ids (and weights) in bag order, starting the loads of their table rows (bags
     // hold a few ids each: plain loops, not a memcpy call per bag).
     Index* ids = s.ids.data();
@@ -297,23 +307,32 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t lo = span[2 * i], hi = span[2 * i + 1];
       for (int64_t j = lo; j < hi; ++j) {
-        if (ids - s.ids.data() < kSelectRowPrefetch) ops.prefetch(static_cast<int64_t>(indices[j]));
+        if (ids - s.ids.data() < kSelectRowPrefetch) {
+          ops.prefetch(static_cast<int64_t>(indices[j]));
+          if (second != nullptr) ops2.prefetch(static_cast<int64_t>(indices[j]));
+        }
         *ids++ = indices[j];
       }
       if (weights != nullptr)
         for (int64_t j = lo; j < hi; ++j) *w++ = weights[j];
     }
-    kernels::PoolArgs args = proto;
-    args.ids = s.ids.data();
-    args.offsets = s.offs.data();
-    args.weights = weights != nullptr ? s.w.data() : nullptr;
-    args.out = s.y.data();
-    k.pool_bags(args, 0, nb);
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* src = s.y.data() + (i - i0) * d;
-      float* dst = out + dest[i] * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = src[c];
-    }
+    // Each table: one kernel call over the compact block into the scratch, then the rows to their places.
+    auto pool_block_into = [&](const kernels::PoolArgs& p, int64_t dim, float* to) {
+      if (dim == 0) return;
+      kernels::PoolArgs args = p;
+      args.ids = s.ids.data();
+      args.offsets = s.offs.data();
+      args.weights = weights != nullptr ? s.w.data() : nullptr;
+      args.out = s.y.data();
+      k.pool_bags(args, 0, nb);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* src = s.y.data() + (i - i0) * dim;
+        float* dst = to + dest[i] * dim;
+        for (int64_t c = 0; c < dim; ++c) dst[c] = src[c];
+      }
+    };
+    pool_block_into(proto, d, out);
+    if (second != nullptr) pool_block_into(proto2, d2, second_out);
   });
 }
 
@@ -325,8 +344,10 @@ template void pool<int64_t>(const TableView&, const int64_t*, int64_t, const int
                             const float*, PoolMode, float*, int);
 
 template void pool_select<int32_t>(const TableView&, const int32_t*, int64_t, const int64_t*, int64_t,
-                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int);
+                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int,
+                                   const TableView*, float*);
 template void pool_select<int64_t>(const TableView&, const int64_t*, int64_t, const int64_t*, int64_t,
-                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int);
+                                   const float*, const int64_t*, const int64_t*, int64_t, float*, int64_t, int,
+                                   const TableView*, float*);
 
 }  // namespace rec_engine

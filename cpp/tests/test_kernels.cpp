@@ -396,6 +396,22 @@ static void pool_select_case(const TableView& t, std::mt19937& g, int64_t n_bags
         CHECK(out[r * d + c] == sentinel, "%s pool_select %s: row %lld not in dest was written", k::active().name,
               what, (long long)r);
 
+  // with a second table (float32, dim 3) in the same call: each output equals its own single-table call
+  {
+    const int64_t d2 = 3;
+    std::vector<float> v2 = randn(g, static_cast<size_t>(t.rows * d2));
+    const TableView t2{StorageType::float32, v2.data(), t.rows, d2, nullptr};
+    std::vector<float> both(out.size(), sentinel), both2(static_cast<size_t>(n_out * d2), sentinel),
+        alone2(static_cast<size_t>(n_out * d2), sentinel);
+    pool_select(t, idx.data(), n, offs.data(), n_bags, wp, bags.data(), dest.data(), n_select, both.data(), n_out,
+                num_threads, &t2, both2.data());
+    pool_select(t2, idx.data(), n, offs.data(), n_bags, wp, bags.data(), dest.data(), n_select, alone2.data(), n_out,
+                num_threads);
+    CHECK(both == out, "%s pool_select %s with a second table: the first output differs", k::active().name, what);
+    CHECK(both2 == alone2, "%s pool_select %s: the second table's output differs from its own call",
+          k::active().name, what);
+  }
+
   // errors: each one thrown before anything is written
   if (n_select < 4) return;
   auto expect = [&](auto exc_tag, auto&& mutate, const char* err, bool with_weights = false) {

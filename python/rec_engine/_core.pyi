@@ -34,7 +34,8 @@ class EmbeddingTable:
     def pool_select(self, indices: np.ndarray, offsets: npt.NDArray[np.int64],
                     weights: Optional[npt.NDArray[np.float32]], bags: npt.NDArray[np.int64],
                     dest: npt.NDArray[np.int64], out: npt.NDArray[np.float32],
-                    num_threads: int = 0) -> npt.NDArray[np.float32]: ...
+                    num_threads: int = 0, second: Optional["EmbeddingTable"] = None,
+                    second_out: Optional[npt.NDArray[np.float32]] = None) -> npt.NDArray[np.float32]: ...
     @property
     def rows(self) -> int: ...
     @property

@@ -195,8 +195,8 @@ class EmbeddingTable:
             w = as_float32(per_sample_weights, "per_sample_weights").reshape(-1)
         return self._table.pool(idx, offs, w, mode, nt, bool(include_last_offset) or offs is None)
 
-    def pool_select(self, indices, offsets, weights, bags, dest, out, *,
-                    num_threads: int | None = None) -> np.ndarray:
+    def pool_select(self, indices, offsets, weights, bags, dest, out, *, num_threads: int | None = None,
+                    second: "EmbeddingTable | None" = None, second_out: np.ndarray | None = None) -> np.ndarray:
         """Sum-pool the selected bags of a bag store into rows of ``out``, in place.
 
         ``out[dest[i]] = sum(weights[j] * row(indices[j]) for j in bag bags[i])`` (weight 1 when
@@ -217,8 +217,17 @@ class EmbeddingTable:
         copies are made). Raises IndexError for a bag, dest row or id out of range, ValueError for a
         repeated dest row, bad offsets of a selected bag, a non-finite weight of one, or mismatched
         lengths; ``out`` is unchanged when anything raises.
+
+        ``second`` / ``second_out`` (both or neither): the same bags pooled from another table over the same
+        ids (a CTR model's linear weights beside its embeddings) into ``second_out`` (float32,
+        ``(len(out), second.dim)``), the store read once for both; the ids must be rows of both tables.
         """
-        return self._table.pool_select(indices, offsets, weights, bags, dest, out, threads_arg(num_threads))
+        if (second is None) != (second_out is None):
+            raise ValueError("give second and second_out together")
+        if second is not None and not isinstance(second, EmbeddingTable):
+            raise TypeError(f"second must be an EmbeddingTable, got {type(second).__name__}")
+        return self._table.pool_select(indices, offsets, weights, bags, dest, out, threads_arg(num_threads),
+                                       None if second is None else second._table, second_out)
 
     def to_numpy(self) -> np.ndarray:
         """The whole table as float32 (dequantized for float16 and int8 storage)."""

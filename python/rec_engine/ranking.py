@@ -188,7 +188,7 @@ class CtrRanker:
                               f"{self.content.names[0]}..")
         # the runner's methods, bound once (the request path looks them up on every call)
         self._pool_arrays = self.runner.pool_arrays
-        self._select_emb, self._select_lin = self.embedding._table.pool_select, self.linear._table.pool_select
+        self._select, self._lin_table = self.embedding._table.pool_select, self.linear._table
         self._nt = self.runner._nt
         # core threads of a batch's feature lookups: the batch session's (0: all cores), else the requests'
         self._batch_nt = self._nt if batch_threads is None else max(0, int(batch_threads))
@@ -418,14 +418,14 @@ class CtrRanker:
         :meth:`_row_matrix`), pooling each entity's bags."""
         sel, M, d, F = self._sel, len(cands), self.dim, self.n_fields
         st = self.items
-        # the candidates' bags straight from the store into their rows of emb / lin (one core call per table)
+        # the candidates' bags straight from the store into their rows of emb and lin (one core call)
         fi = st.n_fields
         bags = (cands[:, None] * fi + np.arange(fi)).reshape(-1)
         dest = (np.arange(M)[:, None] * F + self.item_pos).reshape(-1)
         bs, nt = st.batch, self._nt if nt is None else nt
-        try:
-            self._select_emb(bs.indices, bs.offsets, bs.weights, bags, dest, emb.reshape(M * F, d), nt)
-            self._select_lin(bs.indices, bs.offsets, bs.weights, bags, dest, lin.reshape(M * F, 1), nt)
+        try:   # (the linear weights in the same call: the store is read once)
+            self._select(bs.indices, bs.offsets, bs.weights, bags, dest, emb.reshape(M * F, d), nt, self._lin_table,
+                         lin.reshape(M * F, 1))
         except TypeError:      # a store of other dtypes (built by hand): take the bags, then pool them
             e, li = self._pool(bs.take(cands))
             emb[:, sel["item"]] = e.reshape(M, -1, d)

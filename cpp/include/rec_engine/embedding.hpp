@@ -46,9 +46,13 @@ void pool(const TableView& table, const Index* indices, int64_t n_indices, const
 // outside the table; std::invalid_argument for a dest row named twice, a selected bag whose offsets
 // decrease or lie outside [0, n_indices], or a non-finite weight of a selected bag. Checks everything
 // before writing anything. num_threads <= 0 means the default.
+// second / second_out (both or neither): the same bags pooled from a second table over the same ids (a CTR
+// model's linear weights beside its embeddings) into second_out (n_out x second->dim), reading the store
+// once for both; the ids must then be rows of both tables.
 template <class Index>
 void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
                  int64_t n_bags, const float* weights, const int64_t* bags, const int64_t* dest, int64_t n_select,
-                 float* out, int64_t n_out, int num_threads = 0);
+                 float* out, int64_t n_out, int num_threads = 0, const TableView* second = nullptr,
+                 float* second_out = nullptr);
 
 }  // namespace rec_engine
