@@ -73,6 +73,20 @@ struct RowOps {
 
 constexpr int64_t kPrefetchDistance = 8;
 
+// The kernel arguments that describe a table (ids, offsets, weights and out are the caller's).
+kernels::PoolArgs table_args(const TableView& t, bool ids64, kernels::PoolOp op) {
+  kernels::PoolArgs a;
+  a.storage = t.type == StorageType::float32   ? kernels::PoolStorage::f32
+              : t.type == StorageType::float16 ? kernels::PoolStorage::f16
+                                               : kernels::PoolStorage::u8;
+  a.data = t.data;
+  a.scale_bias = t.scale_bias;
+  a.dim = t.dim;
+  a.ids64 = ids64;
+  a.op = op;
+  return a;
+}
+
 inline void prefetch_read(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p);
@@ -141,19 +155,13 @@ void pool(const TableView& table, const Index* indices, int64_t n_indices, const
   }
   const int64_t d = table.dim;
   if (n_bags == 0 || d == 0) return;
-  kernels::PoolArgs args;
-  args.storage = table.type == StorageType::float32   ? kernels::PoolStorage::f32
-                 : table.type == StorageType::float16 ? kernels::PoolStorage::f16
-                                                      : kernels::PoolStorage::u8;
-  args.data = table.data;
-  args.scale_bias = table.scale_bias;
-  args.dim = d;
+  kernels::PoolArgs args = table_args(table, sizeof(Index) == 8,
+                                      mode == PoolMode::sum    ? kernels::PoolOp::sum
+                                      : mode == PoolMode::mean ? kernels::PoolOp::mean
+                                                               : kernels::PoolOp::max);
   args.ids = indices;
-  args.ids64 = sizeof(Index) == 8;
   args.offsets = offsets;
   args.weights = weights;
-  args.op = mode == PoolMode::sum ? kernels::PoolOp::sum : mode == PoolMode::mean ? kernels::PoolOp::mean
-                                                                                  : kernels::PoolOp::max;
   args.out = out;
   const auto& k = kernels::active();  // one kernel call per thread: the row loop lives in the ISA file
   const int nt = detail::threads_for(num_threads, (n_indices + n_bags) * d, n_bags / 16);
@@ -263,20 +271,9 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   const int64_t d = table.dim, d2 = second != nullptr ? second->dim : 0;
   if (n_select == 0 || d + d2 == 0) return;
 
-  auto args_of = [](const TableView& t) {
-    kernels::PoolArgs a;
-    a.storage = t.type == StorageType::float32   ? kernels::PoolStorage::f32
-                : t.type == StorageType::float16 ? kernels::PoolStorage::f16
-                                                 : kernels::PoolStorage::u8;
-    a.data = t.data;
-    a.scale_bias = t.scale_bias;
-    a.dim = t.dim;
-    a.ids64 = sizeof(Index) == 8;
-    a.op = kernels::PoolOp::sum;
-    return a;
-  };
-  const kernels::PoolArgs proto = args_of(table);
-  const kernels::PoolArgs proto2 = second != nullptr ? args_of(*second) : proto;
+  const kernels::PoolArgs proto = table_args(table, sizeof(Index) == 8, kernels::PoolOp::sum);
+  const kernels::PoolArgs proto2 = second != nullptr ? table_args(*second, sizeof(Index) == 8, kernels::PoolOp::sum)
+                                                     : proto;
   const auto& k = kernels::active();
   const RowOps ops{table, k};
   const RowOps ops2{second != nullptr ? *second : table, k};
