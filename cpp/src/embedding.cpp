@@ -195,6 +195,10 @@ constexpr int64_t kSelectPrefetch = 64;
 // block of short bags: more misses in flight than the kernel's own prefetch, a fixed distance ahead
 // within its call, keeps; the cap keeps a block of long bags from flushing the cache).
 constexpr int64_t kSelectRowPrefetch = 256;
+// A selection of at most this many ids has the table rows of every id prefetched already by the check of
+// its ids, a whole pass before they are pooled (the rows of a few thousand random items then load in
+// parallel instead of a block at a time); a larger one would push them out of the cache again.
+constexpr int64_t kSelectEarlyRows = 16384;
 
 template <class Index>
 void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
@@ -240,6 +244,9 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
     span[2 * i + 1] = hi;
   }
   // 2. their ids and weights.
+  const auto& k = kernels::active();
+  const RowOps ops{table, k};
+  const RowOps ops2{second != nullptr ? *second : table, k};
   int64_t n_ids = 0;
   for (int64_t i = 0; i < std::min(n_select, kSelectPrefetch); ++i) {
     if (span[2 * i] < n_indices) {
@@ -265,6 +272,10 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
       if (weights != nullptr && !(weights[j] - weights[j] == 0.f))
         throw std::invalid_argument("weights[" + std::to_string(j) + "] (bag " + std::to_string(bags[i]) +
                                     ", bags[" + std::to_string(i) + "]) is not finite");
+      if (n_ids + (j - lo) < kSelectEarlyRows) {
+        ops.prefetch(v);
+        if (second != nullptr) ops2.prefetch(v);
+      }
     }
     n_ids += hi - lo;
   }
@@ -274,9 +285,6 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   const kernels::PoolArgs proto = table_args(table, sizeof(Index) == 8, kernels::PoolOp::sum);
   const kernels::PoolArgs proto2 = second != nullptr ? table_args(*second, sizeof(Index) == 8, kernels::PoolOp::sum)
                                                      : proto;
-  const auto& k = kernels::active();
-  const RowOps ops{table, k};
-  const RowOps ops2{second != nullptr ? *second : table, k};
   const int64_t n_blocks = (n_select + kSelectBlock - 1) / kSelectBlock;
   const int nt = detail::threads_for(num_threads, (n_ids + n_select) * (d + d2), n_blocks);
 
