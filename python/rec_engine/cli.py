@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--max-batch", type=int, default=32, help="most requests in one coalesced batch")
     srv.add_argument("--coalesce-linger-us", type=int, default=None,
                      help="after a coalesced call answers n requests, how long a batch that could start waits "
-                          "for n more to come (their clients sending again; default: the window, at most 2000; "
+                          "for n more to come (their clients sending again; default: the window, at most 5000; "
                           "0: off)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                      help="uvicorn's log level ('warning' drops the access log)")

@@ -409,7 +409,7 @@ class Coalescer:
     the engine gives batches (``Engine(batch_threads=...)``), each batch holding what came during the
     previous call, and no request waits longer than the window for its batch to start.
 
-    ``linger_us`` (default: the window, at most 2 ms): after a call answers ``n`` requests, a batch that could
+    ``linger_us`` (default: the window, at most 5 ms): after a call answers ``n`` requests, a batch that could
     start because nothing runs waits until ``n`` more requests have come in, or ``linger_us`` has passed since
     that answer: clients that wait for their answer before sending again (every HTTP client with a fixed number
     of connections) come back together, and then share a batch instead of taking turns one by one. A lone
@@ -425,7 +425,7 @@ class Coalescer:
         if isinstance(window_us, bool) or not isinstance(window_us, int) or window_us < 0:
             raise ValueError(f"window_us must be an integer >= 0, got {window_us!r}")
         if linger_us is None:
-            linger_us = min(window_us, 2000)
+            linger_us = min(window_us, 5000)
         if isinstance(linger_us, bool) or not isinstance(linger_us, int) or linger_us < 0:
             raise ValueError(f"linger_us must be an integer >= 0, got {linger_us!r}")
         self.linger_s = linger_us / 1e6
