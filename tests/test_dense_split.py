@@ -155,6 +155,26 @@ def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_chunks_scored_at_once_equal_one_at_a_time(ctr_bundles, rng):
+    """batch_threads > 1: a batch's chunks are scored on that many threads at once (one-thread sessions); the
+    probabilities equal the sequential batch path's and the single calls'."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, seq = CtrRanker(b, batch_threads=2), CtrRanker(b)
+    users = [int(u) for u in rng.integers(0, 200, 30)] + [10_000, 3, 3]
+    cands = [rng.integers(0, par.n_items, int(n)) for n in rng.integers(0, 120, len(users))]
+    ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+    for rows in (1, 100, 1024):
+        got = par.score_candidates_batch(users, cands, ctxs, chunk_rows=rows)
+        want = seq.score_candidates_batch(users, cands, ctxs, chunk_rows=rows)
+        for g, w, u, c, x in zip(got, want, users, cands, ctxs):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g, seq.score_candidates(u, c, x), rtol=1e-5, atol=1e-6)
+    assert par._chunk_pool is not None and seq._chunk_pool is None
+
+
 def test_item_features_from_the_store_match_take_and_pool(ctr_bundles, rng):
     """The candidates' item bags go from the feature store into emb / lin by one core call (pool_select); a
     store the core refuses (other dtypes) takes the bags and pools them instead: the same inputs either way."""

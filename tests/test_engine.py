@@ -362,6 +362,16 @@ def test_single_valued_stores_take_the_direct_path_with_the_same_scores(tmp_path
     ranker = load_ranking(open_bundle(export_ctr(model, tmp_path / "b", entity_features=feats)))
     assert ranker.items.rows is not None and ranker.users.rows is not None
     _check_candidates_path(ranker, feats, n_users, n_items, [{"device": "a"}, {"device": "zz"}, {}], rng)
+    # batches on that path too, their chunks scored on two threads at once (one-thread sessions)
+    from rec_engine.ranking import CtrRanker
+
+    par = CtrRanker(open_bundle(tmp_path / "b"), batch_threads=2)
+    users = [int(u) for u in rng.integers(0, n_users, 12)] + [n_users + 5]
+    cands = [rng.integers(0, n_items, int(n)) for n in rng.integers(1, 60, len(users))]
+    ctxs = [{"device": "a"}, {}, {"device": "zz"}] * 4 + [{}]
+    for got, u, c, x in zip(par.score_candidates_batch(users, cands, ctxs, chunk_rows=50), users, cands, ctxs):
+        np.testing.assert_allclose(got, ranker.score_candidates(u, c, x), rtol=1e-5, atol=1e-6)
+    assert par._chunk_pool is not None
 
 
 def test_bound_buffers_give_fresh_results_for_every_size_and_thread(trained, rng):

@@ -45,7 +45,9 @@ class CtrRunner:
         (right for a server running requests in parallel)
     num_threads : int, optional  core threads of the pooling (None: the core's default)
     batch_threads : int, optional  intra-op threads of a second session, created at the first call for a batch
-        of users (``batch=True``), with spinning off; None: the first session runs them
+        of users (``batch=True``), with spinning off; None: the first session runs them. Calls made with
+        ``batch="chunk"`` (one of several chunks of a batch scored at once, each on its own thread) run on a
+        third session with one intra-op thread
     constant_fields : sequence of int, optional  fields that hold the same values on every example of one request
         (the user's and the context's): calls that say where their requests begin (``groups=``) run the dense
         part with its first layer split (:mod:`rec_engine.dense_split`), computing those fields' share of it once
@@ -195,7 +197,7 @@ class CtrRunner:
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
-    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool = False, groups=None) -> np.ndarray:
+    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool | str = False, groups=None) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
         ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``); ``groups``: as in
         :meth:`logits`."""
@@ -208,13 +210,18 @@ class CtrRunner:
                 pass
             else:
                 return self._run_bound(b, n, groups)
-        emb, lin = self.pool_arrays(indices, offsets, weights)
+        if batch == "chunk":   # one thread of several: its lookups on this thread alone
+            emb = self._emb_pool(indices, offsets, weights, "sum", 1, True)
+            lin = self._lin_pool(indices, offsets, weights, "sum", 1, True)
+        else:
+            emb, lin = self.pool_arrays(indices, offsets, weights)
         return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
                                         batch=batch, groups=groups))
 
-    def logits(self, emb: np.ndarray, lin: np.ndarray, *, batch: bool = False, groups=None) -> np.ndarray:
+    def logits(self, emb: np.ndarray, lin: np.ndarray, *, batch: bool | str = False, groups=None) -> np.ndarray:
         """Logits, float32 ``[n]``, of pooled inputs ``emb [n, F, dim]`` and ``lin [n, F]`` (``session.run``;
-        ``batch``: by the batch session when there is one). ``groups``: the lengths of the requests the rows
+        ``batch``: by the batch session when there is one; ``"chunk"``: by the one-thread session of chunks run
+        at once). ``groups``: the lengths of the requests the rows
         belong to, in order (each request's constant fields equal on all its rows): the split dense part runs
         when there is one."""
         e, li = self._feed
@@ -228,27 +235,27 @@ class CtrRunner:
             fb = self.split.first_bias(emb[starts])
             feed[FIRST_BIAS] = fb if len(starts) == 1 else np.repeat(fb, lengths[lengths > 0], axis=0)
         if batch and self._batch_threads is not None:
-            run = self._batch_session(split)
+            run = self._batch_session(split, 1 if batch == "chunk" else max(0, int(self._batch_threads)))
         else:
             run = self.split_session.run if split else self._run
         (out,) = run([self.output], feed, None)
         return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
 
-    def _batch_session(self, split: bool = False):
-        """``run`` of the session (``split``: of the split model) for large calls (batch_threads intra-op
+    def _batch_session(self, split: bool, threads: int):
+        """``run`` of the session (``split``: of the split model) for large calls (``threads`` intra-op
         threads, no spinning)."""
-        run = self._batch_runs.get(split)
+        run = self._batch_runs.get((split, threads))
         if run is None:
             import onnxruntime as ort
 
             with self._batch_lock:
-                run = self._batch_runs.get(split)
+                run = self._batch_runs.get((split, threads))
                 if run is None:
                     opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = max(0, int(self._batch_threads))
+                    opts.intra_op_num_threads = threads
                     opts.inter_op_num_threads = 1
                     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                    run = self._batch_runs[split] = ort.InferenceSession(
+                    run = self._batch_runs[(split, threads)] = ort.InferenceSession(
                         self.split.model if split else self._onnx_path, sess_options=opts,
                         providers=["CPUExecutionProvider"]).run
         return run
