@@ -15,20 +15,20 @@ from rec_engine.dense_split import FIRST_BIAS, split_first_layer  # noqa: E402
 F, D, H = 5, 4, 6
 
 
-def _mlp_model(*, shape=(-1, F * D), trans_b=1, alpha=1.0, reshape_twice=False, bias=True) -> bytes:
+def _mlp_model(*, shape=(-1, F * D), trans_b=1, alpha=1.0, reshape_twice=False, bias=True, w1="w1") -> bytes:
     """emb [B, F, D], lin [B, F] -> sum(lin) + relu(reshape(emb) W0^T + b0) w1 (a small DeepFM-like graph)."""
     rng = np.random.default_rng(1)
     w0 = rng.normal(0, 0.5, (H, F * D) if trans_b else (F * D, H)).astype(np.float32)
     b0 = rng.normal(0, 0.5, H).astype(np.float32)
-    w1 = rng.normal(0, 0.5, (1, H)).astype(np.float32)
+    w1_arr = rng.normal(0, 0.5, (1, H)).astype(np.float32)
     inits = [numpy_helper.from_array(np.array(shape, np.int64), "shape"), numpy_helper.from_array(w0, "w0"),
-             numpy_helper.from_array(b0, "b0"), numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(b0, "b0"), numpy_helper.from_array(w1_arr, w1),
              numpy_helper.from_array(np.array([1], np.int64), "axes")]
     gemm_in = ["view", "w0", "b0"] if bias else ["view", "w0"]
     nodes = [helper.make_node("Reshape", ["emb", "shape"], ["view"]),
              helper.make_node("Gemm", gemm_in, ["h"], transB=trans_b, alpha=alpha),
              helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w1"], ["o"], transB=1),
+             helper.make_node("Gemm", ["r", w1], ["o"], transB=1),
              helper.make_node("Squeeze", ["o", "axes"], ["sq"]),
              helper.make_node("ReduceSum", ["lin", "axes"], ["ls"], keepdims=0),
              helper.make_node("Add", ["sq", "ls"], ["logit"])]
@@ -76,6 +76,18 @@ def test_split_model_equals_the_whole_one(rng, const):
         x = emb[starts[nz]].reshape(int(nz.sum()), -1)[:, cols].astype(np.float64)
         np.testing.assert_allclose(split.first_bias(emb[starts[nz]]), x @ w0[:, cols].T.astype(np.float64) + b0,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_already_uses_the_input_name(rng):
+    """The bias input takes a fresh name when the model already holds a tensor called first_bias."""
+    model = _mlp_model(w1=FIRST_BIAS)
+    split = split_first_layer(model, emb="emb", n_fields=F, dim=D, constant_fields=[0, 1])
+    assert split is not None and split.input != FIRST_BIAS
+    emb = rng.normal(0, 1, (4, F, D)).astype(np.float32)
+    emb[:, [0, 1]] = emb[:1, [0, 1]]
+    lin = rng.normal(0, 1, (4, F)).astype(np.float32)
+    np.testing.assert_allclose(_run(split.model, {"emb": emb, "lin": lin, split.input: split.first_bias(emb[:1])}),
+                               _run(model, {"emb": emb, "lin": lin}), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs", [dict(trans_b=0), dict(alpha=0.5), dict(shape=(-1, F, D)),
@@ -137,6 +149,9 @@ def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
 
     r = CtrRanker(open_bundle(ctr_bundles[kind]), batch_threads=2)
     assert r.runner.split is not None
+    calls = []                               # every split path computes the bias: count that it runs
+    first_bias = r.runner.split.first_bias
+    r.runner.split.first_bias = lambda rows, out=None: calls.append(len(rows)) or first_bias(rows, out)
     const = set(r.runner.split.const.tolist())
     assert const == set(r.user_pos.tolist()) | set(r.ctx_pos.tolist())
     ref = _whole(r)
@@ -149,10 +164,13 @@ def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
                                        rtol=1e-5, atol=1e-6)
     cands = [rng.integers(0, r.n_items, int(n)) for n in rng.integers(0, 400, len(users))]
     ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+    singles = len(calls)
+    assert singles == len(users) * 5                       # one bias a request, on every path
     got = r.score_candidates_batch(users, cands, ctxs, chunk_rows=700)
     want = [ref.score_candidates(u, c, x) for u, c, x in zip(users, cands, ctxs)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert len(calls) > singles and sum(calls[singles:]) == sum(len(c) > 0 for c in cands)   # a bias a user
 
 
 def test_chunks_scored_at_once_equal_one_at_a_time(ctr_bundles, rng):
@@ -231,5 +249,7 @@ def test_groups_must_cover_the_rows(ctr_bundles):
     lin = np.zeros((4, r.n_fields), np.float32)
     with pytest.raises(ValueError, match="groups add up to 3 rows, there are 4"):
         r.runner.logits(emb, lin, groups=[1, 2])
+    with pytest.raises(ValueError, match="lengths >= 0"):
+        r.runner.logits(emb, lin, groups=[-1, 5])
     np.testing.assert_allclose(r.runner.logits(emb, lin, groups=[1, 3]), r.runner.logits(emb, lin), rtol=1e-5,
                                atol=1e-6)

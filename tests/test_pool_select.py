@@ -132,8 +132,11 @@ def test_pool_select_second_table_errors_leave_both_outputs_unchanged(case, rng)
             (big, new_out(9, 1), ValueError, "second_out"),
             (big, new_out(10, 2), ValueError, "second_out"),
             (big, new_out(10, 1).astype(np.float64), TypeError, "second_out"),
+            (EmbeddingTable(np.zeros((50, 6), np.float32)), None, ValueError, "overlap"),
             (small, new_out(10, 1), IndexError, "out of range for a table of 20 rows")):
         out = new_out(10, 6)
+        if match == "overlap":           # second_out a view of out's own memory
+            second_out = out
         before2 = None if second_out is None else second_out.copy()
         with pytest.raises(err, match=match):
             c["table"].pool_select(c["indices"], c["offsets"], c["weights"], c["bags"], c["dest"], out,
@@ -191,7 +194,8 @@ def test_pool_select_edge_cases(rng):
                       np.zeros(0, np.int64), np.zeros((0, 1), np.float32))
     # a table of dim 0
     t0 = EmbeddingTable(np.zeros((10, 0), np.float32))
-    t0.pool_select(indices, offsets, None, np.array([1]), np.array([0]), np.zeros((1, 0), np.float32))
+    got = t0.pool_select(indices, offsets, None, np.array([1]), np.array([0]), np.zeros((1, 0), np.float32))
+    assert got.shape == (1, 0)
 
 
 def test_pool_select_num_threads_argument(rng):

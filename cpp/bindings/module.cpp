@@ -268,7 +268,10 @@ class PyEmbeddingTable {
                               std::to_string(second->dim) + "), got (" + std::to_string(out2.shape(0)) + ", " +
                               std::to_string(out2.shape(1)) + ")");
       if (!out2.writeable()) throw py::value_error("second_out must be writeable");
-      if (out2.data() == out.data() && n_out > 0) throw py::value_error("second_out must not be out");
+      const auto* a0 = static_cast<const char*>(out.data());
+      const auto* b0 = static_cast<const char*>(out2.data());
+      if (out.nbytes() > 0 && out2.nbytes() > 0 && a0 < b0 + out2.nbytes() && b0 < a0 + out.nbytes())
+        throw py::value_error("second_out must not overlap out");
       o2 = static_cast<float*>(out2.mutable_data());
     }
     {

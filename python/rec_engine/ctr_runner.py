@@ -23,7 +23,7 @@ import numpy as np
 
 from ._convert import threads_arg
 from .bundle import onnx_session
-from .dense_split import FIRST_BIAS, split_first_layer
+from .dense_split import split_first_layer
 from .embedding import EmbeddingTable
 
 _BIND_MAX_ROWS = 1024
@@ -99,20 +99,24 @@ class CtrRunner:
             self._set_split(model, constant_fields, session_options)
 
     def _set_split(self, model, constant_fields, session_options) -> None:
-        """Builds the split dense part and keeps it when it gives the whole model's logits on random rows."""
-        split = split_first_layer(model, emb=self.inputs[0], n_fields=self.n_fields, dim=self.dim,
-                                  constant_fields=constant_fields)
-        if split is None:
+        """Builds the split dense part and keeps it when it gives the whole model's logits on random rows; the
+        split is an optimization, so anything that goes wrong building or checking it leaves the model whole."""
+        try:
+            split = split_first_layer(model, emb=self.inputs[0], n_fields=self.n_fields, dim=self.dim,
+                                      constant_fields=constant_fields)
+            if split is None:
+                return
+            session = onnx_session(split.model, session_options, what="the ranking model's split dense part")
+            rng = np.random.default_rng(0)
+            n, F, d = 7, self.n_fields, self.dim
+            emb = rng.normal(0.0, 0.5, (n, F, d)).astype(np.float32)
+            emb[:, split.const] = emb[:1, split.const]
+            lin = rng.normal(0.0, 0.5, (n, F)).astype(np.float32)
+            e, li = self._feed
+            (whole,) = self.session.run([self.output], {e: emb, li: lin})
+            (part,) = session.run([self.output], {e: emb, li: lin, split.input: split.first_bias(emb[:1])})
+        except Exception:      # noqa: BLE001 - whatever fails here, the whole model still serves
             return
-        session = onnx_session(split.model, session_options, what="the ranking model's split dense part")
-        rng = np.random.default_rng(0)
-        n, F, d = 7, self.n_fields, self.dim
-        emb = rng.normal(0.0, 0.5, (n, F, d)).astype(np.float32)
-        emb[:, split.const] = emb[:1, split.const]
-        lin = rng.normal(0.0, 0.5, (n, F)).astype(np.float32)
-        e, li = self._feed
-        (whole,) = self.session.run([self.output], {e: emb, li: lin})
-        (part,) = session.run([self.output], {e: emb, li: lin, FIRST_BIAS: split.first_bias(emb[:1])})
         if np.allclose(np.asarray(whole, np.float64).reshape(-1), np.asarray(part, np.float64).reshape(-1),
                        rtol=1e-3, atol=1e-4):
             self.split, self.split_session, self._run_io_split = split, session, self._io_runner(session)
@@ -127,13 +131,16 @@ class CtrRunner:
             return lambda io, _run=native.run_with_iobinding: _run(io._iobinding, None)
         return session.run_with_iobinding
 
-    def pool_arrays(self, indices, offsets, weights) -> tuple[np.ndarray, np.ndarray]:
-        """Sum-pooled ``emb [bags, dim]`` and ``lin [bags, 1]`` of bags given as in an EncodedBatch."""
+    def pool_arrays(self, indices, offsets, weights, *, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Sum-pooled ``emb [bags, dim]`` and ``lin [bags, 1]`` of bags given as in an EncodedBatch (on
+        ``threads`` core threads; None: the runner's ``num_threads``)."""
+        nt = self._nt if threads is None else threads
         try:   # C-contiguous int32/int64 indices, int64 offsets, float32 weights: straight to the core
-            return (self._emb_pool(indices, offsets, weights, "sum", self._nt, True),
-                    self._lin_pool(indices, offsets, weights, "sum", self._nt, True))
+            return (self._emb_pool(indices, offsets, weights, "sum", nt, True),
+                    self._lin_pool(indices, offsets, weights, "sum", nt, True))
         except (TypeError, ValueError):   # other dtypes / layouts: the facade converts them (or says why not)
-            args = dict(mode="sum", include_last_offset=True, num_threads=self.num_threads)
+            args = dict(mode="sum", include_last_offset=True,
+                        num_threads=self.num_threads if threads is None else threads)
             return (self.embedding.pool(indices, offsets, weights, **args),
                     self.linear.pool(indices, offsets, weights, **args))
 
@@ -162,7 +169,7 @@ class CtrRunner:
                 io.bind_cpu_input(e, emb)
                 io.bind_cpu_input(li, lin)
                 if session is self.split_session:
-                    io.bind_cpu_input(FIRST_BIAS, fb)
+                    io.bind_cpu_input(self.split.input, fb)
                 io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
                 ios.append(io)
             b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), ios[0],
@@ -172,7 +179,7 @@ class CtrRunner:
     def _run_bound(self, b, n: int, groups) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
         request and there is a split)."""
-        if groups is not None and b[4] is not None and len(groups) == 1:
+        if groups is not None and b[4] is not None and len(groups) == 1 and int(groups[0]) == n:
             self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
             self._run_io_split(b[4])
         else:
@@ -210,11 +217,7 @@ class CtrRunner:
                 pass
             else:
                 return self._run_bound(b, n, groups)
-        if batch == "chunk":   # one thread of several: its lookups on this thread alone
-            emb = self._emb_pool(indices, offsets, weights, "sum", 1, True)
-            lin = self._lin_pool(indices, offsets, weights, "sum", 1, True)
-        else:
-            emb, lin = self.pool_arrays(indices, offsets, weights)
+        emb, lin = self.pool_arrays(indices, offsets, weights, threads=1 if batch == "chunk" else None)
         return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
                                         batch=batch, groups=groups))
 
@@ -229,11 +232,13 @@ class CtrRunner:
         feed = {e: emb, li: lin}
         if split:
             lengths = np.asarray(groups, np.int64).reshape(-1)
+            if (lengths < 0).any():
+                raise ValueError(f"groups must be lengths >= 0, got {lengths.tolist()}")
             if lengths.sum() != len(emb):
                 raise ValueError(f"groups add up to {int(lengths.sum())} rows, there are {len(emb)}")
             starts = (np.cumsum(lengths) - lengths)[lengths > 0]
             fb = self.split.first_bias(emb[starts])
-            feed[FIRST_BIAS] = fb if len(starts) == 1 else np.repeat(fb, lengths[lengths > 0], axis=0)
+            feed[self.split.input] = fb if len(starts) == 1 else np.repeat(fb, lengths[lengths > 0], axis=0)
         if batch and self._batch_threads is not None:
             run = self._batch_session(split, 1 if batch == "chunk" else max(0, int(self._batch_threads)))
         else:

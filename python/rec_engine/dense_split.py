@@ -5,7 +5,8 @@ same on every row, only the item fields (and the pair fields) change. The MLP's 
 whole concatenated embedding ``[F * d]`` by its weight ``W [H, F * d]`` on every row; its columns of the
 constant fields give the same ``H`` numbers on all rows of a request. :func:`split_first_layer` rewrites the
 dense part so that the first layer multiplies only the varying fields' columns, and takes the rest as an
-input, ``first_bias [rows or 1, H]`` (the Gemm's ``C``), which :class:`FirstLayerSplit` computes once per
+input, ``first_bias [rows or 1, H]`` (the Gemm's ``C``; another name when the model already uses that one:
+:attr:`FirstLayerSplit.input`), which :class:`FirstLayerSplit` computes once per
 request (``W_c x_c + b``). For DeepFM's 416-400-400-400 MLP with 14 constant fields of 26 that is 18% of its
 multiply-adds; the FM and linear parts still see the whole ``emb`` and ``lin``.
 
@@ -28,8 +29,10 @@ class FirstLayerSplit:
     """The split dense part (``model``, serialized) and what it needs per request: ``first_bias(rows)`` for
     the pooled ``emb`` rows ``[R, F, d]`` (one row of each request) gives ``[R, H]``."""
 
-    def __init__(self, model: bytes, const: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+    def __init__(self, model: bytes, const: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                 input_name: str = FIRST_BIAS):
         self.model = model
+        self.input = input_name                              # the split model's input for first_bias
         self.const = const                                   # constant field positions [Fc]
         self.weight_t = np.ascontiguousarray(weight.T)       # [Fc * d, H]
         self.bias = np.ascontiguousarray(bias, np.float32)   # [H]
@@ -66,8 +69,8 @@ def split_first_layer(model, *, emb: str, n_fields: int, dim: int,
         return None
     proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else onnx.load(str(model))
     g = proto.graph
-    if FIRST_BIAS in {i.name for i in g.input}:
-        return None
+    if next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 7:
+        return None                                   # (Gemm broadcasts C from opset 7 on)
     inits = {i.name: i for i in g.initializer}
     consumers: dict = {}
     for n in g.node:
@@ -78,7 +81,8 @@ def split_first_layer(model, *, emb: str, n_fields: int, dim: int,
         if r.op_type != "Reshape" or r.input[0] != emb or r.input[1] not in inits:
             continue
         shape = numpy_helper.to_array(inits[r.input[1]]).reshape(-1).tolist()
-        if len(shape) != 2 or shape[1] != n_fields * dim or shape[0] not in (-1, 0):
+        keep_zero = _attr(r, "allowzero", 0) == 0     # 0: "the input's size there", not a zero size
+        if len(shape) != 2 or shape[1] != n_fields * dim or not (shape[0] == -1 or (shape[0] == 0 and keep_zero)):
             continue
         users = consumers.get(r.output[0], [])
         if r.output[0] in {o.name for o in g.output} or len(users) != 1:
@@ -102,7 +106,8 @@ def split_first_layer(model, *, emb: str, n_fields: int, dim: int,
     var = np.array([f for f in range(n_fields) if f not in set(const.tolist())], np.int64)
     cols = (np.arange(n_fields * dim).reshape(n_fields, dim))
     w_var, w_const = w[:, cols[var].ravel()], w[:, cols[const].ravel()]
-    names = {x for n in g.node for x in list(n.input) + list(n.output)} | set(inits)
+    names = ({x for n in g.node for x in list(n.input) + list(n.output)} | set(inits)
+             | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)} | {n.name for n in g.node})
 
     def fresh(base):
         name, i = base, 0
@@ -112,11 +117,12 @@ def split_first_layer(model, *, emb: str, n_fields: int, dim: int,
         names.add(name)
         return name
 
-    idx, shp, wv, sel, view = (fresh(s) for s in ("split_var_fields", "split_var_shape", "split_var_weight",
-                                                  "split_var_emb", "split_var_view"))
+    idx, shp, wv, sel, view, bias_in = (fresh(s) for s in ("split_var_fields", "split_var_shape",
+                                                           "split_var_weight", "split_var_emb", "split_var_view",
+                                                           FIRST_BIAS))
     new_nodes = [helper.make_node("Gather", [emb, idx], [sel], axis=1),
                  helper.make_node("Reshape", [sel, shp], [view]),
-                 helper.make_node("Gemm", [view, wv, FIRST_BIAS], list(gemm.output), transB=1)]
+                 helper.make_node("Gemm", [view, wv, bias_in], list(gemm.output), transB=1)]
     nodes = []
     for n in g.node:
         if n is reshape:
@@ -133,9 +139,9 @@ def split_first_layer(model, *, emb: str, n_fields: int, dim: int,
     g.initializer.extend(kept + [numpy_helper.from_array(var, idx),
                                  numpy_helper.from_array(np.array([-1, len(var) * dim], np.int64), shp),
                                  numpy_helper.from_array(np.ascontiguousarray(w_var), wv)])
-    g.input.append(helper.make_tensor_value_info(FIRST_BIAS, TensorProto.FLOAT, ["first_bias_rows", w.shape[0]]))
+    g.input.append(helper.make_tensor_value_info(bias_in, TensorProto.FLOAT, ["first_bias_rows", w.shape[0]]))
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError:
+    except (onnx.checker.ValidationError, ValueError):   # (ValueError: a model past protobuf's 2 GB)
         return None
-    return FirstLayerSplit(proto.SerializeToString(), const, w_const, b)
+    return FirstLayerSplit(proto.SerializeToString(), const, w_const, b, bias_in)

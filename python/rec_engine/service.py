@@ -481,7 +481,9 @@ class Coalescer:
             try:
                 self._run(batch, k, exclude_seen, n_candidates)
             finally:   # (requests the batch did not answer are answered below, and counted there)
+                # the answered clients are awaited before any of them can see its answer and come back
                 self._ended(sum(r is not None for r in batch.results or ()))
+                batch.done.set()
         else:
             batch.done.wait()
         rec = batch.results[slot]
@@ -558,8 +560,7 @@ class Coalescer:
                 if results[0] is not None and self.on_batch is not None:
                     self.on_batch(n)
         finally:
-            batch.results = results
-            batch.done.set()
+            batch.results = results          # (the leader then sets batch.done)
 
 
 class _ServedMetrics:
