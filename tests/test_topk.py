@@ -323,3 +323,50 @@ def test_property_same_result_as_a_full_sort(data, b, n, d, k, with_exclude, wit
     ref_ids, ref_scores, _ = reference(q, x, k, exclude=exclude, candidates=candidates)
     np.testing.assert_array_equal(res.ids, ref_ids)
     np.testing.assert_array_equal(res.scores, ref_scores.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ floors from a sample
+# Tables of at least 65,536 items and k >= 64 start each query's selection at a floor taken from a scored
+# sample of the table (16 blocks of 128 items); a query whose selection does not fill above its floor is
+# scanned again without one. These check that the answers stay exact whatever the sample looks like.
+@pytest.mark.parametrize("b", [1, 2, 5, 40])
+@pytest.mark.parametrize("k", [64, 500])
+def test_large_k_on_a_large_table_is_exact(simd, rng, b, k):
+    n, d = 70_000, 8
+    q, x = int_data(rng, b, n, d, -4, 4)                          # integer scores: many ties at every floor
+    excl = [rng.choice(n, int(rng.integers(0, 400)), replace=False) for _ in range(b)]
+    for exclude in (None, excl):
+        res = topk(q, x, k, exclude=exclude)
+        ref_ids, ref_scores, _ = reference(q, x, k, exclude=exclude)
+        np.testing.assert_array_equal(res.ids, ref_ids)
+        np.testing.assert_array_equal(res.scores, ref_scores.astype(np.float32))
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "sample_blocks_best"])
+def test_a_sample_that_overestimates_the_floor_falls_back_to_the_full_scan(rng, order):
+    """Items ordered by their score, or the sampled blocks holding the best items: the floor lets fewer
+    than k items in, and the query is scanned again without it (same answer as the plain reference)."""
+    n, d, k = 66_000, 4, 300
+    q = rng.normal(size=(3, d)).astype(np.float32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    s = x @ q[0]
+    if order == "ascending":
+        x = x[np.argsort(s, kind="stable")]
+    elif order == "descending":
+        x = x[np.argsort(-s, kind="stable")]
+    else:       # the best items exactly where the sample looks: 16 blocks of 128 spread over the table
+        best = np.argsort(-s, kind="stable")[:16 * 128]
+        rest = np.setdiff1d(np.arange(n), best)
+        x2 = x[rest].copy()
+        out = np.empty_like(x)
+        starts = [(n - 128) * blk // 15 for blk in range(16)]
+        taken = np.zeros(n, bool)
+        for blk, st0 in enumerate(starts):
+            out[st0:st0 + 128] = x[best[blk * 128:(blk + 1) * 128]]
+            taken[st0:st0 + 128] = True
+        out[~taken] = x2[:(~taken).sum()]
+        x = out
+    for threads in (1, 2):
+        assert_topk_close(topk(q, x, k, num_threads=threads), q, x, k)
+        ref_ids, _, _ = reference(q, x, k)
+        np.testing.assert_array_equal(topk(q[:1], x, k, num_threads=threads).ids, ref_ids[:1])

@@ -76,6 +76,9 @@ class Selection {
   Selection(Entry* storage, int64_t capacity) : data_(storage), cap_(capacity) {}
 
   float threshold() const { return thr_; }
+  // Accepts only entries scoring at least f from now on (a floor below the final k-th score: see
+  // sample_floors; the caller checks that the selection still fills, and rescans without it if not).
+  void set_floor(float f) { thr_ = f; }
   bool accepts(const Entry& e) const { return cap_ > 0 && !(e.score < thr_); }
   void push(const Entry& e) {  // the caller checked accepts()
     data_[size_++] = e;
@@ -441,12 +444,15 @@ void scan_reduced_stream(const Problem& p, int64_t q_begin, int64_t q_end, int64
 // what it was offered, whatever the order, and the merge keeps the exact best of their union.
 template <class Scan, class Emit>
 void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector<Entry>& storage,
-                Scan scan, Emit emit) {
+                Scan scan, Emit emit, const float* floors = nullptr) {
   const int64_t slots = Selection::slots(width);
   storage.resize(static_cast<size_t>(nt * ng * slots));
   std::vector<std::vector<Selection>> sels(nt);
   for (int t = 0; t < nt; ++t)
-    for (int64_t a = 0; a < ng; ++a) sels[t].emplace_back(storage.data() + (t * ng + a) * slots, width);
+    for (int64_t a = 0; a < ng; ++a) {
+      sels[t].emplace_back(storage.data() + (t * ng + a) * slots, width);
+      if (floors != nullptr) sels[t].back().set_floor(floors[a]);
+    }
   if (nt == 1) {
     scan(0, 0, n_panels, sels[0].data());
   } else {
@@ -467,6 +473,55 @@ void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector
       for (const Entry& e : sels[t][a]) final_sel.offer(e);
     emit(a, final_sel);
   });
+}
+
+// Floors for a large k (the single-query scan at k = 500 and batches of recommend_batch's candidates): a
+// selection starts at -inf, so each thread's first 2k items and every later one above its running k-th
+// score enter it, with a trim each time its buffer fills (about k ln(N / k) entries and a dozen trims per
+// query and thread). Scoring a sample of kSampleBlocks blocks of kSampleRows consecutive items spread
+// over the table, a query's floor is the sample score of rank r, r chosen so that about
+// kFloorMargin x (k + its excluded items) items are expected to score at least that; then only those enter.
+// The result stays exact: every item scoring at least the floor is offered, so when a query's selection
+// still fills (k entries at or above the floor) it holds the true top k; when it does not (an unlucky
+// sample, items ordered by score, many exclusions), that query is scanned again without a floor.
+constexpr int64_t kSampleBlocks = 16, kSampleRows = 128, kSample = kSampleBlocks * kSampleRows;
+constexpr int64_t kFloorMargin = 3;
+
+// floors[a] for queries [q0, q0 + nq), or false when no floor is worth having (small tables or k).
+bool sample_floors(const Problem& p, int64_t q0, int64_t nq, const IdLists& exclude, int nt,
+                   std::vector<float>& floors) {
+  if (p.cosine || p.n_items < 32 * kSample || p.width < 64) return false;
+  const auto& k = kernels::active();
+  const int64_t d = p.d;
+  std::vector<float> scores(static_cast<size_t>(nq * kSample));
+  floors.assign(static_cast<size_t>(nq), kNegInf);
+  detail::parallel_for(kSampleBlocks, nt, 1, [&](int64_t b) {
+    const int64_t i0 = (p.n_items - kSampleRows) * b / (kSampleBlocks - 1);
+    thread_local std::vector<float> tile;
+    tile.resize(static_cast<size_t>(kQueryTile * kSampleRows));
+    for (int64_t a0 = 0; a0 < nq; a0 += kQueryTile) {
+      const int64_t m = std::min(kQueryTile, nq - a0);
+      k.dot_tile(p.queries + (q0 + a0) * d, m, d, p.items + i0 * d, kSampleRows, d, d, tile.data(), kSampleRows);
+      for (int64_t a = 0; a < m; ++a)
+        std::copy(tile.data() + a * kSampleRows, tile.data() + (a + 1) * kSampleRows,
+                  scores.data() + (a0 + a) * kSample + b * kSampleRows);
+    }
+  });
+  bool any = false;
+  for (int64_t a = 0; a < nq; ++a) {
+    const int64_t q = q0 + a;
+    const int64_t excluded = exclude.indptr != nullptr ? exclude.indptr[q + 1] - exclude.indptr[q] : 0;
+    const double want = static_cast<double>(kFloorMargin) * static_cast<double>(p.width + excluded);
+    const int64_t r = static_cast<int64_t>(std::ceil(want * kSample / static_cast<double>(p.n_items))) + 8;
+    if (r > kSample / 4) continue;  // a floor that would let a quarter of the table in: not worth it
+    float* s = scores.data() + a * kSample;
+    float* e = std::remove_if(s, s + kSample, [](float v) { return v != v; });   // (NaN items: the scan reports them)
+    if (e - s <= r) continue;
+    std::nth_element(s, s + (r - 1), e, std::greater<float>());
+    floors[a] = s[r - 1];
+    any = true;
+  }
+  return any;
 }
 
 void throw_nan(int64_t nan_id) {
@@ -543,28 +598,43 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
     std::vector<PanelWork> work(ntp);
     std::vector<int64_t> nan_ids(ntp, kNoNan);
     std::vector<Entry> storage;
-    for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
-      const int64_t ng = std::min(kQueryGroup, n_queries - g0);
+    std::vector<float> floors;
+    // Queries [q0, q0 + nq) with floors (or none); returns those whose selection did not fill above the floor.
+    auto run_group = [&](int64_t q0, int64_t nq, const float* fl) {
+      std::vector<char> short_of(static_cast<size_t>(nq), 0);
       item_split(
-          n_panels, ntp, ng, width, storage,
+          n_panels, ntp, nq, width, storage,
           [&](int t, int64_t pa, int64_t pb, Selection* sels) {
             PanelWork& w = work[t];
             if (stream) {
-              scan_stream(p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g);
+              scan_stream(p, q0, q0 + nq, pa, pb, sels, w, nan_ids[t], g);
               return;
             }
             w.panel.resize(static_cast<size_t>(kPanel * dim));
             scan_panels(
-                p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g,
+                p, q0, q0 + nq, pa, pb, sels, w, nan_ids[t], g,
                 [&](int64_t pi, int64_t nx) { g->pack_f32(items + pi * kPanel * dim, nx, dim, dim, w.panel.data()); },
-                [&](int64_t, int64_t q0, int64_t nq, float* tile, const float*, uint64_t*) {
-                  g->score_f32(queries + q0 * dim, nq, dim, w.panel.data(), dim, tile, kPanel);
+                [&](int64_t, int64_t qa, int64_t m, float* tile, const float*, uint64_t*) {
+                  g->score_f32(queries + qa * dim, m, dim, w.panel.data(), dim, tile, kPanel);
                   return false;
                 });
           },
           [&](int64_t a, Selection& sel) {
-            sel.write_sorted(width, out_ids + (g0 + a) * width, out_scores + (g0 + a) * width);
-          });
+            if (fl != nullptr && fl[a] > kNegInf && sel.size() < width) {
+              short_of[a] = 1;     // fewer than k items reached the floor: rescanned without it below
+              return;
+            }
+            sel.write_sorted(width, out_ids + (q0 + a) * width, out_scores + (q0 + a) * width);
+          },
+          fl);
+      return short_of;
+    };
+    for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
+      const int64_t ng = std::min(kQueryGroup, n_queries - g0);
+      const bool floored = sample_floors(p, g0, ng, opt.exclude, ntp, floors);
+      const std::vector<char> short_of = run_group(g0, ng, floored ? floors.data() : nullptr);
+      for (int64_t a = 0; a < ng; ++a)
+        if (short_of[a]) run_group(g0 + a, 1, nullptr);
     }
     for (int64_t v : nan_ids) nan_id = std::min(nan_id, v);
     if (nan_id != kNoNan) throw_nan(nan_id);
