@@ -6,12 +6,11 @@ left unchanged), many Python threads at once, and the GIL released while it runs
 """
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
-from test_threads import run_in_threads
+from test_embedding import make_table
+from test_threads import run_in_threads, ticks_during
 
 from rec_engine import EmbeddingTable
 
@@ -20,18 +19,6 @@ SENTINEL = np.float32(-3.5)
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_table(w, storage):
-    """A table of ``w`` stored as ``storage`` and the float64 values it holds."""
-    if storage == "float32":
-        return EmbeddingTable(w), w.astype(np.float64)
-    if storage == "float16":
-        w16 = w.astype(np.float16)
-        return EmbeddingTable(w16), w16.astype(np.float64)
-    table = EmbeddingTable.quantize(w, "int8")
-    sb = table.scale_bias.astype(np.float64)
-    return table, sb[:, :1] * table.weights.astype(np.float64) + sb[:, 1:2]
-
-
 def make_store(rng, n_rows, n_bags, max_len, id_dtype=np.int64):
     """A CSR bag store: (indices, offsets of n_bags + 1, weights), with some empty bags."""
     lengths = rng.integers(0, max_len + 1, size=n_bags)
@@ -351,25 +338,7 @@ def test_pool_select_releases_the_gil(rng):
     offsets = np.arange(1001, dtype=np.int64) * 1000
     bags, dest = make_selection(rng, 1000, 30000, 30000)
     out = np.empty((30000, 128), np.float32)
-    ticks = []
-    stop = threading.Event()
-
-    def ticker():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=ticker)
-    t.start()
-    try:
-        time.sleep(0.02)
-        start = time.perf_counter()
-        table.pool_select(indices, offsets, None, bags, dest, out, num_threads=1)
-        end = time.perf_counter()
-    finally:
-        stop.set()
-        t.join()
-    if end - start < 0.1:
-        pytest.skip(f"the call took {end - start:.3f} s, too short to observe the GIL")
-    inside = [x for x in ticks if start + 0.02 < x < end - 0.02]
-    assert len(inside) >= 0.2 * (end - start - 0.04) / 0.001, (len(inside), end - start)
+    took, inside = ticks_during(lambda: table.pool_select(indices, offsets, None, bags, dest, out, num_threads=1))
+    if took < 0.1:
+        pytest.skip(f"the call took {took:.3f} s, too short to observe the GIL")
+    assert inside >= 0.2 * (took - 0.04) / 0.001, (inside, took)

@@ -84,6 +84,16 @@ py::array_t<T> owned(std::vector<T>&& v) {
   return py::array_t<T>({n}, {static_cast<py::ssize_t>(sizeof(T))}, data, owner);
 }
 
+// The per-index float32 weights of a bag list of n indices (kept alive in keep), or null when none are given.
+const float* optional_weights(py::handle obj, int64_t n, py::array& keep) {
+  if (obj.is_none()) return nullptr;
+  keep = take(obj, "weights", {kF32}, 1);
+  if (keep.shape(0) != n)
+    throw py::value_error("weights must have one entry per index (" + std::to_string(n) + "), got " +
+                          std::to_string(keep.shape(0)));
+  return ptr<float>(keep);
+}
+
 PoolMode parse_mode(const std::string& mode) {
   if (mode == "sum") return PoolMode::sum;
   if (mode == "mean") return PoolMode::mean;
@@ -186,14 +196,7 @@ class PyEmbeddingTable {
       }
     }
     py::array weights;
-    const float* w = nullptr;
-    if (!weights_obj.is_none()) {
-      weights = take(weights_obj, "weights", {kF32}, 1);
-      if (weights.shape(0) != n)
-        throw py::value_error("weights must have one entry per index (" + std::to_string(n) + "), got " +
-                              std::to_string(weights.shape(0)));
-      w = ptr<float>(weights);
-    }
+    const float* w = optional_weights(weights_obj, n, weights);
     py::array_t<float> out;
     if (out_obj.is_none()) {
       out = py::array_t<float>({n_bags, view_.dim});
@@ -238,14 +241,7 @@ class PyEmbeddingTable {
       throw py::value_error("bags and dest must have the same length, got " + std::to_string(bags.shape(0)) +
                             " and " + std::to_string(dest.shape(0)));
     py::array weights;
-    const float* w = nullptr;
-    if (!weights_obj.is_none()) {
-      weights = take(weights_obj, "weights", {kF32}, 1);
-      if (weights.shape(0) != n)
-        throw py::value_error("weights must have one entry per index (" + std::to_string(n) + "), got " +
-                              std::to_string(weights.shape(0)));
-      w = ptr<float>(weights);
-    }
+    const float* w = optional_weights(weights_obj, n, weights);
     py::array out = take(out_obj, "out", {kF32}, 2);
     if (out.shape(1) != view_.dim)
       throw py::value_error("out must have " + std::to_string(view_.dim) + " columns (the table's dim), got " +
