@@ -158,7 +158,14 @@ def op_topk_quantized(g: Gen) -> None:
     if g.bool():
         m = g.size(10)
         kw["exclude_indptr"], kw["exclude_ids"] = g.indptr(b, m), g.ids(m, n)
-    ids, scores = _core.topk_quantized(q, x, packed, corr, scale, prec, k, shortlist, num_threads=g.threads(), **kw)
+    if g.bool():                  # the exact mode: the items' norms (sometimes of the wrong length)
+        norm = _core.quantized_norms(x, prec) if x.dtype == np.float32 and x.ndim == 2 else np.ones(n, np.float32)
+        if g.int(0, 7) == 0:
+            norm = norm[: max(norm.shape[0] - 1, 0)].copy()
+        kw["norm"], kw["norm_max"] = norm, float(norm.max()) if norm.size else 0.0
+        kw["scale_max"] = float(scale[:n].max()) if n and scale.size >= n else 0.0
+    ids, scores, _ = _core.topk_quantized(q, x, packed, corr, scale, prec, k, shortlist, num_threads=g.threads(),
+                                          **kw)
     check_topk(ids, scores, n, k, q.shape[0])
 
 

@@ -159,12 +159,14 @@ def test_item_index_with_full_shortlist_equals_exact(simd, rng, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
-def test_item_index_default_shortlist_has_high_recall_and_exact_scores(simd, rng, precision):
+def test_item_index_trusted_default_shortlist_has_high_recall_and_exact_scores(simd, rng, precision):
     q = rng.normal(size=(16, 64)).astype(np.float32)
     x = rng.normal(size=(20000, 64)).astype(np.float32)
     ex = [rng.choice(20000, 50, replace=False) for _ in range(16)]
     exact = topk(q, x, 10, exclude=ex)
-    res = topk(q, ItemIndex(x, precision), 10, exclude=ex)
+    idx = ItemIndex(x, precision, exact=False)
+    assert idx.shortlist(10) == 42 and idx.norm is None
+    res = topk(q, idx, 10, exclude=ex)
     hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids.tolist(), exact.ids.tolist())])
     assert hits >= 0.99
     for b in range(16):
@@ -230,7 +232,7 @@ def test_item_index_shortlist_matches_numpy_reduced_scores(simd, rng, precision,
     # shortlist = k: the returned ids are the top-k by the reduced-precision score (every scorer, every level)
     q = rng.normal(size=(7, d)).astype(np.float32)
     x = rng.normal(size=(n, d)).astype(np.float32)
-    res = topk(q, ItemIndex(x, precision, shortlist=10), 10)
+    res = topk(q, ItemIndex(x, precision, shortlist=10, exact=False), 10)
     if precision == "int8":
         xi, xs = _int8(x)
         qi, _ = _int8(q)

@@ -659,10 +659,26 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("items"), py::arg("precision"), py::arg("num_threads") = 0);
   m.def(
+      "quantized_norms",
+      [parse_precision](py::handle x_obj, const std::string& precision, int num_threads) {
+        py::array x = take(x_obj, "items", {kF32}, 2);
+        const Precision pr = parse_precision(precision);
+        const int64_t n = x.shape(0), d = x.shape(1);
+        py::array_t<float> norm(n);
+        float* pn = norm.mutable_data();
+        {
+          py::gil_scoped_release release;
+          quantized_norms(ptr<float>(x), n, d, pr, pn, num_threads);
+        }
+        return norm;
+      },
+      py::arg("items"), py::arg("precision"), py::arg("num_threads") = 0);
+  m.def(
       "topk_quantized",
       [parse_precision](py::handle q_obj, py::handle x_obj, py::handle packed_obj, py::handle corr_obj,
                         py::handle scale_obj, const std::string& precision, int64_t k, int64_t shortlist,
-                        py::object ex_indptr, py::object ex_ids, int num_threads) {
+                        py::object ex_indptr, py::object ex_ids, int num_threads, py::object norm_obj,
+                        float norm_max, float scale_max) {
         py::array q = take(q_obj, "queries", {kF32}, 2);
         py::array x = take(x_obj, "items", {kF32}, 2);
         py::array packed = take(packed_obj, "packed", {kU8}, 1);
@@ -689,18 +705,32 @@ PYBIND11_MODULE(_core, m) {
         index.packed = ptr<uint8_t>(packed);
         index.corr = ptr<int32_t>(corr);
         index.scale = ptr<float>(scale);
+        py::array norm;
+        if (!norm_obj.is_none()) {  // exact mode: the items' norms (quantized_norms), maxima taken here
+          norm = take(norm_obj, "norm", {kF32}, 1);
+          if (norm.shape(0) != n)
+            throw py::value_error("norm must hold one value per item (" + std::to_string(n) + "), got " +
+                                  std::to_string(norm.shape(0)));
+          if (!(norm_max >= 0.f) || !(scale_max >= 0.f))  // inf passes: every check then fails (float32 rescans)
+            throw py::value_error("norm_max and scale_max must be >= 0 (not NaN)");
+          index.norm = ptr<float>(norm);
+          index.norm_max = norm_max;  // trusted, like the arrays' contents: ItemIndex takes them at build
+          index.scale_max = scale_max;
+        }
         const int64_t width = topk_width(k, n);
         py::array_t<int64_t> ids({b, width});
         py::array_t<float> scores({b, width});
         int64_t* pi = ids.mutable_data();
         float* ps = scores.mutable_data();
+        int64_t fallback = 0;
         {
           py::gil_scoped_release release;
-          topk_quantized(ptr<float>(q), b, ptr<float>(x), index, opt, shortlist, pi, ps);
+          topk_quantized(ptr<float>(q), b, ptr<float>(x), index, opt, shortlist, pi, ps, &fallback);
         }
-        return py::make_tuple(ids, scores);
+        return py::make_tuple(ids, scores, fallback);
       },
       py::arg("queries"), py::arg("items"), py::arg("packed"), py::arg("corr"), py::arg("scale"),
       py::arg("precision"), py::arg("k"), py::arg("shortlist"), py::arg("exclude_indptr") = py::none(),
-      py::arg("exclude_ids") = py::none(), py::arg("num_threads") = 0);
+      py::arg("exclude_ids") = py::none(), py::arg("num_threads") = 0, py::arg("norm") = py::none(),
+      py::arg("norm_max") = 0.f, py::arg("scale_max") = 0.f);
 }

@@ -794,8 +794,86 @@ void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision 
   });
 }
 
+void quantized_norms(const float* items, int64_t n_items, int64_t dim, Precision precision, float* norm,
+                     int num_threads) {
+  (void)precision;  // one kind of norm serves both precisions' bounds
+  if (n_items < 0 || dim < 0) throw std::invalid_argument("sizes must be >= 0");
+  const int nt = detail::threads_for(num_threads, n_items * dim, n_items / 1024 + 1);
+  detail::parallel_for(n_items, nt, 4096, [&](int64_t i) {
+    const float* v = items + i * dim;
+    double s = 0.0;
+    for (int64_t t = 0; t < dim; ++t) s += static_cast<double>(v[t]) * v[t];
+    // The double sum of dim terms is within dim * 2^-53 of the true one: a relative margin of 1e-9 and a
+    // round up to float keep the stored value an upper bound.
+    s = std::sqrt(s);
+    s *= 1.0 + 1e-9;
+    float f = static_cast<float>(s);
+    if (static_cast<double>(f) < s) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+    norm[i] = f;
+  });
+}
+
+namespace {
+
+// The exact mode's check of one query's shortlist (see topk.hpp). Every bound is on |f - r|, f the
+// float32 score the re-scoring computes and r the scan's reduced-precision score mapped to the same scale,
+// with P = |q|_2 |x|_2 >= sum_t |q_t x_t| (|x|_2 from quantized_norms):
+//   int8:  r = sq * a, a = float(q8 . x8) * sx. With q~ = sq q8 and x~ = sx x8 (|x - x~| <= sx / 2 per
+//          coordinate, up to float rounding), q.x - q~.x~ = (q - q~).x + q~.(x - x~), so its size is at most
+//          |q - q~|_2 |x|_2 + |q~|_1 sx / 2 (the query's rounding error is known exactly); the rounding of a
+//          adds |r| 2^-23.
+//   bf16:  r = a, the float sum of bf16 products. Each bf16 value is within 2^-8 of its float (relative),
+//          so |q.x - q~.x~| <= (2^-7 + 2^-16) P, and the sum's rounding adds gamma'_d P; denormals flushed
+//          by the instructions add at most d 2^-120 (1 + max|q|).
+// f's own FMA chain adds gamma_d P. Bounds are taken 1% wider than derived. Items outside the shortlist
+// have a <= a_min and norms and scales <= the maxima. The check: a_min's upper bound is below the width-th
+// best lower bound inside the shortlist, so no item outside can reach the k-th best exact score (ties
+// included: the inequality is strict).
+struct QueryBound {
+  double sq = 0, dq2 = 0, q1 = 0, qmax = 0, q2 = 0;  // int8: scale, |q - q~|_2, |q~|_1; both: max|q|, |q|_2
+};
+
+// Returns whether the check passes; if so, also drops from ids[0 .. n) (the entries' ids, in order) the
+// items whose upper bound is below the width-th best lower bound (they cannot be in the top-k either, so
+// only the rest is re-scored) and returns their new count in n.
+bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, const Entry* entries, int64_t& n,
+                         int64_t width, int64_t* ids, std::vector<double>& lows) {
+  const double d = static_cast<double>(index.dim);
+  const double gamma = (d + 4.0) * 0x1p-24 * 1.01, gamma2 = (d + 16.0) * 0x1p-24 * 1.01;
+  const bool i8 = index.precision == Precision::int8;
+  auto err = [&](double r, double nrm, double sx) {
+    const double p = qb.q2 * nrm;
+    if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23);
+    return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + d * 0x1p-120 * (1.0 + qb.qmax);
+  };
+  lows.resize(static_cast<size_t>(n));
+  double a_min = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = entries[i].id;
+    const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
+    a_min = std::min(a_min, r);
+    lows[i] = r - err(r, index.norm[id], i8 ? index.scale[id] : 0.0);
+  }
+  thread_local std::vector<double> sorted;
+  sorted.assign(lows.begin(), lows.end());
+  std::nth_element(sorted.begin(), sorted.begin() + (width - 1), sorted.end(), std::greater<double>());
+  const double t = sorted[width - 1];
+  if (!(a_min + err(a_min, index.norm_max, index.scale_max) < t)) return false;
+  int64_t w = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
+    if (r + err(r, index.norm[entries[i].id], i8 ? index.scale[entries[i].id] : 0.0) >= t) ids[w++] = ids[i];
+  }
+  n = w;  // >= width: the width entries with lows >= t have highs >= t
+  return true;
+}
+
+}  // namespace
+
 void topk_quantized(const float* queries, int64_t n_queries, const float* items, const QuantizedItems& index,
-                    const TopkOptions& opt, int64_t shortlist, int64_t* out_ids, float* out_scores) {
+                    const TopkOptions& opt, int64_t shortlist, int64_t* out_ids, float* out_scores,
+                    int64_t* n_fallback) {
+  if (n_fallback != nullptr) *n_fallback = 0;
   const int64_t n_items = index.n_items, dim = index.dim;
   if (opt.k < 0) throw std::invalid_argument("k must be >= 0, got " + std::to_string(opt.k));
   if (opt.metric != Metric::inner_product)
@@ -819,12 +897,36 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const int64_t dp = padded_dim(index.precision, dim);
   std::vector<uint8_t> qu;
   std::vector<uint16_t> qb;
+  const bool exact = index.norm != nullptr;
+  std::vector<QueryBound> qbounds(exact ? static_cast<size_t>(n_queries) : 0);
+  for (int64_t q = 0; q < static_cast<int64_t>(qbounds.size()); ++q) {
+    double m = 0, s2 = 0;
+    for (int64_t t = 0; t < dim; ++t) {
+      const double v = queries[q * dim + t];
+      m = std::max(m, std::fabs(v));
+      s2 += v * v;
+    }
+    qbounds[q].qmax = m;
+    qbounds[q].q2 = std::sqrt(s2) * (1.0 + 1e-9);
+  }
   if (i8) {
     qu.assign(static_cast<size_t>(n_queries * dp), 128);
     std::vector<int8_t> row(static_cast<size_t>(dim));
     for (int64_t q = 0; q < n_queries; ++q) {
-      quantize_row(queries + q * dim, dim, row.data());
-      for (int64_t t = 0; t < dim; ++t) qu[q * dp + t] = static_cast<uint8_t>(row[t] + 128);
+      const float sq = quantize_row(queries + q * dim, dim, row.data());
+      int64_t l1 = 0;
+      double e2 = 0;  // |q - q~|^2, exactly enough in double
+      for (int64_t t = 0; t < dim; ++t) {
+        qu[q * dp + t] = static_cast<uint8_t>(row[t] + 128);
+        l1 += row[t] < 0 ? -row[t] : row[t];
+        const double e = static_cast<double>(queries[q * dim + t]) - static_cast<double>(sq) * row[t];
+        e2 += e * e;
+      }
+      if (exact) {
+        qbounds[q].sq = sq;
+        qbounds[q].dq2 = std::sqrt(e2) * (1.0 + 1e-9);
+        qbounds[q].q1 = static_cast<double>(sq) * static_cast<double>(l1);
+      }
     }
   } else {
     qb.assign(static_cast<size_t>(n_queries * dp), 0);
@@ -844,10 +946,12 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   std::vector<int64_t> nan_ids(nt, kNoNan);
   std::vector<Entry> storage;
   std::vector<int64_t> short_ids;
+  std::vector<int64_t> failed;  // exact mode: queries whose shortlist failed the check
   for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
     const int64_t ng = std::min(kQueryGroup, n_queries - g0);
     short_ids.assign(static_cast<size_t>(ng * sl), -1);
     std::vector<int64_t> short_n(static_cast<size_t>(ng), 0);
+    std::vector<char> uncertain(static_cast<size_t>(ng), 0);
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
@@ -893,6 +997,12 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
           int64_t n = 0;
           for (const Entry& e : sel) short_ids[a * sl + n++] = e.id;
           short_n[a] = n;
+          // A shortlist that did not fill holds every eligible item: nothing to check.
+          if (exact && n == sl && sl < n_items) {
+            thread_local std::vector<double> lows;
+            uncertain[a] = !shortlist_certified(index, qbounds[g0 + a], sel.begin(), short_n[a], width,
+                                                short_ids.data() + a * sl, lows);
+          }
         });
     // Exact float32 re-scoring of each shortlist.
     const int ntq = detail::threads_for(opt.num_threads, ng * sl * dim, ng);
@@ -908,6 +1018,39 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
       scan_candidates(p, q, ids, short_n[a], sel, scratch[t], nan_q[t]);
       sel.write_sorted(width, out_ids + q * width, out_scores + q * width);
     });
+    for (int64_t a = 0; a < ng; ++a)
+      if (uncertain[a]) failed.push_back(g0 + a);
+  }
+  if (failed.empty()) return;
+  if (n_fallback != nullptr) *n_fallback = static_cast<int64_t>(failed.size());
+  // The queries that failed the check are scanned again: with a 4x shortlist while that stays under an
+  // eighth of the items, else exactly in float32, as a batch of at least kPackedMinQueries rows (the last
+  // one repeated) so that it takes the packed path, whose scores are the re-scoring's.
+  const int64_t nf = static_cast<int64_t>(failed.size());
+  const bool again = 4 * sl <= n_items / 8;
+  const int64_t nb = again ? nf : std::max(nf, kPackedMinQueries);
+  std::vector<float> fq(static_cast<size_t>(nb * dim));
+  std::vector<int64_t> f_indptr(static_cast<size_t>(nb + 1), 0), f_ids;
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t q = failed[std::min(r, nf - 1)];
+    std::memcpy(fq.data() + r * dim, queries + q * dim, sizeof(float) * static_cast<size_t>(dim));
+    if (opt.exclude.indptr != nullptr)
+      f_ids.insert(f_ids.end(), opt.exclude.ids + opt.exclude.indptr[q], opt.exclude.ids + opt.exclude.indptr[q + 1]);
+    f_indptr[r + 1] = static_cast<int64_t>(f_ids.size());
+  }
+  TopkOptions fo = opt;
+  fo.candidates = IdLists{};
+  fo.exclude = opt.exclude.indptr != nullptr ? IdLists{f_indptr.data(), f_ids.data()} : IdLists{};
+  std::vector<int64_t> f_out_ids(static_cast<size_t>(nb * width));
+  std::vector<float> f_out_scores(static_cast<size_t>(nb * width));
+  if (again)
+    topk_quantized(fq.data(), nb, items, index, fo, 4 * sl, f_out_ids.data(), f_out_scores.data());
+  else
+    topk(fq.data(), nb, items, n_items, dim, fo, f_out_ids.data(), f_out_scores.data());
+  for (int64_t r = 0; r < nf; ++r) {
+    const int64_t q = failed[r];
+    std::copy_n(f_out_ids.data() + r * width, width, out_ids + q * width);
+    std::copy_n(f_out_scores.data() + r * width, width, out_scores + q * width);
   }
 }
 

@@ -35,8 +35,11 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
 
 // Reduced precision (opt-in): items converted once to bfloat16 or int8 (symmetric, one scale per item)
 // in a panel layout; a scan in that precision keeps a shortlist per query, which is re-scored exactly in
-// float32 from the original items. Returned scores are exact; the ids are those of the exact top-k
-// unless a true top-k item fell out of the shortlist (recall < 1 is possible).
+// float32 from the original items. Returned scores are exact. With the items' norms (quantized_norms) the
+// ids are exact too: each query's shortlist is checked against a rigorous bound on the reduced-precision
+// error (no item left out can reach the k-th score), and a query that fails the check is scanned again in
+// float32. Without them the ids are those of the exact top-k unless a true top-k item fell out of the
+// shortlist (recall < 1 is possible).
 enum class Precision { bf16, int8 };
 
 struct QuantizedItems {  // views of arrays filled by quantize_items (not owned)
@@ -45,6 +48,10 @@ struct QuantizedItems {  // views of arrays filled by quantize_items (not owned)
   const uint8_t* packed = nullptr;  // quantized_bytes(...) bytes
   const int32_t* corr = nullptr;    // int8: 128 * sum of the item's int8 values; quantized_rows entries
   const float* scale = nullptr;     // int8: the item's scale; quantized_rows entries
+  // Exact mode: the float32 rows' L2 norms from quantized_norms (n_items entries), their
+  // maximum, and the maximum of scale (int8). nullptr: the shortlist is trusted (approximate ids).
+  const float* norm = nullptr;
+  float norm_max = 0.f, scale_max = 0.f;
 };
 
 int64_t quantized_rows(int64_t n_items);  // n_items rounded up to whole panels
@@ -52,9 +59,16 @@ int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim);
 // Throws std::invalid_argument for a non-finite item value.
 void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision precision, uint8_t* packed,
                     int32_t* corr, float* scale, int num_threads);
+// Per-item norms for the exact mode: norm[i] >= the L2 norm of items[i] (computed in double, rounded up
+// to float); the same for both precisions.
+void quantized_norms(const float* items, int64_t n_items, int64_t dim, Precision precision, float* norm,
+                     int num_threads);
 // Inner product only; options.candidates must be unset (candidate subsets are scored exactly by topk).
 // shortlist: candidates kept per query before the exact re-scoring (clamped to [width, n_items]).
+// n_fallback (optional, exact mode): set to the number of queries whose shortlist failed the check and
+// were scanned in float32 (results as topk's for a batch of 4 or more queries: the packed scores).
 void topk_quantized(const float* queries, int64_t n_queries, const float* items, const QuantizedItems& index,
-                    const TopkOptions& options, int64_t shortlist, int64_t* out_ids, float* out_scores);
+                    const TopkOptions& options, int64_t shortlist, int64_t* out_ids, float* out_scores,
+                    int64_t* n_fallback = nullptr);
 
 }  // namespace rec_engine

@@ -1,0 +1,172 @@
+"""ItemIndex's exact mode: the reduced-precision shortlist is checked against a bound on its error, and the
+queries that fail are scanned again, so the ids and scores equal the float32 scan's.
+
+The reference is the float32 scorer the re-scoring uses (``topk`` with every item as a candidate: the packed
+FMA chain, the same sums as a batch's full scan), compared bit for bit. Data are chosen so that the check
+fails often (near-duplicate items, ties, a few items of a much larger scale, shortlists of only k) and so
+that it passes (Gaussian items, the default shortlist)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rec_engine import _core, topk
+from rec_engine.topk import ItemIndex
+
+PRECISIONS = ["int8", "bf16"]
+
+
+def reference(q, x, k, ex):
+    """topk over every item as a candidate: the re-scoring's float32 sums."""
+    return topk(q, x, k, exclude=ex, candidates=[np.arange(x.shape[0])] * q.shape[0])
+
+
+def assert_exact(q, idx, k, ex, threads=2):
+    res = topk(q, idx, k, exclude=ex, num_threads=threads)
+    ref = reference(q, idx.items, k, ex)
+    np.testing.assert_array_equal(res.ids, ref.ids)
+    np.testing.assert_array_equal(res.scores, ref.scores)
+    return res
+
+
+def clustered(rng, n, d, n_centres=20, noise=1e-3):
+    """Items that are tiny perturbations of a few centres: hundreds of scores within the bound of the k-th."""
+    centres = rng.normal(size=(n_centres, d))
+    return (centres[rng.integers(0, n_centres, n)] + noise * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("nq", [1, 3, 4, 9])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_clustered_items_with_shortlist_k_are_exact(simd, rng, precision, nq, k):
+    x = clustered(rng, 3000, 24)
+    q = rng.normal(size=(nq, 24)).astype(np.float32)
+    ex = [rng.choice(3000, 40, replace=False) for _ in range(nq)]
+    idx = ItemIndex(x, precision, shortlist=k)
+    assert_exact(q, idx, k, ex)
+    # a shortlist of k among near-duplicates cannot be proven: every query was scanned again
+    assert idx.rescans == nq and idx.queries == nq
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_trusted_shortlist_of_clustered_items_misses(rng, precision):
+    # what the check is for: the same short shortlist, trusted, gets some of these wrong
+    x = clustered(rng, 3000, 24)
+    q = rng.normal(size=(16, 24)).astype(np.float32)
+    trusted = topk(q, ItemIndex(x, precision, shortlist=10, exact=False), 10)
+    assert (trusted.ids != reference(q, x, 10, None).ids).any()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("nq", [1, 2, 5])
+@pytest.mark.parametrize("n,d", [(1, 3), (63, 8), (65, 17), (2000, 64), (4099, 33)])
+def test_gaussian_items_default_shortlist_are_exact(simd, rng, precision, nq, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    q = rng.normal(size=(nq, d)).astype(np.float32)
+    ex = [rng.choice(n, min(n - 1, 20), replace=False) for _ in range(nq)]
+    idx = ItemIndex(x, precision)
+    for k in (1, 7, 50, n, n + 3):
+        assert_exact(q, idx, k, ex, threads=1)
+        assert_exact(q, idx, k, ex, threads=2)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_default_shortlist_passes_the_check_on_gaussian_items(rng, precision):
+    # where the bound is tight enough for the default shortlist, nothing is scanned twice
+    x = rng.normal(size=(60000, 64)).astype(np.float32)
+    q = rng.normal(size=(16, 64)).astype(np.float32)
+    ex = [rng.choice(60000, 50, replace=False) for _ in range(16)]
+    idx = ItemIndex(x, precision)
+    for k in (10, 100):
+        assert_exact(q, idx, k, ex)
+    assert idx.queries == 32 and idx.rescans <= 1
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_ties_keep_the_lowest_ids(simd, rng, precision):
+    # small integers: many exactly equal float32 scores, at the k-th place too
+    x = rng.integers(-2, 3, size=(1500, 6)).astype(np.float32)
+    q = rng.integers(-2, 3, size=(6, 6)).astype(np.float32)
+    q[0] = 0.0  # a zero query: every score is 0, the answer is the k lowest eligible ids
+    ex = [rng.choice(1500, 30, replace=False) for _ in range(6)]
+    idx = ItemIndex(x, precision, shortlist=40)
+    res = assert_exact(q, idx, 25, ex)
+    keep = np.setdiff1d(np.arange(1500), ex[0])[:25]
+    np.testing.assert_array_equal(res.ids[0], keep)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_items_of_very_different_scales(simd, rng, precision):
+    # a few items 1e3 times larger and many tiny ones: the per-item scales and norms, and their maxima
+    x = rng.normal(size=(5000, 32)).astype(np.float32)
+    x[rng.choice(5000, 30, replace=False)] *= 1e3
+    x[rng.choice(5000, 2000, replace=False)] *= 1e-6
+    q = rng.normal(size=(7, 32)).astype(np.float32)
+    q[3] *= 1e-20  # a query near the bottom of float's range (denormal products in bf16)
+    ex = [rng.choice(5000, 10, replace=False) for _ in range(7)]
+    idx = ItemIndex(x, precision, shortlist=60)
+    for k in (5, 40):
+        assert_exact(q, idx, k, ex)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_the_check_is_what_makes_a_short_list_exact(rng, precision):
+    # norms of 0 (a lie) make every bf16 check pass (int8's bound also holds the item scales): the short
+    # shortlist is then trusted and misses items, so the rescans above come from the check, not the scan
+    x = clustered(rng, 3000, 24)
+    q = rng.normal(size=(4, 24)).astype(np.float32)
+    idx = ItemIndex(x, precision, shortlist=10)
+    ids, scores, rescans = _core.topk_quantized(q, x, idx.packed, idx.corr, idx.scale, precision, 10, 12,
+                                                norm=np.zeros(3000, np.float32), norm_max=0.0, scale_max=0.0)
+    ref = reference(q, x, 10, None)
+    assert rescans == 0 and (ids != ref.ids).any()
+    ids, scores, rescans = _core.topk_quantized(q, x, idx.packed, idx.corr, idx.scale, precision, 10, 12,
+                                                norm=idx.norm, norm_max=idx.norm_max, scale_max=idx.scale_max)
+    assert rescans == 4
+    np.testing.assert_array_equal(ids, ref.ids)
+    np.testing.assert_array_equal(scores, ref.scores)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_norms_bound_the_rows(rng, precision):
+    x = rng.normal(size=(777, 19)).astype(np.float32) * rng.uniform(1e-3, 1e3, size=(777, 1)).astype(np.float32)
+    norm = _core.quantized_norms(x, precision)
+    true = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    assert norm.dtype == np.float32 and norm.shape == (777,)
+    assert (norm.astype(np.float64) >= true).all()
+    np.testing.assert_allclose(norm, true, rtol=1e-6)
+
+
+def test_from_arrays_is_exact_and_counts(rng):
+    x = clustered(rng, 2000, 16)
+    built = ItemIndex(x, "int8")
+    idx = ItemIndex.from_arrays(x, "int8", built.packed, built.corr, built.scale, shortlist=5)
+    np.testing.assert_array_equal(idx.norm, built.norm)
+    q = rng.normal(size=(3, 16)).astype(np.float32)
+    assert_exact(q, idx, 5, None)
+    assert idx.queries == 3 and idx.rescans == 3
+    trusted = ItemIndex.from_arrays(x, "int8", built.packed, built.corr, built.scale, exact=False)
+    assert trusted.norm is None and trusted.shortlist(5) == 37 and idx.shortlist(5) == 5
+    assert ItemIndex(x, "int8").shortlist(100) == 464 and ItemIndex(x, "bf16").shortlist(100) == 264
+    assert "exact=True" in repr(built)
+
+
+def test_errors(rng):
+    x = rng.normal(size=(100, 8)).astype(np.float32)
+    q = rng.normal(size=(2, 8)).astype(np.float32)
+    idx = ItemIndex(x, "int8")
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        ItemIndex(x, "int8", exact="yes")
+    args = (q, x, idx.packed, idx.corr, idx.scale, "int8", 5, 10)
+    with pytest.raises(ValueError, match="one value per item"):
+        _core.topk_quantized(*args, norm=idx.norm[:-1], norm_max=1.0, scale_max=1.0)
+    with pytest.raises(ValueError, match="norm_max and scale_max"):
+        _core.topk_quantized(*args, norm=idx.norm, norm_max=float("nan"), scale_max=1.0)
+    with pytest.raises(ValueError, match="norm_max and scale_max"):
+        _core.topk_quantized(*args, norm=idx.norm, norm_max=1.0, scale_max=-1.0)
+    with pytest.raises(TypeError):
+        _core.topk_quantized(*args, norm=idx.norm.astype(np.float64), norm_max=1.0, scale_max=1.0)
+    # an infinite maximum proves nothing: every query is scanned in float32, still exact
+    ids, scores, rescans = _core.topk_quantized(*args, norm=idx.norm, norm_max=float("inf"), scale_max=1.0)
+    assert rescans == 2
+    np.testing.assert_array_equal(ids, reference(q, x, 5, None).ids)
