@@ -16,8 +16,11 @@ scan's GB/s (table bytes / median):
   ``torch.sum`` of the float32 items themselves.
 - ``numpy``: ``items @ q``, the excluded ids set to -inf, ``argpartition`` + ``argsort`` of the k best
   (one query; the usual baseline).
-- ``rec_engine int8`` / ``bf16``: ``rec_engine.topk(q, ItemIndex(items, precision), k, exclude=...)``
-  (reduced-precision scan, shortlist re-scored exactly), 1 query; against ``torch.sum`` of a random
+- ``rec_engine int8`` / ``bf16``: ``rec_engine.topk(q, ItemIndex(items, precision, exact=False), k,
+  exclude=...)`` (reduced-precision scan, shortlist of ``k + max(32, k // 4)`` trusted and re-scored in
+  float32), and ``... exact``: the default exact mode over the same arrays (a ``4 k + 64`` / ``2 k + 64``
+  shortlist checked against its error bound; the JSON counts the queries rescanned), 1 query; against
+  ``torch.sum`` of a random
   float32 tensor with the byte size of the index the scan reads (int8: N x 64 codes + 8 bytes of scale
   and correction per item; bf16: N x 64 x 2 bytes). Their recall@k against the exact float32 top k is
   measured on ``--recall-queries`` single queries (with the same 50 exclusions).
@@ -96,15 +99,19 @@ def main():
     index = {}
     if not args.no_reduced:
         for precision in ("int8", "bf16"):
-            idx = rec_engine.ItemIndex(x, precision, num_threads=nt)
+            idx = rec_engine.ItemIndex(x, precision, num_threads=nt, exact=False)
+            # the exact mode over the same arrays (+ its norms: 4 bytes per item, read only for the shortlist)
+            idx_exact = rec_engine.ItemIndex.from_arrays(x, precision, idx.packed, idx.corr, idx.scale, num_threads=nt)
             index[precision] = idx
+            index[f"{precision} exact"] = idx_exact
             nbytes = idx.packed.nbytes + (idx.corr.nbytes + idx.scale.nbytes if precision == "int8" else 0)
             plain = torch.from_numpy(rng.standard_normal(nbytes // 4, dtype=np.float32))
             reads[precision] = (nbytes, lambda plain=plain: plain.sum())
             rows.append((f"torch sum {precision}-size (plain read)", precision, nbytes, reads[precision][1]))
             for k in ks:
-                rows.append((f"rec_engine {precision} k={k} B=1", precision, nbytes,
-                             lambda idx=idx, k=k: rec_engine.topk(queries[0], idx, k, exclude=ex, num_threads=nt)))
+                for tag, ix in (("", idx), (" exact", idx_exact)):
+                    rows.append((f"rec_engine {precision}{tag} k={k} B=1", precision, nbytes,
+                                 lambda ix=ix, k=k: rec_engine.topk(queries[0], ix, k, exclude=ex, num_threads=nt)))
 
     times = [[] for _ in rows]
     for _, _, _, fn in rows:
@@ -136,9 +143,12 @@ def main():
         row = {"case": name, "plain_read": group, "bytes": nbytes, "median_ms": m * 1e3,
                "p99_ms": float(np.percentile(t, 99)) * 1e3, "gb_s": nbytes / m / 1e9,
                "fraction_of_plain_read": plain_med[group] / m, "rounds": len(t)}
-        for precision in ("int8", "bf16"):
+        for precision in index:
             if name.startswith(f"rec_engine {precision} k="):
                 row["recall_at_k"] = recalls.get(f"{precision} k={name.split('k=')[1].split()[0]}")
+                if index[precision].exact:
+                    row["rescans"] = index[precision].rescans
+                    row["queries"] = index[precision].queries
         out_rows.append(row)
 
     cond = {"items": n, "dim": d, "threads": nt, "reps": args.reps, "excluded": N_EX, "flush_mb": args.flush_mb,

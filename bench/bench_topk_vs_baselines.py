@@ -5,8 +5,10 @@ A script, not a pytest-benchmark suite (it holds no ``bench_*`` functions, so py
     PYTHONPATH=... python bench/bench_topk_vs_baselines.py [--bench-items 1000000] [--reps 20] [--threads 2] [--json PATH]
 
 Rows: 1 query and 256 queries against N x 64 float32 items, k = 10 and 100, 50 excluded ids per query;
-rec_engine exact float32 and the reduced-precision ItemIndex modes (int8, bf16; shortlist re-scored
-exactly) with their recall@k against the exact result, on Gaussian items and on clustered items.
+rec_engine exact float32 and the reduced-precision ItemIndex modes (int8, bf16; with ``exact=False``, the
+shortlist of ``k + max(32, k // 4)`` trusted and re-scored in float32; ``bench/bench_scan.py`` times the
+default exact mode beside it) with their recall@k against the exact result, on Gaussian items and on
+clustered items.
 Implementations take turns within each repetition (interleaved), the median of ``--reps`` repetitions
 is reported with p90 and p99, and ratios are against the fastest baseline of the row. Peak memory of one
 batch call per implementation is measured in a fresh subprocess (VmHWM delta: C++ allocations included).
@@ -131,7 +133,7 @@ def peak_memory_child(args):
     index = {}
     if impl in ("rec_engine int8", "rec_engine bf16"):
         from rec_engine.topk import ItemIndex
-        index[impl.split()[1]] = ItemIndex(x, impl.split()[1])
+        index[impl.split()[1]] = ItemIndex(x, impl.split()[1], exact=False)
     fns = impls(x, q, ex, k, False, threads, faiss, index, torch)
     fn = fns[impl]
 
@@ -175,7 +177,7 @@ def main():
     for clustered in (False, True):
         x, q, ex = make_data(args.bench_items, 0, clustered)
         t0 = time.perf_counter()
-        index = {p: ItemIndex(x, p) for p in ("int8", "bf16")}
+        index = {p: ItemIndex(x, p, exact=False) for p in ("int8", "bf16")}
         print(f"\n=== items: {'clustered' if clustered else 'gaussian'}  (ItemIndex build int8+bf16: "
               f"{time.perf_counter() - t0:.2f} s)")
         for single in (True, False):

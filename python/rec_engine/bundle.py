@@ -204,10 +204,11 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
     ``path``: both are copied in, and the pipeline's manifest pins their manifests by sha256.
 
     ``index`` is the scan the engine serves retrieval with by default: ``"float32"`` (exact), or ``"int8"`` /
-    ``"bf16"`` (a reduced-precision scan whose shortlist is re-scored exactly,
-    :class:`~rec_engine.topk.ItemIndex`): the index arrays are built here and stored in the pipeline
-    (``arrays/index_<precision>_{packed,corr,scale}.npy``, memory-mapped at load, so worker processes share
-    them), and its recall of the exact top ``n_candidates`` on a sample of users goes to ``meta["index"]``.
+    ``"bf16"`` (a reduced-precision scan whose shortlist is checked against its error bound and re-scored in
+    float32, :class:`~rec_engine.topk.ItemIndex`: the same candidates as float32): the index arrays are built
+    here and stored in the pipeline (``arrays/index_<precision>_{packed,corr,scale}.npy``, memory-mapped at
+    load, so worker processes share them), and its recall of the exact top ``n_candidates`` on a sample of
+    users (1.0 unless the index was built with ``exact=False``) goes to ``meta["index"]``.
 
     ``ranking_precision="int8"`` also stores the ranking model's dense part with int8 weights
     (``dense_int8.onnx``, :func:`rec_engine.ranking.quantize_dense`; needs the onnx package here, not at serving

@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                      help="uvicorn's log level ('warning' drops the access log)")
     srv.add_argument("--index", default=None, choices=["float32", "int8", "bf16"],
-                     help="retrieval scan: exact float32, or int8 / bf16 codes with the shortlist re-scored exactly "
-                          "(default: the bundle's setting, else float32)")
+                     help="retrieval scan: float32, or int8 / bf16 codes whose shortlist is checked against its "
+                          "error bound and re-scored in float32 (the same candidates; default: the bundle's "
+                          "setting, else float32)")
     srv.add_argument("--ranking-precision", default=None, choices=["float32", "int8"],
                      help="the ranking model's dense part as trained or with int8 weights (default: the bundle's "
                           "setting, else float32)")

@@ -428,11 +428,12 @@ class Engine:
     verify : bool
         Check every bundle file's sha256 at load (default True).
     index : {"float32", "int8", "bf16"}, optional
-        How retrieval scans the item vectors: exactly in float32, or in reduced precision with the shortlist
-        re-scored exactly (:class:`~rec_engine.topk.ItemIndex`; 2-4x less memory traffic per request; recall of
-        the exact candidates below 1 is possible, see :attr:`index`). Default: the bundle's setting
-        (``write_pipeline(index=...)``, whose stored arrays are then loaded), else float32. Applies to
-        every version this engine loads (swaps too).
+        How retrieval scans the item vectors: in float32, or in reduced precision with the shortlist
+        re-scored in float32 (:class:`~rec_engine.topk.ItemIndex`; 2-4x less memory traffic per request). Both
+        give the same candidates: each reduced-precision shortlist is checked against a bound on its error, and
+        a request whose shortlist fails the check is scanned again (counted in :attr:`index`). Default: the
+        bundle's setting (``write_pipeline(index=...)``, whose stored arrays are then loaded), else float32.
+        Applies to every version this engine loads (swaps too).
     scan_memory : {"copy", "mmap"}
         Where the table that retrieval scans (the item vectors, or the int8 / bf16 index) lives: ``"copy"``
         (default), read into this process's memory, where NumPy gets huge pages for it (a scan of 1M x 64
@@ -679,8 +680,16 @@ class Engine:
     @property
     def index(self) -> dict:
         """The current version's retrieval scan: ``{"precision": ...}``, with the recall of the exact top
-        ``recall_at`` measured when the bundle's index was built (``recall``, ``recall_min``, ``recall_users``)."""
-        return dict(self._version.index)
+        ``recall_at`` measured when the bundle's index was built (``recall``, ``recall_min``, ``recall_users``)
+        and, for an int8 / bf16 index, ``exact`` (True: every shortlist is checked, see
+        :class:`~rec_engine.topk.ItemIndex`) with the queries scanned so far and how many of them failed the
+        check and were rescanned (``queries``, ``rescans``)."""
+        v = self._version
+        info = dict(v.index)
+        idx = getattr(v.retrieval, "index", None) if v.retrieval is not None else None
+        if idx is not None:
+            info.update(exact=idx.exact, queries=idx.queries, rescans=idx.rescans)
+        return info
 
     @property
     def ranking_info(self) -> dict:

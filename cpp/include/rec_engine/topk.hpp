@@ -38,7 +38,7 @@ void topk(const float* queries, int64_t n_queries, const float* items, int64_t n
 // float32 from the original items. Returned scores are exact. With the items' norms (quantized_norms) the
 // ids are exact too: each query's shortlist is checked against a rigorous bound on the reduced-precision
 // error (no item left out can reach the k-th score), and a query that fails the check is scanned again in
-// float32. Without them the ids are those of the exact top-k unless a true top-k item fell out of the
+// float32 (first with a 4x shortlist). Without them the ids are those of the exact top-k unless a true top-k item fell out of the
 // shortlist (recall < 1 is possible).
 enum class Precision { bf16, int8 };
 
