@@ -170,3 +170,24 @@ def test_errors(rng):
     ids, scores, rescans = _core.topk_quantized(*args, norm=idx.norm, norm_max=float("inf"), scale_max=1.0)
     assert rescans == 2
     np.testing.assert_array_equal(ids, reference(q, x, 5, None).ids)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_subnormal_and_tiny_items_and_queries(simd, rng, precision):
+    # rows whose largest value is below 3.7e-37 (127 / max overflows float: the int8 codes come from double),
+    # rows of subnormals, and queries of them: scales and products underflow, bf16 instructions flush them
+    x = rng.normal(size=(700, 16)).astype(np.float32)
+    x[:200] *= np.float32(1e-39)
+    x[200:260] *= np.float32(1e-44)
+    q = rng.normal(size=(5, 16)).astype(np.float32)
+    q[1] *= np.float32(1e-39)
+    q[2] = 0.0
+    idx = ItemIndex(x, precision, shortlist=30)
+    if precision == "int8":
+        codes = idx.packed.view(np.int8)
+        assert np.abs(codes.astype(np.int64)).max() <= 127 and np.isfinite(idx.scale).all()
+    ex = [rng.choice(700, 5, replace=False) for _ in range(5)]
+    for k in (3, 25, 300):
+        assert_exact(q, idx, k, ex)
+    tiny = ItemIndex(x[:260], precision, shortlist=20)   # every item tiny: many exact ties at 0
+    assert_exact(q, tiny, 10, None)

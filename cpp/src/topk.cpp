@@ -713,6 +713,12 @@ inline float quantize_row(const float* v, int64_t d, int8_t* out) {
   for (int64_t t = 0; t < d; ++t) m = std::max(m, std::fabs(v[t]));
   const float scale = m / 127.f;
   const float inv = m > 0.f ? 127.f / m : 0.f;
+  if (!std::isfinite(inv)) {  // m below ~3.7e-37: 127 / m overflows float (0 * inf would be NaN): in double
+    const double dinv = 127.0 / static_cast<double>(m);
+    for (int64_t t = 0; t < d; ++t)
+      out[t] = static_cast<int8_t>(std::max(-127.0, std::min(127.0, std::nearbyint(v[t] * dinv))));
+    return scale;
+  }
   for (int64_t t = 0; t < d; ++t)
     out[t] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[t] * inv))));
   return scale;
@@ -824,8 +830,7 @@ namespace {
 //          |q - q~|_2 |x|_2 + |q~|_1 sx / 2 (the query's rounding error is known exactly); the rounding of a
 //          adds |r| 2^-23.
 //   bf16:  r = a, the float sum of bf16 products. Each bf16 value is within 2^-8 of its float (relative),
-//          so |q.x - q~.x~| <= (2^-7 + 2^-16) P, and the sum's rounding adds gamma'_d P; denormals flushed
-//          by the instructions add at most d 2^-120 (1 + max|q|).
+//          so |q.x - q~.x~| <= (2^-7 + 2^-16) P, and the sum's rounding adds gamma'_d P.
 // f's own FMA chain adds gamma_d P. Bounds are taken 1% wider than derived. Items outside the shortlist
 // have a <= a_min and norms and scales <= the maxima. The check: a_min's upper bound is below the width-th
 // best lower bound inside the shortlist, so no item outside can reach the k-th best exact score (ties
@@ -842,10 +847,13 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
   const double d = static_cast<double>(index.dim);
   const double gamma = (d + 4.0) * 0x1p-24 * 1.01, gamma2 = (d + 16.0) * 0x1p-24 * 1.01;
   const bool i8 = index.precision == Precision::int8;
+  // Underflow (subnormal scales, products and sums, flushed by the bf16 instructions) is covered by an
+  // absolute term far above its size, d 2^-120 (1 + max|q| + sq + |q~|_1), negligible for any other data.
+  const double tiny = d * 0x1p-120 * (1.0 + qb.qmax + qb.sq + qb.q1);
   auto err = [&](double r, double nrm, double sx) {
     const double p = qb.q2 * nrm;
-    if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23);
-    return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + d * 0x1p-120 * (1.0 + qb.qmax);
+    if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23) + tiny;
+    return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + tiny;
   };
   lows.resize(static_cast<size_t>(n));
   double a_min = std::numeric_limits<double>::infinity();
