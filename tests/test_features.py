@@ -133,3 +133,36 @@ def test_empty_batch_encodes_to_no_bags(schema):
     enc = schema.encode({"city": [], "tags": [], "price": []})
     assert len(enc) == 0 and list(enc.offsets) == [0] and enc.indices.size == 0
     assert isinstance(enc, EncodedBatch)
+
+
+def test_one_example_fast_path_equals_the_vectorized_encoding(rng):
+    # one example (a request's context) skips the vectorized path: the same bags as that path gives the
+    # example inside a batch, for every kind of scalar, missing values, hashing, transforms and field subsets
+    s = Schema([Field("c", "categorical", vocab=["a", "1", "2.5", "True"], hash_buckets=3),
+                Field("d", "categorical", vocab=["x"], hash_buckets=0),
+                Field("n", "numeric", transform="log1p", mean=0.3, std=2.0),
+                Field("m", "numeric", mean=-1.0, std=0.5),
+                Field("t", "multi", vocab=["p", "q"], hash_buckets=1)])
+    values = {"c": ["a", 1, 1.0, 2.5, np.int64(1), np.float32(2.5), True, np.bool_(True), b"a", "zzz", None, "",
+                    float("nan"), np.str_("a")],
+              "d": ["x", None, ""],
+              "n": [0.0, 3, -2.5, None, float("nan"), np.float64(1e6), "4.5"],
+              "m": [1.5, None, np.int32(7)]}
+    for trial in range(300):
+        row = {f: values[f][rng.integers(len(values[f]))] for f in values}
+        fields = ["c", "d", "n", "m"] if trial % 3 else ["m", "c"]
+        one = s.encode({f: [row[f]] for f in fields}, fields=fields)
+        two = s.encode({f: [row[f], "x" if f == "d" else None] for f in fields}, fields=fields)  # vectorized
+        first = two.take(np.array([0]))
+        for a, b in ((one.indices, first.indices), (one.offsets, first.offsets), (one.weights, first.weights)):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        assert one.n_fields == len(fields) and one.labels is None
+    # a multi field, a list in a categorical one and labels take the general path, with its errors
+    multi = s.encode({"c": ["a"], "d": ["x"], "n": [1.0], "m": [2.0], "t": [["p", "zz"]]})
+    assert multi.offsets.tolist() == [0, 1, 2, 3, 4, 6]
+    with pytest.raises(ValueError, match="single-valued"):
+        s.encode({"c": [["a", "1"]]}, fields=["c"])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        s.encode({"d": ["nope"]}, fields=["d"])
+    assert s.encode({"c": ["a"]}, [1.0], fields=["c"]).labels.tolist() == [1.0]

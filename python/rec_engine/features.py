@@ -16,6 +16,7 @@ value training did not see.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,9 @@ def _key(value: Any) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     return str(value)
+
+
+_SCALARS = (str, bytes, bytearray, int, float, np.generic, type(None))   # (bool is an int)
 
 
 def _missing(value: Any) -> bool:
@@ -247,6 +251,10 @@ class Schema:
                 raise ValueError(f"column {name!r} has {ln} values, expected {n} like the others")
         n = int(n or 0)
         F = len(names)
+        if n == 1 and labels is None:
+            one = self._encode_one(columns)
+            if one is not None:
+                return one
         per_field = []   # (lengths[n], idx, w) per field
         for fi, f in enumerate(self.fields):
             if f.name not in columns:
@@ -286,6 +294,36 @@ class Schema:
             if len(lab) != n:
                 raise ValueError(f"labels has {len(lab)} values, expected {n}")
         return EncodedBatch(indices, offsets, weights, F, lab)
+
+    def _encode_one(self, columns: Mapping[str, Sequence]) -> EncodedBatch | None:
+        """:meth:`encode` of one example of scalar categorical and numeric values (a request's context),
+        without the vectorized machinery (~15x faster for a handful of fields); None when a field is
+        multi-valued or a value is not a scalar (the general path then encodes it, or raises)."""
+        idx, w, lengths = [], [], []
+        for fi, f in enumerate(self.fields):
+            if f.name not in columns:
+                continue
+            v = columns[f.name][0]
+            if f.kind == "multi" or not isinstance(v, _SCALARS):
+                return None
+            if f.kind == "numeric":
+                x = float(_numeric([v], f.name, f.transform)[0])
+                if math.isfinite(x):
+                    idx.append(int(self.field_offsets[fi]))
+                    w.append((x - f.mean) / f.std)
+                    lengths.append(1)
+                else:
+                    lengths.append(0)
+            elif _missing(v):
+                lengths.append(0)
+            else:
+                idx.append(self._row(fi, v))
+                w.append(1.0)
+                lengths.append(1)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return EncodedBatch(np.array(idx, np.int64), offsets, np.array(w, np.float64).astype(np.float32),
+                            len(lengths), None)
 
     def _encode_categorical(self, fi: int, col):
         """Vectorized: each distinct value is mapped once."""
