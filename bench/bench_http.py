@@ -268,12 +268,16 @@ def _cmdline(pid: int) -> str:
 
 
 def rec_server(bundle: Path, workers: int, coalesce_us: int, max_batch: int, log_dir: Path,
-               int8: bool = False) -> Server:
-    name = f"rec_engine w{workers} c{coalesce_us}" + (" int8" if int8 else "")
+               int8: bool = False, index8: bool = False) -> Server:
+    """``int8``: ``--index int8 --ranking-precision int8``; ``index8``: ``--index int8`` alone (the exact
+    mode's candidates and the float32 model: the peer's answers)."""
+    tag = " int8" if int8 else " idx8" if index8 else ""
+    name = f"rec_engine w{workers} c{coalesce_us}{tag}"
     cmd = [sys.executable, "-m", "rec_engine.cli", "serve", str(bundle), "--workers", str(workers),
            "--coalesce-us", str(coalesce_us), "--max-batch", str(max_batch), "--threads", "1", "--ort-threads", "1",
-           "--log-level", "warning"] + (["--index", "int8", "--ranking-precision", "int8"] if int8 else [])
-    return Server(name, cmd, log_dir / f"server-rec-w{workers}-c{coalesce_us}{'-int8' if int8 else ''}.log")
+           "--log-level", "warning"] + (["--index", "int8"] if int8 or index8 else []) + (
+               ["--ranking-precision", "int8"] if int8 else [])
+    return Server(name, cmd, log_dir / f"server-rec-w{workers}-c{coalesce_us}{tag.replace(' ', '-')}.log")
 
 
 def peer_server(bundle: Path, workers: int, log_dir: Path) -> Server:
@@ -546,6 +550,9 @@ def main(argv=None) -> int:
     ap.add_argument("--int8-workers", default="",
                     help="also time rec_engine with --index int8 --ranking-precision int8 at these worker counts "
                          "(the last --coalesce-us window; default none)")
+    ap.add_argument("--index8-workers", default="",
+                    help="also time rec_engine with --index int8 alone (exact candidates, float32 ranking: the same "
+                         "answers) at these worker counts (the last --coalesce-us window; default none)")
     ap.add_argument("--peer-workers", default="1,2", help="worker counts of the peer (default 1,2)")
     ap.add_argument("--memory-workers", default="1,2,4", help="worker counts for the memory table ('' = none)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -577,6 +584,8 @@ def main(argv=None) -> int:
                 servers.append(rec_server(bundle, w, c, args.max_batch, out))
         for w in _ints(args.int8_workers):
             servers.append(rec_server(bundle, w, _ints(args.coalesce_us)[-1], args.max_batch, out, int8=True))
+        for w in _ints(args.index8_workers):
+            servers.append(rec_server(bundle, w, _ints(args.coalesce_us)[-1], args.max_batch, out, index8=True))
         for s in servers:                              # one at a time: loading is I/O and CPU heavy
             t = time.perf_counter()
             s.wait_ready()

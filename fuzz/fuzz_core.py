@@ -164,6 +164,7 @@ def op_topk_quantized(g: Gen) -> None:
             norm = norm[: max(norm.shape[0] - 1, 0)].copy()
         kw["norm"], kw["norm_max"] = norm, float(norm.max()) if norm.size else 0.0
         kw["scale_max"] = float(scale[:n].max()) if n and scale.size >= n else 0.0
+        kw["norm_all_max"], kw["scale_all_max"] = kw["norm_max"], kw["scale_max"]
     ids, scores, _ = _core.topk_quantized(q, x, packed, corr, scale, prec, k, shortlist, num_threads=g.threads(),
                                           **kw)
     check_topk(ids, scores, n, k, q.shape[0])

@@ -29,6 +29,10 @@ def assert_exact(q, idx, k, ex, threads=2):
     return res
 
 
+def maxima(idx):
+    return dict(zip(("norm_max", "scale_max", "norm_all_max", "scale_all_max"), idx._maxima))
+
+
 def clustered(rng, n, d, n_centres=20, noise=1e-3):
     """Items that are tiny perturbations of a few centres: hundreds of scores within the bound of the k-th."""
     centres = rng.normal(size=(n_centres, d))
@@ -117,11 +121,12 @@ def test_the_check_is_what_makes_a_short_list_exact(rng, precision):
     q = rng.normal(size=(4, 24)).astype(np.float32)
     idx = ItemIndex(x, precision, shortlist=10)
     ids, scores, rescans = _core.topk_quantized(q, x, idx.packed, idx.corr, idx.scale, precision, 10, 12,
-                                                norm=np.zeros(3000, np.float32), norm_max=0.0, scale_max=0.0)
+                                                norm=np.zeros(3000, np.float32), norm_max=0.0, scale_max=0.0,
+                                                norm_all_max=0.0, scale_all_max=0.0)
     ref = reference(q, x, 10, None)
     assert rescans == 0 and (ids != ref.ids).any()
     ids, scores, rescans = _core.topk_quantized(q, x, idx.packed, idx.corr, idx.scale, precision, 10, 12,
-                                                norm=idx.norm, norm_max=idx.norm_max, scale_max=idx.scale_max)
+                                                norm=idx.norm, heavy=idx.heavy, **maxima(idx))
     assert rescans == 4
     np.testing.assert_array_equal(ids, ref.ids)
     np.testing.assert_array_equal(scores, ref.scores)
@@ -164,6 +169,11 @@ def test_errors(rng):
         _core.topk_quantized(*args, norm=idx.norm, norm_max=float("nan"), scale_max=1.0)
     with pytest.raises(ValueError, match="norm_max and scale_max"):
         _core.topk_quantized(*args, norm=idx.norm, norm_max=1.0, scale_max=-1.0)
+    with pytest.raises(ValueError, match="at most norm_all_max"):
+        _core.topk_quantized(*args, norm=idx.norm, norm_max=2.0, scale_max=1.0, norm_all_max=1.0)
+    for bad in ([5, 3], [0, 100], [-1]):
+        with pytest.raises(ValueError, match="increasing item ids"):
+            _core.topk_quantized(*args, norm=idx.norm, heavy=np.array(bad, np.int64), **maxima(idx))
     with pytest.raises(TypeError):
         _core.topk_quantized(*args, norm=idx.norm.astype(np.float64), norm_max=1.0, scale_max=1.0)
     # an infinite maximum proves nothing: every query is scanned in float32, still exact
@@ -191,3 +201,65 @@ def test_subnormal_and_tiny_items_and_queries(simd, rng, precision):
         assert_exact(q, idx, k, ex)
     tiny = ItemIndex(x[:260], precision, shortlist=20)   # every item tiny: many exact ties at 0
     assert_exact(q, tiny, 10, None)
+
+
+# ------------------------------------------------- near float32's limits (cases found by review), outliers
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+def test_values_near_float_limits_stay_exact(level, rng):
+    import rec_engine
+    if level not in rec_engine.supported_simd_levels():
+        pytest.skip(f"{level} not supported here")
+    before = rec_engine.simd_level()
+    rec_engine.set_simd_level(level)
+    try:
+        cases = []
+        r = np.random.default_rng(732)
+        n = 29
+        cases.append(("int8", (r.uniform(.5, 3, (n, 1)) * 1e36).astype(np.float32), np.ones((1, 1), np.float32), 6, 7))
+        cases.append(("bf16", np.array([[3.397e38, 1], [0, .5]], np.float32), np.array([[0, 1]], np.float32), 1, 2))
+        cases.append(("bf16", np.array([[0, 1e20], [3.397e38, 0], [3.397e38, 1e30]], np.float32),
+                      np.array([[-1e-30, 1]], np.float32), 1, 2))
+        cases.append(("bf16", np.array([[0, 2e37], [0, 0], [3e38, 0], [0, 0]], np.float32),
+                      np.array([[1e-38, 1e-37]], np.float32), 1, 2))
+        cases.append(("bf16", np.array([[0, 3e18], [0, 0], [1e20, 0], [0, 0]], np.float32),
+                      np.array([[4.5e-41, 1e-39]], np.float32), 1, 2))
+        cases.append(("int8", np.array([[0, 3e18], [0, 0], [1e20, 0], [0, 0]], np.float32),
+                      np.array([[4.5e-41, 1e-39]], np.float32), 1, 2))
+        for precision, x, q, k, sl in cases:
+            idx = ItemIndex(x, precision, shortlist=sl)
+            with np.errstate(over="ignore", invalid="ignore"):
+                ref = topk(q, x, k, candidates=[np.arange(len(x))] * len(q))
+                res = topk(q, idx, k)
+            np.testing.assert_array_equal(res.ids, ref.ids, err_msg=f"{precision} {x[:2]}")
+            np.testing.assert_array_equal(res.scores, ref.scores)
+    finally:
+        rec_engine.set_simd_level(before)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_an_outsized_item_is_heavy_not_a_rescan_for_every_query(rng, precision):
+    # one item 100x the others' norm: re-scored for every query (ItemIndex.heavy) instead of widening every
+    # bound to its size, which failed every check (and took three scans per query)
+    x = rng.normal(size=(20000, 32)).astype(np.float32)
+    x[1234] *= 100.0
+    x[77] *= 30.0
+    q = rng.normal(size=(12, 32)).astype(np.float32)
+    q[5] = -x[1234] / 100.0     # a query for which the outsized item scores worst, not best
+    idx = ItemIndex(x, precision)
+    assert idx.heavy.tolist() == [77, 1234]
+    assert idx._maxima[0] < float(idx.norm[77]) < idx._maxima[2] == float(idx.norm[1234])
+    ex = [np.array([1234])] + [np.zeros(0, np.int64)] * 11    # the first query excludes it
+    for k in (1, 10, 100):
+        res = assert_exact(q, idx, k, ex)
+        assert 1234 not in res.ids[0] and 1234 in res.ids[1:].ravel()
+    assert idx.rescans == 0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_zero_dimension_items(precision):
+    # every score 0 and tied: the check cannot pass, and the rescan copies empty query rows (found by fuzzing)
+    x, q = np.zeros((10, 0), np.float32), np.zeros((2, 0), np.float32)
+    res = topk(q, ItemIndex(x, precision, shortlist=4), 3, exclude=[np.array([1]), np.zeros(0, np.int64)])
+    assert res.ids.tolist() == [[0, 2, 3], [0, 1, 2]] and (res.scores == 0).all()

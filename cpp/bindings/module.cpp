@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -678,7 +679,8 @@ PYBIND11_MODULE(_core, m) {
       [parse_precision](py::handle q_obj, py::handle x_obj, py::handle packed_obj, py::handle corr_obj,
                         py::handle scale_obj, const std::string& precision, int64_t k, int64_t shortlist,
                         py::object ex_indptr, py::object ex_ids, int num_threads, py::object norm_obj,
-                        float norm_max, float scale_max) {
+                        float norm_max, float scale_max, py::object heavy_obj, float norm_all_max,
+                        float scale_all_max) {
         py::array q = take(q_obj, "queries", {kF32}, 2);
         py::array x = take(x_obj, "items", {kF32}, 2);
         py::array packed = take(packed_obj, "packed", {kU8}, 1);
@@ -705,17 +707,31 @@ PYBIND11_MODULE(_core, m) {
         index.packed = ptr<uint8_t>(packed);
         index.corr = ptr<int32_t>(corr);
         index.scale = ptr<float>(scale);
-        py::array norm;
-        if (!norm_obj.is_none()) {  // exact mode: the items' norms (quantized_norms), maxima taken here
-          norm = take(norm_obj, "norm", {kF32}, 1);
-          if (norm.shape(0) != n)
+        py::array norm, heavy;
+        if (!norm_obj.is_none()) {  // exact mode: the items' norms (quantized_norms), the heavy items' sorted
+          norm = take(norm_obj, "norm", {kF32}, 1);  // ids and the maxima (trusted, like the arrays' contents:
+          if (norm.shape(0) != n)                      // ItemIndex computes them at build)
             throw py::value_error("norm must hold one value per item (" + std::to_string(n) + "), got " +
                                   std::to_string(norm.shape(0)));
-          if (!(norm_max >= 0.f) || !(scale_max >= 0.f))  // inf passes: every check then fails (float32 rescans)
-            throw py::value_error("norm_max and scale_max must be >= 0 (not NaN)");
+          // (inf passes: every check then fails, and the queries are scanned in float32)
+          if (!(norm_max >= 0.f) || !(scale_max >= 0.f) || !(norm_all_max >= norm_max) ||
+              !(scale_all_max >= scale_max))
+            throw py::value_error("norm_max and scale_max must be >= 0 (not NaN), and at most norm_all_max and "
+                                  "scale_all_max");
           index.norm = ptr<float>(norm);
-          index.norm_max = norm_max;  // trusted, like the arrays' contents: ItemIndex takes them at build
+          index.norm_max = norm_max;
           index.scale_max = scale_max;
+          index.norm_all_max = norm_all_max;
+          index.scale_all_max = scale_all_max;
+          if (!heavy_obj.is_none()) {
+            heavy = take(heavy_obj, "heavy", {kI64}, 1);
+            const int64_t* h = ptr<int64_t>(heavy);
+            for (int64_t i = 0; i < heavy.shape(0); ++i)
+              if (h[i] < 0 || h[i] >= n || (i > 0 && h[i] <= h[i - 1]))
+                throw py::value_error("heavy must hold increasing item ids in [0, " + std::to_string(n) + ")");
+            index.heavy = h;
+            index.n_heavy = heavy.shape(0);
+          }
         }
         const int64_t width = topk_width(k, n);
         py::array_t<int64_t> ids({b, width});
@@ -732,5 +748,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("queries"), py::arg("items"), py::arg("packed"), py::arg("corr"), py::arg("scale"),
       py::arg("precision"), py::arg("k"), py::arg("shortlist"), py::arg("exclude_indptr") = py::none(),
       py::arg("exclude_ids") = py::none(), py::arg("num_threads") = 0, py::arg("norm") = py::none(),
-      py::arg("norm_max") = 0.f, py::arg("scale_max") = 0.f);
+      py::arg("norm_max") = 0.f, py::arg("scale_max") = 0.f, py::arg("heavy") = py::none(),
+      py::arg("norm_all_max") = std::numeric_limits<float>::infinity(),
+      py::arg("scale_all_max") = std::numeric_limits<float>::infinity());
 }

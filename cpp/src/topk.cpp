@@ -831,10 +831,15 @@ namespace {
 //          adds |r| 2^-23.
 //   bf16:  r = a, the float sum of bf16 products. Each bf16 value is within 2^-8 of its float (relative),
 //          so |q.x - q~.x~| <= (2^-7 + 2^-16) P, and the sum's rounding adds gamma'_d P.
-// f's own FMA chain adds gamma_d P. Bounds are taken 1% wider than derived. Items outside the shortlist
-// have a <= a_min and norms and scales <= the maxima. The check: a_min's upper bound is below the width-th
-// best lower bound inside the shortlist, so no item outside can reach the k-th best exact score (ties
-// included: the inequality is strict).
+// f's own FMA chain adds gamma_d P. Bounds are taken 1% wider than derived. Underflow (subnormal scales,
+// values, products and sums; the bf16 instructions flush denormal inputs and outputs) costs at most 2^-126
+// per coordinate times max|q| or |x| or 1: an absolute term d 2^-120 (1 + max|q| + sq + |q~|_1 + |x|_2)
+// covers it. Items outside the shortlist have a <= a_min and, unless they are among the index's heavy items
+// (which are always re-scored), norms and scales <= the maxima of the others. The check: a_min's upper
+// bound is below the width-th best lower bound inside the shortlist, so no item left out can reach the k-th
+// best exact score (ties included: the inequality is strict). It assumes IEEE float arithmetic in the
+// re-scoring (no flush-to-zero mode set by another library), and that nothing overflows: a query for which
+// a reduced-precision score or an exact one could (query_fits) is not checked but scanned in float32.
 struct QueryBound {
   double sq = 0, dq2 = 0, q1 = 0, qmax = 0, q2 = 0;  // int8: scale, |q - q~|_2, |q~|_1; both: max|q|, |q|_2
 };
@@ -851,15 +856,16 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
   // absolute term far above its size, d 2^-120 (1 + max|q| + sq + |q~|_1), negligible for any other data.
   const double tiny = d * 0x1p-120 * (1.0 + qb.qmax + qb.sq + qb.q1);
   auto err = [&](double r, double nrm, double sx) {
-    const double p = qb.q2 * nrm;
-    if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23) + tiny;
-    return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + tiny;
+    const double p = qb.q2 * nrm, under = tiny + d * 0x1p-120 * nrm;
+    if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23) + under;
+    return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + under;
   };
   lows.resize(static_cast<size_t>(n));
   double a_min = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = entries[i].id;
     const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
+    if (!std::isfinite(r)) return false;  // (query_fits rules this out; a guard against NaN in the select)
     a_min = std::min(a_min, r);
     lows[i] = r - err(r, index.norm[id], i8 ? index.scale[id] : 0.0);
   }
@@ -875,6 +881,18 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
   }
   n = w;  // >= width: the width entries with lows >= t have highs >= t
   return true;
+}
+
+// Whether nothing can overflow for this query, so that the check's bounds hold: the int8 scores
+// (|a| <= 127^2 d max sx) and the bf16 codes (|x| <= |x|_2 < 2^120, far below bf16's largest finite value)
+// stay finite, as do the exact scores (|f| <= |q|_2 max|x|_2), and the int8 accumulators do not wrap
+// (d <= 65536: 4 products of at most 255 x 127 per step, d / 4 steps). A query that fails is scanned in
+// float32. The maxima include the heavy items.
+bool query_fits(const QuantizedItems& index, const QueryBound& qb) {
+  constexpr double kBig = 0x1p120;
+  const double d = static_cast<double>(index.dim);
+  if (index.dim > 65536 || !(index.norm_all_max < kBig) || !(qb.q2 * index.norm_all_max < kBig)) return false;
+  return index.precision != Precision::int8 || 16129.0 * d * index.scale_all_max < kBig;
 }
 
 }  // namespace
@@ -963,11 +981,12 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   std::vector<Entry> storage;
   std::vector<int64_t> short_ids;
   std::vector<int64_t> failed;  // exact mode: queries whose shortlist failed the check
+  bool all_fit = true;          // and none of them could overflow (else a longer shortlist cannot help)
   for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
     const int64_t ng = std::min(kQueryGroup, n_queries - g0);
     short_ids.assign(static_cast<size_t>(ng * sl), -1);
     std::vector<int64_t> short_n(static_cast<size_t>(ng), 0);
-    std::vector<char> uncertain(static_cast<size_t>(ng), 0);
+    std::vector<char> uncertain(static_cast<size_t>(ng), 0), with_heavy(static_cast<size_t>(ng), 0);
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
@@ -1014,10 +1033,14 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
           for (const Entry& e : sel) short_ids[a * sl + n++] = e.id;
           short_n[a] = n;
           // A shortlist that did not fill holds every eligible item: nothing to check.
-          if (exact && n == sl && sl < n_items) {
+          if (!exact) return;
+          if (!query_fits(index, qbounds[g0 + a])) {
+            uncertain[a] = 1;
+          } else if (n == sl && sl < n_items) {
             thread_local std::vector<double> lows;
             uncertain[a] = !shortlist_certified(index, qbounds[g0 + a], sel.begin(), short_n[a], width,
                                                 short_ids.data() + a * sl, lows);
+            with_heavy[a] = !uncertain[a] && index.n_heavy > 0;
           }
         });
     // Exact float32 re-scoring of each shortlist.
@@ -1030,12 +1053,22 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
       Selection sel(sel_storage.data() + t * Selection::slots(width), width);
       const int64_t q = g0 + a;
       int64_t* ids = short_ids.data() + a * sl;
-      std::sort(ids, ids + short_n[a]);  // rows read in memory order
-      scan_candidates(p, q, ids, short_n[a], sel, scratch[t], nan_q[t]);
+      int64_t n = short_n[a];
+      std::sort(ids, ids + n);  // rows read in memory order
+      if (with_heavy[a]) {      // the heavy items are re-scored whatever their reduced-precision score
+        thread_local std::vector<int64_t> merged;
+        merged.resize(static_cast<size_t>(n + index.n_heavy));
+        n = std::set_union(ids, ids + n, index.heavy, index.heavy + index.n_heavy, merged.begin()) - merged.begin();
+        ids = merged.data();
+      }
+      scan_candidates(p, q, ids, n, sel, scratch[t], nan_q[t]);
       sel.write_sorted(width, out_ids + q * width, out_scores + q * width);
     });
     for (int64_t a = 0; a < ng; ++a)
-      if (uncertain[a]) failed.push_back(g0 + a);
+      if (uncertain[a]) {
+        failed.push_back(g0 + a);
+        all_fit = all_fit && query_fits(index, qbounds[g0 + a]);
+      }
   }
   if (failed.empty()) return;
   if (n_fallback != nullptr) *n_fallback = static_cast<int64_t>(failed.size());
@@ -1043,13 +1076,13 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   // eighth of the items, else exactly in float32, as a batch of at least kPackedMinQueries rows (the last
   // one repeated) so that it takes the packed path, whose scores are the re-scoring's.
   const int64_t nf = static_cast<int64_t>(failed.size());
-  const bool again = 4 * sl <= n_items / 8;
+  const bool again = all_fit && 4 * sl <= n_items / 8;
   const int64_t nb = again ? nf : std::max(nf, kPackedMinQueries);
   std::vector<float> fq(static_cast<size_t>(nb * dim));
   std::vector<int64_t> f_indptr(static_cast<size_t>(nb + 1), 0), f_ids;
   for (int64_t r = 0; r < nb; ++r) {
     const int64_t q = failed[std::min(r, nf - 1)];
-    std::memcpy(fq.data() + r * dim, queries + q * dim, sizeof(float) * static_cast<size_t>(dim));
+    if (dim > 0) std::memcpy(fq.data() + r * dim, queries + q * dim, sizeof(float) * static_cast<size_t>(dim));
     if (opt.exclude.indptr != nullptr)
       f_ids.insert(f_ids.end(), opt.exclude.ids + opt.exclude.indptr[q], opt.exclude.ids + opt.exclude.indptr[q + 1]);
     f_indptr[r + 1] = static_cast<int64_t>(f_ids.size());

@@ -429,9 +429,11 @@ class Engine:
         Check every bundle file's sha256 at load (default True).
     index : {"float32", "int8", "bf16"}, optional
         How retrieval scans the item vectors: in float32, or in reduced precision with the shortlist
-        re-scored in float32 (:class:`~rec_engine.topk.ItemIndex`; 2-4x less memory traffic per request). Both
-        give the same candidates: each reduced-precision shortlist is checked against a bound on its error, and
-        a request whose shortlist fails the check is scanned again (counted in :attr:`index`). Default: the
+        re-scored in float32 (:class:`~rec_engine.topk.ItemIndex`; 2-4x less memory traffic per request), with
+        the float32 scan's candidates: each reduced-precision shortlist is checked against a bound on its
+        error, and a request whose shortlist fails the check is scanned again (counted in :attr:`index`). (Its
+        scores are those of the float32 scan of a batch; a lone float32 request sums in another order, so a
+        score may differ in its last bit and near-ties within that bit may order differently.) Default: the
         bundle's setting (``write_pipeline(index=...)``, whose stored arrays are then loaded), else float32.
         Applies to every version this engine loads (swaps too).
     scan_memory : {"copy", "mmap"}

@@ -1,6 +1,7 @@
 """Exact top-k retrieval by inner product or cosine, with exclusion and candidate subsets."""
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ from ._convert import as_count, as_float32, as_ids, threads_arg
 
 _METRICS = ("ip", "cosine")
 _PANEL = 64     # items per panel of a reduced-precision index (kPanel in cpp/src/kernels/topk_gemm.hpp)
+_MAX_HEAVY = 1024   # items an exact ItemIndex re-scores for every query (see ItemIndex._set_exact)
 
 
 class TopK(NamedTuple):
@@ -92,6 +94,13 @@ class ItemIndex:
     scanned again with a 4x shortlist, then, if need be, exactly in float32; :attr:`rescans` counts them.
     With ``exact=False`` the shortlist is trusted: a true top-k item that fell outside it is missed.
 
+    The bound on the items left out of a shortlist is taken at the largest norm and scale among them; the
+    few items whose norm or scale exceeds 1.5x the 99th percentile (:attr:`heavy`, at most 1,024) are
+    re-scored for every query instead, so that one outsized item does not fail every check. Queries whose
+    values could overflow float32 in either precision are scanned in float32. The check assumes IEEE
+    float arithmetic (no flush-to-zero mode set in the process by another library). ``from_arrays``
+    trusts the arrays it is given: arrays of other items than ``items`` void the guarantee.
+
     Parameters
     ----------
     items : array_like, float32, shape (N, d)
@@ -121,8 +130,8 @@ class ItemIndex:
     exact float32 scorer.
     """
 
-    __slots__ = ("items", "precision", "packed", "corr", "scale", "_shortlist", "exact", "norm", "norm_max",
-                 "scale_max", "queries", "rescans")
+    __slots__ = ("items", "precision", "packed", "corr", "scale", "_shortlist", "_exact", "norm", "heavy",
+                 "_maxima", "queries", "rescans", "_lock")
 
     def __init__(self, items, precision: str = "int8", *, shortlist: int | None = None,
                  num_threads: int | None = None, exact: bool = True):
@@ -138,14 +147,40 @@ class ItemIndex:
     def _set_exact(self, exact, num_threads) -> None:
         if not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
-        self.exact = bool(exact)
+        self._exact = bool(exact)
         self.queries = self.rescans = 0
-        self.norm, self.norm_max, self.scale_max = None, 0.0, 0.0
-        if self.exact:
-            self.norm = _core.quantized_norms(self.items, self.precision, threads_arg(num_threads))
-            n = self.items.shape[0]
-            self.norm_max = float(self.norm.max()) if n else 0.0
-            self.scale_max = float(self.scale[:n].max()) if n else 0.0
+        self._lock = threading.Lock()
+        self.norm, self.heavy = None, None
+        self._maxima = (0.0, 0.0, 0.0, 0.0)
+        if not self._exact:
+            return
+        n = self.items.shape[0]
+        self.norm = _core.quantized_norms(self.items, self.precision, threads_arg(num_threads))
+        scale = self.scale[:n]
+        if n == 0:
+            self.heavy = np.zeros(0, np.int64)
+            return
+        # A few items of outsized norm or scale would widen every query's bound on the items left out of its
+        # shortlist (taken at the maxima): those above 1.5x the 99th percentile (at most 1,024, the largest)
+        # are re-scored for every query instead, and the maxima are taken over the others.
+        nrm, sc = self.norm.astype(np.float64), scale.astype(np.float64)
+        with np.errstate(all="ignore"):   # (norms of inf: the maxima then send every query to float32)
+            cut_n, cut_s = 1.5 * float(np.quantile(nrm, 0.99)), 1.5 * float(np.quantile(sc, 0.99))
+            excess = np.maximum(nrm / max(cut_n, 1e-300), sc / max(cut_s, 1e-300))
+        heavy = np.flatnonzero(excess > 1.0)
+        if len(heavy) > _MAX_HEAVY:
+            heavy = heavy[np.argpartition(excess[heavy], -_MAX_HEAVY)[-_MAX_HEAVY:]]
+        self.heavy = np.sort(heavy).astype(np.int64)
+        rest = np.ones(n, bool)
+        rest[self.heavy] = False
+        self._maxima = (float(self.norm[rest].max()) if rest.any() else 0.0,
+                        float(scale[rest].max()) if rest.any() else 0.0,
+                        float(self.norm.max()), float(scale.max()))
+
+    @property
+    def exact(self) -> bool:
+        """Whether every shortlist is checked (set at construction)."""
+        return self._exact
 
     @classmethod
     def from_arrays(cls, items, precision: str, packed, corr, scale, *, shortlist: int | None = None,
@@ -256,11 +291,13 @@ def topk(queries, items, k: int = 10, *, metric: str = "ip", exclude=None, candi
     ex_indptr, ex_ids = _lists(exclude, q.shape[0], single, "exclude")
     c_indptr, c_ids = _lists(candidates, q.shape[0], single, "candidates")
     if index is not None:
+        norm_max, scale_max, norm_all_max, scale_all_max = index._maxima
         ids, scores, rescans = _core.topk_quantized(
             q, x, index.packed, index.corr, index.scale, index.precision, kk, index.shortlist(kk), ex_indptr, ex_ids,
-            threads_arg(num_threads), index.norm, index.norm_max, index.scale_max)
-        index.queries += q.shape[0]
-        index.rescans += rescans
+            threads_arg(num_threads), index.norm, norm_max, scale_max, index.heavy, norm_all_max, scale_all_max)
+        with index._lock:
+            index.queries += q.shape[0]
+            index.rescans += rescans
         return TopK(ids[0], scores[0]) if single else TopK(ids, scores)
     ids, scores = _core.topk(q, x, kk, "ip" if metric == "ip" else "cosine", ex_indptr, ex_ids,
                              c_indptr, c_ids, threads_arg(num_threads))

@@ -48,10 +48,14 @@ struct QuantizedItems {  // views of arrays filled by quantize_items (not owned)
   const uint8_t* packed = nullptr;  // quantized_bytes(...) bytes
   const int32_t* corr = nullptr;    // int8: 128 * sum of the item's int8 values; quantized_rows entries
   const float* scale = nullptr;     // int8: the item's scale; quantized_rows entries
-  // Exact mode: the float32 rows' L2 norms from quantized_norms (n_items entries), their
-  // maximum, and the maximum of scale (int8). nullptr: the shortlist is trusted (approximate ids).
+  // Exact mode: the float32 rows' L2 norms from quantized_norms (n_items entries). nullptr: the shortlist
+  // is trusted (approximate ids). heavy: sorted ids of items re-scored for every query whatever their
+  // reduced-precision score (a few of outsized norm or scale, which would otherwise widen every bound);
+  // norm_max / scale_max: the maxima of norm and scale over the other items; *_all_max: over all items.
   const float* norm = nullptr;
-  float norm_max = 0.f, scale_max = 0.f;
+  const int64_t* heavy = nullptr;
+  int64_t n_heavy = 0;
+  float norm_max = 0.f, scale_max = 0.f, norm_all_max = 0.f, scale_all_max = 0.f;
 };
 
 int64_t quantized_rows(int64_t n_items);  // n_items rounded up to whole panels
@@ -65,8 +69,9 @@ void quantized_norms(const float* items, int64_t n_items, int64_t dim, Precision
                      int num_threads);
 // Inner product only; options.candidates must be unset (candidate subsets are scored exactly by topk).
 // shortlist: candidates kept per query before the exact re-scoring (clamped to [width, n_items]).
-// n_fallback (optional, exact mode): set to the number of queries whose shortlist failed the check and
-// were scanned in float32 (results as topk's for a batch of 4 or more queries: the packed scores).
+// n_fallback (optional, exact mode): set to the number of queries whose shortlist failed the check (or
+// whose values could overflow) and were scanned again: with a 4x shortlist, then, if need be, in float32
+// (results as topk's for a batch of 4 or more queries: the packed scores).
 void topk_quantized(const float* queries, int64_t n_queries, const float* items, const QuantizedItems& index,
                     const TopkOptions& options, int64_t shortlist, int64_t* out_ids, float* out_scores,
                     int64_t* n_fallback = nullptr);
