@@ -216,4 +216,10 @@ def test_pipeline_command_and_serve_options(trained, tmp_path, capsys, monkeypat
     monkeypatch.setenv(service.SETTINGS_ENV, json.dumps({"bundle": str(out), "index": "bf16"}))
     app = service._app_from_env()
     assert app.state.engine.index["precision"] == "bf16" and app.state.engine.index["exact"]
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app)
+    assert client.post("/recommend", json={"user": 3, "k": 5}).status_code == 200
+    text = client.get("/metrics").text
+    assert 'rec_engine_index_queries{kind="scanned"} 1.0' in text and 'kind="rescanned"' in text
     app.state.engine.close()

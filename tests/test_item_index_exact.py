@@ -263,3 +263,15 @@ def test_zero_dimension_items(precision):
     x, q = np.zeros((10, 0), np.float32), np.zeros((2, 0), np.float32)
     res = topk(q, ItemIndex(x, precision, shortlist=4), 3, exclude=[np.array([1]), np.zeros(0, np.int64)])
     assert res.ids.tolist() == [[0, 2, 3], [0, 1, 2]] and (res.scores == 0).all()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_batches_of_long_shortlists_scan_in_float32_with_the_same_answer(rng, precision):
+    x = clustered(rng, 20000, 16)
+    q = rng.normal(size=(16, 16)).astype(np.float32)
+    ex = [rng.choice(20000, 30, replace=False) for _ in range(16)]
+    long = ItemIndex(x, precision, shortlist=2000)            # 16 x 2000 entries: the float32 scan
+    assert_exact(q, long, 100, ex)
+    assert long.rescans == 0
+    for b in (1, 3, 12):                                      # fewer entries: the reduced-precision scan
+        assert_exact(q[:b], long, 100, ex[:b])

@@ -297,7 +297,8 @@ constexpr int64_t kPanel = topk_gemm::kPanel;
 static_assert(kPanel <= 64, "a panel's filter result is one 64-bit mask per query");
 constexpr int64_t kPanelQueries = 48;      // queries scored per panel visit (a multiple of the kernel's 6)
 constexpr int64_t kPackedMinQueries = 4;   // fewer queries take the row-major path
-constexpr int64_t kExactBatchMaxShortlist = 320;  // longer exact-mode shortlists: batches scan in float32
+constexpr int64_t kExactBatchMaxShortlist = 320;   // longer exact-mode shortlists, of this many entries
+constexpr int64_t kExactBatchMaxEntries = 24576;    // or more over a batch's queries: the batch scans in float32
 static_assert(kPackedMinQueries == topk_gemm::kStreamQueries + 1, "fewer queries stream (stream_f32's limit)");
 
 // Per-thread buffers of the packed scans.
@@ -916,10 +917,12 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const int64_t width = topk_width(opt.k, n_items);
   if (n_queries == 0 || width == 0) return;
   const int64_t sl = std::min(n_items, std::max(width, shortlist));
-  if (index.norm != nullptr && n_queries >= kPackedMinQueries && sl > kExactBatchMaxShortlist) {
-    // A batch is compute-bound, and its selections of a long shortlist (2 sl entries per query and thread)
-    // no longer fit in cache: the float32 scan, whose answer the exact mode returns anyway, is faster
-    // (256 queries x 1M x 64, k = 500: 110 ms against 247 ms for int8 with a 2064 shortlist, 160 ms bf16).
+  if (index.norm != nullptr && sl > kExactBatchMaxShortlist && n_queries * sl >= kExactBatchMaxEntries) {
+    // A long shortlist costs its selection and re-scoring for every query, while a batch's float32 scan
+    // (whose answer the exact mode returns anyway) reads the table once: past a few queries it is faster
+    // (1M x 64, int8, k = 500 with its 2064 shortlist: 8 queries 8.8 ms against 9.4 ms in float32, 16
+    // queries 16.9 against 12.1 ms, 256 queries 247 against 110 ms; k = 100 with 464: 64 queries 23.4
+    // against 26.3 ms).
     topk(queries, n_queries, items, n_items, dim, opt, out_ids, out_scores);
     return;
   }

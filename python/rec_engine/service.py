@@ -657,6 +657,9 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
     batch_size = Histogram("rec_engine_batch_size", "Requests answered by one coalesced recommend_batch call",
                            buckets=_BATCH_BUCKETS, registry=registry)
     served = _ServedMetrics(engine, registry)
+    index_calls = Gauge("rec_engine_index_queries", "Queries the current version's int8 / bf16 index scanned, and "
+                        "of those, the ones whose shortlist failed its exactness check and were scanned again",
+                        ["kind"], registry=registry)
     coalescer = (Coalescer(engine, window_us=coalesce_us, max_batch=max_batch, on_batch=batch_size.observe,
                            idle_start=coalesce_idle_start, linger_us=coalesce_linger_us)
                  if coalesce_us > 0 else None)
@@ -862,6 +865,10 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
 
     @app.get("/metrics", response_class=_PrometheusText, responses=_doc(None, *_GUARDED))
     def metrics():
+        info = engine.index
+        if "queries" in info:   # (this process's; reset by a swap)
+            index_calls.labels("scanned").set(info["queries"])
+            index_calls.labels("rescanned").set(info["rescans"])
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     _publish_schema(app)

@@ -124,10 +124,10 @@ class ItemIndex:
     the check at k = 10, 100 and 500 (int8 and bf16); ``4 k + 64`` left 0-2 of 256 int8 queries to a
     rescan. A single int8 query at k = 500 takes about 2.1 ms there against 1.6 ms for the trusted
     shortlist and 6-7 ms for the float32 scan. Data whose scores crowd the k-th one (many near-duplicate
-    items) needs longer shortlists, which the rescans supply. A batch of 4 or more queries whose shortlist
-    would exceed 320 is compute-bound and scans in float32 instead (the same answer, faster than the long
-    shortlists' selections). Only the inner product metric is supported; ``candidates`` fall back to the
-    exact float32 scorer.
+    items) needs longer shortlists, which the rescans supply. A batch whose shortlists exceed 320 items and
+    add up to 24,576 or more (k = 500: 12 queries) scans in float32 instead: the same answer, faster than
+    that many long selections and re-scorings (the float32 scan reads the table once for the batch). Only
+    the inner product metric is supported; ``candidates`` fall back to the exact float32 scorer.
     """
 
     __slots__ = ("items", "precision", "packed", "corr", "scale", "_shortlist", "_exact", "norm", "heavy",
