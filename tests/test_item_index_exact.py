@@ -275,3 +275,11 @@ def test_batches_of_long_shortlists_scan_in_float32_with_the_same_answer(rng, pr
     assert long.rescans == 0
     for b in (1, 3, 12):                                      # fewer entries: the reduced-precision scan
         assert_exact(q[:b], long, 100, ex[:b])
+
+
+def test_one_query_with_a_very_long_shortlist_keeps_the_rescoring_scores(rng):
+    # 1 x 30000 entries: still the reduced-precision scan (a lone float32 query would stream, and sum in
+    # another order than the re-scoring)
+    x = rng.normal(size=(40000, 24)).astype(np.float32)
+    q = rng.normal(size=(1, 24)).astype(np.float32)
+    assert_exact(q, ItemIndex(x, "int8", shortlist=30000), 50, None)

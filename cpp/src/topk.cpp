@@ -917,7 +917,8 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const int64_t width = topk_width(opt.k, n_items);
   if (n_queries == 0 || width == 0) return;
   const int64_t sl = std::min(n_items, std::max(width, shortlist));
-  if (index.norm != nullptr && sl > kExactBatchMaxShortlist && n_queries * sl >= kExactBatchMaxEntries) {
+  if (index.norm != nullptr && n_queries >= kPackedMinQueries && sl > kExactBatchMaxShortlist &&
+      n_queries * sl >= kExactBatchMaxEntries) {   // (4 queries or more: the packed path's scores)
     // A long shortlist costs its selection and re-scoring for every query, while a batch's float32 scan
     // (whose answer the exact mode returns anyway) reads the table once: past a few queries it is faster
     // (1M x 64, int8, k = 500 with its 2064 shortlist: 8 queries 8.8 ms against 9.4 ms in float32, 16
