@@ -7,8 +7,12 @@ fails often (near-duplicate items, ties, a few items of a much larger scale, sho
 that it passes (Gaussian items, the default shortlist)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+import rec_engine
 
 from rec_engine import _core, topk
 from rec_engine.topk import ItemIndex
@@ -283,3 +287,34 @@ def test_one_query_with_a_very_long_shortlist_keeps_the_rescoring_scores(rng):
     x = rng.normal(size=(40000, 24)).astype(np.float32)
     q = rng.normal(size=(1, 24)).astype(np.float32)
     assert_exact(q, ItemIndex(x, "int8", shortlist=30000), 50, None)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("nq", [1, 2, 3])
+def test_large_tables_start_at_a_floor_and_stay_exact(rng, precision, nq):
+    # 65,536 items or more, 1-3 queries, a shortlist of 64 or more: the selections start at a floor taken
+    # from 128 sampled panels (at avx512 with VNNI / BF16)
+    n, d = 70_000, 16
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    q = rng.normal(size=(nq, d)).astype(np.float32)
+    ex = [rng.choice(n, 50, replace=False) for _ in range(nq)]
+    idx = ItemIndex(x, precision)
+    for k in (16, 100, 300):
+        assert_exact(q, idx, k, ex)
+    # the sampled panels made to hold the first query's best items: its floor lands far too high, its
+    # selection does not fill, and the check, bounded by the floor, fails or holds; the answer stays exact
+    n_panels = -(-n // 64)
+    rows = np.concatenate([np.arange(p * 64, p * 64 + 64) for p in (s * (n_panels - 1) // 128 for s in range(128))])
+    best = np.argsort(-(x @ q[0]), kind="stable")
+    best = best[~np.isin(best, rows)][:len(rows)]
+    x2 = x.copy()
+    x2[rows], x2[best] = x[best], x[rows]
+    idx2 = ItemIndex(x2, precision)
+    for k in (16, 100, 300):
+        assert_exact(q, idx2, k, ex)
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    if rec_engine.simd_level() == "avx512" and ("avx512_vnni" if precision == "int8" else "avx512_bf16") in flags:
+        assert idx2.rescans >= 1   # the floors were taken, and the far too high one failed its check

@@ -848,8 +848,12 @@ struct QueryBound {
 // Returns whether the check passes; if so, also drops from ids[0 .. n) (the entries' ids, in order) the
 // items whose upper bound is below the width-th best lower bound (they cannot be in the top-k either, so
 // only the rest is re-scored) and returns their new count in n.
+// out_a: when finite, the reduced-precision score (as the scan computes it) that every item left out
+// stays below: the selection's floor, when it did not fill (else the shortlist's lowest score is).
 bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, const Entry* entries, int64_t& n,
-                         int64_t width, int64_t* ids, std::vector<double>& lows) {
+                         int64_t width, int64_t* ids, std::vector<double>& lows,
+                         float out_a = std::numeric_limits<float>::quiet_NaN()) {
+  if (n < width) return false;
   const double d = static_cast<double>(index.dim);
   const double gamma = (d + 4.0) * 0x1p-24 * 1.01, gamma2 = (d + 16.0) * 0x1p-24 * 1.01;
   const bool i8 = index.precision == Precision::int8;
@@ -874,7 +878,8 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
   sorted.assign(lows.begin(), lows.end());
   std::nth_element(sorted.begin(), sorted.begin() + (width - 1), sorted.end(), std::greater<double>());
   const double t = sorted[width - 1];
-  if (!(a_min + err(a_min, index.norm_max, index.scale_max) < t)) return false;
+  if (out_a == out_a) a_min = i8 ? qb.sq * out_a : out_a;   // (out_a >= every score left out)
+  if (!std::isfinite(a_min) || !(a_min + err(a_min, index.norm_max, index.scale_max) < t)) return false;
   int64_t w = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
@@ -889,6 +894,44 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
 // stay finite, as do the exact scores (|f| <= |q|_2 max|x|_2), and the int8 accumulators do not wrap
 // (d <= 65536: 4 products of at most 255 x 127 per step, d / 4 steps). A query that fails is scanned in
 // float32. The maxima include the heavy items.
+constexpr int64_t kFloorMinItems = 65536;   // tables from this size get floors (see reduced_floors)
+constexpr int64_t kFloorSamplePanels = 128;
+
+// Floors for nq (1-3) streamed queries of a reduced-precision scan: each query's r-th best score over
+// kFloorSamplePanels panels spread over the table, r chosen so that about 2 sl items are expected above it
+// (its count varies by about 1 / sqrt(r) = 16%; a floor too high only costs a failed check and a rescan).
+std::vector<float> reduced_floors(const QuantizedItems& index, const void* q, int64_t nq, int64_t dp, int64_t sl,
+                                  const topk_gemm::Table* g) {
+  const bool i8 = index.precision == Precision::int8;
+  const int64_t n_panels = (index.n_items + kPanel - 1) / kPanel;
+  const int64_t samples = kFloorSamplePanels * kPanel;
+  const int64_t r = std::min<int64_t>(samples, (2 * sl * samples + index.n_items - 1) / index.n_items + 3);
+  const int64_t panel_bytes = kPanel * dp * (i8 ? 1 : 2);
+  std::vector<float> scores(static_cast<size_t>(nq * samples)), tile(static_cast<size_t>(nq * kPanel));
+  float thr[kPackedMinQueries];
+  uint64_t masks[kPackedMinQueries];
+  std::fill(thr, thr + kPackedMinQueries, -std::numeric_limits<float>::infinity());
+  for (int64_t s = 0; s < kFloorSamplePanels; ++s) {
+    const int64_t pi = s * (n_panels - 1) / kFloorSamplePanels;  // never the last (padded) panel
+    const uint8_t* panel = index.packed + pi * panel_bytes;
+    if (i8)
+      g->scan_i8_filter(static_cast<const uint8_t*>(q), nq, dp, reinterpret_cast<const int8_t*>(panel), 1, dp / 4,
+                        index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile.data(), kPanel, masks);
+    else
+      g->scan_bf16_filter(static_cast<const uint16_t*>(q), nq, dp, reinterpret_cast<const uint16_t*>(panel), 1,
+                          dp / 2, thr, tile.data(), kPanel, masks);
+    for (int64_t a = 0; a < nq; ++a)
+      std::copy_n(tile.data() + a * kPanel, kPanel, scores.data() + a * samples + s * kPanel);
+  }
+  std::vector<float> floors(static_cast<size_t>(nq));
+  for (int64_t a = 0; a < nq; ++a) {
+    float* b = scores.data() + a * samples;
+    std::nth_element(b, b + (r - 1), b + samples, std::greater<float>());
+    floors[a] = b[r - 1];
+  }
+  return floors;
+}
+
 bool query_fits(const QuantizedItems& index, const QueryBound& qb) {
   constexpr double kBig = 0x1p120;
   const double d = static_cast<double>(index.dim);
@@ -991,6 +1034,17 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     short_ids.assign(static_cast<size_t>(ng * sl), -1);
     std::vector<int64_t> short_n(static_cast<size_t>(ng), 0);
     std::vector<char> uncertain(static_cast<size_t>(ng), 0), with_heavy(static_cast<size_t>(ng), 0);
+    // Exact mode, 1-3 queries streamed over a large table with a long shortlist: each selection starts at a
+    // floor taken from a sample of panels, about 2 sl items expected above it, so that the scan offers those
+    // instead of every thread's first 2 sl items and the trims after them. A selection that does not fill
+    // holds every item at or above its floor, which then bounds the items left out in the check.
+    std::vector<float> floors;
+    const bool streamed = ng < kPackedMinQueries && g != nullptr &&
+                          (i8 ? g->scan_i8_filter != nullptr : g->scan_bf16_filter != nullptr);
+    if (exact && streamed && n_items >= kFloorMinItems && sl >= 64)
+      floors = reduced_floors(index, i8 ? static_cast<const void*>(qu.data() + g0 * dp)
+                                        : static_cast<const void*>(qb.data() + g0 * dp),
+                              ng, dp, sl, g);
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
@@ -1036,17 +1090,20 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
           int64_t n = 0;
           for (const Entry& e : sel) short_ids[a * sl + n++] = e.id;
           short_n[a] = n;
-          // A shortlist that did not fill holds every eligible item: nothing to check.
+          // A shortlist that did not fill holds every eligible item (without a floor): nothing to check.
           if (!exact) return;
+          const bool floored = !floors.empty() && n < sl;
           if (!query_fits(index, qbounds[g0 + a])) {
             uncertain[a] = 1;
-          } else if (n == sl && sl < n_items) {
+          } else if ((n == sl && sl < n_items) || floored) {
             thread_local std::vector<double> lows;
             uncertain[a] = !shortlist_certified(index, qbounds[g0 + a], sel.begin(), short_n[a], width,
-                                                short_ids.data() + a * sl, lows);
+                                                short_ids.data() + a * sl, lows,
+                                                floored ? floors[a] : std::numeric_limits<float>::quiet_NaN());
             with_heavy[a] = !uncertain[a] && index.n_heavy > 0;
           }
-        });
+        },
+        floors.empty() ? nullptr : floors.data());
     // Exact float32 re-scoring of each shortlist.
     const int ntq = detail::threads_for(opt.num_threads, ng * sl * dim, ng);
     std::vector<Entry> sel_storage(static_cast<size_t>(ntq * Selection::slots(width)));
