@@ -4,6 +4,7 @@ Imported by tests/conftest.py as a plugin, so that tests that do not use these f
 torch nor the training package."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,18 @@ class Trained:
         return self.root / name
 
 
+@contextmanager
+def torch_one_thread(torch):
+    """Small models train on one torch thread (deterministic and quick on a shared machine); the count is
+    restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Trained:
     torch = pytest.importorskip("torch", reason="serving tests train small models with torch (test extra)")
@@ -31,9 +44,7 @@ def trained(tmp_path_factory) -> Trained:
     from rec_engine_train import pipeline
     from rec_engine_train.loop import TrainConfig
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_one_thread(torch):
         root = tmp_path_factory.mktemp("bundles")
         quiet = dict(log=lambda _msg: None)
         graph = pipeline.load_data("synthetic", "graph", synthetic={"n_users": 400, "n_items": 300})
@@ -48,8 +59,6 @@ def trained(tmp_path_factory) -> Trained:
         write_pipeline(root / "pipe_a", retrieval=root / "lightgcn", ranking=root / "deepfm", n_candidates=50)
         write_pipeline(root / "pipe_b", retrieval=root / "lightgcn_b", ranking=root / "deepfm", n_candidates=50)
         return Trained(graph, ctr, lg, lg_b, dfm, root)
-    finally:
-        torch.set_num_threads(before)
 
 
 def torch_two_stage(trained: Trained, user: int, k: int, n_candidates: int, context: dict,
@@ -93,14 +102,10 @@ def trained_sasrec(tmp_path_factory):
     from rec_engine_train import pipeline
     from rec_engine_train.loop import TrainConfig
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_one_thread(torch):
         seq = pipeline.load_data("synthetic", "sequential", synthetic={"n_users": 300, "n_items": 200})
         res = pipeline.train("sasrec", seq, TrainConfig(epochs=2, lr=3e-3, batch_size=128, dim=16, progress=False,
                                                         params={"max_len": 20, "dropout": 0.0}),
                              log=lambda _msg: None)
         path = pipeline.export(res, seq, tmp_path_factory.mktemp("sasrec") / "sasrec")
         return res, seq, path
-    finally:
-        torch.set_num_threads(before)

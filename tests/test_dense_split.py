@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from rec_engine import dense_split  # noqa: E402
 from rec_engine.dense_split import FIRST_BIAS, split_first_layer  # noqa: E402
+from serving_fixtures import torch_one_thread  # noqa: E402
 
 F, D, H = 5, 4, 6
 
@@ -112,9 +113,7 @@ def ctr_bundles(tmp_path_factory):
     from rec_engine_train import pipeline
     from rec_engine_train.loop import TrainConfig
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_one_thread(torch):
         root = tmp_path_factory.mktemp("split")
         data = pipeline.load_data("synthetic", "ctr", synthetic={"n_users": 200, "n_items": 150})
         out = {}
@@ -124,8 +123,6 @@ def ctr_bundles(tmp_path_factory):
                                                          progress=False, params=params), log=lambda _m: None)
             out[kind] = pipeline.export(res, data, root / kind)
         return out
-    finally:
-        torch.set_num_threads(before)
 
 
 def _whole(ranker):

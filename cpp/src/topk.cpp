@@ -851,49 +851,42 @@ struct QueryBound {
 // out_a: when finite, the reduced-precision score (as the scan computes it) that every item left out
 // stays below: the selection's floor, when it did not fill (else the shortlist's lowest score is).
 bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, const Entry* entries, int64_t& n,
-                         int64_t width, int64_t* ids, std::vector<double>& lows,
+                         int64_t width, int64_t* ids, std::vector<double>& bounds,
                          float out_a = std::numeric_limits<float>::quiet_NaN()) {
   if (n < width) return false;
   const double d = static_cast<double>(index.dim);
   const double gamma = (d + 4.0) * 0x1p-24 * 1.01, gamma2 = (d + 16.0) * 0x1p-24 * 1.01;
   const bool i8 = index.precision == Precision::int8;
-  // Underflow (subnormal scales, products and sums, flushed by the bf16 instructions) is covered by an
-  // absolute term far above its size, d 2^-120 (1 + max|q| + sq + |q~|_1), negligible for any other data.
-  const double tiny = d * 0x1p-120 * (1.0 + qb.qmax + qb.sq + qb.q1);
+  const double tiny = d * 0x1p-120 * (1.0 + qb.qmax + qb.sq + qb.q1);   // (underflow: see above)
   auto err = [&](double r, double nrm, double sx) {
     const double p = qb.q2 * nrm, under = tiny + d * 0x1p-120 * nrm;
     if (i8) return 1.01 * (qb.dq2 * nrm + 0.5001 * sx * qb.q1 + gamma * p + std::fabs(r) * 0x1p-23) + under;
     return 1.01 * p * (0x1p-7 + 0x1p-16 + gamma + gamma2 * 1.01) + under;
   };
-  lows.resize(static_cast<size_t>(n));
+  // bounds[2 i], bounds[2 i + 1]: entry i's lower and upper bound; then its lower bounds, for the select
+  bounds.resize(static_cast<size_t>(3 * n));
   double a_min = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = entries[i].id;
     const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
     if (!std::isfinite(r)) return false;  // (query_fits rules this out; a guard against NaN in the select)
     a_min = std::min(a_min, r);
-    lows[i] = r - err(r, index.norm[id], i8 ? index.scale[id] : 0.0);
+    const double e = err(r, index.norm[id], i8 ? index.scale[id] : 0.0);
+    bounds[2 * i] = bounds[2 * n + i] = r - e;
+    bounds[2 * i + 1] = r + e;
   }
-  thread_local std::vector<double> sorted;
-  sorted.assign(lows.begin(), lows.end());
-  std::nth_element(sorted.begin(), sorted.begin() + (width - 1), sorted.end(), std::greater<double>());
-  const double t = sorted[width - 1];
+  double* lows = bounds.data() + 2 * n;
+  std::nth_element(lows, lows + (width - 1), lows + n, std::greater<double>());
+  const double t = lows[width - 1];
   if (out_a == out_a) a_min = i8 ? qb.sq * out_a : out_a;   // (out_a >= every score left out)
   if (!std::isfinite(a_min) || !(a_min + err(a_min, index.norm_max, index.scale_max) < t)) return false;
   int64_t w = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double r = i8 ? qb.sq * entries[i].score : entries[i].score;
-    if (r + err(r, index.norm[entries[i].id], i8 ? index.scale[entries[i].id] : 0.0) >= t) ids[w++] = ids[i];
-  }
+  for (int64_t i = 0; i < n; ++i)
+    if (bounds[2 * i + 1] >= t) ids[w++] = ids[i];
   n = w;  // >= width: the width entries with lows >= t have highs >= t
   return true;
 }
 
-// Whether nothing can overflow for this query, so that the check's bounds hold: the int8 scores
-// (|a| <= 127^2 d max sx) and the bf16 codes (|x| <= |x|_2 < 2^120, far below bf16's largest finite value)
-// stay finite, as do the exact scores (|f| <= |q|_2 max|x|_2), and the int8 accumulators do not wrap
-// (d <= 65536: 4 products of at most 255 x 127 per step, d / 4 steps). A query that fails is scanned in
-// float32. The maxima include the heavy items.
 constexpr int64_t kFloorMinItems = 65536;   // tables from this size get floors (see reduced_floors)
 constexpr int64_t kFloorSamplePanels = 128;
 
@@ -932,6 +925,11 @@ std::vector<float> reduced_floors(const QuantizedItems& index, const void* q, in
   return floors;
 }
 
+// Whether nothing can overflow for this query, so that the check's bounds hold: the int8 scores
+// (|a| <= 127^2 d max sx) and the bf16 codes (|x| <= |x|_2 < 2^120, far below bf16's largest finite value)
+// stay finite, as do the exact scores (|f| <= |q|_2 max|x|_2), and the int8 accumulators do not wrap
+// (d <= 65536: 4 products of at most 255 x 127 per step, d / 4 steps). A query that fails is scanned in
+// float32. The maxima include the heavy items.
 bool query_fits(const QuantizedItems& index, const QueryBound& qb) {
   constexpr double kBig = 0x1p120;
   const double d = static_cast<double>(index.dim);
@@ -1096,9 +1094,9 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
           if (!query_fits(index, qbounds[g0 + a])) {
             uncertain[a] = 1;
           } else if ((n == sl && sl < n_items) || floored) {
-            thread_local std::vector<double> lows;
+            thread_local std::vector<double> bounds;
             uncertain[a] = !shortlist_certified(index, qbounds[g0 + a], sel.begin(), short_n[a], width,
-                                                short_ids.data() + a * sl, lows,
+                                                short_ids.data() + a * sl, bounds,
                                                 floored ? floors[a] : std::numeric_limits<float>::quiet_NaN());
             with_heavy[a] = !uncertain[a] && index.n_heavy > 0;
           }
@@ -1111,6 +1109,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     std::vector<int64_t> nan_q(ntq, kNoNan);
     detail::parallel_for(ng, ntq, 4, [&](int64_t a) {
       const int t = detail::thread_id();
+      if (uncertain[a]) return;  // scanned again below: its shortlist's scores would be thrown away
       Selection sel(sel_storage.data() + t * Selection::slots(width), width);
       const int64_t q = g0 + a;
       int64_t* ids = short_ids.data() + a * sl;
