@@ -19,6 +19,9 @@ Implementations (group ``recommend k=10 (...)``):
   ``argpartition`` + sort of the top 500, the candidates' features gathered with fancy indexing and
   summed per bag with ``np.add.reduceat``, the same ``dense.onnx`` in an ONNX Runtime session with the
   same thread settings, sigmoid, top 10.
+- ``numpy+ort 2t``: the same with two ONNX Runtime intra-op threads, spinning off (the engine runs a request's
+  candidates through the dense part on its ``num_threads``; with spinning on, ORT's idle threads take the cores
+  from NumPy's BLAS threads and the whole path gets slower, 19 ms instead of 11 ms).
 
 Before timing, both must return the same 10 items (same order) for a few users. The rounds of both
 implementations cycle through the same random requests (user + context). Besides the ratio table
@@ -61,7 +64,7 @@ K = 10
 SEEN_PER_USER = 50
 PASSES = 4                   # rec_engine, numpy+ort, rec_engine, ... (see bench_kernels.py)
 N_AGREE = 5                  # users whose answers both implementations must agree on before timing
-IMPLS = ("rec_engine", "rec_engine int8", "rec_engine int8+int8", "numpy+ort")
+IMPLS = ("rec_engine", "rec_engine int8", "rec_engine int8+int8", "numpy+ort", "numpy+ort 2t")
 BATCH = 256                  # users of the recommend_batch group
 
 # The 26 fields: (name, kind, vocabulary size; None = the number of users / items). Vocabularies are the
@@ -195,7 +198,7 @@ class PlainPipeline:
     ``recommend(user, context, k)`` returns ``(items [k] int64, probabilities [k] float32, timings in
     ms)`` with stages ``retrieval``, ``features``, ``dense``, ``finish`` (sigmoid and top k)."""
 
-    def __init__(self, path: Path, ort_threads: int):
+    def __init__(self, path: Path, ort_threads: int, spinning: bool = True):
         import onnxruntime as ort
 
         top = json.loads((path / "manifest.json").read_text())["meta"]
@@ -232,6 +235,8 @@ class PlainPipeline:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = ort_threads
         opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(k / "dense.onnx"), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
 
@@ -341,6 +346,7 @@ class Case:
                                          num_threads=settings.topk_threads, index="int8", ranking_precision="int8")
         self.recall: dict | None = None                  # the int8 index's recall (index_recall), measured once
         self.plain = PlainPipeline(self.path, settings.ort_threads)
+        self.plain2 = PlainPipeline(self.path, 2, spinning=False)
         self.load_s = time.perf_counter() - t
         self.requests = _requests(settings)
         self.stages = {impl: {} for impl in IMPLS}      # impl -> stage -> [ms per round], all passes
@@ -350,7 +356,8 @@ class Case:
                       f"DeepFM, {len(USER_FIELDS) + len(ITEM_FIELDS) + len(CONTEXT_FIELDS)} fields)")
 
     def check_agreement(self) -> None:
-        """Both implementations return the same items, in the same order, with the same probabilities."""
+        """The implementations return the same items, in the same order, with the same probabilities (the
+        int8 ranking aside)."""
         for user, ctx in self.requests[:N_AGREE]:
             rec = self.engine.recommend(user, k=K, context=ctx)
             ids, probs, _ = self.plain.recommend(user, ctx, K)
@@ -358,14 +365,19 @@ class Case:
             np.testing.assert_array_equal(rec.items, ids, err_msg=f"user {user}: the two paths disagree")
             np.testing.assert_allclose(rec.scores, probs, rtol=0, atol=1e-5)
             assert len(np.unique(probs)) == K, "tied probabilities: the comparison of orders is not meaningful"
+            np.testing.assert_array_equal(self.plain2.recommend(user, ctx, K)[0], ids)
+            # the exact int8 index: the float32 scan's candidates, so the same recommendations
+            np.testing.assert_array_equal(self.engine_int8.recommend(user, k=K, context=ctx).items, ids,
+                                          err_msg=f"user {user}: the exact int8 index disagrees")
 
     def profile_engine_dense(self, requests) -> None:
-        """Untimed: the time of the engine's ONNX call inside ``recommend`` (its runner's bound-buffer run and
-        its ranker's ``_logits``, wrapped for this pass only) beside the ranking stage of the same call, to split
-        the engine's ranking into the dense part and the rest (features, sigmoid, sort)."""
+        """Untimed: the time of the engine's dense part inside ``recommend`` (its runner's bound-buffer run, all
+        of a request's row chunks, and its ranker's ``_logits``, wrapped for this pass only) beside the ranking
+        stage of the same call, to split the engine's ranking into the dense part and the rest (features,
+        sort)."""
         ranker = self.engine._version.ranking
         runner = ranker.runner
-        inner_logits, inner_io, inner_split = ranker._logits, runner._run_io, runner._run_io_split
+        inner_logits, inner_bound = ranker._logits, runner._run_bound
         dense = []
 
         def timing(fn):
@@ -376,9 +388,7 @@ class Case:
                 return out
             return timed
 
-        ranker._logits, runner._run_io = timing(inner_logits), timing(inner_io)
-        if inner_split is not None:      # the dense part with its first layer split (rec_engine.dense_split)
-            runner._run_io_split = timing(inner_split)
+        ranker._logits, runner._run_bound = timing(inner_logits), timing(inner_bound)
         try:
             for user, ctx in requests:
                 dense.clear()
@@ -386,7 +396,8 @@ class Case:
                 self.engine_profile["dense"].append(sum(dense))
                 self.engine_profile["rest"].append(ranking - sum(dense))
         finally:
-            ranker._logits, runner._run_io, runner._run_io_split = inner_logits, inner_io, inner_split
+            ranker._logits = inner_logits
+            del runner._run_bound      # the class's method again
 
     def index_recall(self, n_users: int = 256) -> dict:
         """Recall of the int8 engine's retrieval candidates against the exact scan's (top 500, seen items
@@ -455,8 +466,8 @@ class StageReport:
                           f"{r.get('recall', float('nan')):.4f}, min {r.get('recall_min', float('nan')):.4f}")
         d, r = case.engine_profile["dense"], case.engine_profile["rest"]
         if d:
-            tr.write_line(f"  rec_engine ranking split ({len(d)} untimed rounds, ONNX call wrapped): dense (ORT) p50 "
-                          f"{_pct(d, 50):.3f} p99 {_pct(d, 99):.3f}; the rest (features, sigmoid, sort) p50 "
+            tr.write_line(f"  rec_engine ranking split ({len(d)} untimed rounds, dense part wrapped): dense (ORT, its "
+                          f"row chunks, sigmoid) p50 {_pct(d, 50):.3f} p99 {_pct(d, 99):.3f}; the rest (features, sort) p50 "
                           f"{_pct(r, 50):.3f} p99 {_pct(r, 99):.3f}")
 
 
@@ -492,7 +503,7 @@ def bench_recommend(benchmark, case, pass_no, impl):
                               ("wall", wall)):
                 log.setdefault(stage, []).append(ms)
     else:
-        plain = case.plain
+        plain = case.plain2 if impl == "numpy+ort 2t" else case.plain
 
         def fn(user, ctx):
             t = time.perf_counter()

@@ -250,3 +250,55 @@ def test_groups_must_cover_the_rows(ctr_bundles):
         r.runner.logits(emb, lin, groups=[-1, 5])
     np.testing.assert_allclose(r.runner.logits(emb, lin, groups=[1, 3]), r.runner.logits(emb, lin), rtol=1e-5,
                                atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ a request's rows on several threads
+@pytest.mark.parametrize("kind", ["deepfm", "fm"])
+def test_a_requests_row_chunks_equal_one_call(ctr_bundles, rng, kind):
+    """request_threads > 1: a request's candidates run through the dense part as row chunks at once (at least
+    CHUNK_MIN_ROWS each; the split model for deepfm, the whole one for fm); every candidate's probability is the
+    one-thread call's, on every size around the chunk boundaries and past the bound buffers."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ctr_runner import CHUNK_MIN_ROWS
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles[kind])
+    par, one = CtrRanker(b, request_threads=3), CtrRanker(b)
+    assert (par.runner.split is not None) == (kind == "deepfm")
+    m = CHUNK_MIN_ROWS
+    for j, n in enumerate((1, m - 1, m, 2 * m - 1, 2 * m, 2 * m + 1, 3 * m - 1, 3 * m + 7, 500, 1024, 1500)):
+        u, ctx = int(rng.integers(0, 200)), CONTEXTS[j % len(CONTEXTS)]
+        cands = rng.integers(0, par.n_items, n)
+        want = one.score_candidates(u, cands, ctx)
+        np.testing.assert_allclose(par.score_candidates(u, cands, ctx), want, rtol=1e-5, atol=1e-6)
+        for t in (1, 2, 5):      # the per-call override
+            np.testing.assert_allclose(one.score_candidates(u, cands, ctx, threads=t), want, rtol=1e-5, atol=1e-6)
+    assert sorted(par.runner._row_pools) == [2, 3]      # 2 chunks from 2 m rows, 3 from 3 m
+    assert sorted(one.runner._row_pools) == [2, 3, 5]
+
+
+def test_row_chunks_from_many_threads_at_once(ctr_bundles, rng):
+    """Requests from several threads share the chunk pool; each gets its own candidates' probabilities."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, one = CtrRanker(b, request_threads=2), CtrRanker(b)
+    work = [(int(rng.integers(0, 200)), rng.integers(0, par.n_items, int(rng.integers(1, 700))),
+             CONTEXTS[j % len(CONTEXTS)]) for j in range(60)]
+    want = [one.score_candidates(u, c, x) for u, c, x in work]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda w: par.score_candidates(*w), work))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
+def test_request_threads_must_be_a_positive_integer(ctr_bundles, bad):
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import load_ranking
+
+    with pytest.raises(ValueError, match="request_threads must be an integer >= 1"):
+        load_ranking(open_bundle(ctr_bundles["deepfm"]), request_threads=bad)

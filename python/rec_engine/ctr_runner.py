@@ -28,6 +28,10 @@ from .embedding import EmbeddingTable
 
 _BIND_MAX_ROWS = 1024
 _BIND_MAX_FLOATS = 1 << 20
+# a request's dense part runs as row chunks on several threads at once (``request_threads``) when each chunk
+# gets at least this many rows: an ONNX Runtime call and a thread hand-off cost ~30-60 us, a row of the
+# default DeepFM ~3.6 us
+CHUNK_MIN_ROWS = 64
 
 
 class CtrRunner:
@@ -48,6 +52,11 @@ class CtrRunner:
         of users (``batch=True``), with spinning off; None: the first session runs them. Calls made with
         ``batch="chunk"`` (one of several chunks of a batch scored at once, each on its own thread) run on a
         third session with one intra-op thread
+    request_threads : int  threads of one call's dense part (default 1): a bound call of ``n`` examples runs as
+        ``min(request_threads, n // CHUNK_MIN_ROWS)`` row chunks at once, each an ONNX Runtime call on one
+        thread (the calling thread and a pool's); 500 candidates of the default DeepFM on two threads: 1.0 ms
+        instead of 1.8 ms. Unlike ONNX Runtime's own intra-op threads, these never spin (idle threads would
+        take the cores from the next request's top-k)
     constant_fields : sequence of int, optional  fields that hold the same values on every example of one request
         (the user's and the context's): calls that say where their requests begin (``groups=``) run the dense
         part with its first layer split (:mod:`rec_engine.dense_split`), computing those fields' share of it once
@@ -62,8 +71,13 @@ class CtrRunner:
     def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike | bytes, *,
                  n_fields: int, inputs=("emb", "lin"), output: str = "logit", session_options=None,
                  num_threads: int | None = 1, batch_threads: int | None = None,
-                 constant_fields=None):
+                 constant_fields=None, request_threads: int = 1):
         import onnxruntime as ort
+
+        if isinstance(request_threads, bool) or not isinstance(request_threads, int) or request_threads < 1:
+            raise ValueError(f"request_threads must be an integer >= 1, got {request_threads!r}")
+        self.request_threads = request_threads
+        self._row_pools: dict = {}     # threads -> the pool that runs all chunks but the caller's
 
         self.embedding, self.linear = embedding, linear
         self.n_fields, self.dim = int(n_fields), embedding.dim
@@ -159,31 +173,69 @@ class CtrRunner:
         if b is None:
             emb, lin, out = (a[:n] for a in tls.buffers[:3])     # C-contiguous leading rows
             fb = tls.buffers[3]
-            e, li = self._feed
-            ios = []
-            for session in (self.session, self.split_session):
-                if session is None:
-                    ios.append(None)
-                    continue
-                io = session.io_binding()
-                io.bind_cpu_input(e, emb)
-                io.bind_cpu_input(li, lin)
-                if session is self.split_session:
-                    io.bind_cpu_input(self.split.input, fb)
-                io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-                ios.append(io)
+            ios = [self._binding(s, emb, lin, out, fb) for s in (self.session, self.split_session)]
             b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), ios[0],
-                            out.reshape(-1), ios[1], fb)
+                            out.reshape(-1), ios[1], fb, {}, (emb, lin, out))
         return b
 
-    def _run_bound(self, b, n: int, groups) -> np.ndarray:
+    def _binding(self, session, emb, lin, out, fb):
+        """An IOBinding of ``session`` (None: none) over these buffers (``fb``: the split's first-layer bias)."""
+        if session is None:
+            return None
+        e, li = self._feed
+        io = session.io_binding()
+        io.bind_cpu_input(e, emb)
+        io.bind_cpu_input(li, lin)
+        if session is self.split_session:
+            io.bind_cpu_input(self.split.input, fb)
+        io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        return io
+
+    def _chunks(self, b, n: int, threads: int, split: bool):
+        """The IOBindings of ``b``'s ``n`` rows cut into ``threads`` consecutive chunks (made once per thread
+        count and session, kept with ``b``)."""
+        key = (threads, split)
+        ios = b[6].get(key)
+        if ios is None:
+            emb, lin, out = b[7]
+            cuts = [n * i // threads for i in range(threads + 1)]
+            session = self.split_session if split else self.session
+            ios = b[6][key] = [self._binding(session, emb[a:z], lin[a:z], out[a:z], b[5])
+                               for a, z in zip(cuts[:-1], cuts[1:])]
+        return ios
+
+    def _row_pool(self, threads: int):
+        """The pool that runs all but the first of ``threads`` chunks (made at the first call that needs it)."""
+        pool = self._row_pools.get(threads)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with self._batch_lock:
+                pool = self._row_pools.get(threads)
+                if pool is None:
+                    pool = self._row_pools[threads] = ThreadPoolExecutor(
+                        threads - 1, thread_name_prefix="rec_engine-dense")
+        return pool
+
+    def _run_bound(self, b, n: int, groups, threads: int | None = None) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
-        request and there is a split)."""
-        if groups is not None and b[4] is not None and len(groups) == 1 and int(groups[0]) == n:
+        request and there is a split), as row chunks on ``threads`` threads (None: ``request_threads``) when
+        the rows allow it."""
+        split = groups is not None and b[4] is not None and len(groups) == 1 and int(groups[0]) == n
+        if split:
             self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
-            self._run_io_split(b[4])
+        threads = min(self.request_threads if threads is None else threads, n // CHUNK_MIN_ROWS)
+        run = self._run_io_split if split else self._run_io
+        if threads > 1:
+            ios = self._chunks(b, n, threads, split)
+            waits = [self._row_pool(threads).submit(run, io) for io in ios[1:]]
+            try:
+                run(ios[0])
+            finally:
+                for w in waits:    # (every chunk is waited for: the buffers are reused by this thread's next call)
+                    w.result()
         else:
-            self._run_io(b[2])
+            run(b[4] if split else b[2])
         return self.sigmoid(b[3])
 
     @property
@@ -191,23 +243,26 @@ class CtrRunner:
         """The most examples a call scores through the bound buffers (0: this model's output cannot be bound)."""
         return self._bind_rows
 
-    def bound_inputs(self, n: int, groups=None):
+    def bound_inputs(self, n: int, groups=None, threads: int | None = None):
         """``(emb [n, F, dim], lin [n, F], run)`` for ``1 <= n <= bind_rows``: this thread's bound input
         buffers, to be filled in place, and ``run()``, which runs the dense part on them and returns the click
-        probabilities (a new array). None when ``n`` is too large. ``groups``: as in :meth:`logits`."""
+        probabilities (a new array). None when ``n`` is too large. ``groups``: as in :meth:`logits`;
+        ``threads``: of the dense part (None: ``request_threads``)."""
         if not 0 < n <= self._bind_rows:
             return None
         b = self._bound(n)
 
         def run(b=b):
-            return self._run_bound(b, n, groups)
+            return self._run_bound(b, n, groups, threads)
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
-    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool | str = False, groups=None) -> np.ndarray:
+    def score_bags(self, indices, offsets, weights, n: int, *, batch: bool | str = False, groups=None,
+                   threads: int | None = None) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
         ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``); ``groups``: as in
-        :meth:`logits`."""
+        :meth:`logits`; ``threads``: of the dense part of a call that is not ``batch`` (None:
+        ``request_threads``)."""
         if n <= self._bind_rows and not batch:
             b = self._bound(n)
             try:
@@ -216,7 +271,7 @@ class CtrRunner:
             except (TypeError, ValueError):   # arrays of other kinds: the general path converts or explains
                 pass
             else:
-                return self._run_bound(b, n, groups)
+                return self._run_bound(b, n, groups, threads)
         emb, lin = self.pool_arrays(indices, offsets, weights, threads=1 if batch == "chunk" else None)
         return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
                                         batch=batch, groups=groups))

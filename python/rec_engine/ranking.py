@@ -115,6 +115,9 @@ class CtrRanker:
     dense : bytes, optional
         Another serialized dense part with the same inputs and output (e.g. :func:`quantize_dense` of the
         bundle's), run instead of the bundle's ``dense.onnx``.
+    request_threads : int
+        Threads of one request's dense part (:meth:`score_candidates`; default 1): its candidates run as row
+        chunks at once, each on one thread (``CtrRunner(request_threads=...)``).
     batch_threads : int, optional
         Threads of :meth:`score_candidates_batch` (0: all cores; None: the first session, with its threads): a
         batch of several chunks has that many scored at once, each on one thread; a batch of one chunk runs on
@@ -122,7 +125,7 @@ class CtrRanker:
     """
 
     def __init__(self, bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
-                 batch_threads: int | None = None, dense: bytes | None = None):
+                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1):
         meta = bundle.meta
         missing = [k for k in ("schema", "dim") if k not in meta] + ([] if bundle.has("dense.onnx") else ["dense.onnx"])
         if missing:
@@ -163,7 +166,8 @@ class CtrRanker:
                                 n_fields=self.n_fields,
                                 inputs=self.inputs, output=self.output, session_options=session_options,
                                 num_threads=num_threads, batch_threads=batch_threads,
-                                constant_fields=constant if self.item_fields else None)
+                                constant_fields=constant if self.item_fields else None,
+                                request_threads=request_threads)
         self.session = self.runner.session
         given = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
         if not (all(isinstance(n, str) and n in given[0] for n in self.inputs) and isinstance(self.output, str)
@@ -335,9 +339,10 @@ class CtrRanker:
             lin[:, fi] = z * lrow
 
     def score_candidates(self, user: int, candidates: np.ndarray, context: Mapping[str, Any] | None = None,
-                         pair: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+                         pair: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None) -> np.ndarray:
         """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``; ``pair``: the
-        values of the model's pair fields per candidate (``{name: [N]}``; a field not given is missing)."""
+        values of the model's pair fields per candidate (``{name: [N]}``; a field not given is missing);
+        ``threads``: of the dense part (None: the ranker's ``request_threads``)."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         part = self._parts(user, context)
@@ -365,10 +370,10 @@ class CtrRanker:
             else:
                 ids = self._row_matrix(users, cands, lengths, parts)
             offsets, weights = self._one_entry_bags(N * F)
-            return self._score_bags(ids.reshape(-1), offsets, weights, N, groups=lengths)
+            return self._score_bags(ids.reshape(-1), offsets, weights, N, groups=lengths, threads=threads)
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
         # place them (into the runner's bound input buffers when the candidates fit)
-        bound = self.runner.bound_inputs(N, lengths)
+        bound = self.runner.bound_inputs(N, lengths, threads)
         if bound is not None:
             emb, lin, run = bound
         else:
@@ -474,6 +479,10 @@ class CtrRanker:
         flat = np.concatenate(cands) if B else np.zeros(0, np.int64)
         if len(flat) and (flat.min() < 0 or flat.max() >= self.items.n):
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
+        if B == 1 and 0 < len(flat) <= self.runner.bind_rows:
+            # a lone request (a server's batch of one): the request path, its rows on the batch's threads
+            return [self.score_candidates(int(users[0]), flat, None if contexts is None else contexts[0],
+                                          threads=self._chunk_workers or None)]
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
         ends = np.concatenate([[0], np.cumsum(lengths)])
         workers = self._chunk_workers
@@ -582,13 +591,16 @@ def quantize_dense(onnx_path) -> bytes:
 
 
 def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
-                 batch_threads: int | None = None, dense: bytes | None = None) -> CtrRanker:
+                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1) -> CtrRanker:
     """The ranking model of ``bundle`` (kinds: lr, fm, widedeep, deepfm, xdeepfm)."""
     if bundle.kind not in RANKING_KINDS:
         raise BundleError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a ranking model "
                           f"({', '.join(RANKING_KINDS)})")
+    if isinstance(request_threads, bool) or not isinstance(request_threads, int) or request_threads < 1:
+        raise ValueError(f"request_threads must be an integer >= 1, got {request_threads!r}")
     try:
-        return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense)
+        return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense,
+                         request_threads=request_threads)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:   # a wrong meta or array
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
