@@ -451,8 +451,8 @@ class Engine:
         The ranking model's dense part as trained, or with int8 weights (ONNX Runtime's dynamic quantization,
         :func:`~rec_engine.ranking.quantize_dense`: 2.7x faster for an MLP 400-400-400; probabilities move by
         up to ~1e-2, 8e-3 for the demo's DeepFM, see :attr:`ranking_info`; activations are quantized per call,
-        so a score also depends slightly on the other examples of its call: recommend_batch may order
-        near-ties unlike single calls). Default: the bundle's setting (``write_pipeline(ranking_precision=...)``,
+        so a score also depends slightly on the other examples of its call, or of its row chunk: recommend_batch,
+        and engines of other ``num_threads``, may order near-ties unlike single calls). Default: the bundle's setting (``write_pipeline(ranking_precision=...)``,
         which stores the int8 model), else float32.
     """
 
