@@ -19,9 +19,10 @@ Implementations (group ``recommend k=10 (...)``):
   ``argpartition`` + sort of the top 500, the candidates' features gathered with fancy indexing and
   summed per bag with ``np.add.reduceat``, the same ``dense.onnx`` in an ONNX Runtime session with the
   same thread settings, sigmoid, top 10.
-- ``numpy+ort 2t``: the same with two ONNX Runtime intra-op threads, spinning off (the engine runs a request's
-  candidates through the dense part on its ``num_threads``; with spinning on, ORT's idle threads take the cores
-  from NumPy's BLAS threads and the whole path gets slower, 19 ms instead of 11 ms).
+- ``numpy+ort mt``: the same with as many ONNX Runtime intra-op threads as the engine's top-k has
+  (``--bench-threads``, 2), spinning off (the engine runs a request's candidates through the dense part on its
+  ``num_threads``; with spinning on, ORT's idle threads take the cores from NumPy's BLAS threads and the whole
+  path gets slower, 19 ms instead of 11 ms).
 
 Before timing, both must return the same 10 items (same order) for a few users. The rounds of both
 implementations cycle through the same random requests (user + context). Besides the ratio table
@@ -64,7 +65,7 @@ K = 10
 SEEN_PER_USER = 50
 PASSES = 4                   # rec_engine, numpy+ort, rec_engine, ... (see bench_kernels.py)
 N_AGREE = 5                  # users whose answers both implementations must agree on before timing
-IMPLS = ("rec_engine", "rec_engine int8", "rec_engine int8+int8", "numpy+ort", "numpy+ort 2t")
+IMPLS = ("rec_engine", "rec_engine int8", "rec_engine int8+int8", "numpy+ort", "numpy+ort mt")
 BATCH = 256                  # users of the recommend_batch group
 
 # The 26 fields: (name, kind, vocabulary size; None = the number of users / items). Vocabularies are the
@@ -346,7 +347,7 @@ class Case:
                                          num_threads=settings.topk_threads, index="int8", ranking_precision="int8")
         self.recall: dict | None = None                  # the int8 index's recall (index_recall), measured once
         self.plain = PlainPipeline(self.path, settings.ort_threads)
-        self.plain2 = PlainPipeline(self.path, 2, spinning=False)
+        self.plain2 = PlainPipeline(self.path, settings.topk_threads, spinning=False)
         self.load_s = time.perf_counter() - t
         self.requests = _requests(settings)
         self.stages = {impl: {} for impl in IMPLS}      # impl -> stage -> [ms per round], all passes
@@ -447,7 +448,9 @@ class StageReport:
             return
         tr, s = terminalreporter, case.settings
         tr.write_sep("=", "recommend: stages")
-        tr.write_line(f"{case.group}; top-k threads {s.topk_threads}, ORT intra-op threads {s.ort_threads}, "
+        tr.write_line(f"{case.group}; top-k threads {s.topk_threads}, ORT intra-op threads {s.ort_threads} "
+                      f"(numpy+ort mt: {s.topk_threads}, no spinning; rec_engine: request rows in {s.topk_threads} "
+                      f"chunks at once on one-thread sessions), "
                       f"NumPy BLAS threads {_blas_threads() or 'unknown'}; bundle {case.path}")
         tr.write_line("share = stage mean / wall mean over the timed rounds; times in ms")
         tr.write_line(f"  {'impl':<12}{'stage':<42}{'p50':>9}{'p99':>9}{'share':>8}")
@@ -503,7 +506,7 @@ def bench_recommend(benchmark, case, pass_no, impl):
                               ("wall", wall)):
                 log.setdefault(stage, []).append(ms)
     else:
-        plain = case.plain2 if impl == "numpy+ort 2t" else case.plain
+        plain = case.plain2 if impl == "numpy+ort mt" else case.plain
 
         def fn(user, ctx):
             t = time.perf_counter()
@@ -520,7 +523,9 @@ def bench_recommend(benchmark, case, pass_no, impl):
               for label, ms in stage_rows(case, impl)}
     benchmark.extra_info.update(
         impl=impl, pass_no=pass_no, passes=PASSES, items=s.n_items, users=s.n_users, candidates=N_CANDIDATES, k=K,
-        model=f"deepfm dim={DIM_CTR} mlp={list(MLP)}", topk_threads=s.topk_threads, ort_threads=s.ort_threads,
+        model=f"deepfm dim={DIM_CTR} mlp={list(MLP)}", topk_threads=s.topk_threads,
+        ort_threads=s.topk_threads if impl == "numpy+ort mt" else s.ort_threads,
+        ort_spinning=impl != "numpy+ort mt",
         blas_threads=_blas_threads(), simd=rec_engine.simd_level(), stages=stages)
     if impl == "rec_engine int8":
         benchmark.extra_info["index_recall"] = case.recall

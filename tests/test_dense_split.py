@@ -253,19 +253,49 @@ def test_groups_must_cover_the_rows(ctr_bundles):
 
 
 # ------------------------------------------------------------------------------ a request's rows on several threads
-@pytest.mark.parametrize("kind", ["deepfm", "fm"])
+def _chunked(ranker, rows: int = 64):
+    """The ranker with its runner's chunks set to ``rows`` rows at least (the test models are far cheaper a row
+    than the DeepFM that CHUNK_MIN_ROWS is set for: by their own cost they would never be cut)."""
+    ranker.runner.chunk_min_rows = rows
+    return ranker
+
+
+def test_chunk_rows_follow_the_models_cost(ctr_bundles):
+    """A model's rows per chunk scale with the multiply-adds a row of its dense part costs: a small MLP gets far
+    more than CHUNK_MIN_ROWS, a model without a matrix product (fm) is never cut, and neither is one whose
+    session has its own intra-op threads."""
+    import onnxruntime as ort
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ctr_runner import CHUNK_MIN_ROWS, _dense_macs
+    from rec_engine.ranking import CtrRanker
+
+    deep = CtrRanker(open_bundle(ctr_bundles["deepfm"]), request_threads=2)
+    macs = _dense_macs(open_bundle(ctr_bundles["deepfm"]).onnx_path("dense"))
+    assert 0 < macs < 400_000
+    assert deep.runner.chunk_min_rows == -(-64 * 400_000 // macs) > CHUNK_MIN_ROWS
+    assert deep.runner.request_threads == 2
+    fm = CtrRanker(open_bundle(ctr_bundles["fm"]), request_threads=2)
+    assert _dense_macs(open_bundle(ctr_bundles["fm"]).onnx_path("dense")) == 0
+    assert fm.runner.chunk_min_rows == 0 and fm.runner.request_threads == 1
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    own = CtrRanker(open_bundle(ctr_bundles["deepfm"]), opts, request_threads=2)
+    assert own.runner.request_threads == 1
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "widedeep"])
 def test_a_requests_row_chunks_equal_one_call(ctr_bundles, rng, kind):
     """request_threads > 1: a request's candidates run through the dense part as row chunks at once (at least
-    CHUNK_MIN_ROWS each; the split model for deepfm, the whole one for fm); every candidate's probability is the
-    one-thread call's, on every size around the chunk boundaries and past the bound buffers."""
+    chunk_min_rows each; the split model); every candidate's probability is the one-thread call's, on every
+    size around the chunk boundaries and past the bound buffers."""
     from rec_engine.bundle import open_bundle
-    from rec_engine.ctr_runner import CHUNK_MIN_ROWS
     from rec_engine.ranking import CtrRanker
 
     b = open_bundle(ctr_bundles[kind])
-    par, one = CtrRanker(b, request_threads=3), CtrRanker(b)
-    assert (par.runner.split is not None) == (kind == "deepfm")
-    m = CHUNK_MIN_ROWS
+    par, one = _chunked(CtrRanker(b, request_threads=3)), _chunked(CtrRanker(b))
+    assert par.runner.split is not None
+    m = 64
     for j, n in enumerate((1, m - 1, m, 2 * m - 1, 2 * m, 2 * m + 1, 3 * m - 1, 3 * m + 7, 500, 1024, 1500)):
         u, ctx = int(rng.integers(0, 200)), CONTEXTS[j % len(CONTEXTS)]
         cands = rng.integers(0, par.n_items, n)
@@ -273,8 +303,27 @@ def test_a_requests_row_chunks_equal_one_call(ctr_bundles, rng, kind):
         np.testing.assert_allclose(par.score_candidates(u, cands, ctx), want, rtol=1e-5, atol=1e-6)
         for t in (1, 2, 5):      # the per-call override
             np.testing.assert_allclose(one.score_candidates(u, cands, ctx, threads=t), want, rtol=1e-5, atol=1e-6)
-    assert sorted(par.runner._row_pools) == [2, 3]      # 2 chunks from 2 m rows, 3 from 3 m
-    assert sorted(one.runner._row_pools) == [2, 3, 5]
+    assert par.runner._row_workers == 2 and one.runner._row_workers == 4      # one pool, as large as asked
+    bound = par.runner._tls.bound
+    assert {key for n in (3 * m + 7, 500) for key in bound[n][6]} == {(3, True)}
+    assert set(bound[2 * m + 1][6]) == {(2, True)} and not bound[m][6]
+
+
+def test_int8_dense_cut_in_chunks_stays_close(ctr_bundles, rng):
+    """The int8 dense part quantizes activations per call, so chunks move probabilities a little, not more."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker, quantize_dense
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    q = quantize_dense(b.onnx_path("dense"))
+    par, one = _chunked(CtrRanker(b, dense=q, request_threads=2)), CtrRanker(b, dense=q)
+    ref = CtrRanker(b)
+    for u in rng.integers(0, 200, 5):
+        cands = rng.integers(0, par.n_items, 300)
+        got, whole = par.score_candidates(int(u), cands), one.score_candidates(int(u), cands)
+        np.testing.assert_allclose(got, whole, atol=2e-2)
+        np.testing.assert_allclose(got, ref.score_candidates(int(u), cands), atol=3e-2)
+    assert par.runner._row_workers == 1
 
 
 def test_row_chunks_from_many_threads_at_once(ctr_bundles, rng):
@@ -285,7 +334,7 @@ def test_row_chunks_from_many_threads_at_once(ctr_bundles, rng):
     from rec_engine.ranking import CtrRanker
 
     b = open_bundle(ctr_bundles["deepfm"])
-    par, one = CtrRanker(b, request_threads=2), CtrRanker(b)
+    par, one = _chunked(CtrRanker(b, request_threads=2)), CtrRanker(b)
     work = [(int(rng.integers(0, 200)), rng.integers(0, par.n_items, int(rng.integers(1, 700))),
              CONTEXTS[j % len(CONTEXTS)]) for j in range(60)]
     want = [one.score_candidates(u, c, x) for u, c, x in work]
@@ -295,10 +344,69 @@ def test_row_chunks_from_many_threads_at_once(ctr_bundles, rng):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_a_failing_chunk_raises_after_every_chunk_ended(ctr_bundles, rng):
+    """A chunk that raises: the call raises that error only once every other chunk has ended (none writes into
+    the thread's buffers after), and the next call scores right."""
+    import threading
+    import time
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, one = _chunked(CtrRanker(b, request_threads=3)), CtrRanker(b)
+    runner = par.runner
+    inner, ended, calls = runner._run_io_split, [], []
+    lock = threading.Lock()
+
+    def flaky(io):
+        with lock:
+            calls.append(io)
+            first = len(calls) == 1
+        if first:
+            raise RuntimeError("chunk failed")
+        time.sleep(0.05)           # the others still run when the failure is seen
+        inner(io)
+        ended.append(io)
+
+    runner._run_io_split = flaky
+    cands = rng.integers(0, par.n_items, 400)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        par.score_candidates(3, cands)
+    assert len(ended) == 2           # both other chunks had ended when the call raised
+    runner._run_io_split = inner
+    np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
-def test_request_threads_must_be_a_positive_integer(ctr_bundles, bad):
+def test_request_threads_must_be_a_positive_integer(ctr_bundles, rng, bad):
     from rec_engine.bundle import open_bundle
     from rec_engine.ranking import load_ranking
 
+    b = open_bundle(ctr_bundles["deepfm"])
     with pytest.raises(ValueError, match="request_threads must be an integer >= 1"):
-        load_ranking(open_bundle(ctr_bundles["deepfm"]), request_threads=bad)
+        load_ranking(b, request_threads=bad)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        load_ranking(b).score_candidates(3, np.arange(5), threads=bad)
+
+
+def test_a_batch_of_one_user_is_scored_as_a_request(ctr_bundles, rng):
+    """score_candidates_batch of one user takes score_candidates' path on the batch's threads (a server's
+    lone request), with the probabilities of the batch path."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    r, ref = _chunked(CtrRanker(b, batch_threads=2)), CtrRanker(b)
+    seen = []
+    inner = r.score_candidates
+    r.score_candidates = lambda *a, **kw: seen.append(kw.get("threads")) or inner(*a, **kw)
+    for n, ctx in ((300, CONTEXTS[1]), (7, None)):
+        cands = rng.integers(0, r.n_items, n)
+        (got,) = r.score_candidates_batch([4], [cands], [ctx])
+        (want,) = ref.score_candidates_batch([4], [cands], [ctx], chunk_rows=10_000)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert seen == [2, 2] and r.runner._row_workers == 1
+    assert [len(p) for p in r.score_candidates_batch([4], [np.zeros(0, np.int64)])] == [0]
+    assert len(seen) == 2            # no candidates: the batch path
+

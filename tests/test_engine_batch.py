@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import rec_engine
 from rec_engine import topk
 from rec_engine.bundle import open_bundle, write_pipeline
 from rec_engine.engine import Engine
@@ -223,3 +224,15 @@ def test_pipeline_command_and_serve_options(trained, tmp_path, capsys, monkeypat
     text = client.get("/metrics").text
     assert 'rec_engine_index_queries{kind="scanned"} 1.0' in text and 'kind="rescanned"' in text
     app.state.engine.close()
+
+
+def test_engine_threads_reach_the_ranker(trained):
+    """Engine(num_threads=n): the request's top-k, its pooling and its dense part's row chunks on n threads;
+    bad values are refused at construction, naming num_threads."""
+    for nt, want in ((1, 1), (3, 3), (np.int64(2), 2), (None, rec_engine.default_num_threads())):
+        with Engine.load(trained.bundle("pipe_a"), num_threads=nt) as e:
+            ranker = e._version.ranking
+            assert ranker.runner.request_threads == want and ranker._nt == want
+    for bad, err in ((0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="num_threads"):
+            Engine.load(trained.bundle("pipe_a"), num_threads=bad)

@@ -2,6 +2,7 @@
 #include "rec_engine/embedding.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -31,9 +32,13 @@ struct RowOps {
 
   void prefetch(int64_t r) const {
 #if defined(__GNUC__)
-    const char* p = static_cast<const char*>(t.data) + r * t.dim * elem_size();
+    const int64_t bytes = t.dim * elem_size();
+    const char* p = static_cast<const char*>(t.data) + r * bytes;
     __builtin_prefetch(p);
-    __builtin_prefetch(p + 64);
+    // the second line only when the row reaches it (a 64-byte row of 16 floats at a line boundary, or a
+    // linear table's 4-byte row, would otherwise fetch a line of another row)
+    if (bytes > 0 && ((reinterpret_cast<uintptr_t>(p) ^ reinterpret_cast<uintptr_t>(p + bytes - 1)) >> 6) != 0)
+      __builtin_prefetch(p + 64);
 #else
     (void)r;
 #endif

@@ -29,9 +29,11 @@ from .embedding import EmbeddingTable
 _BIND_MAX_ROWS = 1024
 _BIND_MAX_FLOATS = 1 << 20
 # a request's dense part runs as row chunks on several threads at once (``request_threads``) when each chunk
-# gets at least this many rows: an ONNX Runtime call and a thread hand-off cost ~30-60 us, a row of the
-# default DeepFM ~3.6 us
+# gets at least this many rows of a DeepFM 400-400-400 (~400k multiply-adds a row, ~3.6 us on one core): an
+# ONNX Runtime call and a thread hand-off cost ~30-60 us. A model with fewer multiply-adds a row needs
+# proportionally more rows a chunk (CtrRunner.chunk_min_rows); one without a matrix product is never cut.
 CHUNK_MIN_ROWS = 64
+_CHUNK_MIN_MACS = 64 * 400_000
 
 
 class CtrRunner:
@@ -53,10 +55,12 @@ class CtrRunner:
         ``batch="chunk"`` (one of several chunks of a batch scored at once, each on its own thread) run on a
         third session with one intra-op thread
     request_threads : int  threads of one call's dense part (default 1): a bound call of ``n`` examples runs as
-        ``min(request_threads, n // CHUNK_MIN_ROWS)`` row chunks at once, each an ONNX Runtime call on one
-        thread (the calling thread and a pool's); 500 candidates of the default DeepFM on two threads: 1.0 ms
-        instead of 1.8 ms. Unlike ONNX Runtime's own intra-op threads, these never spin (idle threads would
-        take the cores from the next request's top-k)
+        ``min(request_threads, n // chunk_min_rows)`` row chunks at once, each an ONNX Runtime call on the
+        calling thread or a pool's (:attr:`chunk_min_rows`: 64 for a DeepFM 400-400-400, more for a cheaper
+        model); 500 candidates of that DeepFM on two threads: 1.0 ms instead of 1.8 ms. Unlike ONNX Runtime's
+        own intra-op threads, these never spin (idle threads would take the cores from the next request's
+        top-k). Only with a one-thread session (``session_options.intra_op_num_threads == 1``, the default):
+        a session with its own intra-op threads runs each call whole
     constant_fields : sequence of int, optional  fields that hold the same values on every example of one request
         (the user's and the context's): calls that say where their requests begin (``groups=``) run the dense
         part with its first layer split (:mod:`rec_engine.dense_split`), computing those fields' share of it once
@@ -76,8 +80,7 @@ class CtrRunner:
 
         if isinstance(request_threads, bool) or not isinstance(request_threads, int) or request_threads < 1:
             raise ValueError(f"request_threads must be an integer >= 1, got {request_threads!r}")
-        self.request_threads = request_threads
-        self._row_pools: dict = {}     # threads -> the pool that runs all chunks but the caller's
+        self._row_pool, self._row_workers = None, 0     # the pool that runs all chunks but the caller's
 
         self.embedding, self.linear = embedding, linear
         self.n_fields, self.dim = int(n_fields), embedding.dim
@@ -99,8 +102,9 @@ class CtrRunner:
         self._lin_pool = linear._table.pool
         self._run = self.session.run
         self._feed = tuple(self.inputs[:2])
-        self._tls = threading.local()   # .buffers (emb, lin, out of the largest size), .bound: {n: (emb [n F, d],
-        #                                 lin [n F, 1], IOBinding, out [n]) over their leading rows}
+        self._tls = threading.local()   # .buffers (emb, lin, out of the largest size, split bias), .bound: {n:
+        #   (emb [n F, d], lin [n F, 1], IOBinding, out [n], split IOBinding, split bias, {(threads, split): the
+        #    chunks' IOBindings}, (emb, lin, out) [n, ...]) over their leading rows}
         meta = next((o for o in self.session.get_outputs() if o.name == self.output), None)
         out_shape = list(meta.shape) if meta is not None else []
         bindable = (meta is not None and meta.type == "tensor(float)"     # logits [n] or [n, 1]
@@ -111,6 +115,12 @@ class CtrRunner:
         self.split, self.split_session, self._run_io_split = None, None, None
         if constant_fields is not None:
             self._set_split(model, constant_fields, session_options)
+        # row chunks at once: with a one-thread session, for a model whose rows cost enough
+        macs = _dense_macs(model)
+        self.chunk_min_rows = (CHUNK_MIN_ROWS if macs is None else
+                               max(CHUNK_MIN_ROWS, -(-_CHUNK_MIN_MACS // macs)) if macs > 0 else 0)
+        one_thread = getattr(session_options, "intra_op_num_threads", 1) == 1
+        self.request_threads = request_threads if one_thread and self.chunk_min_rows else 1
 
     def _set_split(self, model, constant_fields, session_options) -> None:
         """Builds the split dense part and keeps it when it gives the whole model's logits on random rows; the
@@ -204,18 +214,17 @@ class CtrRunner:
                                for a, z in zip(cuts[:-1], cuts[1:])]
         return ios
 
-    def _row_pool(self, threads: int):
-        """The pool that runs all but the first of ``threads`` chunks (made at the first call that needs it)."""
-        pool = self._row_pools.get(threads)
-        if pool is None:
+    def _pool_for(self, threads: int):
+        """A pool with at least ``threads - 1`` workers, which run all but the caller's chunk (made at the first
+        call that needs it; a call asking for more workers replaces it, the old one's threads end with it)."""
+        if self._row_workers < threads - 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with self._batch_lock:
-                pool = self._row_pools.get(threads)
-                if pool is None:
-                    pool = self._row_pools[threads] = ThreadPoolExecutor(
-                        threads - 1, thread_name_prefix="rec_engine-dense")
-        return pool
+                if self._row_workers < threads - 1:
+                    self._row_pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="rec_engine-dense")
+                    self._row_workers = threads - 1
+        return self._row_pool
 
     def _run_bound(self, b, n: int, groups, threads: int | None = None) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
@@ -224,16 +233,24 @@ class CtrRunner:
         split = groups is not None and b[4] is not None and len(groups) == 1 and int(groups[0]) == n
         if split:
             self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
-        threads = min(self.request_threads if threads is None else threads, n // CHUNK_MIN_ROWS)
+        threads = self.request_threads if threads is None else threads
+        if threads > 1 and self.chunk_min_rows:
+            threads = min(threads, n // self.chunk_min_rows)
         run = self._run_io_split if split else self._run_io
         if threads > 1:
+            from concurrent.futures import wait
+
             ios = self._chunks(b, n, threads, split)
-            waits = [self._row_pool(threads).submit(run, io) for io in ios[1:]]
+            pool, waits = self._pool_for(threads), []
             try:
+                for io in ios[1:]:
+                    waits.append(pool.submit(run, io))
                 run(ios[0])
             finally:
-                for w in waits:    # (every chunk is waited for: the buffers are reused by this thread's next call)
-                    w.result()
+                # every chunk has ended before this returns or raises: the buffers are this thread's next call's
+                wait(waits)
+            for w in waits:
+                w.result()     # (a chunk's error)
         else:
             run(b[4] if split else b[2])
         return self.sigmoid(b[3])
@@ -261,13 +278,14 @@ class CtrRunner:
                    threads: int | None = None) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
         ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``); ``groups``: as in
-        :meth:`logits`; ``threads``: of the dense part of a call that is not ``batch`` (None:
-        ``request_threads``)."""
+        :meth:`logits`; ``threads``: of the pooling and the dense part of a call that is not ``batch`` (None:
+        ``num_threads`` and ``request_threads``)."""
         if n <= self._bind_rows and not batch:
             b = self._bound(n)
+            nt = self._nt if threads is None else threads
             try:
-                self._emb_pool(indices, offsets, weights, "sum", self._nt, True, b[0])
-                self._lin_pool(indices, offsets, weights, "sum", self._nt, True, b[1])
+                self._emb_pool(indices, offsets, weights, "sum", nt, True, b[0])
+                self._lin_pool(indices, offsets, weights, "sum", nt, True, b[1])
             except (TypeError, ValueError):   # arrays of other kinds: the general path converts or explains
                 pass
             else:
@@ -328,3 +346,18 @@ class CtrRunner:
             out[0] = (1.0 + math.tanh(0.5 * z.item())) * 0.5
             return out
         return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)
+
+
+def _dense_macs(model) -> int | None:
+    """Multiply-adds a row of the dense part's matrix products (the weights of its MatMul / Gemm nodes), or None
+    when the onnx package cannot tell (then CHUNK_MIN_ROWS rows a chunk)."""
+    try:
+        import onnx
+
+        graph = (onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else onnx.load(model)).graph
+        sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) == 2}
+        return sum(sizes.get(i, 0) for node in graph.node if node.op_type in ("MatMul", "Gemm", "MatMulInteger",
+                                                                                 "DynamicQuantizeMatMul")
+                   for i in node.input[1:2])
+    except Exception:      # noqa: BLE001 - no onnx package, or a model it cannot read: the default
+        return None

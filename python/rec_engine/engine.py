@@ -41,6 +41,7 @@ from .versions import resolve as resolve_bundle
 from .ranking import RANKING_KINDS, CtrRanker, load_ranking, quantize_dense
 from .retrieval import UserState, load_retrieval
 from .runtime import default_num_threads
+from ._convert import threads_arg
 from .bundle import INDEX_PRECISIONS
 from .topk import IdLists, ItemIndex, TopK, topk
 
@@ -466,7 +467,7 @@ class Engine:
                  explore_max_impressions: int = 100, seed: int | None = None, profiles=None,
                  batch_threads: int | None = None):
         self.check_options(scan_memory=scan_memory, index=index, ranking_precision=ranking_precision,
-                           batch_threads=batch_threads,
+                           batch_threads=batch_threads, num_threads=num_threads,
                            impression_sample=impression_sample, window_days=window_days,
                            retention_days=retention_days, follow_events_s=follow_events_s,
                            candidate=candidate, candidate_fraction=candidate_fraction)
@@ -550,7 +551,7 @@ class Engine:
                      batch_threads=self.batch_threads if self.batch_threads is not None else 0,
                      ranking_precision=self._ranking_precision, scan_memory=self._scan_memory,
                      # a request's ranking runs its candidates as row chunks on as many threads as its top-k
-                     request_threads=self.num_threads or default_num_threads())
+                     request_threads=threads_arg(self.num_threads) or default_num_threads())
         if getattr(self, "catalogue", None) is not None:
             self._apply_catalogue(v)
         if getattr(self, "online", None) is not None:      # a swap / candidate (at start: after the store opens)
@@ -668,6 +669,8 @@ class Engine:
             got = options.get(name)
             if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0):
                 raise ValueError(f"{name} must be a number > 0, got {got!r}")
+        if options.get("num_threads") is not None:
+            threads_arg(options["num_threads"])     # (TypeError / ValueError naming num_threads)
         bt = options.get("batch_threads")
         if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
             raise ValueError(f"batch_threads must be an integer >= 1, got {bt!r}")

@@ -121,7 +121,8 @@ class CtrRanker:
     batch_threads : int, optional
         Threads of :meth:`score_candidates_batch` (0: all cores; None: the first session, with its threads): a
         batch of several chunks has that many scored at once, each on one thread; a batch of one chunk runs on
-        a second session with that many ONNX Runtime threads.
+        a second session with that many ONNX Runtime threads, except a batch of one user, which is scored as
+        :meth:`score_candidates` with that many threads.
     """
 
     def __init__(self, bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
@@ -342,9 +343,13 @@ class CtrRanker:
                          pair: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None) -> np.ndarray:
         """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``; ``pair``: the
         values of the model's pair fields per candidate (``{name: [N]}``; a field not given is missing);
-        ``threads``: of the dense part (None: the ranker's ``request_threads``)."""
+        ``threads``: of the pooling and the dense part (None: the ranker's ``num_threads`` and
+        ``request_threads``)."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
+        if threads is not None and (isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         part = self._parts(user, context)
         cands = np.asarray(candidates, np.int64)
         N, F, d = len(cands), self.n_fields, self.dim
@@ -378,7 +383,7 @@ class CtrRanker:
             emb, lin, run = bound
         else:
             emb, lin, run = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32), None
-        self._fill_pooled(emb, lin, users, cands, lengths, parts)
+        self._fill_pooled(emb, lin, users, cands, lengths, parts, threads)
         if pairs is not None:
             self._put_pairs(emb, lin, pairs)
         return run() if run is not None else self._sigmoid(self._logits(emb, lin, groups=lengths))
@@ -468,7 +473,8 @@ class CtrRanker:
                                chunk_rows: int = _BATCH_ROWS) -> list[np.ndarray]:
         """Click probabilities of each user's candidates: ``[score_candidates(u, c, ctx) for ...]``, computed
         with one feature lookup and one ONNX call (the batch session, see ``batch_threads``) per chunk of at
-        most ``chunk_rows`` examples (whole users; a user with more candidates is a chunk of its own)."""
+        most ``chunk_rows`` examples (whole users; a user with more candidates is a chunk of its own). A batch
+        of one user is :meth:`score_candidates` on the batch's threads."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         B = len(users)
@@ -480,7 +486,8 @@ class CtrRanker:
         if len(flat) and (flat.min() < 0 or flat.max() >= self.items.n):
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
         if B == 1 and 0 < len(flat) <= self.runner.bind_rows:
-            # a lone request (a server's batch of one): the request path, its rows on the batch's threads
+            # a lone request (a server's batch of one): the request path, its pooling and rows on the batch's
+            # threads
             return [self.score_candidates(int(users[0]), flat, None if contexts is None else contexts[0],
                                           threads=self._chunk_workers or None)]
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
