@@ -310,6 +310,50 @@ def test_pool_select_error_late_in_a_large_selection_leaves_out_unchanged(rng):
     assert (out == SENTINEL).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pool_select_errors_in_several_shares_report_what_the_sequential_checks_find_first(rng, threads):
+    """Each thread checks its share of a large selection: with problems in several shares, the error is the
+    one a sequential pass finds first (any bag's bad offsets before any bad id or weight, then the lowest
+    selected position), on any number of threads, and nothing is written."""
+    table = EmbeddingTable(rng.standard_normal((100, 8)).astype(np.float32))
+    linear = EmbeddingTable(rng.standard_normal((100, 1)).astype(np.float32))
+    indices, offsets, weights = make_store(rng, 100, 5000, 3)
+    n = 4000
+    bags = rng.permutation(5000)[:n].astype(np.int64)       # distinct bags: one problem belongs to one position
+    dest = rng.permutation(n).astype(np.int64)
+    nonempty = [i for i in range(n) if offsets[bags[i] + 1] > offsets[bags[i]]]
+    early, mid, late = nonempty[100], nonempty[len(nonempty) // 2], nonempty[-50]
+
+    def with_bad_id(idx, at):
+        idx = idx.copy()
+        idx[offsets[bags[at]]] = 100
+        return idx
+
+    def with_bad_offsets(offs, at):
+        offs = offs.copy()
+        offs[bags[at] + 1] = offs[bags[at]] - 1         # the bag's end before its start
+        return offs
+
+    def run(idx, offs, w):
+        out, lin = new_out(n, 8), new_out(n, 1)
+        with pytest.raises((IndexError, ValueError)) as err:
+            table.pool_select(idx, offs, w, bags, dest, out, num_threads=threads, second=linear, second_out=lin)
+        assert (out == SENTINEL).all() and (lin == SENTINEL).all()
+        return str(err.value)
+
+    # ids bad early and late: the early one
+    msg = run(with_bad_id(with_bad_id(indices, late), early), offsets, weights)
+    assert f"bags[{early}]" in msg and "out of range" in msg
+    # a bad id early, bad offsets late: the offsets (they are all checked before any id)
+    msg = run(with_bad_id(indices, early), with_bad_offsets(offsets, late), weights)
+    assert msg.startswith(f"bag {bags[late]} (bags[{late}]) has offsets")
+    # a NaN weight in the middle, a bad id late: the weight
+    w = weights.copy()
+    w[offsets[bags[mid]]] = np.nan
+    msg = run(with_bad_id(indices, late), offsets, w)
+    assert f"bags[{mid}]" in msg and "not finite" in msg
+
+
 # ----------------------------------------------------------------------------- threads and the GIL
 def test_pool_select_from_four_python_threads_matches_the_reference(rng):
     table, values = make_table(rng.standard_normal((3000, 16)).astype(np.float32), "float16")

@@ -200,10 +200,39 @@ constexpr int64_t kSelectPrefetch = 64;
 // block of short bags: more misses in flight than the kernel's own prefetch, a fixed distance ahead
 // within its call, keeps; the cap keeps a block of long bags from flushing the cache).
 constexpr int64_t kSelectRowPrefetch = 256;
-// A selection of at most this many ids has the table rows of every id prefetched already by the check of
-// its ids, a whole pass before they are pooled (the rows of a few thousand random items then load in
-// parallel instead of a block at a time); a larger one would push them out of the cache again.
+// A thread's share of a selection of at most this many ids has the table rows of every id prefetched
+// already by the check of its ids, a whole pass before they are pooled (the rows of a few thousand random
+// items then load in parallel instead of a block at a time); a larger one would push them out of the cache.
 constexpr int64_t kSelectEarlyRows = 16384;
+
+namespace {
+
+// The first problem a thread found in its share of a selection: stage 1 (a bag's offsets) before stage 2
+// (an id or a weight), then the lowest selection index; what the sequential checks would report first.
+struct SelectError {
+  int stage = 3;
+  int64_t i = 0;
+  std::string what;
+  bool invalid_argument = false;   // else out_of_range
+  void set(int st, int64_t at, std::string msg, bool invalid) {
+    if (st < stage || (st == stage && at < i)) {
+      stage = st;
+      i = at;
+      what = std::move(msg);
+      invalid_argument = invalid;
+    }
+  }
+};
+
+inline int region_threads() {
+#if defined(REC_ENGINE_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
 
 template <class Index>
 void pool_select(const TableView& table, const Index* indices, int64_t n_indices, const int64_t* offsets,
@@ -216,18 +245,9 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   if (n_indices < 0 || n_bags < 0 || n_select < 0 || n_out < 0)
     throw std::invalid_argument("pool_select: sizes must be >= 0");
   const int64_t n_rows = second != nullptr ? std::min(table.rows, second->rows) : table.rows;
-  // A sequential pre-pass checks everything before anything is written, and keeps each selected bag's
-  // [lo, hi) (so the blocks below read the offsets no more).
-  // 1. bags, dest rows, and the selected bags' offsets.
+  // Everything is checked before anything is written. 0. bags and dest rows (the caller's small arrays).
   std::vector<bool> named(static_cast<size_t>(n_out), false);
-  std::vector<int64_t> span(static_cast<size_t>(2 * n_select));
-  for (int64_t i = 0; i < std::min(n_select, kSelectPrefetch); ++i)
-    if (bags[i] >= 0 && bags[i] < n_bags) prefetch_read(offsets + bags[i]);
   for (int64_t i = 0; i < n_select; ++i) {
-    if (i + kSelectPrefetch < n_select) {
-      const int64_t ahead = bags[i + kSelectPrefetch];
-      if (ahead >= 0 && ahead < n_bags) prefetch_read(offsets + ahead);
-    }
     const int64_t b = bags[i];
     if (b < 0 || b >= n_bags)
       throw std::out_of_range("bags[" + std::to_string(i) + "] = " + std::to_string(b) + " is out of range for " +
@@ -240,58 +260,81 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
       throw std::invalid_argument("dest[" + std::to_string(i) + "] = " + std::to_string(r) +
                                   " names an output row already named: dest rows must be distinct");
     named[static_cast<size_t>(r)] = true;
-    const int64_t lo = offsets[b], hi = offsets[b + 1];
-    if (lo < 0 || hi < lo || hi > n_indices)
-      throw std::invalid_argument("bag " + std::to_string(b) + " (bags[" + std::to_string(i) + "]) has offsets " +
-                                  std::to_string(lo) + ".." + std::to_string(hi) +
-                                  ": they must not decrease and must lie in [0, " + std::to_string(n_indices) + "]");
-    span[2 * i] = lo;
-    span[2 * i + 1] = hi;
   }
-  // 2. their ids and weights.
+  const int64_t d = table.dim, d2 = second != nullptr ? second->dim : 0;
+  if (n_select == 0) return;
   const auto& k = kernels::active();
   const RowOps ops{table, k};
   const RowOps ops2{second != nullptr ? *second : table, k};
-  int64_t n_ids = 0;
-  for (int64_t i = 0; i < std::min(n_select, kSelectPrefetch); ++i) {
-    if (span[2 * i] < n_indices) {
-      prefetch_read(indices + span[2 * i]);
-      if (weights != nullptr) prefetch_read(weights + span[2 * i]);
-    }
-  }
-  for (int64_t i = 0; i < n_select; ++i) {
-    if (i + kSelectPrefetch < n_select) {
-      const int64_t ahead = span[2 * (i + kSelectPrefetch)];
-      if (ahead < n_indices) {
-        prefetch_read(indices + ahead);
-        if (weights != nullptr) prefetch_read(weights + ahead);
-      }
-    }
-    const int64_t lo = span[2 * i], hi = span[2 * i + 1];
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t v = static_cast<int64_t>(indices[j]);
-      if (v < 0 || v >= n_rows)
-        throw std::out_of_range("indices[" + std::to_string(j) + "] = " + std::to_string(v) + " (bag " +
-                                std::to_string(bags[i]) + ", bags[" + std::to_string(i) +
-                                "]) is out of range for a table of " + std::to_string(n_rows) + " rows");
-      if (weights != nullptr && !(weights[j] - weights[j] == 0.f))
-        throw std::invalid_argument("weights[" + std::to_string(j) + "] (bag " + std::to_string(bags[i]) +
-                                    ", bags[" + std::to_string(i) + "]) is not finite");
-      if (n_ids + (j - lo) < kSelectEarlyRows) {
-        ops.prefetch(v);
-        if (second != nullptr) ops2.prefetch(v);
-      }
-    }
-    n_ids += hi - lo;
-  }
-  const int64_t d = table.dim, d2 = second != nullptr ? second->dim : 0;
-  if (n_select == 0 || d + d2 == 0) return;
-
   const kernels::PoolArgs proto = table_args(table, sizeof(Index) == 8, kernels::PoolOp::sum);
   const kernels::PoolArgs proto2 = second != nullptr ? table_args(*second, sizeof(Index) == 8, kernels::PoolOp::sum)
                                                      : proto;
   const int64_t n_blocks = (n_select + kSelectBlock - 1) / kSelectBlock;
-  const int nt = detail::threads_for(num_threads, (n_ids + n_select) * (d + d2), n_blocks);
+  // (the ids are not counted yet: a bag holds one or two on average in a feature store)
+  const int nt = detail::threads_for(num_threads, 2 * n_select * (d + d2 + 1), n_blocks);
+  // 1-2. Each thread checks a contiguous share of the selection (its bags' offsets, kept as [lo, hi), then
+  // their ids and weights, starting the loads of their table rows), all threads wait for one another, and
+  // then each pools the share it checked, whose store entries and rows its own core has just loaded: the
+  // checks are chains of dependent cache misses (offsets, then ids, then rows) that run on every thread.
+  std::vector<int64_t> span(static_cast<size_t>(2 * n_select));
+  std::vector<SelectError> errors(static_cast<size_t>(nt));
+  detail::ExceptionSlot slot;
+
+  auto check_share = [&](int64_t i0, int64_t i1, SelectError& err) {
+    for (int64_t i = i0; i < std::min(i1, i0 + kSelectPrefetch); ++i) prefetch_read(offsets + bags[i]);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + kSelectPrefetch < i1) prefetch_read(offsets + bags[i + kSelectPrefetch]);
+      const int64_t b = bags[i];
+      const int64_t lo = offsets[b], hi = offsets[b + 1];
+      if (lo < 0 || hi < lo || hi > n_indices) {
+        err.set(1, i, "bag " + std::to_string(b) + " (bags[" + std::to_string(i) + "]) has offsets " +
+                          std::to_string(lo) + ".." + std::to_string(hi) +
+                          ": they must not decrease and must lie in [0, " + std::to_string(n_indices) + "]",
+                true);
+        return;
+      }
+      span[2 * i] = lo;
+      span[2 * i + 1] = hi;
+    }
+    for (int64_t i = i0; i < std::min(i1, i0 + kSelectPrefetch); ++i) {
+      if (span[2 * i] < n_indices) {
+        prefetch_read(indices + span[2 * i]);
+        if (weights != nullptr) prefetch_read(weights + span[2 * i]);
+      }
+    }
+    int64_t n_ids = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + kSelectPrefetch < i1) {
+        const int64_t ahead = span[2 * (i + kSelectPrefetch)];
+        if (ahead < n_indices) {
+          prefetch_read(indices + ahead);
+          if (weights != nullptr) prefetch_read(weights + ahead);
+        }
+      }
+      const int64_t lo = span[2 * i], hi = span[2 * i + 1];
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t v = static_cast<int64_t>(indices[j]);
+        if (v < 0 || v >= n_rows) {
+          err.set(2, i, "indices[" + std::to_string(j) + "] = " + std::to_string(v) + " (bag " +
+                            std::to_string(bags[i]) + ", bags[" + std::to_string(i) +
+                            "]) is out of range for a table of " + std::to_string(n_rows) + " rows",
+                  false);
+          return;
+        }
+        if (weights != nullptr && !(weights[j] - weights[j] == 0.f)) {
+          err.set(2, i, "weights[" + std::to_string(j) + "] (bag " + std::to_string(bags[i]) + ", bags[" +
+                            std::to_string(i) + "]) is not finite",
+                  true);
+          return;
+        }
+        if (n_ids + (j - lo) < kSelectEarlyRows) {
+          ops.prefetch(v);
+          if (second != nullptr) ops2.prefetch(v);
+        }
+      }
+      n_ids += hi - lo;
+    }
+  };
 
   struct Scratch {
     std::vector<Index> ids;
@@ -299,51 +342,87 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
     std::vector<int64_t> offs;
     std::vector<float> y;
   };
-  std::vector<Scratch> scratch(static_cast<size_t>(nt));
-  detail::parallel_for(n_blocks, nt, 1, [&](int64_t blk) {
-    Scratch& s = scratch[static_cast<size_t>(detail::thread_id())];
-    const int64_t i0 = blk * kSelectBlock, i1 = std::min(n_select, i0 + kSelectBlock), nb = i1 - i0;
-    s.offs.resize(static_cast<size_t>(nb + 1));
-    s.offs[0] = 0;
-    for (int64_t i = i0; i < i1; ++i) s.offs[i - i0 + 1] = s.offs[i - i0] + (span[2 * i + 1] - span[2 * i]);
-    const int64_t m = s.offs[nb];
-    if (static_cast<int64_t>(s.ids.size()) < m) s.ids.resize(static_cast<size_t>(m));
-    if (weights != nullptr && static_cast<int64_t>(s.w.size()) < m) s.w.resize(static_cast<size_t>(m));
-    if (static_cast<int64_t>(s.y.size()) < nb * std::max(d, d2)) s.y.resize(static_cast<size_t>(nb * std::max(d, d2)));
-    // Copy the block's ids (and weights) in bag order, starting the loads of their table rows (bags
-    // hold a few ids each: plain loops, not a memcpy call per bag).
-    Index* ids = s.ids.data();
-    float* w = s.w.data();
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t lo = span[2 * i], hi = span[2 * i + 1];
-      for (int64_t j = lo; j < hi; ++j) {
-        if (ids - s.ids.data() < kSelectRowPrefetch) {
-          ops.prefetch(static_cast<int64_t>(indices[j]));
-          if (second != nullptr) ops2.prefetch(static_cast<int64_t>(indices[j]));
-        }
-        *ids++ = indices[j];
-      }
-      if (weights != nullptr)
-        for (int64_t j = lo; j < hi; ++j) *w++ = weights[j];
-    }
-    // Each table: one kernel call over the compact block into the scratch, then the rows to their places.
-    auto pool_block_into = [&](const kernels::PoolArgs& p, int64_t dim, float* to) {
-      if (dim == 0) return;
-      kernels::PoolArgs args = p;
-      args.ids = s.ids.data();
-      args.offsets = s.offs.data();
-      args.weights = weights != nullptr ? s.w.data() : nullptr;
-      args.out = s.y.data();
-      k.pool_bags(args, 0, nb);
+  auto pool_share = [&](int64_t blk0, int64_t blk1) {
+    Scratch s;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t i0 = blk * kSelectBlock, i1 = std::min(n_select, i0 + kSelectBlock), nb = i1 - i0;
+      s.offs.resize(static_cast<size_t>(nb + 1));
+      s.offs[0] = 0;
+      for (int64_t i = i0; i < i1; ++i) s.offs[i - i0 + 1] = s.offs[i - i0] + (span[2 * i + 1] - span[2 * i]);
+      const int64_t m = s.offs[nb];
+      if (static_cast<int64_t>(s.ids.size()) < m) s.ids.resize(static_cast<size_t>(m));
+      if (weights != nullptr && static_cast<int64_t>(s.w.size()) < m) s.w.resize(static_cast<size_t>(m));
+      if (static_cast<int64_t>(s.y.size()) < nb * std::max(d, d2)) s.y.resize(static_cast<size_t>(nb * std::max(d, d2)));
+      // Copy the block's ids (and weights) in bag order, starting the loads of their table rows (bags
+      // hold a few ids each: plain loops, not a memcpy call per bag).
+      Index* ids = s.ids.data();
+      float* w = s.w.data();
       for (int64_t i = i0; i < i1; ++i) {
-        const float* src = s.y.data() + (i - i0) * dim;
-        float* dst = to + dest[i] * dim;
-        for (int64_t c = 0; c < dim; ++c) dst[c] = src[c];
+        const int64_t lo = span[2 * i], hi = span[2 * i + 1];
+        for (int64_t j = lo; j < hi; ++j) {
+          if (ids - s.ids.data() < kSelectRowPrefetch) {
+            ops.prefetch(static_cast<int64_t>(indices[j]));
+            if (second != nullptr) ops2.prefetch(static_cast<int64_t>(indices[j]));
+          }
+          *ids++ = indices[j];
+        }
+        if (weights != nullptr)
+          for (int64_t j = lo; j < hi; ++j) *w++ = weights[j];
       }
-    };
-    pool_block_into(proto, d, out);
-    if (second != nullptr) pool_block_into(proto2, d2, second_out);
-  });
+      // Each table: one kernel call over the compact block into the scratch, then the rows to their places.
+      auto pool_block_into = [&](const kernels::PoolArgs& p, int64_t dim, float* to) {
+        if (dim == 0) return;
+        kernels::PoolArgs args = p;
+        args.ids = s.ids.data();
+        args.offsets = s.offs.data();
+        args.weights = weights != nullptr ? s.w.data() : nullptr;
+        args.out = s.y.data();
+        k.pool_bags(args, 0, nb);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* src = s.y.data() + (i - i0) * dim;
+          float* dst = to + dest[i] * dim;
+          for (int64_t c = 0; c < dim; ++c) dst[c] = src[c];
+        }
+      };
+      pool_block_into(proto, d, out);
+      if (second != nullptr) pool_block_into(proto2, d2, second_out);
+    }
+  };
+
+  auto run = [&](int t, int T, auto barrier) {
+    // shares of whole blocks (the pooling's unit)
+    const int64_t b0 = n_blocks * t / T, b1 = n_blocks * (t + 1) / T;
+    slot.run([&] { check_share(b0 * kSelectBlock, std::min(n_select, b1 * kSelectBlock), errors[t]); });
+    barrier();
+    if (slot.failed()) return;
+    for (int u = 0; u < T; ++u)
+      if (errors[u].stage < 3) return;
+    if (d + d2 > 0) slot.run([&] { pool_share(b0, b1); });
+  };
+#if defined(REC_ENGINE_OPENMP)
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      run(detail::thread_id(), region_threads(), [] {
+#pragma omp barrier
+      });
+    }
+  } else {
+    run(0, 1, [] {});
+  }
+#else
+  run(0, 1, [] {});
+#endif
+  // (a failure to allocate, say; then the checks' findings, the first of them)
+  slot.rethrow();
+  const SelectError* first = nullptr;
+  for (const SelectError& e : errors)
+    if (e.stage < 3 && (first == nullptr || e.stage < first->stage || (e.stage == first->stage && e.i < first->i)))
+      first = &e;
+  if (first != nullptr) {
+    if (first->invalid_argument) throw std::invalid_argument(first->what);
+    throw std::out_of_range(first->what);
+  }
 }
 
 template void gather<int32_t>(const TableView&, const int32_t*, int64_t, float*, int);

@@ -49,6 +49,10 @@ class ExceptionSlot {
   void rethrow() {
     if (error_) std::rethrow_exception(error_);
   }
+  bool failed() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return error_ != nullptr;
+  }
 
  private:
   std::mutex mu_;
