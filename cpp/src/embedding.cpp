@@ -224,14 +224,6 @@ struct SelectError {
   }
 };
 
-inline int region_threads() {
-#if defined(REC_ENGINE_OPENMP)
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
 }  // namespace
 
 template <class Index>
@@ -403,7 +395,7 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
     {
-      run(detail::thread_id(), region_threads(), [] {
+      run(detail::thread_id(), detail::team_size(), [] {
 #pragma omp barrier
       });
     }

@@ -34,6 +34,15 @@ inline int thread_id() {
 #endif
 }
 
+// Threads of the team running the enclosing parallel region (1 outside one).
+inline int team_size() {
+#if defined(REC_ENGINE_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // Captures the first exception thrown inside a parallel region.
 class ExceptionSlot {
  public:
