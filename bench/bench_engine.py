@@ -29,6 +29,11 @@ implementations cycle through the same random requests (user + context). Besides
 (median and p99 from the raw rounds, conftest.py), each implementation's per-stage p50 / p99 and share
 of the wall time are stored in ``benchmark.extra_info["stages"]`` and printed as a stage table at the end.
 
+Run it with ``OPENBLAS_THREAD_TIMEOUT=4`` (as bench/latest/ENGINE.md's runs since 2026-12-05 are): OpenBLAS's
+threads otherwise busy-wait about 0.1 s after the plain path's matvec (2^28 cycles) and take a core from its
+own ONNX Runtime call (``numpy+ort mt``'s dense part then took 2.3-2.4 ms on two threads instead of 1.4) and
+from the next pass. The variable must be set before NumPy loads OpenBLAS, so in the environment.
+
 Settings: top-k threads of the engine = ``--bench-threads`` (default 2); the rest through the
 environment (conftest.py owns the command-line options): ``REC_BENCH_ENGINE_ITEMS`` (default 1000000),
 ``REC_BENCH_ENGINE_USERS`` (100000), ``REC_BENCH_ENGINE_ROUNDS`` (rounds per implementation, 400), ``REC_BENCH_ENGINE_BATCH_ROUNDS`` (batches of 256 users per

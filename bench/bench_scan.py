@@ -30,7 +30,15 @@ moves), every one gets an untimed warm-up call, and the median and p99 of ``--re
 reported. Before every timed call an untimed read of another buffer (``--flush-mb``, default 128 MB, four
 times a 32 MB L3) evicts what the previous call left in the caches, so each call reads its table from
 memory whatever ran before it (the int8 table, 68 MB, is only about twice such an L3: without the flush
-a scan that followed a scan of the same table found part of it still cached). The JSON (default ``bench/results/scan.json``, git-ignored) holds every row and the run
+a scan that followed a scan of the same table found part of it still cached). The read is NumPy's, on one
+thread (``--flush-with numpy``, the default): a read by torch's threads (``--flush-with torch``) leaves those
+threads awake for the plain read that follows, while rec_engine's sleep (``OMP_WAIT_POLICY=passive``), which
+put every rec_engine row about 0.1-0.2 ms behind (int8 at 0.84-0.87 of the plain read with the torch flush,
+0.94 with NumPy's or none). OpenBLAS's threads busy-wait about 0.1 s after each call (its thread timeout,
+2^28 cycles) and take a core from whatever runs next: the rows after the NumPy baseline's ran at 0.56 of
+the plain read instead of 0.88. So the script sets ``OPENBLAS_THREAD_TIMEOUT=4`` (2^4 cycles: they sleep at
+once; NumPy's matvec then wakes them on each call, 7.9 ms instead of 7.7) unless the environment sets it.
+The JSON (default ``bench/results/scan.json``, git-ignored) holds every row and the run
 conditions; the Markdown table goes to stdout.
 """
 from __future__ import annotations
@@ -42,7 +50,9 @@ import platform
 import sys
 import time
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # before NumPy loads OpenBLAS (see above)
+
+import numpy as np  # noqa: E402
 
 N_EX = 50
 
@@ -62,6 +72,9 @@ def main():
     ap.add_argument("--recall-queries", type=int, default=50)
     ap.add_argument("--no-reduced", action="store_true", help="skip the int8 / bf16 rows")
     ap.add_argument("--flush-mb", type=int, default=128, help="untimed read between timed calls (0: none)")
+    ap.add_argument("--flush-with", choices=("numpy", "torch"), default="numpy",
+                    help="who reads the flush buffer: NumPy on one thread (default) or torch's threads, which the "
+                         "plain read then finds awake")
     ap.add_argument("--json", metavar="PATH", default=os.path.join(os.path.dirname(__file__), "results", "scan.json"),
                     help="where the JSON goes ('' for none)")
     args = ap.parse_args()
@@ -116,7 +129,10 @@ def main():
     times = [[] for _ in rows]
     for _, _, _, fn in rows:
         fn()
-    flush_buf = torch.ones(args.flush_mb * (1 << 20) // 4) if args.flush_mb > 0 else None
+    flush_buf = None
+    if args.flush_mb > 0:
+        flush_buf = (torch.ones(args.flush_mb * (1 << 20) // 4) if args.flush_with == "torch"
+                     else np.ones(args.flush_mb * (1 << 20) // 4, np.float32))
     for _ in range(args.reps):
         for i, (_, _, _, fn) in enumerate(rows):
             if flush_buf is not None:
@@ -152,6 +168,7 @@ def main():
         out_rows.append(row)
 
     cond = {"items": n, "dim": d, "threads": nt, "reps": args.reps, "excluded": N_EX, "flush_mb": args.flush_mb,
+            "flush_with": args.flush_with, "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
             "simd_level": rec_engine.simd_level(), "cpu": platform.processor() or platform.machine(),
             "loadavg": os.getloadavg(), "torch": torch.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0]}

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 # `import faiss` (see bench_kernels.py).
 _ENV_AT_START = {name: os.environ.get(name) for name in
                  ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS",
-                  "MKL_NUM_THREADS", "REC_ENGINE_SIMD")}
+                  "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS", "REC_ENGINE_SIMD")}
 
 
 # ----------------------------------------------------------------------------------------- options
