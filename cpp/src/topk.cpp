@@ -865,6 +865,12 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
   };
   // bounds[2 i], bounds[2 i + 1]: entry i's lower and upper bound; then its lower bounds, for the select
   bounds.resize(static_cast<size_t>(3 * n));
+  // (the entries' norms and scales lie at random: their loads are all started first, not met one by one:
+  // 2064 entries of k = 500 after an int8 scan of 1M items, 115 -> 74 us)
+  for (int64_t i = 0; i < n; ++i) {
+    __builtin_prefetch(index.norm + entries[i].id);
+    if (i8) __builtin_prefetch(index.scale + entries[i].id);
+  }
   double a_min = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = entries[i].id;
