@@ -922,11 +922,20 @@ std::vector<float> reduced_floors(const QuantizedItems& index, const void* q, in
     for (int64_t a = 0; a < nq; ++a)
       std::copy_n(tile.data() + a * kPanel, kPanel, scores.data() + a * samples + s * kPanel);
   }
-  std::vector<float> floors(static_cast<size_t>(nq));
+  // Each query's r-th best sample: a min-heap of the r best seen (r is a few dozen: about one comparison a
+  // sample, where nth_element over the 8192 took ~45 us)
+  std::vector<float> floors(static_cast<size_t>(nq)), heap(static_cast<size_t>(r));
   for (int64_t a = 0; a < nq; ++a) {
-    float* b = scores.data() + a * samples;
-    std::nth_element(b, b + (r - 1), b + samples, std::greater<float>());
-    floors[a] = b[r - 1];
+    const float* b = scores.data() + a * samples;
+    std::copy_n(b, r, heap.begin());
+    std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+    for (int64_t i = r; i < samples; ++i)
+      if (b[i] > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = b[i];
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      }
+    floors[a] = heap.front();
   }
   return floors;
 }
