@@ -489,6 +489,20 @@ void item_split(int64_t n_panels, int nt, int64_t ng, int64_t width, std::vector
 constexpr int64_t kSampleBlocks = 16, kSampleRows = 128, kSample = kSampleBlocks * kSampleRows;
 constexpr int64_t kFloorMargin = 3;
 
+// The r-th largest of b[0, n) (1 <= r <= n, no NaN): a min-heap of the r largest seen, about one
+// comparison a value when r is small (nth_element over a few thousand samples took ~45 us).
+float rth_largest(const float* b, int64_t n, int64_t r, std::vector<float>& heap) {
+  heap.assign(b, b + r);
+  std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+  for (int64_t i = r; i < n; ++i)
+    if (b[i] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+      heap.back() = b[i];
+      std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+    }
+  return heap.front();
+}
+
 // floors[a] for queries [q0, q0 + nq), or false when no floor is worth having (small tables or k).
 bool sample_floors(const Problem& p, int64_t q0, int64_t nq, const IdLists& exclude, int nt,
                    std::vector<float>& floors) {
@@ -519,8 +533,8 @@ bool sample_floors(const Problem& p, int64_t q0, int64_t nq, const IdLists& excl
     float* s = scores.data() + a * kSample;
     float* e = std::remove_if(s, s + kSample, [](float v) { return v != v; });   // (NaN items: the scan reports them)
     if (e - s <= r) continue;
-    std::nth_element(s, s + (r - 1), e, std::greater<float>());
-    floors[a] = s[r - 1];
+    thread_local std::vector<float> heap;
+    floors[a] = rth_largest(s, e - s, r, heap);
     any = true;
   }
   return any;
@@ -922,21 +936,9 @@ std::vector<float> reduced_floors(const QuantizedItems& index, const void* q, in
     for (int64_t a = 0; a < nq; ++a)
       std::copy_n(tile.data() + a * kPanel, kPanel, scores.data() + a * samples + s * kPanel);
   }
-  // Each query's r-th best sample: a min-heap of the r best seen (r is a few dozen: about one comparison a
-  // sample, where nth_element over the 8192 took ~45 us)
-  std::vector<float> floors(static_cast<size_t>(nq)), heap(static_cast<size_t>(r));
-  for (int64_t a = 0; a < nq; ++a) {
-    const float* b = scores.data() + a * samples;
-    std::copy_n(b, r, heap.begin());
-    std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-    for (int64_t i = r; i < samples; ++i)
-      if (b[i] > heap.front()) {
-        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-        heap.back() = b[i];
-        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
-      }
-    floors[a] = heap.front();
-  }
+  // each query's r-th best sample (r is a few dozen)
+  std::vector<float> floors(static_cast<size_t>(nq)), heap;
+  for (int64_t a = 0; a < nq; ++a) floors[a] = rth_largest(scores.data() + a * samples, samples, r, heap);
   return floors;
 }
 
