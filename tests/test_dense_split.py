@@ -278,6 +278,12 @@ def test_chunk_rows_follow_the_models_cost(ctr_bundles):
     fm = CtrRanker(open_bundle(ctr_bundles["fm"]), request_threads=2)
     assert _dense_macs(open_bundle(ctr_bundles["fm"]).onnx_path("dense")) == 0
     assert fm.runner.chunk_min_rows == 0 and fm.runner.request_threads == 1
+    one = CtrRanker(open_bundle(ctr_bundles["fm"]))
+    for n in (1, 2, 300):           # asked for threads, still one call
+        cands = np.arange(n) % fm.n_items
+        np.testing.assert_allclose(fm.score_candidates(3, cands, threads=4), one.score_candidates(3, cands),
+                                   rtol=1e-6, atol=1e-7)
+    assert fm.runner._row_pool is None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     own = CtrRanker(open_bundle(ctr_bundles["deepfm"]), opts, request_threads=2)

@@ -234,8 +234,8 @@ class CtrRunner:
         if split:
             self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
         threads = self.request_threads if threads is None else threads
-        if threads > 1 and self.chunk_min_rows:
-            threads = min(threads, n // self.chunk_min_rows)
+        if threads > 1:     # (a model too cheap a row to cut, chunk_min_rows 0: one call)
+            threads = min(threads, n // self.chunk_min_rows) if self.chunk_min_rows else 1
         run = self._run_io_split if split else self._run_io
         if threads > 1:
             from concurrent.futures import wait
