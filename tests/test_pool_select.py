@@ -315,7 +315,8 @@ def test_pool_select_errors_in_several_shares_report_what_the_sequential_checks_
     """Each thread checks its share of a large selection: with problems in several shares, the error is the
     one a sequential pass finds first (any bag's bad offsets before any bad id or weight, then the lowest
     selected position), on any number of threads, and nothing is written."""
-    table = EmbeddingTable(rng.standard_normal((100, 8)).astype(np.float32))
+    # (64 + 1 columns: enough work for the threads, each then checking its own share)
+    table = EmbeddingTable(rng.standard_normal((100, 64)).astype(np.float32))
     linear = EmbeddingTable(rng.standard_normal((100, 1)).astype(np.float32))
     indices, offsets, weights = make_store(rng, 100, 5000, 3)
     n = 4000
@@ -335,7 +336,7 @@ def test_pool_select_errors_in_several_shares_report_what_the_sequential_checks_
         return offs
 
     def run(idx, offs, w):
-        out, lin = new_out(n, 8), new_out(n, 1)
+        out, lin = new_out(n, 64), new_out(n, 1)
         with pytest.raises((IndexError, ValueError)) as err:
             table.pool_select(idx, offs, w, bags, dest, out, num_threads=threads, second=linear, second_out=lin)
         assert (out == SENTINEL).all() and (lin == SENTINEL).all()
@@ -352,6 +353,11 @@ def test_pool_select_errors_in_several_shares_report_what_the_sequential_checks_
     w[offsets[bags[mid]]] = np.nan
     msg = run(with_bad_id(indices, late), offsets, w)
     assert f"bags[{mid}]" in msg and "not finite" in msg
+    # and with nothing wrong, the threads' shares pool what one thread does
+    out1, outn = new_out(n, 64), new_out(n, 64)
+    table.pool_select(indices, offsets, weights, bags, dest, out1, num_threads=1)
+    table.pool_select(indices, offsets, weights, bags, dest, outn, num_threads=threads)
+    np.testing.assert_array_equal(outn, out1)
 
 
 # ----------------------------------------------------------------------------- threads and the GIL

@@ -237,7 +237,9 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   if (n_indices < 0 || n_bags < 0 || n_select < 0 || n_out < 0)
     throw std::invalid_argument("pool_select: sizes must be >= 0");
   const int64_t n_rows = second != nullptr ? std::min(table.rows, second->rows) : table.rows;
-  // Everything is checked before anything is written. 0. bags and dest rows (the caller's small arrays).
+  // Everything is checked before anything is written, and the first problem is reported in this order: any
+  // bag or dest row out of range or named twice (0, the caller's small arrays), then any bag's offsets (1),
+  // then any id or weight (2), each at its lowest selected position.
   std::vector<bool> named(static_cast<size_t>(n_out), false);
   for (int64_t i = 0; i < n_select; ++i) {
     const int64_t b = bags[i];
@@ -262,8 +264,9 @@ void pool_select(const TableView& table, const Index* indices, int64_t n_indices
   const kernels::PoolArgs proto2 = second != nullptr ? table_args(*second, sizeof(Index) == 8, kernels::PoolOp::sum)
                                                      : proto;
   const int64_t n_blocks = (n_select + kSelectBlock - 1) / kSelectBlock;
-  // (the ids are not counted yet: a bag holds one or two on average in a feature store)
-  const int nt = detail::threads_for(num_threads, 2 * n_select * (d + d2 + 1), n_blocks);
+  // (the selected bags' ids are not counted yet: the store's mean bag length stands for theirs)
+  const int64_t mean_len = n_bags > 0 ? (n_indices + n_bags - 1) / n_bags : 0;
+  const int nt = detail::threads_for(num_threads, n_select * (mean_len + 1) * (d + d2 + 1), n_blocks);
   // 1-2. Each thread checks a contiguous share of the selection (its bags' offsets, kept as [lo, hi), then
   // their ids and weights, starting the loads of their table rows), all threads wait for one another, and
   // then each pools the share it checked, whose store entries and rows its own core has just loaded: the
