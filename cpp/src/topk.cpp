@@ -524,6 +524,7 @@ bool sample_floors(const Problem& p, int64_t q0, int64_t nq, const IdLists& excl
     }
   });
   bool any = false;
+  std::vector<float> heap;
   for (int64_t a = 0; a < nq; ++a) {
     const int64_t q = q0 + a;
     const int64_t excluded = exclude.indptr != nullptr ? exclude.indptr[q + 1] - exclude.indptr[q] : 0;
@@ -533,7 +534,6 @@ bool sample_floors(const Problem& p, int64_t q0, int64_t nq, const IdLists& excl
     float* s = scores.data() + a * kSample;
     float* e = std::remove_if(s, s + kSample, [](float v) { return v != v; });   // (NaN items: the scan reports them)
     if (e - s <= r) continue;
-    thread_local std::vector<float> heap;
     floors[a] = rth_largest(s, e - s, r, heap);
     any = true;
   }

@@ -69,3 +69,10 @@ def threads_arg(num_threads) -> int:
     if v == 0:
         raise ValueError("num_threads must be >= 1 (or None for the default)")
     return v
+
+
+def at_least_one(value, name: str) -> int:
+    """``value`` as an int if it is an integer >= 1 (NumPy integers too, booleans not), else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from ._convert import threads_arg
+from ._convert import at_least_one, threads_arg
 from .bundle import onnx_session
 from .dense_split import split_first_layer
 from .embedding import EmbeddingTable
@@ -78,8 +79,7 @@ class CtrRunner:
                  constant_fields=None, request_threads: int = 1):
         import onnxruntime as ort
 
-        if isinstance(request_threads, bool) or not isinstance(request_threads, int) or request_threads < 1:
-            raise ValueError(f"request_threads must be an integer >= 1, got {request_threads!r}")
+        request_threads = at_least_one(request_threads, "request_threads")
         self._row_pool, self._row_workers = None, 0     # the pool that runs all chunks but the caller's
 
         self.embedding, self.linear = embedding, linear
@@ -218,8 +218,6 @@ class CtrRunner:
         """A pool with at least ``threads - 1`` workers, which run all but the caller's chunk (made at the first
         call that needs it; a call asking for more workers replaces it, the old one's threads end with it)."""
         if self._row_workers < threads - 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             with self._batch_lock:
                 if self._row_workers < threads - 1:
                     self._row_pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="rec_engine-dense")
@@ -238,8 +236,6 @@ class CtrRunner:
             threads = min(threads, n // self.chunk_min_rows) if self.chunk_min_rows else 1
         run = self._run_io_split if split else self._run_io
         if threads > 1:
-            from concurrent.futures import wait
-
             ios = self._chunks(b, n, threads, split)
             pool, waits = self._pool_for(threads), []
             try:

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import kinds
+from ._convert import at_least_one
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .ctr_runner import CtrRunner
@@ -347,9 +348,8 @@ class CtrRanker:
         ``request_threads``)."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
-        if threads is not None and (isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer))
-                                    or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if threads is not None:
+            threads = at_least_one(threads, "threads")
         part = self._parts(user, context)
         cands = np.asarray(candidates, np.int64)
         N, F, d = len(cands), self.n_fields, self.dim
@@ -603,8 +603,7 @@ def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | Non
     if bundle.kind not in RANKING_KINDS:
         raise BundleError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a ranking model "
                           f"({', '.join(RANKING_KINDS)})")
-    if isinstance(request_threads, bool) or not isinstance(request_threads, int) or request_threads < 1:
-        raise ValueError(f"request_threads must be an integer >= 1, got {request_threads!r}")
+    at_least_one(request_threads, "request_threads")     # (here: CtrRanker's errors below become BundleError)
     try:
         return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense,
                          request_threads=request_threads)
