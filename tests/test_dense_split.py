@@ -416,3 +416,76 @@ def test_a_batch_of_one_user_is_scored_as_a_request(ctr_bundles, rng):
     assert [len(p) for p in r.score_candidates_batch([4], [np.zeros(0, np.int64)])] == [0]
     assert len(seen) == 2            # no candidates: the batch path
 
+
+
+def test_a_batch_of_users_with_many_rows_each_goes_user_by_user(ctr_bundles, rng):
+    """Users with at least two row chunks' worth of candidates each: the batch scores them one user at a time
+    on each of its threads (the request path, one-thread pooling and dense part); the probabilities are the
+    batch chunks' and the single calls', in the users' order, and a batch with a user below that size (or with
+    none) takes the chunk path."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    r, ref = _chunked(CtrRanker(b, batch_threads=2), 32), CtrRanker(b)
+    calls = []
+    inner = r._score_one
+    r._score_one = lambda *a: calls.append(a[4]) or inner(*a)
+    users = [int(u) for u in rng.integers(0, 200, 9)] + [250]        # (250: a user the store does not know)
+    sizes = [64, 65, 500, 1024, 64, 300, 77, 128, 90, 700]
+    cands = [rng.integers(0, r.n_items, n) for n in sizes]
+    ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+    got = r.score_candidates_batch(users, cands, ctxs)
+    assert calls == [1] * len(users)
+    chunked = ref.score_candidates_batch(users, cands, ctxs)
+    for g, c, u, x, w in zip(got, cands, users, ctxs, chunked):
+        assert g.shape == (len(c),)
+        np.testing.assert_allclose(g, ref.score_candidates(u, c, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    for short in (63, 0, 1025):     # one user too small for it, without candidates, or past the bound buffers
+        cands2 = cands[:3] + [rng.integers(0, r.n_items, short)]
+        got = r.score_candidates_batch(users[:4], cands2, ctxs[:4])
+        assert calls == []
+        for g, c, u, x in zip(got, cands2, users, ctxs):
+            np.testing.assert_allclose(g, ref.score_candidates(u, c, x) if len(c) else np.zeros(0), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_a_chunk_whose_pooling_fails_raises_after_every_chunk_ended(ctr_bundles, rng):
+    """Each row chunk pools its own candidates' item fields before its dense part: a chunk whose pooling raises
+    runs no dense part, the call raises once the other chunks have ended, and the next call scores right."""
+    import threading
+    import time
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, one = _chunked(CtrRanker(b, request_threads=3)), CtrRanker(b)
+    inner_fill, inner_run, ran, rows = par._fill_items, par.runner._run_io_split, [], []
+    lock = threading.Lock()
+
+    def fill(emb, lin, cands, nt=None, row0=0):
+        with lock:
+            rows.append((row0, len(cands), nt))
+        if row0 == 133:              # the middle chunk, on a pool thread
+            raise IndexError("pooling failed")
+        time.sleep(0.05)
+        inner_fill(emb, lin, cands, nt, row0)
+
+    def run(io):
+        inner_run(io)
+        ran.append(io)
+
+    par._fill_items, par.runner._run_io_split = fill, run
+    cands = rng.integers(0, par.n_items, 400)
+    with pytest.raises(IndexError, match="pooling failed"):
+        par.score_candidates(3, cands)
+    assert len(ran) == 2 and sorted(rows) == [(0, 133, 1), (133, 133, 1), (266, 134, 1)]
+    par._fill_items = inner_fill
+    np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
+    rows.clear()
+    par._fill_items = fill
+    par.score_candidates(3, cands[:50])        # too few rows to cut: one fill on the caller's threads
+    assert rows == [(0, 50, None)]

@@ -345,6 +345,36 @@ def test_candidate_scoring_equals_scoring_the_full_examples(trained, rng):
     _check_candidates_path(ranker, feats, 400, 300, contexts, rng)
 
 
+def test_contexts_made_of_values_seen_in_other_contexts(trained, rng):
+    """A context not seen whole whose field values were seen in other contexts is built from those fields'
+    cached pieces: it scores as the full examples do, and its part equals the whole context encoded at once,
+    for values of other types (1, 1.0, True and np.float32 each keyed apart), unseen values, missing fields
+    and a guest user's fields."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import load_ranking
+
+    ranker = load_ranking(open_bundle(trained.bundle("deepfm")))
+    feats = trained.ctr_data.extra["entity_features"]
+    seen = [{"hour": 3.0, "device": "ios"}, {"hour": 5, "device": "android"}]
+    mixed = [{"hour": 5, "device": "ios"}, {"hour": 3.0, "device": "android"}, {"hour": True, "device": "ios"},
+             {"hour": np.float32(3.0)}, {"device": "never-seen", "hour": 5}, {"hour": None, "device": "ios"}]
+    _check_candidates_path(ranker, feats, 400, 300, seen + mixed, rng)
+    assert {k[:2] for k in ranker._field_cache} >= {("hour", 3.0), ("hour", 5), ("device", "ios"), ("hour", True)}
+    assert ("hour", 1, int) not in ranker._field_cache and ("hour", True, bool) in ranker._field_cache
+    for ctx in mixed:
+        for fields, cache in ((ranker.context_fields, ranker._ctx_cache), (ranker.user_fields, ranker._guest_cache)):
+            part = cache.get(ranker._context_key(ctx))
+            if part is None:      # (a known user's request does not encode the user fields)
+                part = ranker._encode_part(ctx, fields, ranker._context_key(ctx), cache)
+            rows, e, li = ranker._encode_fields(ctx, fields)
+            assert (part[0] is None) == (rows is None)
+            if rows is not None:
+                np.testing.assert_array_equal(part[0], rows)
+            np.testing.assert_array_equal(part[1], e)
+            np.testing.assert_array_equal(part[2], li)
+            assert not part[1].flags.writeable
+
+
 def test_single_valued_stores_take_the_direct_path_with_the_same_scores(tmp_path, rng):
     from rec_engine.bundle import open_bundle
     from rec_engine.features import Schema

@@ -224,10 +224,12 @@ class CtrRunner:
                     self._row_workers = threads - 1
         return self._row_pool
 
-    def _run_bound(self, b, n: int, groups, threads: int | None = None) -> np.ndarray:
+    def _run_bound(self, b, n: int, groups, threads: int | None = None, fill=None) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
         request and there is a split), as row chunks on ``threads`` threads (None: ``request_threads``) when
-        the rows allow it."""
+        the rows allow it. ``fill(a, z, chunked)``, when given, writes rows ``a..z`` of the inputs just before
+        the dense part of those rows runs, on the thread that runs them (``chunked``: one of several chunks
+        at once); the split's constant fields must be in place before the call."""
         split = groups is not None and b[4] is not None and len(groups) == 1 and int(groups[0]) == n
         if split:
             self.split.first_bias(b[0].reshape(n, self.n_fields, self.dim)[:1], out=b[5])
@@ -237,17 +239,26 @@ class CtrRunner:
         run = self._run_io_split if split else self._run_io
         if threads > 1:
             ios = self._chunks(b, n, threads, split)
+            if fill is not None:
+                def run(io, a, z, _run=run):
+                    fill(a, z, True)
+                    _run(io)
+                jobs = [(io, n * i // threads, n * (i + 1) // threads) for i, io in enumerate(ios)]
+            else:
+                jobs = [(io,) for io in ios]
             pool, waits = self._pool_for(threads), []
             try:
-                for io in ios[1:]:
-                    waits.append(pool.submit(run, io))
-                run(ios[0])
+                for job in jobs[1:]:
+                    waits.append(pool.submit(run, *job))
+                run(*jobs[0])
             finally:
                 # every chunk has ended before this returns or raises: the buffers are this thread's next call's
                 wait(waits)
             for w in waits:
                 w.result()     # (a chunk's error)
         else:
+            if fill is not None:
+                fill(0, n, False)
             run(b[4] if split else b[2])
         return self.sigmoid(b[3])
 
@@ -258,15 +269,17 @@ class CtrRunner:
 
     def bound_inputs(self, n: int, groups=None, threads: int | None = None):
         """``(emb [n, F, dim], lin [n, F], run)`` for ``1 <= n <= bind_rows``: this thread's bound input
-        buffers, to be filled in place, and ``run()``, which runs the dense part on them and returns the click
-        probabilities (a new array). None when ``n`` is too large. ``groups``: as in :meth:`logits`;
-        ``threads``: of the dense part (None: ``request_threads``)."""
+        buffers, to be filled in place, and ``run(fill=None)``, which runs the dense part on them and returns
+        the click probabilities (a new array). None when ``n`` is too large. ``groups``: as in :meth:`logits`;
+        ``threads``: of the dense part (None: ``request_threads``); ``fill(a, z, chunked)``: writes rows
+        ``a..z`` of the buffers on the thread that runs their dense part, just before it (the rest of the
+        buffers, and a split's constant fields, filled before ``run``)."""
         if not 0 < n <= self._bind_rows:
             return None
         b = self._bound(n)
 
-        def run(b=b):
-            return self._run_bound(b, n, groups, threads)
+        def run(fill=None, b=b):
+            return self._run_bound(b, n, groups, threads, fill)
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 

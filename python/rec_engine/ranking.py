@@ -91,6 +91,9 @@ def _selector(pos: np.ndarray):
 # activations stay in cache (DeepFM 400-400-400 with 2 threads: 5.4 us an example at 1024 rows, 8-9.5 at
 # 2048-16384)
 _BATCH_ROWS = 1024
+# a batch's users go one at a time through the request path when each has this many times a row chunk's
+# minimum rows (CtrRunner.chunk_min_rows: the call's cost well above an ONNX Runtime call's ~30-60 us)
+_PER_USER_CHUNKS = 2
 _CACHE_SIZE = 4096     # distinct contexts whose encodings are kept (the cache is emptied when full)
 # context values cached by value: for these types equal values (of one type) always encode alike
 _KEY_TYPES = frozenset([type(None), bool, int, float, str, bytes, np.bool_, np.int8, np.int16, np.int32, np.int64,
@@ -219,6 +222,7 @@ class CtrRanker:
         self._order = tuple(g for _, g in sorted(groups)) if len(groups) == n_groups else None
         self._ctx_cache: dict = {}      # context key -> (rows [Fc] or None, emb [Fc, d], lin [Fc])
         self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
+        self._field_cache: dict = {}    # (field, value, type) -> (row or None, emb [d], lin) of one field
         self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
 
     # ------------------------------------------------------------------ examples -> bags
@@ -352,7 +356,7 @@ class CtrRanker:
             threads = at_least_one(threads, "threads")
         part = self._parts(user, context)
         cands = np.asarray(candidates, np.int64)
-        N, F, d = len(cands), self.n_fields, self.dim
+        N = len(cands)
         if N == 0:
             return np.zeros(0, np.float32)
         pairs = self.pair_inputs(pair, N) if self.pair_fields else None
@@ -363,6 +367,12 @@ class CtrRanker:
             bad = cands.min() < 0 or cands.max() >= self.items.n
         if bad:
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
+        return self._score_one(user, cands, part, pairs, threads)
+
+    def _score_one(self, user: int, cands: np.ndarray, part, pairs: dict | None, threads: int | None) -> np.ndarray:
+        """:meth:`score_candidates` of checked candidates ``cands`` (int64, at least one) and ``part``
+        (``_parts``), ``pairs`` (``pair_inputs``)."""
+        N, F, d = len(cands), self.n_fields, self.dim
         users, parts, lengths = (user,), (part,), (N,)
         if pairs is None and self._rows_apply(parts):
             # every bag holds one row of weight 1: the [N, F] row matrix, then one lookup per table that
@@ -379,14 +389,23 @@ class CtrRanker:
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
         # place them (into the runner's bound input buffers when the candidates fit)
         bound = self.runner.bound_inputs(N, lengths, threads)
-        if bound is not None:
-            emb, lin, run = bound
-        else:
-            emb, lin, run = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32), None
-        self._fill_pooled(emb, lin, users, cands, lengths, parts, threads)
+        if bound is None:
+            emb, lin = np.empty((N, F, d), np.float32), np.empty((N, F), np.float32)
+            self._fill_pooled(emb, lin, users, cands, lengths, parts, threads)
+            if pairs is not None:
+                self._put_pairs(emb, lin, pairs)
+            return self._sigmoid(self._logits(emb, lin, groups=lengths))
+        emb, lin, run = bound
+        self._fill_entities(emb, lin, users, lengths, parts)
         if pairs is not None:
             self._put_pairs(emb, lin, pairs)
-        return run() if run is not None else self._sigmoid(self._logits(emb, lin, groups=lengths))
+
+        def fill(a: int, z: int, chunked: bool) -> None:
+            # the candidates' item fields, rows a..z: each row chunk pools its own on its thread before its
+            # dense part runs (no pooling call over all of them that every chunk waits for)
+            self._fill_items(emb, lin, cands[a:z], 1 if chunked else threads, a)
+
+        return run(fill)
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):
         """``(known, context part, guest part)`` of one request (parts as :meth:`_encode_part` gives them;
@@ -435,20 +454,31 @@ class CtrRanker:
                      nt: int | None = None) -> None:
         """Writes the pooled inputs ``emb [M, F, d]``, ``lin [M, F]`` of the examples (layout as in
         :meth:`_row_matrix`), pooling each entity's bags."""
-        sel, M, d, F = self._sel, len(cands), self.dim, self.n_fields
+        self._fill_items(emb, lin, cands, nt)
+        self._fill_entities(emb, lin, users, lengths, parts)
+
+    def _fill_items(self, emb: np.ndarray, lin: np.ndarray, cands: np.ndarray, nt: int | None = None,
+                    row0: int = 0) -> None:
+        """Writes the item fields of rows ``row0 .. row0 + len(cands)`` of ``emb [M, F, d]`` and ``lin [M, F]``:
+        the candidates' bags straight from the store into their rows (one core call on ``nt`` threads)."""
+        M, d, F = len(emb), self.dim, self.n_fields
         st = self.items
-        # the candidates' bags straight from the store into their rows of emb and lin (one core call)
-        fi = st.n_fields
+        fi, m = st.n_fields, len(cands)
         bags = (cands[:, None] * fi + np.arange(fi)).reshape(-1)
-        dest = (np.arange(M)[:, None] * F + self.item_pos).reshape(-1)
+        dest = (np.arange(row0, row0 + m)[:, None] * F + self.item_pos).reshape(-1)
         bs, nt = st.batch, self._nt if nt is None else nt
         try:   # (the linear weights in the same call: the store is read once)
             self._select(bs.indices, bs.offsets, bs.weights, bags, dest, emb.reshape(M * F, d), nt, self._lin_table,
                          lin.reshape(M * F, 1))
         except TypeError:      # a store of other dtypes (built by hand): take the bags, then pool them
             e, li = self._pool(bs.take(cands))
-            emb[:, sel["item"]] = e.reshape(M, -1, d)
-            lin[:, sel["item"]] = li.reshape(M, -1)
+            emb[row0:row0 + m, self._sel["item"]] = e.reshape(m, -1, d)
+            lin[row0:row0 + m, self._sel["item"]] = li.reshape(m, -1)
+
+    def _fill_entities(self, emb: np.ndarray, lin: np.ndarray, users, lengths, parts) -> None:
+        """Writes the user and context fields of ``emb [M, F, d]`` and ``lin [M, F]`` (requests as in
+        :meth:`_row_matrix`)."""
+        sel = self._sel
         if self.user_fields:
             ue, ul = [], []
             for u, (kn, _, g) in zip(users, parts):
@@ -491,8 +521,18 @@ class CtrRanker:
             return [self.score_candidates(int(users[0]), flat, None if contexts is None else contexts[0],
                                           threads=self._chunk_workers or None)]
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
-        ends = np.concatenate([[0], np.cumsum(lengths)])
         workers = self._chunk_workers
+        per_user = self.runner.chunk_min_rows * _PER_USER_CHUNKS
+        if workers > 1 and B > 1 and per_user and per_user <= lengths.min() and lengths.max() <= self.runner.bind_rows:
+            # users with enough rows each to pay for an ONNX call: the request path, one user at a time on each
+            # of the batch's threads (its bound buffers, one-thread pooling and dense part, the split's first
+            # layer once per user): 500 candidates of a DeepFM 400-400-400 run at ~3.5 us a row there, ~4.1 in
+            # chunks of two users (their activations outgrow the core's L2, and the inputs are new arrays)
+            ends = np.cumsum(lengths).tolist()
+            return list(self._chunk_threads().map(
+                lambda j: self._score_one(int(users[j]), flat[ends[j] - int(lengths[j]):ends[j]], parts[j], None, 1),
+                range(B)))
+        ends = np.concatenate([[0], np.cumsum(lengths)])
         if workers > 1:   # at least as many chunks as workers when the batch allows it
             chunk_rows = max(1, min(chunk_rows, -(-int(ends[-1]) // workers)))
         chunks = []
@@ -555,21 +595,47 @@ class CtrRanker:
     def _encode_part(self, context: Mapping[str, Any], fields: list[str], key, cache: dict):
         """``(rows [len(fields)] or None, emb [len(fields), d], lin [len(fields)])`` of ``fields`` encoded
         from ``context`` (rows: when every bag holds one entry of weight 1), cached under ``key``."""
+        cacheable = key is not None and _KEY_TYPES.issuperset([k[2] for k in key])
         if not fields:
             part = (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.zeros(0, np.float32))
+        elif cacheable:
+            # a context not seen as a whole, made of field values seen lately: each field's bag pooled alone
+            # is what the whole context's pooling gives it (bags are pooled independently), and a field has
+            # few values where a context has their product (a request's hour x page x country ...)
+            pieces = [self._field_piece(n, context.get(n)) for n in fields]
+            rows = [p[0] for p in pieces]
+            part = (None if None in rows else np.array(rows, np.int64), np.stack([p[1] for p in pieces]),
+                    np.array([p[2] for p in pieces], np.float32))
         else:
-            b = self.schema.encode({n: [context.get(n)] for n in fields}, fields=fields)
-            e, li = self._pool(b)
-            single = len(b.indices) == len(fields) and b.single_valued and bool(np.all(b.weights == 1.0))
-            part = (np.ascontiguousarray(b.indices, dtype=np.int64) if single else None, e, li)
-            for a in part:
-                if a is not None:
-                    a.flags.writeable = False
-        if key is not None and _KEY_TYPES.issuperset([k[2] for k in key]):
+            part = self._encode_fields(context, fields)
+        for a in part:
+            if a is not None:
+                a.flags.writeable = False
+        if cacheable:
             if len(cache) >= _CACHE_SIZE:
                 cache.clear()
             cache[key] = part
         return part
+
+    def _encode_fields(self, context: Mapping[str, Any], fields: list[str]):
+        """``(rows or None, emb [len(fields), d], lin [len(fields)])`` of ``fields`` encoded from ``context``."""
+        b = self.schema.encode({n: [context.get(n)] for n in fields}, fields=fields)
+        e, li = self._pool(b)
+        single = len(b.indices) == len(fields) and b.single_valued and bool(np.all(b.weights == 1.0))
+        return np.ascontiguousarray(b.indices, dtype=np.int64) if single else None, e, li
+
+    def _field_piece(self, name: str, value):
+        """``(row or None, emb [d], lin)`` of one field holding ``value`` (a hashable value of a key type),
+        cached."""
+        key = (name, value, type(value))
+        piece = self._field_cache.get(key)
+        if piece is None:
+            rows, e, li = self._encode_fields({name: value}, [name])
+            piece = (None if rows is None else int(rows[0]), e[0], float(li[0]))
+            if len(self._field_cache) >= _CACHE_SIZE:
+                self._field_cache.clear()
+            self._field_cache[key] = piece
+        return piece
 
 
 def quantize_dense(onnx_path) -> bytes:
