@@ -489,3 +489,38 @@ def test_a_chunk_whose_pooling_fails_raises_after_every_chunk_ended(ctr_bundles,
     par._fill_items = fill
     par.score_candidates(3, cands[:50])        # too few rows to cut: one fill on the caller's threads
     assert rows == [(0, 50, None)]
+
+
+def test_user_by_user_batches_need_a_one_thread_session(ctr_bundles, rng):
+    """With a session of several intra-op threads the batch keeps its chunks (several such calls at once would
+    ask for more threads than cores), with the same probabilities."""
+    import onnxruntime as ort
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    b = open_bundle(ctr_bundles["deepfm"])
+    r, ref = _chunked(CtrRanker(b, opts, batch_threads=2), 32), CtrRanker(b)
+    calls = []
+    inner = r._score_one
+    r._score_one = lambda *a: calls.append(a[4]) or inner(*a)
+    users, cands = [3, 7, 9], [rng.integers(0, r.n_items, n) for n in (100, 200, 300)]
+    for g, u, c in zip(r.score_candidates_batch(users, cands), users, cands):
+        np.testing.assert_allclose(g, ref.score_candidates(u, c), rtol=1e-5, atol=1e-6)
+    assert calls == [] and not r.runner.one_thread_session
+
+
+def test_a_field_of_both_users_and_items_is_refused(ctr_bundles):
+    import copy
+
+    from rec_engine.bundle import BundleError, open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    groups = b.meta["entity_fields"]
+    b.meta["entity_fields"] = bad = copy.deepcopy(groups)
+    bad["user"] = list(bad["user"]) + [bad["item"][0]]
+    with pytest.raises(BundleError, match="both user and item fields"):
+        CtrRanker(b)

@@ -7,7 +7,8 @@ fields x 16, so the default 500 candidates of a request always qualify) pool str
 to an ONNX Runtime IOBinding: no input or output array is allocated per call and ``session.run``'s feed / fetch
 conversions are skipped (~7 us at batch 1, ~30 us at batch 64). Each thread keeps one buffer set of the largest
 size (at most 4 MB of embeddings) and one IOBinding per batch size over its leading rows, so requests whose
-candidate count varies reuse the same memory. Larger calls (batches of users) pool into new arrays and go
+candidate count varies reuse the same memory (the threads of a ranker's batches too, which score users with
+many candidates one at a time this way). Larger calls (batches of users in chunks) pool into new arrays and go
 through ``session.run``.
 
 Which features an example holds (feature stores, the request's context) is the ranker's business:
@@ -120,6 +121,7 @@ class CtrRunner:
         self.chunk_min_rows = (CHUNK_MIN_ROWS if macs is None else
                                max(CHUNK_MIN_ROWS, -(-_CHUNK_MIN_MACS // macs)) if macs > 0 else 0)
         one_thread = getattr(session_options, "intra_op_num_threads", 1) == 1
+        self.one_thread_session = one_thread
         self.request_threads = request_threads if one_thread and self.chunk_min_rows else 1
 
     def _set_split(self, model, constant_fields, session_options) -> None:

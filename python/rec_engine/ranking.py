@@ -24,7 +24,7 @@ from ._convert import at_least_one
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .ctr_runner import CtrRunner
-from .features import EncodedBatch, Schema
+from .features import EncodedBatch, Schema, _missing
 from .runtime import default_num_threads
 
 RANKING_KINDS = kinds.names(stage="ranking")     # read from the registry (rec_engine.kinds)
@@ -126,7 +126,10 @@ class CtrRanker:
         Threads of :meth:`score_candidates_batch` (0: all cores; None: the first session, with its threads): a
         batch of several chunks has that many scored at once, each on one thread; a batch of one chunk runs on
         a second session with that many ONNX Runtime threads, except a batch of one user, which is scored as
-        :meth:`score_candidates` with that many threads.
+        :meth:`score_candidates` with that many threads, and a batch whose users all have two row chunks'
+        worth of candidates or more (``CtrRunner.chunk_min_rows``, up to the bound buffers' 1,024), whose
+        users are scored one at a time on each of those threads as :meth:`score_candidates` on one thread (with
+        a one-thread session; each such thread keeps a bound buffer set, up to 4 MB).
     """
 
     def __init__(self, bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
@@ -156,6 +159,10 @@ class CtrRanker:
         names = self.schema.names
         self.user_fields = [n for n in names if n in set(groups.get("user", ()))]
         self.item_fields = [n for n in names if n in set(groups.get("item", ()))]
+        both = set(self.user_fields) & set(self.item_fields)
+        if both:
+            raise BundleError(f"bundle {bundle.path}: meta entity_fields names {sorted(both)} as both user and "
+                              f"item fields")
         self.context_fields = [n for n in names if n not in set(self.user_fields) | set(self.item_fields)]
         pos = {n: i for i, n in enumerate(names)}
         self.user_pos = np.array([pos[n] for n in self.user_fields], np.int64)
@@ -222,7 +229,7 @@ class CtrRanker:
         self._order = tuple(g for _, g in sorted(groups)) if len(groups) == n_groups else None
         self._ctx_cache: dict = {}      # context key -> (rows [Fc] or None, emb [Fc, d], lin [Fc])
         self._guest_cache: dict = {}    # context key -> the same for the user fields of an unknown user
-        self._field_cache: dict = {}    # (field, value, type) -> (row or None, emb [d], lin) of one field
+        self._field_cache: dict = {}    # field -> {(value, type) or None: (row or None, emb [d], lin)}
         self._seq = (np.zeros(1, np.int64), np.ones(0, np.float32))   # offsets / weights of one-entry bags
 
     # ------------------------------------------------------------------ examples -> bags
@@ -504,7 +511,9 @@ class CtrRanker:
         """Click probabilities of each user's candidates: ``[score_candidates(u, c, ctx) for ...]``, computed
         with one feature lookup and one ONNX call (the batch session, see ``batch_threads``) per chunk of at
         most ``chunk_rows`` examples (whole users; a user with more candidates is a chunk of its own). A batch
-        of one user is :meth:`score_candidates` on the batch's threads."""
+        of one user is :meth:`score_candidates` on the batch's threads; a batch of users that each have two row
+        chunks' worth of candidates or more is scored user by user on the batch's threads, each user as
+        :meth:`score_candidates` on one thread (``chunk_rows`` does not apply; see ``batch_threads``)."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         B = len(users)
@@ -523,11 +532,14 @@ class CtrRanker:
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
         workers = self._chunk_workers
         per_user = self.runner.chunk_min_rows * _PER_USER_CHUNKS
-        if workers > 1 and B > 1 and per_user and per_user <= lengths.min() and lengths.max() <= self.runner.bind_rows:
+        if (workers > 1 and B > 1 and per_user and self.runner.one_thread_session
+                and per_user <= lengths.min() and lengths.max() <= self.runner.bind_rows):
             # users with enough rows each to pay for an ONNX call: the request path, one user at a time on each
             # of the batch's threads (its bound buffers, one-thread pooling and dense part, the split's first
             # layer once per user): 500 candidates of a DeepFM 400-400-400 run at ~3.5 us a row there, ~4.1 in
-            # chunks of two users (their activations outgrow the core's L2, and the inputs are new arrays)
+            # chunks of two users (their activations outgrow the core's L2, and the inputs are new arrays).
+            # Only with a one-thread session: several of a multi-thread session's calls at once would ask for
+            # more threads than cores
             ends = np.cumsum(lengths).tolist()
             return list(self._chunk_threads().map(
                 lambda j: self._score_one(int(users[j]), flat[ends[j] - int(lengths[j]):ends[j]], parts[j], None, 1),
@@ -594,14 +606,15 @@ class CtrRanker:
 
     def _encode_part(self, context: Mapping[str, Any], fields: list[str], key, cache: dict):
         """``(rows [len(fields)] or None, emb [len(fields), d], lin [len(fields)])`` of ``fields`` encoded
-        from ``context`` (rows: when every bag holds one entry of weight 1), cached under ``key``."""
+        from ``context`` (rows: when every bag holds one entry of weight 1), cached under ``key``; a context of
+        hashable values of the key types is assembled from its fields' cached pieces (``_field_piece``)."""
         cacheable = key is not None and _KEY_TYPES.issuperset([k[2] for k in key])
         if not fields:
             part = (np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), np.zeros(0, np.float32))
         elif cacheable:
-            # a context not seen as a whole, made of field values seen lately: each field's bag pooled alone
-            # is what the whole context's pooling gives it (bags are pooled independently), and a field has
-            # few values where a context has their product (a request's hour x page x country ...)
+            # a context not in the cache as a whole: from its fields' pieces, each cached on its own (a field's
+            # bag pooled alone is what the whole context's pooling gives it, bags being pooled independently),
+            # since a field has few values where a context has their product (hour x page x country ...)
             pieces = [self._field_piece(n, context.get(n)) for n in fields]
             rows = [p[0] for p in pieces]
             part = (None if None in rows else np.array(rows, np.int64), np.stack([p[1] for p in pieces]),
@@ -626,15 +639,19 @@ class CtrRanker:
 
     def _field_piece(self, name: str, value):
         """``(row or None, emb [d], lin)`` of one field holding ``value`` (a hashable value of a key type),
-        cached."""
-        key = (name, value, type(value))
-        piece = self._field_cache.get(key)
+        cached per field (a field of many values, a price say, empties only its own cache when it fills);
+        every missing value (None, "", NaN: an empty bag) under one key."""
+        cache = self._field_cache.get(name)
+        if cache is None:
+            cache = self._field_cache.setdefault(name, {})
+        key = None if _missing(value) else (value, type(value))
+        piece = cache.get(key)
         if piece is None:
             rows, e, li = self._encode_fields({name: value}, [name])
             piece = (None if rows is None else int(rows[0]), e[0], float(li[0]))
-            if len(self._field_cache) >= _CACHE_SIZE:
-                self._field_cache.clear()
-            self._field_cache[key] = piece
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[key] = piece
         return piece
 
 
