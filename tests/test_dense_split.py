@@ -524,3 +524,37 @@ def test_a_field_of_both_users_and_items_is_refused(ctr_bundles):
     bad["user"] = list(bad["user"]) + [bad["item"][0]]
     with pytest.raises(BundleError, match="both user and item fields"):
         CtrRanker(b)
+
+
+def test_a_user_that_fails_in_a_user_by_user_batch_raises_after_every_share_ended(ctr_bundles, rng):
+    """Each batch thread scores its share of the users; one user's error is raised once every share has
+    ended (nothing scores on after the call returns), and the next batch is right."""
+    import threading
+    import time
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    r, ref = _chunked(CtrRanker(b, batch_threads=3), 32), CtrRanker(b)
+    inner, done, threads = r._score_one, [], set()
+
+    def flaky(user, *a):
+        threads.add(threading.get_ident())
+        if user == 13:
+            raise RuntimeError("user 13 failed")
+        time.sleep(0.01)
+        out = inner(user, *a)
+        done.append(user)
+        return out
+
+    r._score_one = flaky
+    users = list(range(10, 22))
+    cands = [rng.integers(0, r.n_items, 100) for _ in users]
+    with pytest.raises(RuntimeError, match="user 13 failed"):
+        r.score_candidates_batch(users, cands)
+    # users 10, 13, 16, 19 are the first thread's share: it stops at 13; the other shares had all ended
+    assert sorted(done) == [u for u in users if u not in (13, 16, 19)] and len(threads) == 3
+    r._score_one = inner
+    for g, u, c in zip(r.score_candidates_batch(users, cands), users, cands):
+        np.testing.assert_allclose(g, ref.score_candidates(u, c), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import wait
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -541,9 +542,23 @@ class CtrRanker:
             # Only with a one-thread session: several of a multi-thread session's calls at once would ask for
             # more threads than cores
             ends = np.cumsum(lengths).tolist()
-            return list(self._chunk_threads().map(
-                lambda j: self._score_one(int(users[j]), flat[ends[j] - int(lengths[j]):ends[j]], parts[j], None, 1),
-                range(B)))
+            out: list = [None] * B
+
+            def score_share(t: int) -> None:      # users t, t + workers, ... (one task per thread, not per user)
+                for j in range(t, B, workers):
+                    out[j] = self._score_one(int(users[j]), flat[ends[j] - int(lengths[j]):ends[j]], parts[j], None, 1)
+
+            pool = self._chunk_threads()
+            waits = []
+            try:
+                for t in range(1, min(workers, B)):
+                    waits.append(pool.submit(score_share, t))
+                score_share(0)                    # the calling thread takes a share too
+            finally:
+                wait(waits)                       # every share has ended before this returns or raises
+            for w in waits:
+                w.result()
+            return out
         ends = np.concatenate([[0], np.cumsum(lengths)])
         if workers > 1:   # at least as many chunks as workers when the batch allows it
             chunk_rows = max(1, min(chunk_rows, -(-int(ends[-1]) // workers)))
