@@ -241,23 +241,14 @@ class CtrRunner:
         run = self._run_io_split if split else self._run_io
         if threads > 1:
             ios = self._chunks(b, n, threads, split)
-            if fill is not None:
-                def run(io, a, z, _run=run):
-                    fill(a, z, True)
-                    _run(io)
-                jobs = [(io, n * i // threads, n * (i + 1) // threads) for i, io in enumerate(ios)]
-            else:
-                jobs = [(io,) for io in ios]
-            pool, waits = self._pool_for(threads), []
-            try:
-                for job in jobs[1:]:
-                    waits.append(pool.submit(run, *job))
-                run(*jobs[0])
-            finally:
-                # every chunk has ended before this returns or raises: the buffers are this thread's next call's
-                wait(waits)
-            for w in waits:
-                w.result()     # (a chunk's error)
+
+            def chunk(i: int) -> None:
+                if fill is not None:
+                    fill(n * i // threads, n * (i + 1) // threads, True)
+                run(ios[i])
+
+            # every chunk has ended before this returns or raises: the buffers are this thread's next call's
+            run_at_once(self._pool_for(threads), [lambda i=i: chunk(i) for i in range(threads)])
         else:
             if fill is not None:
                 fill(0, n, False)
@@ -357,6 +348,20 @@ class CtrRunner:
             out[0] = (1.0 + math.tanh(0.5 * z.item())) * 0.5
             return out
         return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)
+
+
+def run_at_once(pool: ThreadPoolExecutor, jobs) -> None:
+    """Runs the callables ``jobs`` at once, the first on the calling thread and the others on ``pool``, and
+    returns once every one has ended; then raises the first error, the caller's job first, then in order."""
+    waits = []
+    try:
+        for job in jobs[1:]:
+            waits.append(pool.submit(job))
+        jobs[0]()
+    finally:
+        wait(waits)
+    for w in waits:
+        w.result()
 
 
 def _dense_macs(model) -> int | None:

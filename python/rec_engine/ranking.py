@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import wait
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ from . import kinds
 from ._convert import at_least_one
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
-from .ctr_runner import CtrRunner
+from .ctr_runner import CtrRunner, run_at_once
 from .features import EncodedBatch, Schema, _missing
 from .runtime import default_num_threads
 
@@ -541,23 +540,14 @@ class CtrRanker:
             # chunks of two users (their activations outgrow the core's L2, and the inputs are new arrays).
             # Only with a one-thread session: several of a multi-thread session's calls at once would ask for
             # more threads than cores
-            ends = np.cumsum(lengths).tolist()
             out: list = [None] * B
 
             def score_share(t: int) -> None:      # users t, t + workers, ... (one task per thread, not per user)
                 for j in range(t, B, workers):
-                    out[j] = self._score_one(int(users[j]), flat[ends[j] - int(lengths[j]):ends[j]], parts[j], None, 1)
+                    out[j] = self._score_one(int(users[j]), cands[j], parts[j], None, 1)
 
-            pool = self._chunk_threads()
-            waits = []
-            try:
-                for t in range(1, min(workers, B)):
-                    waits.append(pool.submit(score_share, t))
-                score_share(0)                    # the calling thread takes a share too
-            finally:
-                wait(waits)                       # every share has ended before this returns or raises
-            for w in waits:
-                w.result()
+            # the calling thread takes a share too; every share has ended before this returns or raises
+            run_at_once(self._chunk_threads(), [lambda t=t: score_share(t) for t in range(min(workers, B))])
             return out
         ends = np.concatenate([[0], np.cumsum(lengths)])
         if workers > 1:   # at least as many chunks as workers when the batch allows it
