@@ -26,11 +26,21 @@ def _same(batch, singles, rtol=1e-5, batched=True):
         assert b.timings.get("batch_size") == (len(batch) if batched else None)
 
 
+def _screen_every_batch(e: Engine):
+    """Makes the engine's float32 retrieval screen every batch of 4 users or more in bf16 (ItemIndex with
+    copy=False), which by default only batches of 64 users over 65,536 items or more take."""
+    r = e._version.retrieval
+    r.screen_min_batch, r.screen_min_items = 4, 0
+    return r
+
+
 @pytest.mark.parametrize("bundle", ["pipe_a", "lightgcn"])
-@pytest.mark.parametrize("index", [None, "int8"])
+@pytest.mark.parametrize("index", [None, "int8", "screen"])
 def test_batch_equals_single_calls(trained, rng, bundle, index):
     """Known users, unknown users (cold start), users with observed events, repeats, per-user contexts."""
-    with Engine.load(trained.bundle(bundle), index=index) as e:
+    with Engine.load(trained.bundle(bundle), index=None if index == "screen" else index) as e:
+        if index == "screen":
+            r = _screen_every_batch(e)
         e.observe(3, [1, 2, 3])
         e.observe(50_000, [4, 5])                    # unknown to the model, known online (fold-in)
         users = [int(u) for u in rng.integers(0, 400, 40)] + [3, 50_000, 90_001, 90_002, 3]
@@ -43,6 +53,41 @@ def test_batch_equals_single_calls(trained, rng, bundle, index):
             assert any(r.fallback for r in batch) and not all(r.fallback for r in batch)
         one_ctx = e.recommend_batch(users[:5], 10, context=CONTEXTS[0])
         _same(one_ctx, [e.recommend(u, 10, context=CONTEXTS[0]) for u in users[:5]])
+        if index == "screen":     # the batches went through the screen (its norms: one per item)
+            assert r._screen is not None and r._screen[1].norm.shape == (len(r.items),)
+            assert not r._screen[1].copy and r.index is None
+
+
+def test_screened_batches_take_items_added_online(trained, tmp_path, rng):
+    """Items added to a float32 engine while its batches are screened: the screen covers the rows it was built
+    over and the new ones are scanned in float32 beside it (or it is built anew once the table has moved as it
+    grew); every batch equals single calls and an exact scan of the grown table."""
+    with Engine.load(trained.bundle("pipe_a"), events=tmp_path / "ev.db", num_threads=1) as e:
+        r = _screen_every_batch(e)
+        users = [int(u) for u in rng.integers(0, 400, 12)]
+        e.recommend_batch(users, 10, context=CONTEXTS[0])
+        first = r._screen[1] if r._screen else None
+        d = r.items.shape[1]
+        for step in range(3):
+            n0 = e.n_items
+            vecs = (rng.normal(size=(5 + 200 * step, d)) * np.abs(r.items).mean() * 4).astype(np.float32)
+            feats = [{"category": int(rng.integers(0, 8)), "brand": int(rng.integers(0, 20)),
+                      "price": float(rng.uniform(1, 90))} for _ in vecs]   # (distinct items: no tied scores)
+            e.add_items([30_000_000 + 10_000 * step + j for j in range(len(vecs))], vectors=vecs, features=feats)
+            assert e.n_items == n0 + len(vecs)
+            states = [e._version.user_state(u, e.online) for u in users]
+            table = np.asarray(r.items)
+            for st, b in zip(states, r.retrieve_batch(states, 30, excludes=[r.seen(st) for st in states])):
+                s = table @ r.user_vectors([st])[0][0]
+                s[np.asarray(r.seen(st))] = -np.inf
+                np.testing.assert_allclose(b.scores, np.sort(s)[::-1][:30], rtol=1e-5, atol=1e-5)
+                assert (b.ids >= n0).any() or step == 0
+            batch = e.recommend_batch(users, 10, context=CONTEXTS[0])
+            _same(batch, [e.recommend(u, 10, context=CONTEXTS[0]) for u in users])
+            # the screen covers the first rows of the table in use, never a buffer the table has moved out of
+            screen = r._screen[1]
+            assert len(screen.items) <= len(r.items) and np.shares_memory(screen.items[:1], r.items[:1])
+        assert first is not None and first.norm.shape == (300,)
 
 
 def test_batch_with_candidates_and_the_sequential_family(trained, trained_sasrec, rng):

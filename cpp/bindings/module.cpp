@@ -683,17 +683,24 @@ PYBIND11_MODULE(_core, m) {
                         float scale_all_max) {
         py::array q = take(q_obj, "queries", {kF32}, 2);
         py::array x = take(x_obj, "items", {kF32}, 2);
-        py::array packed = take(packed_obj, "packed", {kU8}, 1);
-        py::array corr = take(corr_obj, "corr", {kI32}, 1);
-        py::array scale = take(scale_obj, "scale", {kF32}, 1);
         const Precision pr = parse_precision(precision);
+        // packed, corr and scale all None: a bf16 index without a copy (panels converted as they are scanned)
+        const bool convert = packed_obj.is_none() && corr_obj.is_none() && scale_obj.is_none();
+        if (convert && pr != Precision::bf16)
+          throw py::value_error("an int8 index needs its packed, corr and scale arrays");
+        py::array packed, corr, scale;
         const int64_t b = q.shape(0), n = x.shape(0), d = x.shape(1);
         if (q.shape(1) != d)
           throw py::value_error("queries have dimension " + std::to_string(q.shape(1)) + " but items have " +
                                 std::to_string(d));
-        if (packed.shape(0) != quantized_bytes(pr, n, d) || corr.shape(0) != quantized_rows(n) ||
-            scale.shape(0) != quantized_rows(n))
-          throw py::value_error("the quantized arrays do not match the items (rebuild them with quantize_items)");
+        if (!convert) {
+          packed = take(packed_obj, "packed", {kU8}, 1);
+          corr = take(corr_obj, "corr", {kI32}, 1);
+          scale = take(scale_obj, "scale", {kF32}, 1);
+          if (packed.shape(0) != quantized_bytes(pr, n, d) || corr.shape(0) != quantized_rows(n) ||
+              scale.shape(0) != quantized_rows(n))
+            throw py::value_error("the quantized arrays do not match the items (rebuild them with quantize_items)");
+        }
         if (k < 0) throw py::value_error("k must be >= 0, got " + std::to_string(k));
         TopkOptions opt;
         opt.k = k;
@@ -704,9 +711,11 @@ PYBIND11_MODULE(_core, m) {
         index.precision = pr;
         index.n_items = n;
         index.dim = d;
-        index.packed = ptr<uint8_t>(packed);
-        index.corr = ptr<int32_t>(corr);
-        index.scale = ptr<float>(scale);
+        if (!convert) {
+          index.packed = ptr<uint8_t>(packed);
+          index.corr = ptr<int32_t>(corr);
+          index.scale = ptr<float>(scale);
+        }
         py::array norm, heavy;
         if (!norm_obj.is_none()) {  // exact mode: the items' norms (quantized_norms), the heavy items' sorted
           norm = take(norm_obj, "norm", {kF32}, 1);  // ids and the maxima (trusted, like the arrays' contents:

@@ -304,7 +304,7 @@ static_assert(kPackedMinQueries == topk_gemm::kStreamQueries + 1, "fewer queries
 // Per-thread buffers of the packed scans.
 struct PanelWork {
   std::vector<float> panel, tile;
-  std::vector<uint8_t> qbuf;
+  std::vector<uint16_t> bf16;   // a bf16 panel converted from the float32 items (an index without a copy)
 };
 
 // Offers the items whose bit is set in masks[a] (scores tile[a * kPanel + j] of item i0 + j) to query
@@ -910,35 +910,46 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
 constexpr int64_t kFloorMinItems = 65536;   // tables from this size get floors (see reduced_floors)
 constexpr int64_t kFloorSamplePanels = 128;
 
-// Floors for nq (1-3) streamed queries of a reduced-precision scan: each query's r-th best score over
+// Floors for the nq queries of a reduced-precision scan: each query's r-th best score over
 // kFloorSamplePanels panels spread over the table, r chosen so that about 2 sl items are expected above it
 // (its count varies by about 1 / sqrt(r) = 16%; a floor too high only costs a failed check and a rescan).
+// panel(pi, buf) gives panel pi's packed values (buf: room for one panel, for an index that converts them).
+template <class Panel>
 std::vector<float> reduced_floors(const QuantizedItems& index, const void* q, int64_t nq, int64_t dp, int64_t sl,
-                                  const topk_gemm::Table* g) {
+                                  const topk_gemm::Table* g, int nt, Panel panel) {
   const bool i8 = index.precision == Precision::int8;
   const int64_t n_panels = (index.n_items + kPanel - 1) / kPanel;
   const int64_t samples = kFloorSamplePanels * kPanel;
   const int64_t r = std::min<int64_t>(samples, (2 * sl * samples + index.n_items - 1) / index.n_items + 3);
-  const int64_t panel_bytes = kPanel * dp * (i8 ? 1 : 2);
-  std::vector<float> scores(static_cast<size_t>(nq * samples)), tile(static_cast<size_t>(nq * kPanel));
-  float thr[kPackedMinQueries];
-  uint64_t masks[kPackedMinQueries];
-  std::fill(thr, thr + kPackedMinQueries, -std::numeric_limits<float>::infinity());
-  for (int64_t s = 0; s < kFloorSamplePanels; ++s) {
+  std::vector<float> scores(static_cast<size_t>(nq * samples));
+  detail::parallel_for(kFloorSamplePanels, nq >= kPanelQueries ? nt : 1, 8, [&](int64_t s) {
+    thread_local std::vector<uint16_t> buf;
+    thread_local std::vector<float> tile;
+    buf.resize(static_cast<size_t>(kPanel * dp));
+    tile.resize(static_cast<size_t>(kPanelQueries * kPanel));
+    float thr[kPanelQueries];
+    uint64_t masks[kPanelQueries];
+    std::fill(thr, thr + kPanelQueries, -std::numeric_limits<float>::infinity());
     const int64_t pi = s * (n_panels - 1) / kFloorSamplePanels;  // never the last (padded) panel
-    const uint8_t* panel = index.packed + pi * panel_bytes;
-    if (i8)
-      g->scan_i8_filter(static_cast<const uint8_t*>(q), nq, dp, reinterpret_cast<const int8_t*>(panel), 1, dp / 4,
-                        index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile.data(), kPanel, masks);
-    else
-      g->scan_bf16_filter(static_cast<const uint16_t*>(q), nq, dp, reinterpret_cast<const uint16_t*>(panel), 1,
-                          dp / 2, thr, tile.data(), kPanel, masks);
-    for (int64_t a = 0; a < nq; ++a)
-      std::copy_n(tile.data() + a * kPanel, kPanel, scores.data() + a * samples + s * kPanel);
-  }
-  // each query's r-th best sample (r is a few dozen)
-  std::vector<float> floors(static_cast<size_t>(nq)), heap;
-  for (int64_t a = 0; a < nq; ++a) floors[a] = rth_largest(scores.data() + a * samples, samples, r, heap);
+    const uint8_t* p = panel(pi, buf.data());
+    for (int64_t a0 = 0; a0 < nq; a0 += kPanelQueries) {
+      const int64_t m = std::min(kPanelQueries, nq - a0);
+      if (i8)
+        g->score_i8_filter(static_cast<const uint8_t*>(q) + a0 * dp, m, dp, reinterpret_cast<const int8_t*>(p), dp / 4,
+                           index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile.data(), kPanel, masks);
+      else
+        g->score_bf16(static_cast<const uint16_t*>(q) + a0 * dp, m, dp, reinterpret_cast<const uint16_t*>(p), dp / 2,
+                      tile.data(), kPanel);
+      for (int64_t a = 0; a < m; ++a)
+        std::copy_n(tile.data() + a * kPanel, kPanel, scores.data() + (a0 + a) * samples + s * kPanel);
+    }
+  });
+  // each query's r-th best sample (r is a few dozen for a short list, a few hundred for k = 500)
+  std::vector<float> floors(static_cast<size_t>(nq));
+  detail::parallel_for(nq, nq >= 16 ? nt : 1, 4, [&](int64_t a) {
+    thread_local std::vector<float> heap;
+    floors[a] = rth_largest(scores.data() + a * samples, samples, r, heap);
+  });
   return floors;
 }
 
@@ -952,6 +963,40 @@ bool query_fits(const QuantizedItems& index, const QueryBound& qb) {
   const double d = static_cast<double>(index.dim);
   if (index.dim > 65536 || !(index.norm_all_max < kBig) || !(qb.q2 * index.norm_all_max < kBig)) return false;
   return index.precision != Precision::int8 || 16129.0 * d * index.scale_all_max < kBig;
+}
+
+}  // namespace
+
+namespace {
+
+// Runs scan(queries', nb, options', ids', scores') over rows `rows` of the queries (each with its exclusions)
+// as one batch of at least min_rows rows, the last one repeated, and writes each row's answer in its place.
+// The float32 scan of a batch of kPackedMinQueries rows or more takes the packed path, whose scores are the
+// re-scoring's (1-3 queries would stream, summing in another order).
+template <class Scan>
+void scan_rows(const float* queries, int64_t dim, const TopkOptions& opt, const std::vector<int64_t>& rows,
+               int64_t min_rows, int64_t width, int64_t* out_ids, float* out_scores, Scan scan) {
+  const int64_t nf = static_cast<int64_t>(rows.size());
+  const int64_t nb = std::max(nf, min_rows);
+  std::vector<float> fq(static_cast<size_t>(nb * dim));
+  std::vector<int64_t> f_indptr(static_cast<size_t>(nb + 1), 0), f_ids;
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t q = rows[std::min(r, nf - 1)];
+    if (dim > 0) std::memcpy(fq.data() + r * dim, queries + q * dim, sizeof(float) * static_cast<size_t>(dim));
+    if (opt.exclude.indptr != nullptr)
+      f_ids.insert(f_ids.end(), opt.exclude.ids + opt.exclude.indptr[q], opt.exclude.ids + opt.exclude.indptr[q + 1]);
+    f_indptr[r + 1] = static_cast<int64_t>(f_ids.size());
+  }
+  TopkOptions fo = opt;
+  fo.candidates = IdLists{};
+  fo.exclude = opt.exclude.indptr != nullptr ? IdLists{f_indptr.data(), f_ids.data()} : IdLists{};
+  std::vector<int64_t> f_out_ids(static_cast<size_t>(nb * width));
+  std::vector<float> f_out_scores(static_cast<size_t>(nb * width));
+  scan(fq.data(), nb, fo, f_out_ids.data(), f_out_scores.data());
+  for (int64_t r = 0; r < nf; ++r) {
+    std::copy_n(f_out_ids.data() + r * width, width, out_ids + rows[r] * width);
+    std::copy_n(f_out_scores.data() + r * width, width, out_scores + rows[r] * width);
+  }
 }
 
 }  // namespace
@@ -975,13 +1020,33 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const int64_t width = topk_width(opt.k, n_items);
   if (n_queries == 0 || width == 0) return;
   const int64_t sl = std::min(n_items, std::max(width, shortlist));
-  if (index.norm != nullptr && n_queries >= kPackedMinQueries && sl > kExactBatchMaxShortlist &&
+  const topk_gemm::Table* g = topk_gemm::active();
+  const bool i8 = index.precision == Precision::int8;
+  // Without packed panels (bf16 only), each panel is converted from the float32 items as the scan reaches
+  // it: batches of kPackedMinQueries queries or more on CPUs with AVX512-BF16; anything else is the exact
+  // float32 scan (the same answer), as is a table whose values could overflow bf16 (the check's bounds
+  // would send every query there anyway).
+  const bool convert = index.packed == nullptr;
+  if (convert && i8) throw std::invalid_argument("an int8 index needs its packed panels");
+  if (convert && (g == nullptr || g->pack_bf16 == nullptr || g->score_bf16 == nullptr ||
+                  n_queries < kPackedMinQueries || (index.norm != nullptr && !(index.norm_all_max < 0x1p120f)))) {
+    std::vector<int64_t> rows(static_cast<size_t>(n_queries));
+    for (int64_t q = 0; q < n_queries; ++q) rows[q] = q;
+    scan_rows(queries, dim, opt, rows, kPackedMinQueries, width, out_ids, out_scores,
+              [&](const float* fq, int64_t nb, const TopkOptions& fo, int64_t* ids, float* scores) {
+                topk(fq, nb, items, n_items, dim, fo, ids, scores);
+              });
+    return;
+  }
+  // Exact mode over a large table: each selection starts at a floor from a sample of panels (reduced_floors)
+  const bool floored_scan = index.norm != nullptr && n_items >= kFloorMinItems && sl >= 64 && g != nullptr &&
+                            (i8 ? g->score_i8_filter != nullptr : g->score_bf16 != nullptr);
+  if (!floored_scan && index.norm != nullptr && n_queries >= kPackedMinQueries && sl > kExactBatchMaxShortlist &&
       n_queries * sl >= kExactBatchMaxEntries) {   // (4 queries or more: the packed path's scores)
-    // A long shortlist costs its selection and re-scoring for every query, while a batch's float32 scan
-    // (whose answer the exact mode returns anyway) reads the table once: past a few queries it is faster
-    // (1M x 64, int8, k = 500 with its 2064 shortlist: 8 queries 8.8 ms against 9.4 ms in float32, 16
-    // queries 16.9 against 12.1 ms, 256 queries 247 against 110 ms; k = 100 with 464: 64 queries 23.4
-    // against 26.3 ms).
+    // Without floors a long shortlist costs its selection and re-scoring for every query, while a batch's
+    // float32 scan (whose answer the exact mode returns anyway) reads the table once: past a few queries it
+    // is faster (measured before floors, 1M x 64, int8, k = 500 with its 2064 shortlist: 8 queries 8.8 ms
+    // against 9.4 ms in float32, 16 queries 16.9 against 12.1 ms, 256 queries 247 against 110 ms).
     topk(queries, n_queries, items, n_items, dim, opt, out_ids, out_scores);
     return;
   }
@@ -989,7 +1054,6 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   const Problem p{queries, items, n_queries, n_items, dim, width, false, nullptr, nullptr, &exclude};
 
   // Queries in the scan's precision (int8: symmetric per query, stored as u8 = q + 128).
-  const bool i8 = index.precision == Precision::int8;
   const int64_t dp = padded_dim(index.precision, dim);
   std::vector<uint8_t> qu;
   std::vector<uint16_t> qb;
@@ -1030,7 +1094,6 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
       for (int64_t t = 0; t < dim; ++t) qb[q * dp + t] = to_bf16(queries[q * dim + t]);
   }
 
-  const topk_gemm::Table* g = topk_gemm::active();
   auto* ki8 = &score_i8_portable;
   auto* kbf = g != nullptr && g->score_bf16 != nullptr ? g->score_bf16 : &score_bf16_portable;
   auto* ki8f = g != nullptr ? g->score_i8_filter : nullptr;
@@ -1053,17 +1116,25 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     // floor taken from a sample of panels, about 2 sl items expected above it, so that the scan offers those
     // instead of every thread's first 2 sl items and the trims after them. A selection that does not fill
     // holds every item at or above its floor, which then bounds the items left out in the check.
+    // The same floors serve a batch's packed scan: about 4 sl offers a query instead of each thread's
+    // first 2 sl and every later item above its running threshold (1M x 64, 256 queries, exact int8 at k =
+    // 100: 86 -> 46 ms; k = 500: 100 -> 88 ms, no longer slower than the float32 scan).
     std::vector<float> floors;
-    const bool streamed = ng < kPackedMinQueries && g != nullptr &&
+    const bool streamed = !convert && ng < kPackedMinQueries && g != nullptr &&
                           (i8 ? g->scan_i8_filter != nullptr : g->scan_bf16_filter != nullptr);
-    if (exact && streamed && n_items >= kFloorMinItems && sl >= 64)
+    if (floored_scan)
       floors = reduced_floors(index, i8 ? static_cast<const void*>(qu.data() + g0 * dp)
                                         : static_cast<const void*>(qb.data() + g0 * dp),
-                              ng, dp, sl, g);
+                              ng, dp, sl, g, nt, [&](int64_t pi, uint16_t* buf) -> const uint8_t* {
+                                if (!convert) return index.packed + pi * panel_bytes;
+                                g->pack_bf16(items + pi * kPanel * dim, std::min(kPanel, n_items - pi * kPanel), dim,
+                                             dim, buf);
+                                return reinterpret_cast<const uint8_t*>(buf);
+                              });
     item_split(
         n_panels, nt, ng, sl, storage,
         [&](int t, int64_t pa, int64_t pb, Selection* sels) {
-          if (ng < kPackedMinQueries && g != nullptr && i8 && g->scan_i8_filter != nullptr) {
+          if (streamed && i8) {
             scan_reduced_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t],
                                 [&](int64_t pi, int64_t n, const float* thr, float* tile, uint64_t* masks) {
                                   return g->scan_i8_filter(
@@ -1073,7 +1144,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
                                 });
             return;
           }
-          if (ng < kPackedMinQueries && g != nullptr && !i8 && g->scan_bf16_filter != nullptr) {
+          if (streamed && !i8) {
             scan_reduced_stream(p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t],
                                 [&](int64_t pi, int64_t n, const float* thr, float* tile, uint64_t* masks) {
                                   return g->scan_bf16_filter(
@@ -1083,10 +1154,16 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
                                 });
             return;
           }
+          PanelWork& w = work[t];
+          if (convert) w.bf16.resize(static_cast<size_t>(kPanel * dp));
           scan_panels(
-              p, g0, g0 + ng, pa, pb, sels, work[t], nan_ids[t], g, [](int64_t, int64_t) {},
+              p, g0, g0 + ng, pa, pb, sels, w, nan_ids[t], g,
+              [&](int64_t pi, int64_t nx) {
+                if (convert) g->pack_bf16(items + pi * kPanel * dim, nx, dim, dim, w.bf16.data());
+              },
               [&](int64_t pi, int64_t q0, int64_t nq, float* tile, const float* thr, uint64_t* masks) {
-                const uint8_t* panel = index.packed + pi * panel_bytes;
+                const uint8_t* panel = convert ? reinterpret_cast<const uint8_t*>(w.bf16.data())
+                                               : index.packed + pi * panel_bytes;
                 if (i8 && ki8f != nullptr) {
                   ki8f(qu.data() + q0 * dp, nq, dp, reinterpret_cast<const int8_t*>(panel), dp / 4,
                        index.corr + pi * kPanel, index.scale + pi * kPanel, thr, tile, kPanel, masks);
@@ -1150,34 +1227,15 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   if (failed.empty()) return;
   if (n_fallback != nullptr) *n_fallback = static_cast<int64_t>(failed.size());
   // The queries that failed the check are scanned again: with a 4x shortlist while that stays under an
-  // eighth of the items, else exactly in float32, as a batch of at least kPackedMinQueries rows (the last
-  // one repeated) so that it takes the packed path, whose scores are the re-scoring's.
-  const int64_t nf = static_cast<int64_t>(failed.size());
+  // eighth of the items, else exactly in float32 (as a batch of at least kPackedMinQueries rows).
   const bool again = all_fit && 4 * sl <= n_items / 8;
-  const int64_t nb = again ? nf : std::max(nf, kPackedMinQueries);
-  std::vector<float> fq(static_cast<size_t>(nb * dim));
-  std::vector<int64_t> f_indptr(static_cast<size_t>(nb + 1), 0), f_ids;
-  for (int64_t r = 0; r < nb; ++r) {
-    const int64_t q = failed[std::min(r, nf - 1)];
-    if (dim > 0) std::memcpy(fq.data() + r * dim, queries + q * dim, sizeof(float) * static_cast<size_t>(dim));
-    if (opt.exclude.indptr != nullptr)
-      f_ids.insert(f_ids.end(), opt.exclude.ids + opt.exclude.indptr[q], opt.exclude.ids + opt.exclude.indptr[q + 1]);
-    f_indptr[r + 1] = static_cast<int64_t>(f_ids.size());
-  }
-  TopkOptions fo = opt;
-  fo.candidates = IdLists{};
-  fo.exclude = opt.exclude.indptr != nullptr ? IdLists{f_indptr.data(), f_ids.data()} : IdLists{};
-  std::vector<int64_t> f_out_ids(static_cast<size_t>(nb * width));
-  std::vector<float> f_out_scores(static_cast<size_t>(nb * width));
-  if (again)
-    topk_quantized(fq.data(), nb, items, index, fo, 4 * sl, f_out_ids.data(), f_out_scores.data());
-  else
-    topk(fq.data(), nb, items, n_items, dim, fo, f_out_ids.data(), f_out_scores.data());
-  for (int64_t r = 0; r < nf; ++r) {
-    const int64_t q = failed[r];
-    std::copy_n(f_out_ids.data() + r * width, width, out_ids + q * width);
-    std::copy_n(f_out_scores.data() + r * width, width, out_scores + q * width);
-  }
+  scan_rows(queries, dim, opt, failed, again ? 0 : kPackedMinQueries, width, out_ids, out_scores,
+            [&](const float* fq, int64_t nb, const TopkOptions& fo, int64_t* ids, float* scores) {
+              if (again)
+                topk_quantized(fq, nb, items, index, fo, 4 * sl, ids, scores);
+              else
+                topk(fq, nb, items, n_items, dim, fo, ids, scores);
+            });
 }
 
 }  // namespace rec_engine

@@ -58,6 +58,10 @@ struct Table {
   int64_t (*scan_bf16_filter)(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panels,
                               int64_t n_panels, int64_t d2, const float* thr, float* out, int64_t ldo,
                               uint64_t* masks);
+  // Packs rows x[j * ldx .. + d) for j < nx (nx <= kPanel), converted to bf16 (round to nearest even;
+  // denormal values become zero), into a bf16 panel of (d + 1) / 2 pairs as quantize_items lays it out;
+  // missing items and the odd dimension's pair half are zero. nullptr when the CPU lacks AVX512-BF16.
+  void (*pack_bf16)(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* panel);
 };
 
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).

@@ -62,6 +62,35 @@ void pack_f32(const float* x, int64_t nx, int64_t ldx, int64_t d, float* panel) 
   }
 }
 
+// pack_f32's transpose on bf16 pairs: each item's chunk of 32 dimensions converted (round to nearest even,
+// denormals to zero) to 16 pairs of bf16, one 32-bit lane a pair, then the 16 x 16 lanes transposed.
+void pack_bf16(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* panel) {
+  uint32_t* out = reinterpret_cast<uint32_t*>(panel);
+  for (int64_t g = 0; g < kPanel; g += 16) {
+    for (int64_t t0 = 0; t0 < d; t0 += 32) {
+      const int64_t w = d - t0 < 32 ? d - t0 : 32;  // dimensions in this chunk
+      const __mmask16 lo = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+      const __mmask16 hi = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w > 16 ? (1u << (w - 16)) - 1u : 0u);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t item = g + j;
+        if (item < nx) {
+          const float* src = x + item * ldx + t0;
+          _mm_prefetch(reinterpret_cast<const char*>(src + 2 * kPanel * ldx), _MM_HINT_T0);
+          const __m512 a = _mm512_maskz_loadu_ps(lo, src), b = _mm512_maskz_loadu_ps(hi, src + 16);
+          r[j] = (__m512)_mm512_cvtne2ps_pbh(b, a);
+        } else {
+          r[j] = _mm512_setzero_ps();
+        }
+      }
+      transpose16(r);
+      const int64_t pairs = (w + 1) / 2;
+      for (int64_t c = 0; c < pairs; ++c)
+        _mm512_storeu_si512(out + (t0 / 2 + c) * kPanel + g, _mm512_castps_si512(r[c]));
+    }
+  }
+}
+
 template <int MQ>
 void micro_f32(const float* q, int64_t ldq, const float* panel, int64_t d, float* out, int64_t ldo) {
   __m512 acc[MQ][4];
@@ -488,7 +517,8 @@ int64_t scan_bf16_filter(const uint16_t* q, int64_t nq, int64_t ldq, const uint1
   return n_panels;
 }
 
-const Table kTable = {pack_f32, score_f32, filter_tile, score_i8_filter, score_bf16, stream_f32, scan_i8_filter, scan_bf16_filter};
+const Table kTable = {pack_f32,         score_f32,      filter_tile,      score_i8_filter, score_bf16,
+                      stream_f32,       scan_i8_filter, scan_bf16_filter, pack_bf16};
 
 }  // namespace
 

@@ -34,6 +34,7 @@ Table make_avx512() {
   if (!kExtras.bf16) {
     t.score_bf16 = nullptr;
     t.scan_bf16_filter = nullptr;
+    t.pack_bf16 = nullptr;
   }
   return t;
 }
