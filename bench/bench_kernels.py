@@ -5,7 +5,10 @@ Groups (each times rec_engine and its baselines on the same data, one after the 
 - topk single k=10 / k=100: 1 query against N items x 64 (N = --bench-items, 200k by default), 50
   excluded ids: rec_engine.topk vs NumPy (matmul + argpartition + sort) vs torch (mv + topk) vs FAISS
   IndexFlatIP (search k + 50, then drop the excluded ids).
-- topk batch k=10 / k=100: 256 queries, 50 excluded per query: the same four.
+- topk batch k=10 / k=100: 256 queries, 50 excluded per query: the same four, and "rec_engine bf16
+  screen": an exact ItemIndex(precision="bf16", copy=False), which keeps no bf16 copy but converts each
+  panel of the float32 items as the batch's scan reaches it (what a float32 Engine's batches of 64 users
+  or more use); its answer is checked as the exact scan's.
 - in both top-k groups, "rec_engine int8" and "rec_engine bf16": rec_engine.topk on an ItemIndex
   (reduced-precision scan, exact=False: the shortlist trusted and re-scored in float32), each checked for recall@k >= 0.99
   against the exact result (recorded in extra_info["recall"]) and compared with the fastest baseline.
@@ -159,6 +162,12 @@ class TopkCase:
             np.testing.assert_allclose(np.atleast_2d(np.asarray(scores, dtype=np.float64)), exact, rtol=0, atol=TOL_TOPK)
 
 
+    def screen(self):
+        """The exact bf16 ItemIndex without a copy (built once, outside the timing)."""
+        if "screen" not in self._item_index:
+            self._item_index["screen"] = rec_engine.ItemIndex(self.items, "bf16", copy=False)
+        return self._item_index["screen"]
+
     def item_index(self, precision):
         """The items as a ``rec_engine.ItemIndex`` of that precision (built once, outside the timing)."""
         if precision not in self._item_index:
@@ -244,7 +253,10 @@ def bench_topk_single(benchmark, single_case, threads, k, pass_no, impl):
     run(benchmark, group, impl, fn, check, ROUNDS_TOPK_SINGLE, threads, PASSES, pass_no, k=k, items=x.shape[0])
 
 
-@pytest.mark.parametrize("k,pass_no,impl", passes([(10, TOPK_IMPLS), (100, TOPK_IMPLS)], PASSES_SLOW))
+BATCH_IMPLS = TOPK_IMPLS + ["rec_engine bf16 screen"]
+
+
+@pytest.mark.parametrize("k,pass_no,impl", passes([(10, BATCH_IMPLS), (100, BATCH_IMPLS)], PASSES_SLOW))
 def bench_topk_batch(benchmark, batch_case, threads, k, pass_no, impl):
     c = batch_case
     q, x = c.queries, c.items
@@ -252,6 +264,12 @@ def bench_topk_batch(benchmark, batch_case, threads, k, pass_no, impl):
     if impl == "rec_engine":
         def fn():
             return rec_engine.topk(q, x, k, exclude=c.exclude_lists, num_threads=threads)
+        check = lambda r: c.check(k, r.ids, r.scores)  # noqa: E731
+    elif impl == "rec_engine bf16 screen":
+        index = c.screen()
+
+        def fn():
+            return rec_engine.topk(q, index, k, exclude=c.exclude_lists, num_threads=threads)
         check = lambda r: c.check(k, r.ids, r.scores)  # noqa: E731
     elif impl.startswith("rec_engine "):
         index = c.item_index(impl.split()[1])
