@@ -186,6 +186,27 @@ def test_pool_every_mode_matches_numpy_reference(simd, rng, storage, dim):
         assert_close(out, ref_pool(values, indices, full, mode))
 
 
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_one_column_float32_pooling_is_bit_identical_to_a_wider_tables_first_column(simd, rng, id_dtype):
+    # a one-column float32 table (a linear model's weights) pools in scalar code: the same fma chain as
+    # the vector path, so every bag equals column 0 of a 16-column table holding the same first column
+    w16 = random_weights(rng, 500, 16) * rng.uniform(1e-3, 1e3, size=(500, 1)).astype(np.float32)
+    one, wide = EmbeddingTable(np.ascontiguousarray(w16[:, :1])), EmbeddingTable(w16)
+    indices, offsets, flat = random_bags(rng, 500, 300, 9)     # (empty bags among them)
+    indices = indices.astype(id_dtype)
+    psw = rng.uniform(-3.0, 3.0, size=indices.shape[0]).astype(np.float32)
+    for mode, weights in (("sum", None), ("sum", psw), ("mean", None)):
+        a = one.pool(indices, offsets, per_sample_weights=weights, mode=mode)
+        b = wide.pool(indices, offsets, per_sample_weights=weights, mode=mode)
+        np.testing.assert_array_equal(a[:, 0], b[:, 0])
+        sel = rng.choice(len(offsets), 40)                  # and through pool_select, with a second table
+        out1, out16 = np.zeros((40, 1), np.float32), np.zeros((40, 16), np.float32)
+        if mode == "sum":
+            wide.pool_select(indices, flat, weights, sel, np.arange(40), out16, second=one, second_out=out1)
+            np.testing.assert_array_equal(out1[:, 0], b[sel, 0])
+            np.testing.assert_array_equal(out16, b[sel])
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dim", DIMS)
 def test_pool_sum_with_per_sample_weights_matches_numpy_reference(simd, rng, storage, dim):

@@ -88,9 +88,35 @@ void pool_block(const PoolArgs& a, int64_t c0, int last, int64_t b0, int64_t b1)
   }
 }
 
+// One column of float32 rows (a linear model's weights beside an embedding table): the same single-rounded
+// fma chain per bag in scalar code, without a masked vector load and store per id and bag.
+template <class Index, PoolOp OP>
+void pool_scalar_f32(const PoolArgs& a, int64_t b0, int64_t b1) {
+  const Index* ids = static_cast<const Index*>(a.ids);
+  const float* x = static_cast<const float*>(a.data);
+  const int64_t i_end = a.offsets[b1];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t lo = a.offsets[b], hi = a.offsets[b + 1];
+    float acc = 0.f;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kBagPrefetch < i_end) __builtin_prefetch(x + static_cast<int64_t>(ids[i + kBagPrefetch]), 0, 2);
+      const float w = a.weights != nullptr ? a.weights[i] : 1.f;
+      acc = __builtin_fmaf(w, x[static_cast<int64_t>(ids[i])], acc);
+    }
+    if (OP == PoolOp::mean && hi > lo) acc = acc * (1.f / static_cast<float>(hi - lo));
+    a.out[b] = acc;
+  }
+}
+
 template <class I, class Index, PoolStorage S, PoolOp OP>
 void pool_cols(const PoolArgs& a, int64_t b0, int64_t b1) {
   constexpr int W = I::W;
+  if constexpr (S == PoolStorage::f32 && OP != PoolOp::max) {
+    if (a.dim == 1) {
+      pool_scalar_f32<Index, OP>(a, b0, b1);
+      return;
+    }
+  }
   for (int64_t c0 = 0; c0 < a.dim; c0 += I::NR * W) {
     const int64_t n = a.dim - c0 < I::NR * W ? a.dim - c0 : I::NR * W;
     const int nru = static_cast<int>((n + W - 1) / W);
