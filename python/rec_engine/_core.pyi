@@ -62,11 +62,15 @@ def topk(queries: npt.NDArray[np.float32], items: npt.NDArray[np.float32], k: in
          num_threads: int = 0) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
 def quantize_items(items: npt.NDArray[np.float32], precision: str, num_threads: int = 0
                    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
-def topk_quantized(queries: npt.NDArray[np.float32], items: npt.NDArray[np.float32], packed: npt.NDArray[np.uint8],
-                   corr: npt.NDArray[np.int32], scale: npt.NDArray[np.float32], precision: str, k: int,
+# packed, corr and scale all None: a bf16 index without a copy (each panel converted from items as scanned)
+def topk_quantized(queries: npt.NDArray[np.float32], items: npt.NDArray[np.float32],
+                   packed: Optional[npt.NDArray[np.uint8]], corr: Optional[npt.NDArray[np.int32]],
+                   scale: Optional[npt.NDArray[np.float32]], precision: str, k: int,
                    shortlist: int, exclude_indptr: Optional[npt.NDArray[np.int64]] = None,
                    exclude_ids: Optional[npt.NDArray[np.int64]] = None,
                    num_threads: int = 0, norm: Optional[npt.NDArray[np.float32]] = None, norm_max: float = 0.0,
-                   scale_max: float = 0.0) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int]: ...
+                   scale_max: float = 0.0, heavy: Optional[npt.NDArray[np.int64]] = None,
+                   norm_all_max: float = 0.0, scale_all_max: float = 0.0
+                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], int]: ...
 def quantized_norms(items: npt.NDArray[np.float32], precision: str, num_threads: int = 0
                     ) -> npt.NDArray[np.float32]: ...
