@@ -56,6 +56,9 @@ def test_batch_equals_single_calls(trained, rng, bundle, index):
         if index == "screen":     # the batches went through the screen (its norms: one per item)
             assert r._screen is not None and r._screen[1].norm.shape == (len(r.items),)
             assert not r._screen[1].copy and r.index is None
+            bs = e.index["batch_screen"]      # reported: the threshold, the queries screened so far
+            assert e.index["precision"] == "float32" and bs["min_batch"] == 4
+            assert bs["queries"] >= 4 * (len(users) - 2) and bs["rescans"] <= bs["queries"]   # (2 cold-start users)
 
 
 def test_screened_batches_take_items_added_online(trained, tmp_path, rng):

@@ -699,12 +699,18 @@ class Engine:
         ``recall_at`` measured when the bundle's index was built (``recall``, ``recall_min``, ``recall_users``)
         and, for an int8 / bf16 index, ``exact`` (True: every shortlist is checked, see
         :class:`~rec_engine.topk.ItemIndex`) with the queries scanned so far and how many of them failed the
-        check and were rescanned (``queries``, ``rescans``)."""
+        check and were rescanned (``queries``, ``rescans``). A float32 scan whose batches go through the bf16
+        screen (:meth:`recommend_batch`) adds ``batch_screen``: the batch size from which they do, and the
+        queries screened and rescanned so far."""
         v = self._version
         info = dict(v.index)
         idx = getattr(v.retrieval, "index", None) if v.retrieval is not None else None
         if idx is not None:
             info.update(exact=idx.exact, queries=idx.queries, rescans=idx.rescans)
+        screen = getattr(v.retrieval, "_screen", None) if v.retrieval is not None else None
+        if idx is None and screen is not None and screen[1] is not None and v.retrieval.screen_min_batch:
+            info["batch_screen"] = {"precision": "bf16", "min_batch": int(v.retrieval.screen_min_batch),
+                                    "queries": screen[1].queries, "rescans": screen[1].rescans}
         return info
 
     @property
