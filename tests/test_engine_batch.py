@@ -78,6 +78,8 @@ def test_screened_batches_take_items_added_online(trained, tmp_path, rng):
                       "price": float(rng.uniform(1, 90))} for _ in vecs]   # (distinct items: no tied scores)
             e.add_items([30_000_000 + 10_000 * step + j for j in range(len(vecs))], vectors=vecs, features=feats)
             assert e.n_items == n0 + len(vecs)
+            # at once, not at the next batch: a screen over a buffer the table has moved out of is let go
+            assert r._screen is None or np.shares_memory(r._screen[0][:1], r.items[:1])
             states = [e._version.user_state(u, e.online) for u in users]
             table = np.asarray(r.items)
             for st, b in zip(states, r.retrieve_batch(states, 30, excludes=[r.seen(st) for st in states])):

@@ -148,3 +148,29 @@ def test_stored_index_batches_start_at_floors_and_stay_exact(rng, precision, nq)
     idx = ItemIndex(x, precision)
     for k in (16, 100, 300, 700):
         assert_exact(q, idx, k, ex)
+
+
+def test_zero_dimension_items_and_numpy_bools():
+    # d = 0: nothing to convert (every score 0, tied); exact=np.True_ is a bool like True
+    x, q = np.zeros((10, 0), np.float32), np.zeros((5, 0), np.float32)
+    idx = ItemIndex(x, "bf16", copy=False, exact=np.True_, shortlist=4)
+    res = topk(q, idx, 3, exclude=[np.array([1])] + [np.zeros(0, np.int64)] * 4)
+    assert res.ids.tolist() == [[0, 2, 3]] + [[0, 1, 2]] * 4 and (res.scores == 0).all()
+    assert rec_engine._core.reduced_kernels("bf16") in (True, False)
+    with pytest.raises(ValueError):
+        rec_engine._core.reduced_kernels("fp8")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_long_shortlists_of_many_queries_are_scanned_in_groups(rng, copy):
+    # 100 queries x a 100,000-item shortlist on 2 threads: 6.4 MB of selection entries a query, so the batch
+    # is scanned in groups of ~40 queries (selections held at once: about 256 MB at most); the same answer
+    n, d = 140_000, 4
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    q = rng.normal(size=(100, d)).astype(np.float32)
+    ex = [rng.choice(n, 10, replace=False) for _ in range(100)]
+    idx = ItemIndex(x, "bf16", copy=copy, shortlist=100_000)
+    res = topk(q, idx, 5, exclude=ex, num_threads=2)
+    ref = topk(q, x, 5, exclude=ex, num_threads=2)     # (a batch: the packed path's sums, as the re-scoring's)
+    np.testing.assert_array_equal(res.ids, ref.ids)
+    np.testing.assert_array_equal(res.scores, ref.scores)

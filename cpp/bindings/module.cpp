@@ -503,6 +503,14 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("simd_level", [] { return std::string(simd_level_name(simd_level())); });
   m.def("best_simd_level", [] { return std::string(simd_level_name(best_simd_level())); });
+  m.def(
+      "reduced_kernels",
+      [](const std::string& precision) {
+        if (precision != "int8" && precision != "bf16")
+          throw py::value_error("precision must be 'int8' or 'bf16', got '" + precision + "'");
+        return reduced_kernels(precision == "int8" ? Precision::int8 : Precision::bf16);
+      },
+      py::arg("precision"));
   m.def("supported_simd_levels", [] {
     std::vector<std::string> out;
     for (SimdLevel l : supported_simd_levels()) out.emplace_back(simd_level_name(l));

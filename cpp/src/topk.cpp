@@ -775,6 +775,13 @@ void score_bf16_portable(const uint16_t* q, int64_t nq, int64_t ldq, const uint1
 
 int64_t quantized_rows(int64_t n_items) { return (n_items + kPanel - 1) / kPanel * kPanel; }
 
+bool reduced_kernels(Precision precision) {
+  const topk_gemm::Table* g = topk_gemm::active();
+  if (g == nullptr) return false;
+  return precision == Precision::int8 ? g->score_i8_filter != nullptr
+                                      : g->score_bf16 != nullptr && g->pack_bf16 != nullptr;
+}
+
 int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim) {
   const int64_t per = precision == Precision::int8 ? 1 : 2;
   return quantized_rows(n_items) * padded_dim(precision, dim) * per;
@@ -908,6 +915,7 @@ bool shortlist_certified(const QuantizedItems& index, const QueryBound& qb, cons
 }
 
 constexpr int64_t kFloorMinItems = 65536;   // tables from this size get floors (see reduced_floors)
+constexpr int64_t kSelectionBytes = int64_t{256} << 20;   // a group's selection storage, at most (about)
 constexpr int64_t kFloorSamplePanels = 128;
 
 // Floors for the nq queries of a reduced-precision scan: each query's r-th best score over
@@ -1026,7 +1034,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   // it: batches of kPackedMinQueries queries or more on CPUs with AVX512-BF16; anything else is the exact
   // float32 scan (the same answer), as is a table whose values could overflow bf16 (the check's bounds
   // would send every query there anyway).
-  const bool convert = index.packed == nullptr;
+  const bool convert = index.packed == nullptr && dim > 0;   // (dim 0: no panel byte is ever read)
   if (convert && i8) throw std::invalid_argument("an int8 index needs its packed panels");
   if (convert && (g == nullptr || g->pack_bf16 == nullptr || g->score_bf16 == nullptr ||
                   n_queries < kPackedMinQueries || (index.norm != nullptr && !(index.norm_all_max < 0x1p120f)))) {
@@ -1107,8 +1115,14 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   std::vector<int64_t> short_ids;
   std::vector<int64_t> failed;  // exact mode: queries whose shortlist failed the check
   bool all_fit = true;          // and none of them could overflow (else a longer shortlist cannot help)
-  for (int64_t g0 = 0; g0 < n_queries; g0 += kQueryGroup) {
-    const int64_t ng = std::min(kQueryGroup, n_queries - g0);
+  // Groups of queries whose selections (2 sl entries a query and thread) fit kSelectionBytes: a long shortlist
+  // on many threads would otherwise ask for gigabytes (1,024 queries x 64 threads x 4,128 entries at k = 500)
+  const int64_t group = std::max<int64_t>(
+      kPackedMinQueries,
+      std::min<int64_t>(kQueryGroup, kSelectionBytes / (static_cast<int64_t>(sizeof(Entry)) * nt *
+                                                        std::max<int64_t>(1, Selection::slots(sl)))));
+  for (int64_t g0 = 0; g0 < n_queries; g0 += group) {
+    const int64_t ng = std::min(group, n_queries - g0);
     short_ids.assign(static_cast<size_t>(ng * sl), -1);
     std::vector<int64_t> short_n(static_cast<size_t>(ng), 0);
     std::vector<char> uncertain(static_cast<size_t>(ng), 0), with_heavy(static_cast<size_t>(ng), 0);

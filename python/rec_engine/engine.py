@@ -247,8 +247,7 @@ class _Version:
                 # large arrays, which a scan reads ~1.35x faster than the mapped file's 4 KB page-cache pages
                 self.retrieval.items = np.array(self.retrieval.items, order="C")
             r = self.retrieval
-            if (r is not None and r.scans_vectors and r.screen_min_batch
-                    and len(r.items) >= r.screen_min_items):   # batches' bf16 screen (its norms): now, not on a batch
+            if r is not None and r.screens_batches(r.screen_min_batch):   # batches' bf16 screen: now, not on a batch
                 r.batch_screen(r.items)
             return {"precision": "float32"}
         # a reduced-precision scan reads its index (loaded or built here, in this process unless "mmap");

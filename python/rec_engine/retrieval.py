@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import kinds
+from . import _core, kinds
 from ._core import RecEngineError
 from .bundle import Bundle, BundleError
 from .graph import CsrMatrix, LightGCNFoldIn
@@ -79,7 +79,6 @@ class _Retrieval:
     """What every retrieval class shares: the item matrix, the seen sets, and top-k."""
 
     kind: str
-    items: np.ndarray          # float32 [n_items, d]
     n_users: int
     n_items: int
     seen_lists: IdLists        # per known user
@@ -103,20 +102,41 @@ class _Retrieval:
     screen_min_batch = 64
     screen_min_items = 65536
     _screen = None             # (the items the screen was built over, the screen or None when it cannot be)
-    _screen_lock = threading.Lock()
+
+    @property
+    def items(self) -> np.ndarray:
+        """The item vectors, float32 ``[n_items, d]`` (a table that grows online is assigned anew)."""
+        return self._items
+
+    @items.setter
+    def items(self, value: np.ndarray) -> None:
+        self._items = value
+        if "_screen_lock" not in self.__dict__:
+            self._screen_lock = threading.Lock()
+        if self._screen is not None and not self._covers(self._screen, value):
+            self._screen = None    # (a table that moved as it grew: the screen lets the old one go)
+
+    @staticmethod
+    def _covers(got, items) -> bool:
+        """Whether the screen ``got`` was built over ``items`` or over rows that ``items`` extends in place."""
+        return got is not None and (got[0] is items or (len(items) >= len(got[0]) > 0 and
+                                                        np.shares_memory(items[:1], got[0][:1])))
+
+    def screens_batches(self, n_queries: int) -> bool:
+        """Whether a batch of ``n_queries`` over this table goes through the bf16 screen (vector families
+        without an index, large enough batches and tables, a CPU with AVX512-BF16 at the SIMD level in use)."""
+        return (self.index is None and self.scans_vectors and bool(self.screen_min_batch)
+                and n_queries >= self.screen_min_batch and len(self.items) >= self.screen_min_items
+                and _core.reduced_kernels("bf16"))
 
     def batch_screen(self, items: np.ndarray):
         """The bf16 screen over ``items`` (this retrieval's table; built at the first call, then kept while
         the table holds the same first rows), or None when it cannot be built (values that are not finite)."""
-        def covers(got) -> bool:   # the same table, or rows appended to it in place (catalogue.py)
-            return got is not None and (got[0] is items or (len(items) >= len(got[0]) > 0 and
-                                                            np.shares_memory(items[:1], got[0][:1])))
-
         got = self._screen
-        if not covers(got):
+        if not self._covers(got, items):
             with self._screen_lock:
                 got = self._screen
-                if not covers(got):   # (a table that moved when it grew is screened anew: the old one is let go)
+                if not self._covers(got, items):
                     try:
                         screen = ItemIndex(items, "bf16", copy=False)
                     except ValueError:   # (non-finite values: the float32 scan reports them)
@@ -157,8 +177,7 @@ class _Retrieval:
                 return cut(exclude)
             return None if exclude is None else IdLists.from_lists([cut(e) for e in exclude])
 
-        if (index is None and batch and candidates is None and self.screen_min_batch
-                and len(q) >= self.screen_min_batch and m >= self.screen_min_items):
+        if index is None and batch and candidates is None and self.screens_batches(len(q)):
             index = self.batch_screen(items)
         n0 = len(index.items) if index is not None else m
         if index is None or candidates is not None:   # the exact scorer (also what the index uses for candidates)

@@ -156,7 +156,7 @@ class ItemIndex:
             self.packed, self.corr, self.scale = _core.quantize_items(self.items, precision,
                                                                      threads_arg(num_threads))
         else:
-            if precision != "bf16" or exact is not True:
+            if precision != "bf16" or not (isinstance(exact, (bool, np.bool_)) and bool(exact)):
                 raise ValueError("copy=False needs precision='bf16' and exact=True (the panels are converted "
                                  "as they are scanned, and the check guards against what bf16 cannot hold)")
             self.packed = self.corr = self.scale = None

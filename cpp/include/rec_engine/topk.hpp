@@ -59,6 +59,9 @@ struct QuantizedItems {  // views of arrays filled by quantize_items (not owned)
 };
 
 int64_t quantized_rows(int64_t n_items);  // n_items rounded up to whole panels
+// Whether the SIMD level in use scans that precision with its own kernels (int8: AVX512-VNNI, bf16:
+// AVX512-BF16, at the avx512 level), which also lets a bf16 index without packed panels convert them.
+bool reduced_kernels(Precision precision);
 int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim);
 // Throws std::invalid_argument for a non-finite item value.
 void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision precision, uint8_t* packed,
