@@ -289,6 +289,18 @@ def test_one_query_with_a_very_long_shortlist_keeps_the_rescoring_scores(rng):
     assert_exact(q, ItemIndex(x, "int8", shortlist=30000), 50, None)
 
 
+def best_in_sampled_panels(x, q):
+    """A copy of items ``x`` (n >= 65,536) whose 128 panels sampled for the floors hold query ``q``'s best items:
+    its floor lands far too high, its selection does not fill, and its check fails or holds on the floor."""
+    n_panels = -(-len(x) // 64)
+    rows = np.concatenate([np.arange(p * 64, p * 64 + 64) for p in (s * (n_panels - 1) // 128 for s in range(128))])
+    best = np.argsort(-(x @ q), kind="stable")
+    best = best[~np.isin(best, rows)][:len(rows)]
+    x2 = x.copy()
+    x2[rows], x2[best] = x[best], x[rows]
+    return x2
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("nq", [1, 2, 3])
 def test_large_tables_start_at_a_floor_and_stay_exact(rng, precision, nq):
@@ -303,13 +315,7 @@ def test_large_tables_start_at_a_floor_and_stay_exact(rng, precision, nq):
         assert_exact(q, idx, k, ex)
     # the sampled panels made to hold the first query's best items: its floor lands far too high, its
     # selection does not fill, and the check, bounded by the floor, fails or holds; the answer stays exact
-    n_panels = -(-n // 64)
-    rows = np.concatenate([np.arange(p * 64, p * 64 + 64) for p in (s * (n_panels - 1) // 128 for s in range(128))])
-    best = np.argsort(-(x @ q[0]), kind="stable")
-    best = best[~np.isin(best, rows)][:len(rows)]
-    x2 = x.copy()
-    x2[rows], x2[best] = x[best], x[rows]
-    idx2 = ItemIndex(x2, precision)
+    idx2 = ItemIndex(best_in_sampled_panels(x, q[0]), precision)
     for k in (16, 100, 300):
         assert_exact(q, idx2, k, ex)
     flags = ""

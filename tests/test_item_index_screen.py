@@ -15,7 +15,7 @@ import pytest
 import rec_engine
 from rec_engine import topk
 from rec_engine.topk import ItemIndex
-from test_item_index_exact import assert_exact, clustered
+from test_item_index_exact import assert_exact, best_in_sampled_panels, clustered
 
 
 def converts() -> bool:
@@ -63,13 +63,7 @@ def test_screen_of_a_large_table_starts_at_floors_and_stays_exact(rng):
     ex = [rng.choice(n, 50, replace=False) for _ in range(nq)]
     for k in (16, 100, 300):
         assert_exact(q, ItemIndex(x, "bf16", copy=False), k, ex)
-    n_panels = -(-n // 64)
-    rows = np.concatenate([np.arange(p * 64, p * 64 + 64) for p in (s * (n_panels - 1) // 128 for s in range(128))])
-    best = np.argsort(-(x @ q[0]), kind="stable")
-    best = best[~np.isin(best, rows)][:len(rows)]
-    x2 = x.copy()
-    x2[rows], x2[best] = x[best], x[rows]
-    idx2 = ItemIndex(x2, "bf16", copy=False)
+    idx2 = ItemIndex(best_in_sampled_panels(x, q[0]), "bf16", copy=False)
     for k in (16, 100, 300):
         assert_exact(q, idx2, k, ex)
     if converts():

@@ -1036,8 +1036,8 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
   // would send every query there anyway).
   const bool convert = index.packed == nullptr && dim > 0;   // (dim 0: no panel byte is ever read)
   if (convert && i8) throw std::invalid_argument("an int8 index needs its packed panels");
-  if (convert && (g == nullptr || g->pack_bf16 == nullptr || g->score_bf16 == nullptr ||
-                  n_queries < kPackedMinQueries || (index.norm != nullptr && !(index.norm_all_max < 0x1p120f)))) {
+  if (convert && (!reduced_kernels(Precision::bf16) || n_queries < kPackedMinQueries ||
+                  (index.norm != nullptr && !(index.norm_all_max < 0x1p120f)))) {
     std::vector<int64_t> rows(static_cast<size_t>(n_queries));
     for (int64_t q = 0; q < n_queries; ++q) rows[q] = q;
     scan_rows(queries, dim, opt, rows, kPackedMinQueries, width, out_ids, out_scores,
@@ -1047,8 +1047,8 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     return;
   }
   // Exact mode over a large table: each selection starts at a floor from a sample of panels (reduced_floors)
-  const bool floored_scan = index.norm != nullptr && n_items >= kFloorMinItems && sl >= 64 && g != nullptr &&
-                            (i8 ? g->score_i8_filter != nullptr : g->score_bf16 != nullptr);
+  const bool floored_scan = index.norm != nullptr && n_items >= kFloorMinItems && sl >= 64 &&
+                            reduced_kernels(index.precision);
   if (!floored_scan && index.norm != nullptr && n_queries >= kPackedMinQueries && sl > kExactBatchMaxShortlist &&
       n_queries * sl >= kExactBatchMaxEntries) {   // (4 queries or more: the packed path's scores)
     // Without floors a long shortlist costs its selection and re-scoring for every query, while a batch's
@@ -1132,7 +1132,7 @@ void topk_quantized(const float* queries, int64_t n_queries, const float* items,
     // holds every item at or above its floor, which then bounds the items left out in the check.
     // The same floors serve a batch's packed scan: about 4 sl offers a query instead of each thread's
     // first 2 sl and every later item above its running threshold (1M x 64, 256 queries, exact int8 at k =
-    // 100: 86 -> 46 ms; k = 500: 100 -> 88 ms, no longer slower than the float32 scan).
+    // 100: 86 -> 45 ms; k = 500: 100 -> 88 ms, no longer slower than the float32 scan).
     std::vector<float> floors;
     const bool streamed = !convert && ng < kPackedMinQueries && g != nullptr &&
                           (i8 ? g->scan_i8_filter != nullptr : g->scan_bf16_filter != nullptr);

@@ -96,7 +96,7 @@ class _Retrieval:
     scans_vectors = True       # retrieval is a scan of items by a user vector (the families with an index)
     # Without an index, batches of this many users or more over a table of screen_min_items or more scan
     # through a bf16 screen without a copy (ItemIndex(copy=False): each panel converted as the scan reaches
-    # it, exact ids and float32 scores; 4 bytes an item for its norms, built at the first such batch). 1M x
+    # it, exact ids and float32 scores; 4 bytes an item for its norms, built at load by the engine). 1M x
     # 64 MF items, 256 users: k = 500 101 -> 79 ms, k = 10 81 -> 57 ms; 64 users 24-33 -> 21-28 ms; 16 users
     # were slower than the float32 scan. 0 turns it off.
     screen_min_batch = 64

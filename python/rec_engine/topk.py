@@ -133,7 +133,7 @@ class ItemIndex:
     ms with the caches flushed), as the trusted shortlist does, against 6-7 ms for the float32 scan. Data
     whose scores crowd the k-th one (many near-duplicate items) needs longer shortlists, which the rescans
     supply. A batch over 65,536 items or more starts its selections at floors from the same sampled panels
-    (256 queries, k = 100: int8 86 -> 46 ms, bf16 78 -> 55 ms; k = 500: both below the float32 scan's 100
+    (256 queries, k = 100: int8 86 -> 45 ms, bf16 78 -> 57 ms; k = 500: both below the float32 scan's 100
     ms). Over a smaller table a batch whose shortlists exceed 320 items and add up to 24,576 or more scans in
     float32 instead: the same answer, faster than that many long selections and re-scorings. Only the inner
     product metric is supported;
