@@ -378,10 +378,10 @@ class Case:
 
     def profile_engine_dense(self, requests) -> None:
         """Untimed: the time of the engine's dense part inside ``recommend`` (its runner's bound-buffer run, all
-        of a request's row chunks, each of which pools its own candidates' item features first, and its
-        ranker's ``_logits``, wrapped for this pass only) beside the ranking stage of the same call, to split
-        the engine's ranking into the dense part with the item features and the rest (the request's context
-        and user features, sort)."""
+        of a request's row chunks, each of which pools its own candidates' item features first, the caller's
+        writing the request's context and user features meanwhile, and its ranker's ``_logits``, wrapped for
+        this pass only) beside the ranking stage of the same call, to split the engine's ranking into the dense
+        part with the features and the rest (the context's encoding, the candidates' checks, sort)."""
         ranker = self.engine._version.ranking
         runner = ranker.runner
         inner_logits, inner_bound = ranker._logits, runner._run_bound
@@ -476,8 +476,9 @@ class StageReport:
         d, r = case.engine_profile["dense"], case.engine_profile["rest"]
         if d:
             tr.write_line(f"  rec_engine ranking split ({len(d)} untimed rounds, dense part wrapped): row chunks (each "
-                          f"its item features, then ORT; sigmoid) p50 {_pct(d, 50):.3f} p99 {_pct(d, 99):.3f}; the rest "
-                          f"(context and user features, sort) p50 "
+                          f"its item features, then ORT; the caller's first the user and context features; "
+                          f"sigmoid) p50 {_pct(d, 50):.3f} p99 {_pct(d, 99):.3f}; the rest "
+                          f"(context encoding, checks, sort) p50 "
                           f"{_pct(r, 50):.3f} p99 {_pct(r, 99):.3f}")
 
 

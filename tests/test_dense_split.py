@@ -384,6 +384,60 @@ def test_a_failing_chunk_raises_after_every_chunk_ended(ctr_bundles, rng):
     np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
 
 
+def test_constant_fields_written_while_the_other_chunks_pool_theirs(ctr_bundles, rng):
+    """The caller's thread writes a request's user and context fields (prep) while the other row chunks pool
+    their item fields: no chunk's dense part starts before prep has ended, every probability is the
+    one-thread call's, and a prep that raises stops every chunk's dense part (the next call scores right)."""
+    import threading
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, one = _chunked(CtrRanker(b, request_threads=2)), CtrRanker(b)
+    runner = par.runner
+    inner_run, inner_entities = runner._run_io_split, par._fill_entities
+    prepped, order, lock = threading.Event(), [], threading.Lock()
+
+    def run(io):
+        with lock:
+            order.append(("run", prepped.is_set()))
+        inner_run(io)
+
+    def entities(*args):
+        threading.Event().wait(0.02)       # the other chunk's item fields are pooled meanwhile
+        inner_entities(*args)
+        prepped.set()
+
+    inner_items = par._fill_items
+
+    def items(*args):
+        with lock:
+            order.append(("fill", prepped.is_set()))
+        inner_items(*args)
+
+    runner._run_io_split, par._fill_entities, par._fill_items = run, entities, items
+    for j, n in enumerate((300, 500)):
+        u, ctx, cands = int(rng.integers(0, 200)), CONTEXTS[j % len(CONTEXTS)], rng.integers(0, par.n_items, n)
+        prepped.clear()
+        order.clear()
+        np.testing.assert_allclose(par.score_candidates(u, cands, ctx), one.score_candidates(u, cands, ctx),
+                                   rtol=1e-5, atol=1e-6)
+        assert sorted(order) == [("fill", False), ("fill", True), ("run", True), ("run", True)]
+
+    def failing(*args):
+        raise RuntimeError("prep failed")
+
+    par._fill_entities = failing
+    order.clear()
+    with pytest.raises(RuntimeError, match="prep failed"):
+        par.score_candidates(3, rng.integers(0, par.n_items, 400))
+    assert ("run", False) not in order and ("run", True) not in order   # no dense part on half-written inputs
+    par._fill_entities = inner_entities
+    cands = rng.integers(0, par.n_items, 400)
+    np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
 def test_request_threads_must_be_a_positive_integer(ctr_bundles, rng, bad):
     from rec_engine.bundle import open_bundle

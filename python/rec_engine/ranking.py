@@ -403,16 +403,20 @@ class CtrRanker:
                 self._put_pairs(emb, lin, pairs)
             return self._sigmoid(self._logits(emb, lin, groups=lengths))
         emb, lin, run = bound
-        self._fill_entities(emb, lin, users, lengths, parts)
-        if pairs is not None:
-            self._put_pairs(emb, lin, pairs)
+
+        def prep() -> None:
+            # the user's and the context's fields (and the pairs') on every row: on the calling thread, while
+            # the other row chunks pool their item fields
+            self._fill_entities(emb, lin, users, lengths, parts)
+            if pairs is not None:
+                self._put_pairs(emb, lin, pairs)
 
         def fill(a: int, z: int, chunked: bool) -> None:
             # the candidates' item fields, rows a..z: each row chunk pools its own on its thread before its
             # dense part runs (no pooling call over all of them that every chunk waits for)
             self._fill_items(emb, lin, cands[a:z], 1 if chunked else threads, a)
 
-        return run(fill)
+        return run(fill, prep)
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):
         """``(known, context part, guest part)`` of one request (parts as :meth:`_encode_part` gives them;
