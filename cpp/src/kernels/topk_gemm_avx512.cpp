@@ -159,6 +159,26 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
   return acc;
 }
 
+// The int8 kernels' end: the integer sums acc of MQ queries x 64 items scaled by the items' scales and
+// compared with thr[i] in registers; a vector of scores is stored only when one of its lanes passes.
+template <int MQ>
+inline void i8_filter_out(const __m512i (&acc)[MQ][4], const float* scale, const float* thr, float* out, int64_t ldo,
+                          uint64_t* masks) {
+  for (int i = 0; i < MQ; ++i) {
+    const __m512 tv = _mm512_set1_ps(thr[i]);
+    uint64_t m = 0;
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), _mm512_loadu_ps(scale + 16 * j));
+      const __mmask16 mj = _mm512_cmp_ps_mask(s, tv, _CMP_NLT_UQ);
+      if (mj) {
+        _mm512_storeu_ps(out + i * ldo + 16 * j, s);
+        m |= static_cast<uint64_t>(mj) << (16 * j);
+      }
+    }
+    masks[i] = m;
+  }
+}
+
 // u8 x s8 scores of MQ queries x 64 items (vpdpbusd, from -corr), scaled, compared with thr[i] in
 // registers: a vector of scores is stored only when one of its lanes passes (after the first panels
 // almost none does).
@@ -186,19 +206,7 @@ void micro_i8_filter(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t
       acc[i][3] = dpbusd(acc[i][3], b, x3);
     }
   }
-  for (int i = 0; i < MQ; ++i) {
-    const __m512 tv = _mm512_set1_ps(thr[i]);
-    uint64_t m = 0;
-    for (int j = 0; j < 4; ++j) {
-      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), _mm512_loadu_ps(scale + 16 * j));
-      const __mmask16 mj = _mm512_cmp_ps_mask(s, tv, _CMP_NLT_UQ);
-      if (mj) {
-        _mm512_storeu_ps(out + i * ldo + 16 * j, s);
-        m |= static_cast<uint64_t>(mj) << (16 * j);
-      }
-    }
-    masks[i] = m;
-  }
+  i8_filter_out<MQ>(acc, scale, thr, out, ldo, masks);
 }
 
 using MicroI8F = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, const float*,
@@ -216,16 +224,58 @@ void score_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* pa
 }
 
 
+// micro_i8_filter for the streamed scan of 1-3 queries, which is memory-bound: it reads no corr (4 of the 72
+// bytes an item of a 64-dim table, with the scale). The roles of the operands swap: the items become u8
+// (x ^ 0x80 = x + 128, in registers) and the queries s8 (qu ^ 0x80 = q), so the sums carry 128 sum_t q[t],
+// one number a query, instead of each item's 128 sum_t x[t]: acc starts at -128 sum_t q[t] and ends at
+// sum_t q[t] x[t], the same integer as micro_i8_filter's (int32 wraps cancel: the end value fits).
+template <int MQ>
+void micro_i8_stream(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t d4, const int32_t* qsum,
+                     const float* scale, const float* thr, float* out, int64_t ldo, uint64_t* masks) {
+  __m512i acc[MQ][4];
+  for (int i = 0; i < MQ; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_set1_epi32(-128 * qsum[i]);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t t = 0; t < d4; ++t) {
+    const int8_t* xp = panel + t * kPanel * 4;
+    if constexpr (MQ == 1)  // see kStreamPrefetch
+      for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(xp + kI8Prefetch + 64 * c), _MM_HINT_T0);
+    const __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(xp), flip),
+                  x1 = _mm512_xor_si512(_mm512_loadu_si512(xp + 64), flip),
+                  x2 = _mm512_xor_si512(_mm512_loadu_si512(xp + 128), flip),
+                  x3 = _mm512_xor_si512(_mm512_loadu_si512(xp + 192), flip);
+    for (int i = 0; i < MQ; ++i) {
+      uint32_t v;
+      __builtin_memcpy(&v, q + i * ldq + 4 * t, 4);
+      const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(v ^ 0x80808080u));
+      acc[i][0] = dpbusd(acc[i][0], x0, b);
+      acc[i][1] = dpbusd(acc[i][1], x1, b);
+      acc[i][2] = dpbusd(acc[i][2], x2, b);
+      acc[i][3] = dpbusd(acc[i][3], x3, b);
+    }
+  }
+  i8_filter_out<MQ>(acc, scale, thr, out, ldo, masks);
+}
+
 // score_i8_filter over n_panels consecutive panels (panel_bytes apart, corr/scale kPanel apart) until one
-// has a mask bit set; returns the panels gone through (the last one is described by out and masks).
+// has a mask bit set; returns the panels gone through (the last one is described by out and masks). Up to 3
+// queries (the streamed scan) read no corr: micro_i8_stream.
 int64_t scan_i8_filter(const uint8_t* q, int64_t nq, int64_t ldq, const int8_t* panels, int64_t n_panels,
                        int64_t d4, const int32_t* corr, const float* scale, const float* thr, float* out,
                        int64_t ldo, uint64_t* masks) {
   const int64_t panel_bytes = kPanel * d4 * 4;
+  int32_t qsum[3] = {0, 0, 0};   // sum_t q[t] of each query (qu - 128)
+  if (nq <= 3)
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t t = 0; t < 4 * d4; ++t) qsum[i] += static_cast<int32_t>(q[i * ldq + t]) - 128;
   for (int64_t pi = 0; pi < n_panels; ++pi) {
     const int8_t* panel = panels + pi * panel_bytes;
     if (nq == 1)
-      micro_i8_filter<1>(q, ldq, panel, d4, corr + pi * kPanel, scale + pi * kPanel, thr, out, ldo, masks);
+      micro_i8_stream<1>(q, ldq, panel, d4, qsum, scale + pi * kPanel, thr, out, ldo, masks);
+    else if (nq == 2)
+      micro_i8_stream<2>(q, ldq, panel, d4, qsum, scale + pi * kPanel, thr, out, ldo, masks);
+    else if (nq == 3)
+      micro_i8_stream<3>(q, ldq, panel, d4, qsum, scale + pi * kPanel, thr, out, ldo, masks);
     else
       score_i8_filter(q, nq, ldq, panel, d4, corr + pi * kPanel, scale + pi * kPanel, thr, out, ldo, masks);
     uint64_t any = 0;
