@@ -162,8 +162,8 @@ def test_ranker_split_scores_equal_the_whole_model(ctr_bundles, rng, kind):
     cands = [rng.integers(0, r.n_items, int(n)) for n in rng.integers(0, 400, len(users))]
     ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
     singles = len(calls)
-    # one bias a request of 16 rows or more, on every path (fewer rows run the whole model: the bias, a product
-    # of its own, would cost more than it saves)
+    # one bias a request of 16 rows or more on the bound (single-request) path, whose smaller requests run the
+    # whole model (the bias, a product of its own, would cost more than it saves); 1500 rows go through logits()
     assert singles == len(users) * 3
     got = r.score_candidates_batch(users, cands, ctxs, chunk_rows=700)
     want = [ref.score_candidates(u, c, x) for u, c, x in zip(users, cands, ctxs)]
@@ -386,10 +386,34 @@ def test_a_failing_chunk_raises_after_every_chunk_ended(ctr_bundles, rng):
     np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
 
 
+def _in_thread(fn, timeout: float = 60.0):
+    """fn() on another thread, joined with a timeout: a call that hangs fails the test instead of hanging it.
+    Returns fn's result or raises its error."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the call hung"
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
 def test_constant_fields_written_while_the_other_chunks_pool_theirs(ctr_bundles, rng):
-    """The caller's thread writes a request's user and context fields (prep) while the other row chunks pool
-    their item fields: no chunk's dense part starts before prep has ended, every probability is the
-    one-thread call's, and a prep that raises stops every chunk's dense part (the next call scores right)."""
+    """The caller's thread writes a request's user and context fields (prep) while the other row chunk pools its
+    item fields: prep here waits until that chunk's pooling has started (it would time out if they ran one
+    after the other); no chunk's dense part starts before prep and the split's first-layer share from row 0
+    have ended; every probability is the one-thread call's; and a prep that raises stops every chunk's dense
+    part (the next call scores right)."""
     import threading
 
     from rec_engine.bundle import open_bundle
@@ -398,34 +422,40 @@ def test_constant_fields_written_while_the_other_chunks_pool_theirs(ctr_bundles,
     b = open_bundle(ctr_bundles["deepfm"])
     par, one = _chunked(CtrRanker(b, request_threads=2)), CtrRanker(b)
     runner = par.runner
-    inner_run, inner_entities = runner._run_io_split, par._fill_entities
-    prepped, order, lock = threading.Event(), [], threading.Lock()
+    inner_run, inner_entities, inner_items = runner._run_io_split, par._fill_entities, par._fill_items
+    inner_bias = runner.split.first_bias
+    filling, biased, order, lock = threading.Event(), threading.Event(), [], threading.Lock()
+    overlapped = []
 
     def run(io):
         with lock:
-            order.append(("run", prepped.is_set()))
+            order.append(("run", biased.is_set()))
         inner_run(io)
 
     def entities(*args):
-        threading.Event().wait(0.02)       # the other chunk's item fields are pooled meanwhile
+        overlapped.append(filling.wait(10.0))     # the other chunk pools its item fields meanwhile
         inner_entities(*args)
-        prepped.set()
-
-    inner_items = par._fill_items
 
     def items(*args):
-        with lock:
-            order.append(("fill", prepped.is_set()))
+        filling.set()          # (while prep waits, only the other chunk can be here)
         inner_items(*args)
 
-    runner._run_io_split, par._fill_entities, par._fill_items = run, entities, items
+    def bias(rows, out=None):
+        got = inner_bias(rows, out)
+        biased.set()
+        return got
+
+    runner._run_io_split, par._fill_entities, par._fill_items, runner.split.first_bias = run, entities, items, bias
     for j, n in enumerate((300, 500)):
         u, ctx, cands = int(rng.integers(0, 200)), CONTEXTS[j % len(CONTEXTS)], rng.integers(0, par.n_items, n)
-        prepped.clear()
+        filling.clear()
+        biased.clear()
         order.clear()
-        np.testing.assert_allclose(par.score_candidates(u, cands, ctx), one.score_candidates(u, cands, ctx),
-                                   rtol=1e-5, atol=1e-6)
-        assert sorted(order) == [("fill", False), ("fill", True), ("run", True), ("run", True)]
+        overlapped.clear()
+        got = _in_thread(lambda: par.score_candidates(u, cands, ctx))
+        np.testing.assert_allclose(got, one.score_candidates(u, cands, ctx), rtol=1e-5, atol=1e-6)
+        assert overlapped == [True]
+        assert order == [("run", True)] * 2
 
     def failing(*args):
         raise RuntimeError("prep failed")
@@ -433,11 +463,65 @@ def test_constant_fields_written_while_the_other_chunks_pool_theirs(ctr_bundles,
     par._fill_entities = failing
     order.clear()
     with pytest.raises(RuntimeError, match="prep failed"):
-        par.score_candidates(3, rng.integers(0, par.n_items, 400))
-    assert ("run", False) not in order and ("run", True) not in order   # no dense part on half-written inputs
+        _in_thread(lambda: par.score_candidates(3, rng.integers(0, par.n_items, 400)))
+    assert order == []                     # no dense part ran on half-written inputs
     par._fill_entities = inner_entities
     cands = rng.integers(0, par.n_items, 400)
-    np.testing.assert_allclose(par.score_candidates(3, cands), one.score_candidates(3, cands), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_in_thread(lambda: par.score_candidates(3, cands)), one.score_candidates(3, cands),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunk_pool_that_cannot_start_every_chunk_does_not_hang(ctr_bundles, rng):
+    """Three row chunks; the pool takes the first worker chunk, then refuses the second (as a pool shut down at
+    exit does): the started chunk, which waits for the caller's prep, is freed and runs no dense part, the call
+    raises the pool's error instead of hanging, and the next call scores right."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    par, one = _chunked(CtrRanker(b, request_threads=3)), CtrRanker(b)
+    runner = par.runner
+    cands = rng.integers(0, par.n_items, 400)
+    want = one.score_candidates(3, cands)
+    np.testing.assert_allclose(par.score_candidates(3, cands), want, rtol=1e-5, atol=1e-6)   # (the pool exists)
+    pool, runs, inner_run = runner._row_pool, [], runner._run_io_split
+
+    class Refusing:
+        def __init__(self):
+            self.n = 0
+
+        def submit(self, fn):
+            self.n += 1
+            if self.n > 1:
+                raise RuntimeError("cannot schedule new futures")
+            return pool.submit(fn)
+
+    runner._row_pool = Refusing()
+    runner._run_io_split = lambda io: runs.append(io) or inner_run(io)
+    with pytest.raises(RuntimeError, match="cannot schedule"):
+        _in_thread(lambda: par.score_candidates(3, cands), timeout=30.0)
+    assert runs == []
+    runner._row_pool, runner._run_io_split = pool, inner_run
+    np.testing.assert_allclose(par.score_candidates(3, cands), want, rtol=1e-5, atol=1e-6)
+
+
+def test_requests_under_the_split_minimum_run_the_whole_model(ctr_bundles, rng):
+    """A lone request of fewer than _SPLIT_MIN_ROWS rows runs the whole dense part (no first-layer share is
+    computed), one of that many or more the split one; both give the whole model's probabilities."""
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ctr_runner import _SPLIT_MIN_ROWS
+    from rec_engine.ranking import CtrRanker
+
+    r = CtrRanker(open_bundle(ctr_bundles["deepfm"]))
+    ref = _whole(r)
+    calls, inner = [], r.runner.split.first_bias
+    r.runner.split.first_bias = lambda rows, out=None: calls.append(len(rows)) or inner(rows, out)
+    for n, split in ((1, False), (_SPLIT_MIN_ROWS - 1, False), (_SPLIT_MIN_ROWS, True), (_SPLIT_MIN_ROWS + 1, True)):
+        calls.clear()
+        cands = rng.integers(0, r.n_items, n)
+        np.testing.assert_allclose(r.score_candidates(5, cands, CONTEXTS[1]), ref.score_candidates(5, cands, CONTEXTS[1]),
+                                   rtol=1e-5, atol=1e-6)
+        assert calls == ([1] if split else []), n
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])

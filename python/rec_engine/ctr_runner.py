@@ -70,7 +70,8 @@ class CtrRunner:
     constant_fields : sequence of int, optional  fields that hold the same values on every example of one request
         (the user's and the context's): calls that say where their requests begin (``groups=``) run the dense
         part with its first layer split (:mod:`rec_engine.dense_split`), computing those fields' share of it once
-        per request. None: no split. :attr:`split` is None when the model does not match the split's pattern.
+        per request (a lone request of fewer than 16 rows runs the whole model, which is then faster). None: no
+        split. :attr:`split` is None when the model does not match the split's pattern.
 
     Notes
     -----
@@ -232,7 +233,7 @@ class CtrRunner:
 
     def _run_bound(self, b, n: int, groups, threads: int | None = None, fill=None, prep=None) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
-        request and there is a split), as row chunks on ``threads`` threads (None: ``request_threads``) when
+        request of ``_SPLIT_MIN_ROWS`` rows or more and there is a split), as row chunks on ``threads`` threads (None: ``request_threads``) when
         the rows allow it. ``fill(a, z, chunked)``, when given, writes rows ``a..z`` of the inputs just before
         the dense part of those rows runs, on the thread that runs them (``chunked``: one of several chunks
         at once). ``prep()``, when given, writes what ``fill`` does not (a request's constant fields, on
@@ -276,8 +277,14 @@ class CtrRunner:
                 if not failed:
                     run(ios[i])
 
+            def release() -> None:    # the caller's chunk never set ready (it never started): stop the others
+                if not ready.is_set():
+                    failed.append(True)
+                    ready.set()
+
             # every chunk has ended before this returns or raises: the buffers are this thread's next call's
-            run_at_once(self._pool_for(threads), [first] + [lambda i=i: chunk(i) for i in range(1, threads)])
+            run_at_once(self._pool_for(threads), [first] + [lambda i=i: chunk(i) for i in range(1, threads)],
+                        release)
         else:
             constants()
             if fill is not None:
@@ -381,15 +388,19 @@ class CtrRunner:
         return (0.5 * (1.0 + np.tanh(0.5 * z.astype(np.float64)))).astype(np.float32)
 
 
-def run_at_once(pool: ThreadPoolExecutor, jobs) -> None:
+def run_at_once(pool: ThreadPoolExecutor, jobs, release=None) -> None:
     """Runs the callables ``jobs`` at once, the first on the calling thread and the others on ``pool``, and
-    returns once every one has ended; then raises the first error, the caller's job first, then in order."""
+    returns once every one has ended; then raises the first error, the caller's job first, then in order.
+    ``release()``, when given, runs before the wait for the pool's jobs, however the caller's ended (or if it
+    never started: a submit that raised): it must free any of them that waits on the caller's job."""
     waits = []
     try:
         for job in jobs[1:]:
             waits.append(pool.submit(job))
         jobs[0]()
     finally:
+        if release is not None:
+            release()
         wait(waits)
     for w in waits:
         w.result()

@@ -234,7 +234,8 @@ void micro_i8_stream(const uint8_t* q, int64_t ldq, const int8_t* panel, int64_t
                      const float* scale, const float* thr, float* out, int64_t ldo, uint64_t* masks) {
   __m512i acc[MQ][4];
   for (int i = 0; i < MQ; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_set1_epi32(-128 * qsum[i]);
+    for (int j = 0; j < 4; ++j)  // (mod 2^32, as the sums: no signed overflow however long the query)
+      acc[i][j] = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(qsum[i]) * 0xFFFFFF80u));
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t t = 0; t < d4; ++t) {
     const int8_t* xp = panel + t * kPanel * 4;
