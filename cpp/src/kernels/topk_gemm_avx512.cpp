@@ -40,22 +40,30 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// The 16 items g .. g + 15 of a panel being packed, from dimension t0 on: r[j] = load(item j's row + t0), zeros
+// past the nx items, each row's line two panels ahead prefetched.
+template <class Load>
+inline void load_items16(const float* x, int64_t nx, int64_t ldx, int64_t g, int64_t t0, __m512 (&r)[16], Load load) {
+  for (int j = 0; j < 16; ++j) {
+    const int64_t item = g + j;
+    if (item < nx) {
+      const float* src = x + item * ldx + t0;
+      _mm_prefetch(reinterpret_cast<const char*>(src + 2 * kPanel * ldx), _MM_HINT_T0);
+      r[j] = load(src);
+    } else {
+      r[j] = _mm512_setzero_ps();
+    }
+  }
+}
+
 void pack_f32(const float* x, int64_t nx, int64_t ldx, int64_t d, float* panel) {
   for (int64_t g = 0; g < kPanel; g += 16) {
     for (int64_t t0 = 0; t0 < d; t0 += 16) {
       const int64_t w = d - t0 < 16 ? d - t0 : 16;
       const __mmask16 m = static_cast<__mmask16>((1u << w) - 1u);
       __m512 r[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t item = g + j;
-        if (item < nx) {
-          const float* src = x + item * ldx + t0;
-          _mm_prefetch(reinterpret_cast<const char*>(src + 2 * kPanel * ldx), _MM_HINT_T0);
-          r[j] = w == 16 ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(m, src);
-        } else {
-          r[j] = _mm512_setzero_ps();
-        }
-      }
+      load_items16(x, nx, ldx, g, t0, r,
+                   [&](const float* src) { return w == 16 ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(m, src); });
       transpose16(r);
       for (int64_t c = 0; c < w; ++c) _mm512_storeu_ps(panel + (t0 + c) * kPanel + g, r[c]);
     }
@@ -72,17 +80,9 @@ void pack_bf16(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* pan
       const __mmask16 lo = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
       const __mmask16 hi = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w > 16 ? (1u << (w - 16)) - 1u : 0u);
       __m512 r[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t item = g + j;
-        if (item < nx) {
-          const float* src = x + item * ldx + t0;
-          _mm_prefetch(reinterpret_cast<const char*>(src + 2 * kPanel * ldx), _MM_HINT_T0);
-          const __m512 a = _mm512_maskz_loadu_ps(lo, src), b = _mm512_maskz_loadu_ps(hi, src + 16);
-          r[j] = (__m512)_mm512_cvtne2ps_pbh(b, a);
-        } else {
-          r[j] = _mm512_setzero_ps();
-        }
-      }
+      load_items16(x, nx, ldx, g, t0, r, [&](const float* src) {
+        return (__m512)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + 16), _mm512_maskz_loadu_ps(lo, src));
+      });
       transpose16(r);
       const int64_t pairs = (w + 1) / 2;
       for (int64_t c = 0; c < pairs; ++c)
