@@ -592,6 +592,38 @@ def test_a_batch_of_users_with_many_rows_each_goes_user_by_user(ctr_bundles, rng
                                        atol=1e-6)
 
 
+def test_then_is_applied_to_each_users_scores_on_every_batch_path(ctr_bundles, rng):
+    """score_candidates_batch(then=f) holds f(j, probs_j) for every user j, whatever path the batch takes (one
+    user, user by user on the batch's threads, row chunks), the probs those of the call without it; on the
+    user-by-user path f runs on the thread that scored the user (the batch's other thread too)."""
+    import threading
+
+    from rec_engine.bundle import open_bundle
+    from rec_engine.ranking import CtrRanker
+
+    b = open_bundle(ctr_bundles["deepfm"])
+    r, ref = _chunked(CtrRanker(b, batch_threads=2), 32), CtrRanker(b)
+    for sizes in ([300], [64, 500, 90, 128, 77, 65], [10, 3, 40, 0, 25]):
+        users = [int(u) for u in rng.integers(0, 200, len(sizes))]
+        cands = [rng.integers(0, r.n_items, n) for n in sizes]
+        ctxs = [CONTEXTS[j % len(CONTEXTS)] for j in range(len(users))]
+        seen, lock = [], threading.Lock()
+
+        def then(j, p):
+            with lock:
+                seen.append((j, threading.get_ident()))
+            return j, p.copy(), float(p.sum()) if len(p) else None
+
+        got = r.score_candidates_batch(users, cands, ctxs, then=then)
+        want = ref.score_candidates_batch(users, cands, ctxs)
+        assert sorted(j for j, _ in seen) == list(range(len(users)))
+        for j, (g, w) in enumerate(zip(got, want)):
+            assert g[0] == j
+            np.testing.assert_allclose(g[1], w, rtol=1e-5, atol=1e-6)
+        if min(sizes) >= 64 and len(sizes) > 1:     # the user-by-user path: both threads ran f
+            assert len({t for _, t in seen}) == 2
+
+
 def test_a_chunk_whose_pooling_fails_raises_after_every_chunk_ended(ctr_bundles, rng):
     """Each row chunk pools its own candidates' item fields before its dense part: a chunk whose pooling raises
     runs no dense part, the call raises once the other chunks have ended, and the next call scores right."""

