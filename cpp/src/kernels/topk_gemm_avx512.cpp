@@ -78,7 +78,9 @@ void pack_f32(const float* x, int64_t nx, int64_t ldx, int64_t d, float* panel) 
 
 // pack_f32's transpose on bf16 pairs: each item's chunk of 32 dimensions converted (round to nearest even,
 // denormals to zero) to 16 pairs of bf16, one 32-bit lane a pair, then the 16 x 16 lanes transposed.
-void pack_bf16(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* panel) {
+template <int D, bool Full>
+inline void pack_bf16_t(const float* x, int64_t nx_arg, int64_t ldx_arg, int64_t d_arg, uint16_t* panel) {
+  const int64_t nx = Full ? kPanel : nx_arg, ldx = D > 0 ? D : ldx_arg, d = D > 0 ? D : d_arg;
   uint32_t* out = reinterpret_cast<uint32_t*>(panel);
   for (int64_t g = 0; g < kPanel; g += 16) {
     for (int64_t t0 = 0; t0 < d; t0 += 32) {
@@ -95,6 +97,16 @@ void pack_bf16(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* pan
         _mm512_storeu_si512(out + (t0 / 2 + c) * kPanel + g, _mm512_castps_si512(r[c]));
     }
   }
+}
+
+// A full panel of 64-dimensional rows stored back to back (the float32 item tables a bf16 screen converts) is
+// packed with its sizes as constants: the 16 rows of a step are addressed from one register, without a bounds
+// check a row (as stream_f32's dense case). The bf16 screen of 256 queries over 1M x 64, in-process A/B: k = 500
+// 70.0-70.7 -> 68.5-68.8 ms, k = 100 53.8-54.1 -> 51.9-53.5 ms. (pack_f32 the same way measured 1-3 ms slower
+// in the float32 batch scan, and stays as it is.)
+void pack_bf16(const float* x, int64_t nx, int64_t ldx, int64_t d, uint16_t* panel) {
+  if (nx == kPanel && d == 64 && ldx == 64) return pack_bf16_t<64, true>(x, nx, ldx, d, panel);
+  pack_bf16_t<0, false>(x, nx, ldx, d, panel);
 }
 
 template <int MQ>
