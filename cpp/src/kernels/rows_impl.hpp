@@ -28,11 +28,12 @@ constexpr int64_t kBagPrefetch = 32;
 // Graph rows (the dense input is L3-sized) are prefetched into L1 this many stored values ahead.
 constexpr int64_t kSpmmPrefetch = 16;
 
-template <class I, class Index, PoolStorage S, PoolOp OP, int NRU>
-void pool_block(const PoolArgs& a, int64_t c0, int last, int64_t b0, int64_t b1) {
+template <class I, class Index, PoolStorage S, PoolOp OP, int NRU, int D = 0>
+void pool_block(const PoolArgs& a, int64_t c0, int last_arg, int64_t b0, int64_t b1) {
   using V = typename I::V;
   constexpr int W = I::W;
-  const int64_t d = a.dim;
+  const int64_t d = D > 0 ? D : a.dim;
+  const int last = D > 0 ? W : last_arg;
   const int64_t span = (NRU - 1) * W + last;
   const Index* ids = static_cast<const Index*>(a.ids);
   const int64_t i_end = a.offsets[b1];
@@ -116,6 +117,10 @@ void pool_cols(const PoolArgs& a, int64_t b0, int64_t b1) {
       pool_scalar_f32<Index, OP>(a, b0, b1);
       return;
     }
+  }
+  if (a.dim == W) {   // rows of one vector (the CTR models' 16-dim tables at avx512): sizes as constants
+    pool_block<I, Index, S, OP, 1, W>(a, 0, W, b0, b1);
+    return;
   }
   for (int64_t c0 = 0; c0 < a.dim; c0 += I::NR * W) {
     const int64_t n = a.dim - c0 < I::NR * W ? a.dim - c0 : I::NR * W;
