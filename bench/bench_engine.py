@@ -29,6 +29,14 @@ implementations cycle through the same random requests (user + context). Besides
 (median and p99 from the raw rounds, conftest.py), each implementation's per-stage p50 / p99 and share
 of the wall time are stored in ``benchmark.extra_info["stages"]`` and printed as a stage table at the end.
 
+The ``recommend_batch`` group (256 users, each with its own context, against the same engine's single calls)
+also prints where a batch's time goes: its retrieval and ranking stages, and, untimed, one user's 500
+candidates scored on one thread (a batch scores its users one at a time on each of its threads) and the
+dense part alone, in multiply-adds a second. The batch's retrieval over 256 plus one user's scoring over the
+threads is the floor of a batch's time a user; the single calls' time a user over it is the most the batch
+could be faster in that run. A single call is mostly one read of the item table, paced by memory, and a
+batch mostly the DeepFM's matrix products, paced by arithmetic, so the ratio moves with the machine's memory.
+
 Run it with ``OPENBLAS_THREAD_TIMEOUT=4`` (as bench/latest/ENGINE.md's runs since 2026-12-05 are): OpenBLAS's
 threads otherwise busy-wait about 0.1 s after the plain path's matvec (2^28 cycles) and take a core from its
 own ONNX Runtime call (``numpy+ort mt``'s dense part then took 2.3-2.4 ms on two threads instead of 1.4) and
@@ -357,6 +365,8 @@ class Case:
         self.requests = _requests(settings)
         self.stages = {impl: {} for impl in IMPLS}      # impl -> stage -> [ms per round], all passes
         self.engine_profile = {"dense": [], "rest": []}  # ms, from the profile pass (profile_engine_dense)
+        self.batch_profile: dict = {}                    # the recommend_batch group's parts (profile_batch)
+        self.batch_per_user: dict = {}                   # impl -> median ms a user of the recommend_batch group
         n_items = settings.n_items
         self.group = (f"recommend k={K} ({n_items} items x {DIM_RETRIEVAL}, {N_CANDIDATES} candidates ranked by "
                       f"DeepFM, {len(USER_FIELDS) + len(ITEM_FIELDS) + len(CONTEXT_FIELDS)} fields)")
@@ -406,6 +416,31 @@ class Case:
             ranker._logits = inner_logits
             del runner._run_bound      # the class's method again
 
+    def profile_batch(self, users, n_users: int = 32, reps: int = 20) -> None:
+        """Untimed: what one user of a batch costs on one thread (the batch scores its users one at a time on
+        each of its threads): ``score_candidates`` of 500 random items on one thread (the item features, the
+        user's and context's, the dense part), and the dense part alone on the bound buffers; with the batch's
+        own retrieval stage (its timings) this gives the floor of a batch's time a user, and so the most the
+        batch could be faster than single calls in this run."""
+        ranker = self.engine._version.ranking
+        rng = np.random.default_rng(SEED + 3)
+        score, dense = [], []
+        for u in users[:n_users]:
+            cands = rng.choice(self.settings.n_items, N_CANDIDATES, replace=False)
+            ctx = {name: int(rng.integers(0, size)) for name, _, size in CONTEXT_FIELDS}
+            ranker.score_candidates(u, cands, ctx, threads=1)
+            t = time.perf_counter()
+            ranker.score_candidates(u, cands, ctx, threads=1)
+            score.append((time.perf_counter() - t) * 1e3)
+        _, _, run = ranker.runner.bound_inputs(N_CANDIDATES, (N_CANDIDATES,), 1)   # the last user's rows
+        for _ in range(reps):
+            t = time.perf_counter()
+            run()
+            dense.append((time.perf_counter() - t) * 1e3)
+        macs = _dense_macs_split(ranker.runner)
+        self.batch_profile.update(score_1t_ms=_pct(score, 50), dense_1t_ms=_pct(dense, 50),
+                                  dense_gmacs=macs * N_CANDIDATES / (_pct(dense, 50) * 1e-3) / 1e9 if macs else None)
+
     def index_recall(self, n_users: int = 256) -> dict:
         """Recall of the int8 engine's retrieval candidates against the exact scan's (top 500, seen items
         excluded) over ``n_users`` users: ``rec_engine.retrieval.build_index``'s measure."""
@@ -415,6 +450,13 @@ class Case:
         stage = self.path / json.loads((self.path / "manifest.json").read_text())["meta"]["stages"]["retrieval"]
         return build_index(open_bundle(stage, verify=False), "int8", N_CANDIDATES, users=n_users,
                            num_threads=self.settings.topk_threads)[1]
+
+
+def _dense_macs_split(runner) -> int | None:
+    """Multiply-adds a row of the dense part the engine runs for a request (the split one when there is one)."""
+    from rec_engine.ctr_runner import _dense_macs
+
+    return _dense_macs(runner.split.model if runner.split is not None else runner._onnx_path)
 
 
 def _pct(values, q) -> float:
@@ -449,6 +491,7 @@ class StageReport:
         self.case = case
 
     def pytest_terminal_summary(self, terminalreporter):
+        self.batch_summary(terminalreporter)
         case = self.case
         if not any(case.stages[i] for i in IMPLS):
             return
@@ -480,6 +523,28 @@ class StageReport:
                           f"sigmoid) p50 {_pct(d, 50):.3f} p99 {_pct(d, 99):.3f}; the rest "
                           f"(context encoding, checks, sort) p50 "
                           f"{_pct(r, 50):.3f} p99 {_pct(r, 99):.3f}")
+
+    def batch_summary(self, tr) -> None:
+        """The recommend_batch group's parts and the floor they put under a batch's time a user."""
+        case, s = self.case, self.case.settings
+        bp, per_user = case.batch_profile, case.batch_per_user
+        if bp.get("retrieval_ms") and bp.get("score_1t_ms"):
+            tr.write_sep("=", "recommend_batch: where the time goes")
+            threads = s.topk_threads
+            floor = np.median(bp["retrieval_ms"]) / BATCH + bp["score_1t_ms"] / threads
+            tr.write_line(
+                f"  ({BATCH} users, {len(bp['retrieval_ms'])} timed batches, p50): retrieval "
+                f"{np.median(bp['retrieval_ms']):.1f} ms, ranking {np.median(bp['ranking_ms']):.1f} ms a batch; "
+                f"one user's {N_CANDIDATES} candidates on one thread (untimed) {bp['score_1t_ms']:.3f} ms, its dense "
+                f"part alone {bp['dense_1t_ms']:.3f} ms"
+                + (f" ({bp['dense_gmacs']:.0f} G multiply-adds a second)" if bp.get("dense_gmacs") else ""))
+            line = (f"  floor a user (retrieval / {BATCH} + one user's scoring / {threads} threads): "
+                    f"{floor:.3f} ms")
+            if per_user.get("single calls") and per_user.get("rec_engine"):
+                line += (f"; measured {per_user['rec_engine']:.3f} ms against single calls' "
+                         f"{per_user['single calls']:.3f} ms: {per_user['single calls'] / per_user['rec_engine']:.2f}x, "
+                         f"at most {per_user['single calls'] / floor:.2f}x at the floor")
+            tr.write_line(line)
 
 
 @pytest.fixture(scope="module")
@@ -564,8 +629,12 @@ def bench_recommend_batch(benchmark, case, impl):
             np.testing.assert_array_equal(rec.ids, one.ids)
             np.testing.assert_allclose(rec.scores, one.scores, rtol=0, atol=1e-5)
 
+        bp = case.batch_profile
+
         def fn(users, ctxs):
-            engine.recommend_batch(users, K, contexts=ctxs)
+            recs = engine.recommend_batch(users, K, contexts=ctxs)
+            for stage in ("retrieval_ms", "ranking_ms"):
+                bp.setdefault(stage, []).append(recs[0].timings[stage])
     else:
         def fn(users, ctxs):
             for u, c in zip(users, ctxs):
@@ -577,4 +646,7 @@ def bench_recommend_batch(benchmark, case, impl):
     benchmark.pedantic(fn, setup=lambda: (next(it), {}), rounds=rounds, iterations=1)
     benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K)
     if benchmark.stats is not None:       # (None under --benchmark-disable)
-        benchmark.extra_info["per_user_ms"] = benchmark.stats.stats.median / BATCH * 1e3
+        benchmark.extra_info["per_user_ms"] = case.batch_per_user[impl] = benchmark.stats.stats.median / BATCH * 1e3
+    if impl == "rec_engine":
+        case.profile_batch(batches[0][0])
+        benchmark.extra_info["batch_profile"] = {k: v for k, v in case.batch_profile.items()}
