@@ -29,7 +29,8 @@ jobs="${SANITIZE_JOBS:-2}"
 "$py" -c "import cmake, ninja" 2>/dev/null || "$py" -m pip install -q cmake ninja
 
 PY_TESTS_ASAN=(tests/test_topk.py tests/test_embedding.py tests/test_graph.py tests/test_threads.py
-               tests/test_topk_packed_and_quantized.py tests/test_keys.py tests/test_pool_select.py)
+               tests/test_topk_packed_and_quantized.py tests/test_keys.py tests/test_pool_select.py
+               tests/test_native_dense.py)
 [ -f tests/test_fuzz_regressions.py ] && PY_TESTS_ASAN+=(tests/test_fuzz_regressions.py)
 PY_TESTS_TSAN=("${PY_TESTS_ASAN[@]}")
 

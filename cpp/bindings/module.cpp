@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "rec_engine/dense.hpp"
 #include "rec_engine/embedding.hpp"
 #include "rec_engine/errors.hpp"
 #include "rec_engine/graph.hpp"
@@ -352,6 +353,71 @@ PyIdLists take_lists(py::object indptr, py::object ids, int64_t n_queries, const
 
 // A KeyIndex over NumPy key storage (kept alive here, never copied): int64 keys, or a uint8 UTF-8 blob
 // with int64 offsets. Look-ups take an int64 array (GIL released) or any sequence of Python ints / strs.
+// The dense part of a DeepFM / Wide&Deep model (rec_engine/dense.hpp), built from NumPy arrays (copied and
+// packed once); forward() writes into the caller's arrays with the GIL released.
+class PyDenseNet {
+ public:
+  PyDenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, py::list weights, py::list biases,
+             float bias, float fm_scale, bool fm) {
+    if (py::len(weights) != py::len(biases))
+      throw py::value_error("weights and biases must have one entry per layer");
+    std::vector<DenseLayer> layers;
+    for (size_t l = 0; l < py::len(weights); ++l) {
+      const std::string wn = "weights[" + std::to_string(l) + "]", bn = "biases[" + std::to_string(l) + "]";
+      py::array w = take(weights[l], wn.c_str(), {kF32}, 2);
+      DenseLayer L;
+      L.out = w.shape(0);
+      L.in = w.shape(1);
+      L.weight.assign(ptr<float>(w), ptr<float>(w) + L.out * L.in);
+      if (!biases[l].is_none()) {
+        py::array b = take(biases[l], bn.c_str(), {kF32}, 1);
+        L.bias.assign(ptr<float>(b), ptr<float>(b) + b.shape(0));
+      }
+      layers.push_back(std::move(L));
+    }
+    try {
+      net_ = std::make_unique<DenseNet>(n_fields, dim, std::move(var_fields), std::move(layers), bias, fm_scale, fm);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  }
+
+  // out[r] = the logit of row r; emb (rows, n_fields, dim), lin (rows, n_fields), first_bias first_out values,
+  // out (rows,) float32, C-contiguous and writeable: written in place and returned.
+  py::array forward(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle out_obj) const {
+    const DenseNet& n = *net_;
+    py::array emb = take(emb_obj, "emb", {kF32}, 3);
+    py::array lin = take(lin_obj, "lin", {kF32}, 2);
+    py::array out = take(out_obj, "out", {kF32}, 1);
+    if (!py::isinstance<py::array>(fb_obj)) throw py::type_error("first_bias must be a numpy.ndarray of float32");
+    py::array fb = py::reinterpret_borrow<py::array>(fb_obj);
+    if (!has_dtype(fb, kF32) || !(fb.flags() & py::array::c_style) || !is_aligned(fb))
+      throw py::type_error("first_bias must be a C-contiguous float32 array, got " + describe(fb));
+    const int64_t rows = emb.shape(0);
+    if (emb.shape(1) != n.n_fields() || emb.shape(2) != n.dim())
+      throw py::value_error("emb must have shape (rows, " + std::to_string(n.n_fields()) + ", " +
+                            std::to_string(n.dim()) + ")");
+    if (lin.shape(0) != rows || lin.shape(1) != n.n_fields())
+      throw py::value_error("lin must have shape (" + std::to_string(rows) + ", " + std::to_string(n.n_fields()) + ")");
+    if (out.shape(0) != rows) throw py::value_error("out must have " + std::to_string(rows) + " entries");
+    if (!out.writeable()) throw py::value_error("out must be writeable");
+    if (fb.size() != n.first_out())
+      throw py::value_error("first_bias must hold " + std::to_string(n.first_out()) + " values, got " +
+                            std::to_string(fb.size()));
+    float* o = static_cast<float*>(out.mutable_data());
+    {
+      py::gil_scoped_release release;
+      n.forward(ptr<float>(emb), ptr<float>(lin), rows, ptr<float>(fb), o);
+    }
+    return out;
+  }
+
+  int64_t macs_per_row() const { return net_->macs_per_row(); }
+
+ private:
+  std::unique_ptr<DenseNet> net_;
+};
+
 class PyKeyIndex {
  public:
   PyKeyIndex(py::handle keys, py::handle offsets) {
@@ -527,6 +593,13 @@ PYBIND11_MODULE(_core, m) {
       .def("strings", &PyKeyIndex::strings, py::arg("ids"))
       .def("__len__", &PyKeyIndex::size)
       .def_property_readonly("holds_strings", &PyKeyIndex::holds_strings);
+
+  py::class_<PyDenseNet>(m, "DenseNet")
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, py::list, py::list, float, float, bool>(),
+           py::arg("n_fields"), py::arg("dim"), py::arg("var_fields"), py::arg("weights"), py::arg("biases"),
+           py::arg("bias"), py::arg("fm_scale"), py::arg("fm"))
+      .def("forward", &PyDenseNet::forward, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("out"))
+      .def_property_readonly("macs_per_row", &PyDenseNet::macs_per_row);
 
   py::class_<PyEmbeddingTable>(m, "EmbeddingTable")
       .def(py::init<py::handle, py::object>(), py::arg("weights"), py::arg("scale_bias") = py::none())

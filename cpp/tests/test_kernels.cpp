@@ -12,6 +12,7 @@
 
 #include "kernels/kernels.hpp"
 #include "kernels/topk_gemm.hpp"
+#include "rec_engine/dense.hpp"
 #include "rec_engine/embedding.hpp"
 #include "rec_engine/graph.hpp"
 #include "rec_engine/keys.hpp"
@@ -558,6 +559,82 @@ static void test_key_index() {
   CHECK(thrown, "duplicate int keys");
 }
 
+// DenseNet at every level against a double recomputation (fields in a run and scattered, hidden sizes off the
+// 80-output panels, 1 to 41 rows), and its refusals.
+static void test_dense_net() {
+  std::mt19937 g(11);
+  struct Case {
+    int64_t F, d;
+    std::vector<int64_t> var, hidden;
+    bool fm;
+  };
+  for (const Case& c : {Case{6, 16, {2, 3, 4}, {81, 20}, true}, Case{5, 7, {4, 0}, {9}, false},
+                        Case{3, 33, {0, 1, 2}, {160, 1}, true}}) {
+    std::vector<DenseLayer> layers;
+    int64_t in = static_cast<int64_t>(c.var.size()) * c.d;
+    std::vector<int64_t> outs = c.hidden;
+    outs.push_back(1);
+    for (size_t l = 0; l < outs.size(); ++l) {
+      DenseLayer L;
+      L.in = in;
+      L.out = outs[l];
+      L.weight = randn(g, static_cast<size_t>(L.in * L.out));
+      for (float& w : L.weight) w *= 0.2f;
+      if (l > 0) L.bias = randn(g, static_cast<size_t>(L.out));
+      layers.push_back(L);
+      in = L.out;
+    }
+    const DenseNet net(c.F, c.d, c.var, layers, 0.25f, 0.5f, c.fm);
+    for (int64_t rows : {1, 4, 5, 6, 41}) {
+      auto emb = randn(g, static_cast<size_t>(rows * c.F * c.d)), lin = randn(g, static_cast<size_t>(rows * c.F));
+      auto fb = randn(g, static_cast<size_t>(c.hidden[0]));
+      std::vector<float> out(static_cast<size_t>(rows));
+      net.forward(emb.data(), lin.data(), rows, fb.data(), out.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* e = emb.data() + r * c.F * c.d;
+        double logit = 0.25;
+        for (int64_t f = 0; f < c.F; ++f) logit += lin[static_cast<size_t>(r * c.F + f)];
+        if (c.fm) {
+          double fm = 0;
+          for (int64_t t = 0; t < c.d; ++t) {
+            double s = 0, q = 0;
+            for (int64_t f = 0; f < c.F; ++f) {
+              s += e[f * c.d + t];
+              q += double(e[f * c.d + t]) * e[f * c.d + t];
+            }
+            fm += s * s - q;
+          }
+          logit += 0.5 * fm;
+        }
+        std::vector<double> h;
+        for (int64_t f : c.var)
+          for (int64_t t = 0; t < c.d; ++t) h.push_back(e[f * c.d + t]);
+        for (size_t l = 0; l < layers.size(); ++l) {
+          std::vector<double> nx(static_cast<size_t>(layers[l].out));
+          for (int64_t o = 0; o < layers[l].out; ++o) {
+            double acc = l == 0 ? fb[static_cast<size_t>(o)] : layers[l].bias[static_cast<size_t>(o)];
+            for (int64_t i = 0; i < layers[l].in; ++i)
+              acc += h[static_cast<size_t>(i)] * layers[l].weight[static_cast<size_t>(o * layers[l].in + i)];
+            nx[static_cast<size_t>(o)] = l + 1 < layers.size() ? std::max(acc, 0.0) : acc;
+          }
+          h = nx;
+        }
+        logit += h[0];
+        CHECK(std::fabs(out[static_cast<size_t>(r)] - logit) <= 1e-4 * std::max(1.0, std::fabs(logit)),
+              "%s DenseNet rows=%lld r=%lld: %g vs %g", simd_level_name(simd_level()), (long long)rows, (long long)r,
+              out[static_cast<size_t>(r)], logit);
+      }
+    }
+  }
+  bool threw = false;
+  try {
+    DenseNet bad(3, 2, {0, 5}, {}, 0.f, 0.f, false);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "DenseNet takes a field past n_fields");
+}
+
 int main() {
   test_half_conversion();
   test_key_index();
@@ -572,6 +649,7 @@ int main() {
     test_topk_small_batches();
     test_pool_and_graph_api();
     test_pool_select();
+    test_dense_net();
   }
   std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "OK", g_failures);
   return g_failures ? 1 : 0;

@@ -1,6 +1,6 @@
 # Type stub of the compiled module rec_engine._core (see cpp/bindings/module.cpp).
 # Array arguments must be C-contiguous numpy arrays of exactly the dtypes named; others raise TypeError.
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,16 @@ class KeyIndex:
     def __len__(self) -> int: ...
     @property
     def holds_strings(self) -> bool: ...
+
+class DenseNet:
+    def __init__(self, n_fields: int, dim: int, var_fields: Sequence[int],
+                 weights: Sequence[npt.NDArray[np.float32]],
+                 biases: Sequence[Optional[npt.NDArray[np.float32]]], bias: float, fm_scale: float,
+                 fm: bool) -> None: ...
+    def forward(self, emb: npt.NDArray[np.float32], lin: npt.NDArray[np.float32],
+                first_bias: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    @property
+    def macs_per_row(self) -> int: ...
 
 class EmbeddingTable:
     def __init__(self, weights: np.ndarray, scale_bias: Optional[npt.NDArray[np.float32]] = None) -> None: ...

@@ -20,6 +20,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from ._convert import at_least_one, threads_arg
 from .bundle import onnx_session
 from .dense_split import split_first_layer
 from .embedding import EmbeddingTable
+from .native_dense import agrees, allowed, fast_here, native_dense
 
 _BIND_MAX_ROWS = 1024
 _BIND_MAX_FLOATS = 1 << 20
@@ -119,6 +121,7 @@ class CtrRunner:
         self._bind_rows = min(_BIND_MAX_ROWS, _BIND_MAX_FLOATS // max(1, self.n_fields * self.dim)) if bindable else 0
         self._run_io = self._io_runner(self.session)
         self.split, self.split_session, self._run_io_split = None, None, None
+        self.native = None      # the split dense part in the core (rec_engine.native_dense), or None
         if constant_fields is not None:
             self._set_split(model, constant_fields, session_options)
         # row chunks at once: with a one-thread session, for a model whose rows cost enough
@@ -151,6 +154,28 @@ class CtrRunner:
         if np.allclose(np.asarray(whole, np.float64).reshape(-1), np.asarray(part, np.float64).reshape(-1),
                        rtol=1e-3, atol=1e-4):
             self.split, self.split_session, self._run_io_split = split, session, self._io_runner(session)
+            self._set_native(split, session)
+
+    def _set_native(self, split, session) -> None:
+        """The split dense part in the core when its graph allows and it agrees with ``session`` (the split
+        model's ONNX Runtime session) on random rows; its bound calls then run it at the avx512 level."""
+        if not allowed():
+            return
+        e, li = self._feed
+        names = dict(emb=e, lin=li, output=self.output, first_bias=split.input, n_fields=self.n_fields, dim=self.dim)
+        try:
+            net = native_dense(split.model, **names)
+            ok = net is not None and agrees(net, session, hidden=split.hidden, **names)
+        except Exception:      # noqa: BLE001 - an optimization: ONNX Runtime still runs the model
+            return
+        if ok:
+            self.native = net
+            ort_run = self._run_io_split
+
+            def run_split(job):     # (IOBinding, the core's call over the same buffers)
+                return job[1]() if fast_here() else ort_run(job[0])
+
+            self._run_io_split = run_split
 
     @staticmethod
     def _io_runner(session):
@@ -206,6 +231,9 @@ class CtrRunner:
         if session is self.split_session:
             io.bind_cpu_input(self.split.input, fb)
         io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        if session is self.split_session and self.native is not None:
+            # the native dense part writes the same output buffer (_run_io_split picks one of the two)
+            return io, partial(self.native.forward, emb, lin, fb, out.reshape(-1))
         return io
 
     def _chunks(self, b, n: int, threads: int, split: bool):

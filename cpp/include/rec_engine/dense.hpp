@@ -1,0 +1,55 @@
+// The dense part of a factorization-machine / MLP click model (DeepFM, Wide&Deep), run natively.
+//
+// For an example with pooled field embeddings e[F][d] and linear weights l[F]:
+//   logit = ((bias + sum_f l[f]) + fm_scale * sum_t((sum_f e[f][t])^2 - sum_f e[f][t]^2)) + mlp(x)
+// where x is the embeddings of the fields var_fields, in that order, flattened (the first layer's input),
+// mlp's hidden layers are relu(W h + b) and its last layer (one output) is W h + b. The first layer's bias
+// is given per call (first_bias: a request's share of the first layer from the fields that are the same on
+// all its rows, plus the layer's bias; see rec_engine.dense_split). The sums are float32; the order of the
+// additions follows the ONNX graph the training exporter writes, the matrix products differ from ONNX
+// Runtime's in rounding only.
+//
+// A DenseNet is immutable once built: forward() is safe from many threads at once (each keeps its own
+// scratch). At the avx512 level the matrix products run in register tiles of 5 rows x 80 outputs over
+// weights packed at construction (the layer's 80-output panels, one after another); at other levels a
+// portable loop computes the same sums.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace rec_engine {
+
+struct DenseLayer {
+  std::vector<float> weight;   // out x in, row-major (ONNX Gemm with transB = 1)
+  std::vector<float> bias;     // out (empty for the first layer: its bias comes with each call)
+  int64_t out = 0, in = 0;
+};
+
+class DenseNet {
+ public:
+  // Throws std::invalid_argument on inconsistent sizes: var_fields must be distinct fields in [0, n_fields),
+  // layers[0].in == var_fields.size() * dim, each layer's in the previous one's out, the last layer's out 1,
+  // at least two layers (the first and the output).
+  DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
+           float bias, float fm_scale, bool fm);
+
+  // out[r] for r < rows: emb rows x n_fields x dim, lin rows x n_fields, first_bias layers[0].out values.
+  void forward(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out) const;
+
+  int64_t n_fields() const { return n_fields_; }
+  int64_t dim() const { return dim_; }
+  int64_t first_out() const { return layers_.front().out; }
+  int64_t macs_per_row() const;
+
+ private:
+  int64_t n_fields_, dim_;
+  std::vector<int64_t> var_fields_;
+  int64_t var_start_ = -1;         // the var fields as one contiguous run starting here, or -1
+  std::vector<DenseLayer> layers_;
+  std::vector<std::vector<float>> packed_;   // per layer but the last: panels of kPanel outputs
+  std::vector<std::vector<float>> pbias_;    // per hidden layer: the bias padded to the panels (layer 0: empty)
+  float bias_, fm_scale_;
+  bool fm_;
+};
+
+}  // namespace rec_engine

@@ -1,0 +1,184 @@
+// The dense part of a DeepFM / Wide&Deep click model (rec_engine/dense.hpp): construction, packing, and the
+// forward pass over the kernels of the SIMD level in use (a portable loop below avx512).
+#include "rec_engine/dense.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/dense_kernels.hpp"
+#include "rec_engine/simd.hpp"
+
+namespace rec_engine {
+namespace {
+
+using dense_kernels::kPanel;
+
+int64_t panels_of(int64_t out) { return (out + kPanel - 1) / kPanel; }
+
+const dense_kernels::Table* active() {
+#if defined(REC_ENGINE_HAVE_X86_KERNELS)
+  if (simd_level() == SimdLevel::avx512) return &dense_kernels::avx512_table();
+#endif
+  return nullptr;
+}
+
+// Per-thread scratch of forward(): grown as needed, never shrunk.
+struct Scratch {
+  std::vector<float> fm, lsum, mlp, x, bias, h[2];
+};
+
+void grow(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
+
+}  // namespace
+
+DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
+                   float bias, float fm_scale, bool fm)
+    : n_fields_(n_fields), dim_(dim), var_fields_(std::move(var_fields)), layers_(std::move(layers)),
+      bias_(bias), fm_scale_(fm_scale), fm_(fm) {
+  if (n_fields_ <= 0 || dim_ <= 0) throw std::invalid_argument("DenseNet: n_fields and dim must be > 0");
+  if (var_fields_.empty()) throw std::invalid_argument("DenseNet: var_fields must not be empty");
+  std::vector<bool> seen(static_cast<size_t>(n_fields_), false);
+  for (int64_t f : var_fields_) {
+    if (f < 0 || f >= n_fields_)
+      throw std::invalid_argument("DenseNet: var field " + std::to_string(f) + " is out of range for " +
+                                  std::to_string(n_fields_) + " fields");
+    if (seen[static_cast<size_t>(f)]) throw std::invalid_argument("DenseNet: var field " + std::to_string(f) + " repeats");
+    seen[static_cast<size_t>(f)] = true;
+  }
+  bool run = true;
+  for (size_t i = 1; i < var_fields_.size(); ++i) run = run && var_fields_[i] == var_fields_[i - 1] + 1;
+  var_start_ = run ? var_fields_.front() : -1;
+  if (layers_.size() < 2) throw std::invalid_argument("DenseNet: needs a first layer and an output layer");
+  int64_t in = static_cast<int64_t>(var_fields_.size()) * dim_;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const DenseLayer& L = layers_[l];
+    const std::string name = "DenseNet: layer " + std::to_string(l);
+    if (L.in != in) throw std::invalid_argument(name + " takes " + std::to_string(L.in) + " inputs, expected " + std::to_string(in));
+    if (L.out <= 0) throw std::invalid_argument(name + " has no outputs");
+    if (static_cast<int64_t>(L.weight.size()) != L.out * L.in)
+      throw std::invalid_argument(name + ": weight must hold out x in values");
+    if (l == 0 ? !L.bias.empty() : static_cast<int64_t>(L.bias.size()) != L.out)
+      throw std::invalid_argument(name + (l == 0 ? ": the first layer's bias comes with each call"
+                                                 : ": bias must hold out values"));
+    in = L.out;
+  }
+  if (layers_.back().out != 1) throw std::invalid_argument("DenseNet: the output layer must have one output");
+  // hidden layers (all but the output): panels of kPanel outputs, k-major within a panel; biases padded
+  for (size_t l = 0; l + 1 < layers_.size(); ++l) {
+    const DenseLayer& L = layers_[l];
+    const int64_t np = panels_of(L.out);
+    std::vector<float> P(static_cast<size_t>(np * L.in * kPanel), 0.f);
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t k = 0; k < L.in; ++k)
+        for (int64_t j = 0; j < kPanel && p * kPanel + j < L.out; ++j)
+          P[static_cast<size_t>((p * L.in + k) * kPanel + j)] = L.weight[static_cast<size_t>((p * kPanel + j) * L.in + k)];
+    packed_.push_back(std::move(P));
+    std::vector<float> b;
+    if (l > 0) {
+      b.assign(static_cast<size_t>(np * kPanel), 0.f);
+      std::copy(L.bias.begin(), L.bias.end(), b.begin());
+    }
+    pbias_.push_back(std::move(b));
+  }
+}
+
+int64_t DenseNet::macs_per_row() const {
+  int64_t m = 0;
+  for (const DenseLayer& L : layers_) m += L.out * L.in;
+  return m;
+}
+
+void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out) const {
+  if (rows <= 0) return;
+  thread_local Scratch s;
+  const int64_t F = n_fields_, d = dim_, row = F * d;
+  grow(s.fm, rows);
+  grow(s.lsum, rows);
+  grow(s.mlp, rows);
+  const dense_kernels::Table* k = active();
+  // the linear and FM terms
+  if (k != nullptr) {
+    k->fm_rows(emb, lin, rows, F, d, s.fm.data(), s.lsum.data());
+  } else {
+    std::vector<float> sum(static_cast<size_t>(d)), sq(static_cast<size_t>(d));
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* e = emb + r * row;
+      std::fill(sum.begin(), sum.end(), 0.f);
+      std::fill(sq.begin(), sq.end(), 0.f);
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t t = 0; t < d; ++t) {
+          const float v = e[f * d + t];
+          sum[static_cast<size_t>(t)] += v;
+          sq[static_cast<size_t>(t)] += v * v;
+        }
+      float acc = 0.f;
+      for (int64_t t = 0; t < d; ++t) acc += sum[static_cast<size_t>(t)] * sum[static_cast<size_t>(t)] - sq[static_cast<size_t>(t)];
+      s.fm[static_cast<size_t>(r)] = acc;
+      float ls = 0.f;
+      for (int64_t f = 0; f < F; ++f) ls += lin[r * F + f];
+      s.lsum[static_cast<size_t>(r)] = ls;
+    }
+  }
+  // the first layer's input: the var fields of each row, read in place when they are one run of fields
+  const int64_t kv = static_cast<int64_t>(var_fields_.size()) * d;
+  const float* A = emb + (var_start_ >= 0 ? var_start_ * d : 0);
+  int64_t lda = row;
+  if (var_start_ < 0) {
+    grow(s.x, rows * kv);
+    for (int64_t r = 0; r < rows; ++r)
+      for (size_t i = 0; i < var_fields_.size(); ++i)
+        std::copy(emb + r * row + var_fields_[i] * d, emb + r * row + (var_fields_[i] + 1) * d,
+                  s.x.data() + r * kv + static_cast<int64_t>(i) * d);
+    A = s.x.data();
+    lda = kv;
+  }
+  // hidden layers
+  const size_t n_hidden = layers_.size() - 1;
+  for (size_t l = 0; l < n_hidden; ++l) {
+    const DenseLayer& L = layers_[l];
+    const int64_t np = panels_of(L.out), ldy = np * kPanel;
+    std::vector<float>& Y = s.h[l % 2];
+    grow(Y, rows * ldy);
+    const float* bias = pbias_[l].data();
+    if (l == 0) {
+      grow(s.bias, ldy);
+      std::fill(s.bias.begin(), s.bias.begin() + ldy, 0.f);
+      std::copy(first_bias, first_bias + L.out, s.bias.begin());
+      bias = s.bias.data();
+    }
+    if (k != nullptr) {
+      k->layer(A, lda, rows, L.in, packed_[l].data(), np, bias, Y.data(), ldy, true);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < L.out; ++o) {
+          float acc = bias[o];
+          const float* w = L.weight.data() + o * L.in;
+          for (int64_t i = 0; i < L.in; ++i) acc += A[r * lda + i] * w[i];
+          Y[static_cast<size_t>(r * ldy + o)] = std::max(acc, 0.f);
+        }
+    }
+    A = Y.data();
+    lda = ldy;
+  }
+  // the output layer, then the sum in the graph's order
+  const DenseLayer& O = layers_.back();
+  if (k != nullptr) {
+    k->dot_rows(A, lda, rows, O.in, O.weight.data(), O.bias[0], s.mlp.data());
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < O.in; ++i) acc += A[r * lda + i] * O.weight[static_cast<size_t>(i)];
+      s.mlp[static_cast<size_t>(r)] = O.bias[0] + acc;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float logit = bias_ + s.lsum[static_cast<size_t>(r)];
+    if (fm_) logit = logit + s.fm[static_cast<size_t>(r)] * fm_scale_;
+    out[r] = logit + s.mlp[static_cast<size_t>(r)];
+  }
+}
+
+}  // namespace rec_engine

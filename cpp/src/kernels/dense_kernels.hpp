@@ -1,0 +1,26 @@
+// The dense part's SIMD kernels (see rec_engine/dense.hpp). Internal header.
+#pragma once
+#include <cstdint>
+
+namespace rec_engine::dense_kernels {
+
+// Outputs per packed panel: a layer's weights W [out, in] are stored as ceil(out / kPanel) panels, panel p
+// holding in x kPanel values P[k * kPanel + j] = W[p * kPanel + j][k] (0 past out).
+constexpr int64_t kPanel = 80;
+
+struct Table {
+  // Y[i * ldy + p * kPanel + j] = act(bias[p * kPanel + j] + sum_k A[i * lda + k] * P_p[k * kPanel + j]) for
+  // i < rows, every panel p < panels, j < kPanel (bias padded to panels * kPanel; ldy >= panels * kPanel).
+  void (*layer)(const float* A, int64_t lda, int64_t rows, int64_t K, const float* packed, int64_t panels,
+                const float* bias, float* Y, int64_t ldy, bool relu);
+  // out[r] = b + sum_k h[r * ldh + k] * w[k]
+  void (*dot_rows)(const float* h, int64_t ldh, int64_t rows, int64_t K, const float* w, float b, float* out);
+  // fm[r] = sum_t((sum_f e[f][t])^2 - sum_f e[f][t]^2), lsum[r] = sum_f l[f] (fields summed in order)
+  void (*fm_rows)(const float* emb, const float* lin, int64_t rows, int64_t F, int64_t d, float* fm, float* lsum);
+};
+
+#if defined(REC_ENGINE_HAVE_X86_KERNELS)
+const Table& avx512_table();
+#endif
+
+}  // namespace rec_engine::dense_kernels
