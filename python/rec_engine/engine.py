@@ -19,6 +19,7 @@ restarts (through its event log).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import secrets
@@ -355,6 +356,7 @@ def bundle_version_id(path: Path) -> str:
     return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=64)
 def version_tag(version: str) -> str:
     """8 hex digits naming a model version (CRC-32 of its id): the tail of the request ids it answers with."""
     return f"{zlib.crc32(version.encode()) & 0xFFFFFFFF:08x}"
