@@ -101,14 +101,14 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
   const dense_kernels::Table* k = active();
   // the linear and FM terms
   if (k != nullptr) {
-    k->fm_rows(emb, lin, rows, F, d, s.fm.data(), s.lsum.data());
+    k->fm_rows(emb, lin, rows, F, d, fm_ ? s.fm.data() : nullptr, s.lsum.data());
   } else {
     std::vector<float> sum(static_cast<size_t>(d)), sq(static_cast<size_t>(d));
     for (int64_t r = 0; r < rows; ++r) {
       const float* e = emb + r * row;
       std::fill(sum.begin(), sum.end(), 0.f);
       std::fill(sq.begin(), sq.end(), 0.f);
-      for (int64_t f = 0; f < F; ++f)
+      for (int64_t f = 0; fm_ && f < F; ++f)
         for (int64_t t = 0; t < d; ++t) {
           const float v = e[f * d + t];
           sum[static_cast<size_t>(t)] += v;

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from . import _core
+from .dense_split import _attr
 
 
 def allowed() -> bool:
@@ -34,15 +35,6 @@ def allowed() -> bool:
 def fast_here() -> bool:
     """Whether the native dense part runs its SIMD kernels now (the avx512 level in use)."""
     return _core.simd_level() == "avx512"
-
-
-def _attr(node, name, default):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def native_dense(model: bytes, *, emb: str, lin: str, output: str, first_bias: str, n_fields: int,

@@ -719,7 +719,6 @@ def create_app(engine: Engine, *, token: str | None = None, max_body: int = 1 <<
             out["explored"] = np.flatnonzero(rec.explored[keep]).tolist()
         if rec.explanations is not None:
             out["explanations"] = [[[t, c] for t, c in ex] for ex, k_ in zip(rec.explanations, keep) if k_]
-            return out
         # plain JSON types only: straight to the response, past FastAPI's jsonable_encoder (its walk over
         # every value, ~85 us a request on the event loop in bench_http's profile)
         return JSONResponse(out)

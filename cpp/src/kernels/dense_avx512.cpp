@@ -77,7 +77,7 @@ void fm_rows(const float* emb, const float* lin, int64_t rows, int64_t F, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const float* e = emb + r * F * d;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t t = 0; t < d; t += 16) {
+    for (int64_t t = 0; fm != nullptr && t < d; t += 16) {
       const __mmask16 m = d - t >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - t);
       __m512 s = _mm512_setzero_ps(), q = _mm512_setzero_ps();
       for (int64_t f = 0; f < F; ++f) {
@@ -87,7 +87,7 @@ void fm_rows(const float* emb, const float* lin, int64_t rows, int64_t F, int64_
       }
       acc = _mm512_add_ps(acc, _mm512_sub_ps(_mm512_mul_ps(s, s), q));
     }
-    fm[r] = _mm512_reduce_add_ps(acc);
+    if (fm != nullptr) fm[r] = _mm512_reduce_add_ps(acc);
     const float* l = lin + r * F;
     float ls = 0.f;
     for (int64_t f = 0; f < F; ++f) ls += l[f];

@@ -15,7 +15,8 @@ struct Table {
                 const float* bias, float* Y, int64_t ldy, bool relu);
   // out[r] = b + sum_k h[r * ldh + k] * w[k]
   void (*dot_rows)(const float* h, int64_t ldh, int64_t rows, int64_t K, const float* w, float b, float* out);
-  // fm[r] = sum_t((sum_f e[f][t])^2 - sum_f e[f][t]^2), lsum[r] = sum_f l[f] (fields summed in order)
+  // fm[r] = sum_t((sum_f e[f][t])^2 - sum_f e[f][t]^2) (skipped when fm is null), lsum[r] = sum_f l[f] (fields
+  // summed in order)
   void (*fm_rows)(const float* emb, const float* lin, int64_t rows, int64_t F, int64_t d, float* fm, float* lsum);
 };
 
