@@ -577,6 +577,9 @@ PYBIND11_MODULE(_core, m) {
         return reduced_kernels(precision == "int8" ? Precision::int8 : Precision::bf16);
       },
       py::arg("precision"));
+  m.def("amx_available", &amx_available);
+  m.def("amx_enabled", &amx_enabled);
+  m.def("set_amx", &set_amx, py::arg("on"));
   m.def("supported_simd_levels", [] {
     std::vector<std::string> out;
     for (SimdLevel l : supported_simd_levels()) out.emplace_back(simd_level_name(l));

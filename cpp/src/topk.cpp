@@ -782,6 +782,10 @@ bool reduced_kernels(Precision precision) {
                                       : g->score_bf16 != nullptr && g->pack_bf16 != nullptr;
 }
 
+bool amx_available() { return topk_gemm::amx_available(); }
+bool amx_enabled() { return topk_gemm::amx_enabled(); }
+void set_amx(bool on) { topk_gemm::set_amx(on); }
+
 int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim) {
   const int64_t per = precision == Precision::int8 ? 1 : 2;
   return quantized_rows(n_items) * padded_dim(precision, dim) * per;

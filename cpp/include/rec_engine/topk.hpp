@@ -62,6 +62,13 @@ int64_t quantized_rows(int64_t n_items);  // n_items rounded up to whole panels
 // Whether the SIMD level in use scans that precision with its own kernels (int8: AVX512-VNNI, bf16:
 // AVX512-BF16, at the avx512 level), which also lets a bf16 index without packed panels convert them.
 bool reduced_kernels(Precision precision);
+// The bf16 scans of 16 queries or more on AMX-BF16 tiles (Intel Sapphire Rapids and later, Linux): whether
+// this process can (the CPU has them and the kernel granted them; REC_ENGINE_AMX=0 in the environment: not
+// asked), whether they are in use now (available, switched on and the avx512 level in use), and the switch
+// (on by default; the scores are the same sums of bf16 products, see topk_gemm_amx.cpp).
+bool amx_available();
+bool amx_enabled();
+void set_amx(bool on);
 int64_t quantized_bytes(Precision precision, int64_t n_items, int64_t dim);
 // Throws std::invalid_argument for a non-finite item value.
 void quantize_items(const float* items, int64_t n_items, int64_t dim, Precision precision, uint8_t* packed,

@@ -67,8 +67,21 @@ struct Table {
 // The table for the SIMD level in use, or nullptr (scalar and avx2 levels use the portable path).
 const Table* active();
 
+// AMX-BF16 (Sapphire Rapids and later, Linux): the bf16 score kernel of the avx512 table runs queries in
+// blocks of 16 on the tiles when the CPU has them and this process was granted them (REC_ENGINE_AMX=0 in
+// the environment: never asked). amx_enabled: available, switched on (set_amx, default on) and the avx512
+// level in use.
+bool amx_available();
+bool amx_enabled();
+void set_amx(bool on);
+
 #if defined(REC_ENGINE_HAVE_X86_KERNELS)
 const Table& avx512_table();
+// topk_gemm_amx.cpp: whether the tiles take nq queries of d2 pairs (nq >= 16, d2 a multiple of 16 up to 64),
+// then out rows [0, returned) (nq rounded down to 16) as score_bf16 writes them
+bool amx_bf16_takes(int64_t nq, int64_t d2);
+int64_t score_bf16_amx(const uint16_t* q, int64_t nq, int64_t ldq, const uint16_t* panel, int64_t d2, float* out,
+                       int64_t ldo);
 #endif
 
 }  // namespace rec_engine::topk_gemm
