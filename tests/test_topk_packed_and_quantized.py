@@ -331,5 +331,10 @@ print(hwm() - before, res.ids.shape)
     assert out.returncode == 0, out.stderr
     grew, shape = out.stdout.split(maxsplit=1)
     assert shape.strip() == "(256, 100)"
-    # outputs: 256 x 100 x (8 + 4) bytes = 0.3 MB; per-thread selections and panels: a few MB
-    assert float(grew) < 24, f"peak memory grew by {float(grew):.1f} MiB during the call"
+    # outputs: 256 x 100 x (8 + 4) bytes = 0.3 MB; per-thread selections and panels: a few MB. Under ASan
+    # (scripts/sanitize.sh preloads its runtime) freed blocks wait in its quarantine and every block carries
+    # redzones, so the peak follows what the call allocated in all rather than what it held at once (int8 on an
+    # Intel Xeon: 29.4 MiB): a looser bound there, still far below the 205 MB matrix
+    asan = "libclang_rt.asan" in __import__("os").environ.get("LD_PRELOAD", "")
+    limit = 64 if asan else 24
+    assert float(grew) < limit, f"peak memory grew by {float(grew):.1f} MiB during the call"
