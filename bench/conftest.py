@@ -148,6 +148,7 @@ def machine_description(config) -> "OrderedDict[str, object]":
     info["rec_engine_default_num_threads"] = _DEFAULT_THREADS_AT_START
     info["rec_engine_default_num_threads_at_end"] = rec_engine.default_num_threads()
     info["rec_engine_openmp"] = rec_engine.openmp_enabled()
+    info["rec_engine_amx"] = rec_engine._core.amx_enabled()     # bf16 scans of 16+ queries on AMX tiles
     info["rec_engine_core"] = _core_build()
     info["bench_threads"] = config.getoption("--bench-threads")
     info["torch_num_threads"] = torch.get_num_threads() if torch is not None else None
@@ -266,7 +267,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"CPU: {info['cpu']}, {info['cores']} cores")
     tr.write_line(f"rec_engine {v['rec_engine']}: simd_level={info['simd_level']} "
                   f"default_num_threads={info['rec_engine_default_num_threads']} "
-                  f"(at end {info['rec_engine_default_num_threads_at_end']}) openmp={info['rec_engine_openmp']}; "
+                  f"(at end {info['rec_engine_default_num_threads_at_end']}) openmp={info['rec_engine_openmp']} "
+                  f"amx={info['rec_engine_amx']}; "
                   f"bench threads={info['bench_threads']} (torch {info['torch_num_threads']}, "
                   f"faiss {info['faiss_omp_max_threads']})")
     tr.write_line(f"core: {info['rec_engine_core']}")
