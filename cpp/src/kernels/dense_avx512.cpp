@@ -35,9 +35,9 @@ inline void tile(const float* A, int64_t lda, const float* B, int64_t K, const f
       c[i][4] = _mm512_fmadd_ps(a, b4, c[i][4]);
     }
   }
-  const __m512 z = _mm512_setzero_ps();
+  const __m512 z = _mm512_setzero_ps();   // max(0, c): a NaN stays a NaN (maxps returns its second operand)
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 5; ++j) _mm512_storeu_ps(Y + i * ldy + 16 * j, relu ? _mm512_max_ps(c[i][j], z) : c[i][j]);
+    for (int j = 0; j < 5; ++j) _mm512_storeu_ps(Y + i * ldy + 16 * j, relu ? _mm512_max_ps(z, c[i][j]) : c[i][j]);
 }
 
 void layer(const float* A, int64_t lda, int64_t rows, int64_t K, const float* packed, int64_t panels,
