@@ -36,6 +36,9 @@ dense part alone, in multiply-adds a second. The batch's retrieval over 256 plus
 threads is the floor of a batch's time a user; the single calls' time a user over it is the most the batch
 could be faster in that run. A single call is mostly one read of the item table, paced by memory, and a
 batch mostly the DeepFM's matrix products, paced by arithmetic, so the ratio moves with the machine's memory.
+The group runs at each ranking precision of ``BATCH_PRECISIONS``: float32, and, where the CPU has AMX-BF16
+tiles, ``ranking_precision="bf16x3"`` and ``"bf16"`` (the dense part's products as three or one bf16 products
+a term; single calls on an engine of the same precision), each with how its top 10 agree with float32's.
 
 Run it with ``OPENBLAS_THREAD_TIMEOUT=4`` (as bench/latest/ENGINE.md's runs since 2026-12-05 are): OpenBLAS's
 threads otherwise busy-wait about 0.1 s after the plain path's matvec (2^28 cycles) and take a core from its
@@ -365,8 +368,9 @@ class Case:
         self.requests = _requests(settings)
         self.stages = {impl: {} for impl in IMPLS}      # impl -> stage -> [ms per round], all passes
         self.engine_profile = {"dense": [], "rest": []}  # ms, from the profile pass (profile_engine_dense)
-        self.batch_profile: dict = {}                    # the recommend_batch group's parts (profile_batch)
-        self.batch_per_user: dict = {}                   # impl -> median ms a user of the recommend_batch group
+        self.batch_profile: dict = {}     # precision -> the recommend_batch group's parts (profile_batch)
+        self.batch_per_user: dict = {}    # precision -> impl -> median ms a user of the recommend_batch group
+        self.batch_engines = {"float32": self.engine}   # ranking precision -> engine (batch_engine)
         n_items = settings.n_items
         self.group = (f"recommend k={K} ({n_items} items x {DIM_RETRIEVAL}, {N_CANDIDATES} candidates ranked by "
                       f"DeepFM, {len(USER_FIELDS) + len(ITEM_FIELDS) + len(CONTEXT_FIELDS)} fields)")
@@ -416,13 +420,21 @@ class Case:
             ranker._logits = inner_logits
             del runner._run_bound      # the class's method again
 
-    def profile_batch(self, users, n_users: int = 32, reps: int = 20) -> None:
+    def batch_engine(self, precision: str):
+        """The engine of the recommend_batch group at ranking precision ``precision`` (loaded once)."""
+        if precision not in self.batch_engines:
+            s = self.settings
+            self.batch_engines[precision] = Engine.load(self.path, ort_threads=s.ort_threads,
+                                                        num_threads=s.topk_threads, ranking_precision=precision)
+        return self.batch_engines[precision]
+
+    def profile_batch(self, users, precision: str = "float32", n_users: int = 32, reps: int = 20) -> None:
         """Untimed: what one user of a batch costs on one thread (the batch scores its users one at a time on
         each of its threads): ``score_candidates`` of 500 random items on one thread (the item features, the
         user's and context's, the dense part), and the dense part alone on the bound buffers; with the batch's
         own retrieval stage (its timings) this gives the floor of a batch's time a user, and so the most the
         batch could be faster than single calls in this run."""
-        ranker = self.engine._version.ranking
+        ranker = self.batch_engine(precision)._version.ranking
         rng = np.random.default_rng(SEED + 3)
         score, dense = [], []
         for j, u in enumerate(users[:n_users + 2]):
@@ -440,7 +452,7 @@ class Case:
             run()
             dense.append((time.perf_counter() - t) * 1e3)
         macs = _dense_macs_split(ranker.runner)
-        self.batch_profile.update(score_1t_ms=_pct(score, 50), dense_1t_ms=_pct(dense, 50),
+        self.batch_profile.setdefault(precision, {}).update(score_1t_ms=_pct(score, 50), dense_1t_ms=_pct(dense, 50),
                                   dense_gmacs=macs * N_CANDIDATES / (_pct(dense, 50) * 1e-3) / 1e9 if macs else None)
 
     def index_recall(self, n_users: int = 256) -> dict:
@@ -527,11 +539,18 @@ class StageReport:
                           f"{_pct(r, 50):.3f} p99 {_pct(r, 99):.3f}")
 
     def batch_summary(self, tr) -> None:
-        """The recommend_batch group's parts and the floor they put under a batch's time a user."""
+        """The recommend_batch group's parts and the floor they put under a batch's time a user, per ranking
+        precision."""
         case, s = self.case, self.case.settings
-        bp, per_user = case.batch_profile, case.batch_per_user
-        if bp.get("retrieval_ms") and bp.get("score_1t_ms"):
-            tr.write_sep("=", "recommend_batch: where the time goes")
+        for precision in BATCH_PRECISIONS:
+            bp, per_user = case.batch_profile.get(precision, {}), case.batch_per_user.get(precision, {})
+            if not (bp.get("retrieval_ms") and bp.get("score_1t_ms")):
+                continue
+            tr.write_sep("=", f"recommend_batch, ranking {precision}: where the time goes")
+            if bp.get("agreement"):
+                a = bp["agreement"]
+                tr.write_line(f"  against float32 ranking over {a['users']} users: top {K} identical for {a['same']} "
+                              f"of them, largest score difference {a['max_abs_diff']:.2e}")
             threads = s.topk_threads
             floor = np.median(bp["retrieval_ms"]) / BATCH + bp["score_1t_ms"] / threads
             tr.write_line(
@@ -610,11 +629,21 @@ def bench_recommend(benchmark, case, pass_no, impl):
 
 
 # ============================================================================ recommend_batch
+# the ranking precisions of the recommend_batch group: float32 (as trained), and the dense part's products on
+# AMX-BF16 tiles (bf16x3: ~16 significant bits a product; bf16: ~8), run only where the tiles are
+BATCH_PRECISIONS = ("float32", "bf16x3", "bf16")
+
+
+@pytest.mark.parametrize("precision", BATCH_PRECISIONS)
 @pytest.mark.parametrize("impl", ["rec_engine", "single calls"])
-def bench_recommend_batch(benchmark, case, impl):
+def bench_recommend_batch(benchmark, case, impl, precision):
     """``recommend_batch`` of 256 users (each with its own context) against the same 256 users asked one
-    ``recommend`` call at a time, on the same engine; the ratio is per user as well as per batch."""
+    ``recommend`` call at a time, on the same engine (ranking at ``precision``); the ratio is per user as well
+    as per batch."""
     s = case.settings
+    engine = case.batch_engine(precision)
+    if precision != "float32" and not engine.ranking_info.get("tiles"):
+        pytest.skip(f"ranking_precision={precision!r} runs float32 here (no AMX-BF16 tiles): the float32 rows")
     rounds = _env_int("REC_BENCH_ENGINE_BATCH_ROUNDS", 3)
     rng = np.random.default_rng(SEED + 2)
     batches = []
@@ -622,16 +651,23 @@ def bench_recommend_batch(benchmark, case, impl):
         users = rng.integers(0, s.n_users, BATCH).tolist()
         ctxs = [{name: int(rng.integers(0, size)) for name, _, size in CONTEXT_FIELDS} for _ in users]
         batches.append((users, ctxs))
-    engine = case.engine
     if impl == "rec_engine":
         users, ctxs = batches[0]
         got = engine.recommend_batch(users[:16], K, contexts=ctxs[:16])
+        bp = case.batch_profile.setdefault(precision, {})
+        same, diff = 0, 0.0
         for rec, u, c in zip(got, users, ctxs):     # the batch answers what single calls answer
             one = engine.recommend(u, K, context=c)
             np.testing.assert_array_equal(rec.ids, one.ids)
             np.testing.assert_allclose(rec.scores, one.scores, rtol=0, atol=1e-5)
-
-        bp = case.batch_profile
+            if precision != "float32":              # and how it agrees with float32 ranking
+                ref = case.engine.recommend(u, K, context=c)
+                same += int(np.array_equal(ref.ids, one.ids))
+                theirs = dict(zip(ref.ids.tolist(), ref.scores.tolist()))
+                diff = max([diff] + [abs(theirs[i] - v) for i, v in zip(one.ids.tolist(), one.scores.tolist())
+                                     if i in theirs])
+        if precision != "float32":
+            bp["agreement"] = {"users": len(got), "same": same, "max_abs_diff": diff}
 
         def fn(users, ctxs):
             recs = engine.recommend_batch(users, K, contexts=ctxs)
@@ -644,11 +680,13 @@ def bench_recommend_batch(benchmark, case, impl):
 
     it = iter(batches)
     benchmark.group = (f"recommend_batch {BATCH} users ({s.n_items} items, {N_CANDIDATES} candidates each ranked "
-                       f"by DeepFM)")
+                       f"by DeepFM" + ("" if precision == "float32" else f", ranking {precision}") + ")")
     benchmark.pedantic(fn, setup=lambda: (next(it), {}), rounds=rounds, iterations=1)
-    benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K)
+    benchmark.extra_info.update(impl=impl, batch=BATCH, items=s.n_items, candidates=N_CANDIDATES, k=K,
+                                ranking_precision=precision)
     if benchmark.stats is not None:       # (None under --benchmark-disable)
-        benchmark.extra_info["per_user_ms"] = case.batch_per_user[impl] = benchmark.stats.stats.median / BATCH * 1e3
+        per_user = benchmark.stats.stats.median / BATCH * 1e3
+        benchmark.extra_info["per_user_ms"] = case.batch_per_user.setdefault(precision, {})[impl] = per_user
     if impl == "rec_engine":
-        case.profile_batch(batches[0][0])
-        benchmark.extra_info["batch_profile"] = {k: v for k, v in case.batch_profile.items()}
+        case.profile_batch(batches[0][0], precision)
+        benchmark.extra_info["batch_profile"] = dict(case.batch_profile[precision])

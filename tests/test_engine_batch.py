@@ -268,6 +268,44 @@ def test_int8_ranking_is_stored_reported_and_close_to_float32(trained, tmp_path,
         write_pipeline(tmp_path / "q", retrieval=trained.bundle("lightgcn"), ranking_precision="int8")
 
 
+@pytest.mark.parametrize("precision", ["bf16x3", "bf16"])
+def test_tile_ranking_is_stored_reported_and_close_to_float32(trained, tmp_path, rng, precision):
+    """ranking_precision="bf16x3" / "bf16": the dense part's products on AMX-BF16 tiles where this CPU has them
+    (ranking_info["tiles"]), float32 where not; close to float32's probabilities; a batch answers as single calls
+    (the same arithmetic a row wherever it is scored)."""
+    pytest.importorskip("onnx", reason="the native dense part is read from the ONNX graph (serve extra)")
+    tiles = rec_engine._core.amx_enabled()
+    path = write_pipeline(tmp_path / "p", retrieval=trained.bundle("lightgcn"), ranking=trained.bundle("deepfm"),
+                          n_candidates=50, ranking_precision=precision)
+    meta = open_bundle(path).meta["ranking"]
+    assert meta["precision"] == precision and meta["users"] > 0 and meta["candidates"] == 50
+    bound = {"bf16x3": 1e-5, "bf16": 2e-2}[precision] if tiles else 0.0
+    assert meta["max_abs_diff"] <= bound and meta["top_overlap"] >= (0.99 if precision == "bf16x3" else 0.8)
+    with Engine.load(path) as e, Engine.load(trained.bundle("pipe_a")) as exact:
+        assert e.ranking_info["precision"] == precision and e.ranking_info["tiles"] == tiles
+        assert (e._version.ranking.runner.native is not None
+                and e._version.ranking.runner.native.precision == precision)
+        users = rng.integers(0, 400, 8).tolist()
+        for u, c in zip(users, CONTEXTS * 2):
+            a = e.recommend(u, 10, context=c)
+            pa = exact._version.ranking.score_candidates(u, a.ids, c)    # float32 on the same items
+            np.testing.assert_allclose(a.scores, pa, rtol=0, atol=bound * 4 + 1e-6)
+            if not tiles:
+                np.testing.assert_array_equal(a.ids, exact.recommend(u, 10, context=c).ids)
+        ctxs = [CONTEXTS[j % 4] for j in range(len(users))]
+        for b, u, c in zip(e.recommend_batch(users, 10, contexts=ctxs), users, ctxs):
+            one = e.recommend(u, 10, context=c)
+            np.testing.assert_array_equal(b.ids, one.ids)
+            np.testing.assert_allclose(b.scores, one.scores, rtol=0, atol=1e-6)
+    with Engine.load(trained.bundle("pipe_a"), ranking_precision=precision) as e:    # as an engine option
+        assert e.ranking_info == {"precision": precision, "tiles": tiles}
+    with Engine.load(path, ranking_precision="float32") as e:
+        assert e.ranking_info == {"precision": "float32"}
+        assert e._version.ranking.runner.native.precision == "float32"
+    with pytest.raises(ValueError, match="needs a ranking stage"):
+        write_pipeline(tmp_path / "q", retrieval=trained.bundle("lightgcn"), ranking_precision=precision)
+
+
 def test_pipeline_command_and_serve_options(trained, tmp_path, capsys, monkeypatch):
     import json
 

@@ -358,7 +358,12 @@ PyIdLists take_lists(py::object indptr, py::object ids, int64_t n_queries, const
 class PyDenseNet {
  public:
   PyDenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, py::list weights, py::list biases,
-             float bias, float fm_scale, bool fm) {
+             float bias, float fm_scale, bool fm, const std::string& precision) {
+    DensePrecision prec;
+    if (precision == "float32") prec = DensePrecision::float32;
+    else if (precision == "bf16x3") prec = DensePrecision::bf16x3;
+    else if (precision == "bf16") prec = DensePrecision::bf16;
+    else throw py::value_error("precision must be 'float32', 'bf16x3' or 'bf16', got '" + precision + "'");
     if (py::len(weights) != py::len(biases))
       throw py::value_error("weights and biases must have one entry per layer");
     std::vector<DenseLayer> layers;
@@ -376,7 +381,8 @@ class PyDenseNet {
       layers.push_back(std::move(L));
     }
     try {
-      net_ = std::make_unique<DenseNet>(n_fields, dim, std::move(var_fields), std::move(layers), bias, fm_scale, fm);
+      net_ = std::make_unique<DenseNet>(n_fields, dim, std::move(var_fields), std::move(layers), bias, fm_scale, fm,
+                                        prec);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
@@ -413,6 +419,14 @@ class PyDenseNet {
   }
 
   int64_t macs_per_row() const { return net_->macs_per_row(); }
+  std::string precision() const {
+    switch (net_->precision()) {
+      case DensePrecision::bf16x3: return "bf16x3";
+      case DensePrecision::bf16: return "bf16";
+      default: return "float32";
+    }
+  }
+  bool tiles_active() const { return net_->tiles_active(); }
 
  private:
   std::unique_ptr<DenseNet> net_;
@@ -598,11 +612,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("holds_strings", &PyKeyIndex::holds_strings);
 
   py::class_<PyDenseNet>(m, "DenseNet")
-      .def(py::init<int64_t, int64_t, std::vector<int64_t>, py::list, py::list, float, float, bool>(),
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, py::list, py::list, float, float, bool, const std::string&>(),
            py::arg("n_fields"), py::arg("dim"), py::arg("var_fields"), py::arg("weights"), py::arg("biases"),
-           py::arg("bias"), py::arg("fm_scale"), py::arg("fm"))
+           py::arg("bias"), py::arg("fm_scale"), py::arg("fm"), py::kw_only(), py::arg("precision") = "float32")
       .def("forward", &PyDenseNet::forward, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("out"))
-      .def_property_readonly("macs_per_row", &PyDenseNet::macs_per_row);
+      .def_property_readonly("macs_per_row", &PyDenseNet::macs_per_row)
+      .def_property_readonly("precision", &PyDenseNet::precision)
+      .def_property_readonly("tiles_active", &PyDenseNet::tiles_active);
 
   py::class_<PyEmbeddingTable>(m, "EmbeddingTable")
       .def(py::init<py::handle, py::object>(), py::arg("weights"), py::arg("scale_bias") = py::none())

@@ -3,11 +3,13 @@
 #include "rec_engine/dense.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/dense_kernels.hpp"
 #include "rec_engine/simd.hpp"
+#include "rec_engine/topk.hpp"
 
 namespace rec_engine {
 namespace {
@@ -26,18 +28,61 @@ const dense_kernels::Table* active() {
 // Per-thread scratch of forward(): grown as needed, never shrunk.
 struct Scratch {
   std::vector<float> fm, lsum, mlp, x, bias, h[2];
+  std::vector<uint16_t> a16[2];
 };
+
+int64_t up32(int64_t n) { return (n + 31) / 32 * 32; }
 
 void grow(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
+void grow16(std::vector<uint16_t>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
+
+// the first layer's bias of a call (n values) padded with zeros to width, in the scratch
+const float* padded_bias(Scratch& s, const float* first_bias, int64_t n, int64_t width) {
+  grow(s.bias, width);
+  std::fill(s.bias.begin(), s.bias.begin() + width, 0.f);
+  std::copy(first_bias, first_bias + n, s.bias.begin());
+  return s.bias.data();
+}
+
+// bf16 bits of x, rounded to nearest even (a NaN stays a quiet NaN), as dense_amx.cpp's split16
+uint16_t to_bf16(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  if (x != x) return 0x7FC0;
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+float from_bf16(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// B' of dense_amx.cpp: [n32 / 16][hi, lo][K32 / 32] tiles, element (k, n) of a tile at (k / 2) * 32 + n * 2 + k % 2
+std::vector<uint16_t> pack_weights_bf16x3(const DenseLayer& L, int64_t K32, int64_t n32) {
+  const int64_t nks = K32 / 32, strip = 2 * nks * 512;
+  std::vector<uint16_t> P(static_cast<size_t>(n32 / 16 * strip), 0);
+  for (int64_t o = 0; o < L.out; ++o)
+    for (int64_t k = 0; k < L.in; ++k) {
+      const float w = L.weight[static_cast<size_t>(o * L.in + k)];
+      const uint16_t hi = to_bf16(w), lo = to_bf16(w - from_bf16(hi));
+      const int64_t at = (o / 16) * strip + (k / 32) * 512 + (k % 32) / 2 * 32 + (o % 16) * 2 + k % 2;
+      P[static_cast<size_t>(at)] = hi;
+      P[static_cast<size_t>(at + nks * 512)] = lo;
+    }
+  return P;
 }
 
 }  // namespace
 
 DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
-                   float bias, float fm_scale, bool fm)
+                   float bias, float fm_scale, bool fm, DensePrecision precision)
     : n_fields_(n_fields), dim_(dim), var_fields_(std::move(var_fields)), layers_(std::move(layers)),
-      bias_(bias), fm_scale_(fm_scale), fm_(fm) {
+      bias_(bias), fm_scale_(fm_scale), fm_(fm), precision_(precision) {
   if (n_fields_ <= 0 || dim_ <= 0) throw std::invalid_argument("DenseNet: n_fields and dim must be > 0");
   if (var_fields_.empty()) throw std::invalid_argument("DenseNet: var_fields must not be empty");
   std::vector<bool> seen(static_cast<size_t>(n_fields_), false);
@@ -83,7 +128,20 @@ DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_field
     }
     pbias_.push_back(std::move(b));
   }
+#if defined(REC_ENGINE_HAVE_AMX)
+  if (precision_ != DensePrecision::float32 && amx_available()) {
+    for (size_t l = 0; l + 1 < layers_.size(); ++l) {
+      const DenseLayer& L = layers_[l];
+      k32_.push_back(up32(L.in));
+      n32_.push_back(up32(L.out));
+      packed16_.push_back(pack_weights_bf16x3(L, k32_.back(), n32_.back()));
+      if (l > 0) pbias_[l].resize(static_cast<size_t>(std::max<int64_t>(n32_.back(), static_cast<int64_t>(pbias_[l].size()))), 0.f);
+    }
+  }
+#endif
 }
+
+bool DenseNet::tiles_active() const { return !packed16_.empty() && amx_enabled(); }
 
 int64_t DenseNet::macs_per_row() const {
   int64_t m = 0;
@@ -137,18 +195,34 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
   }
   // hidden layers
   const size_t n_hidden = layers_.size() - 1;
+#if defined(REC_ENGINE_HAVE_AMX)
+  if (k != nullptr && tiles_active()) {
+    const int64_t rows32 = up32(rows);
+    grow16(s.a16[0], rows32 * k32_[0] * 2);
+    dense_kernels::pack_rows_bf16x3(A, lda, rows, kv, s.a16[0].data(), rows32, k32_[0]);
+    for (size_t l = 0; l < n_hidden; ++l) {
+      const int64_t n32 = n32_[l];
+      std::vector<float>& Y = s.h[l % 2];
+      grow(Y, rows32 * n32);
+      const float* bias = l == 0 ? padded_bias(s, first_bias, layers_[0].out, n32) : pbias_[l].data();
+      uint16_t* next = nullptr;
+      if (l + 1 < n_hidden) {
+        grow16(s.a16[(l + 1) % 2], rows32 * n32 * 2);
+        next = s.a16[(l + 1) % 2].data();
+      }
+      dense_kernels::layer_bf16_amx(s.a16[l % 2].data(), rows32, k32_[l], packed16_[l].data(), n32, bias, Y.data(),
+                                    next, precision_ == DensePrecision::bf16x3);
+      A = Y.data();
+      lda = n32;
+    }
+  } else
+#endif
   for (size_t l = 0; l < n_hidden; ++l) {
     const DenseLayer& L = layers_[l];
     const int64_t np = panels_of(L.out), ldy = np * kPanel;
     std::vector<float>& Y = s.h[l % 2];
     grow(Y, rows * ldy);
-    const float* bias = pbias_[l].data();
-    if (l == 0) {
-      grow(s.bias, ldy);
-      std::fill(s.bias.begin(), s.bias.begin() + ldy, 0.f);
-      std::copy(first_bias, first_bias + L.out, s.bias.begin());
-      bias = s.bias.data();
-    }
+    const float* bias = l == 0 ? padded_bias(s, first_bias, L.out, ldy) : pbias_[l].data();
     if (k != nullptr) {
       k->layer(A, lda, rows, L.in, packed_[l].data(), np, bias, Y.data(), ldy, true);
     } else {

@@ -195,6 +195,9 @@ def write_bundle(path: str | os.PathLike, *, kind: str, meta: Mapping[str, Any] 
 
 
 INDEX_PRECISIONS = ("float32", "int8", "bf16")
+# the ranking model's dense part: as trained, int8 weights (ONNX Runtime), or its products in bf16x3 / bf16 on
+# AMX-BF16 tiles (rec_engine._core.DenseNet; float32 where the tiles are not available)
+RANKING_PRECISIONS = ("float32", "int8", "bf16x3", "bf16")
 
 
 def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | None = None,
@@ -212,7 +215,9 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
 
     ``ranking_precision="int8"`` also stores the ranking model's dense part with int8 weights
     (``dense_int8.onnx``, :func:`rec_engine.ranking.quantize_dense`; needs the onnx package here, not at serving
-    time), served by default, with its agreement with the float32 model in ``meta["ranking"]``."""
+    time), served by default, with its agreement with the float32 model in ``meta["ranking"]``;
+    ``"bf16x3"`` / ``"bf16"`` store the setting (the products of the dense part's hidden layers on AMX-BF16 tiles
+    where the serving CPU has them) with the agreement measured on this machine (``tiles``: whether it ran them)."""
     if retrieval is None and ranking is None:
         raise ValueError("a pipeline needs a retrieval bundle, a ranking bundle, or both")
     if n_candidates < 1:
@@ -221,16 +226,19 @@ def write_pipeline(path: str | os.PathLike, *, retrieval: str | os.PathLike | No
         raise ValueError(f"index must be one of {INDEX_PRECISIONS}, got {index!r}")
     stages = {name: open_bundle(src) for name, src in (("retrieval", retrieval), ("ranking", ranking))
               if src is not None}
-    if ranking_precision not in ("float32", "int8"):
-        raise ValueError(f"ranking_precision must be 'float32' or 'int8', got {ranking_precision!r}")
+    if ranking_precision not in RANKING_PRECISIONS:
+        raise ValueError(f"ranking_precision must be one of {RANKING_PRECISIONS}, got {ranking_precision!r}")
     ranking_meta, dense_int8 = {"precision": ranking_precision}, None
-    if ranking_precision == "int8":
+    if ranking_precision != "float32":
         if "ranking" not in stages:
-            raise ValueError("ranking_precision='int8' needs a ranking stage")
+            raise ValueError(f"ranking_precision={ranking_precision!r} needs a ranking stage")
         from .ranking import dense_agreement, quantize_dense
 
-        dense_int8 = quantize_dense(stages["ranking"].onnx_path("dense"))
-        ranking_meta.update(dense_agreement(stages["ranking"], dense_int8, n=n_candidates))
+        if ranking_precision == "int8":
+            dense_int8 = quantize_dense(stages["ranking"].onnx_path("dense"))
+            ranking_meta.update(dense_agreement(stages["ranking"], dense_int8, n=n_candidates))
+        else:
+            ranking_meta.update(dense_agreement(stages["ranking"], n=n_candidates, matmul_precision=ranking_precision))
     index_arrays, index_meta = {}, {"precision": index}
     if index != "float32":
         if "retrieval" not in stages:

@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="retrieval scan: float32, or int8 / bf16 codes whose shortlist is checked against its "
                           "error bound and re-scored in float32 (the same candidates; default: the bundle's "
                           "setting, else float32)")
-    srv.add_argument("--ranking-precision", default=None, choices=["float32", "int8"],
-                     help="the ranking model's dense part as trained or with int8 weights (default: the bundle's "
-                          "setting, else float32)")
+    srv.add_argument("--ranking-precision", default=None, choices=["float32", "int8", "bf16x3", "bf16"],
+                     help="the ranking model's dense part as trained, with int8 weights, or its products in bf16x3 / "
+                          "bf16 on AMX-BF16 tiles (default: the bundle's setting, else float32)")
     srv.add_argument("--scan-memory", default=None, choices=["copy", "mmap"],
                      help="the table retrieval scans: read into each process's memory (huge pages, ~1.35x faster "
                           "scans) or the bundle's file mapped and shared between workers (default: copy with one "
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--candidates", type=int, default=500, help="items retrieved for the ranking stage")
     pl.add_argument("--index", default="float32", choices=["float32", "int8", "bf16"],
                     help="the retrieval scan served by default (int8/bf16: the index is stored in the bundle)")
-    pl.add_argument("--ranking-precision", default="float32", choices=["float32", "int8"],
-                    help="int8: store the ranking model's dense part with int8 weights, served by default")
+    pl.add_argument("--ranking-precision", default="float32", choices=["float32", "int8", "bf16x3", "bf16"],
+                    help="int8: store the ranking model's dense part with int8 weights, served by default; bf16x3 / "
+                         "bf16: serve its products on AMX-BF16 tiles by default")
     pl.add_argument("--overwrite", action="store_true")
     pl.set_defaults(handler=_pipeline)
     cl = sub.add_parser("cluster", add_help=False, prefix_chars="\0",

@@ -84,7 +84,7 @@ class CtrRunner:
     def __init__(self, embedding: EmbeddingTable, linear: EmbeddingTable, onnx_path: str | os.PathLike | bytes, *,
                  n_fields: int, inputs=("emb", "lin"), output: str = "logit", session_options=None,
                  num_threads: int | None = 1, batch_threads: int | None = None,
-                 constant_fields=None, request_threads: int = 1):
+                 constant_fields=None, request_threads: int = 1, matmul_precision: str = "float32"):
         import onnxruntime as ort
 
         request_threads = at_least_one(request_threads, "request_threads")
@@ -122,6 +122,7 @@ class CtrRunner:
         self._run_io = self._io_runner(self.session)
         self.split, self.split_session, self._run_io_split = None, None, None
         self.native = None      # the split dense part in the core (rec_engine.native_dense), or None
+        self.matmul_precision = matmul_precision    # the native part's products: float32, bf16x3, bf16
         if constant_fields is not None:
             self._set_split(model, constant_fields, session_options)
         # row chunks at once: with a one-thread session, for a model whose rows cost enough
@@ -164,7 +165,7 @@ class CtrRunner:
         e, li = self._feed
         names = dict(emb=e, lin=li, output=self.output, first_bias=split.input, n_fields=self.n_fields, dim=self.dim)
         try:
-            net = native_dense(split.model, **names)
+            net = native_dense(split.model, precision=self.matmul_precision, **names)
             ok = net is not None and agrees(net, session, hidden=split.hidden, **names)
         except Exception:      # noqa: BLE001 - an optimization: ONNX Runtime still runs the model
             return
@@ -379,6 +380,9 @@ class CtrRunner:
                 raise ValueError(f"groups add up to {int(lengths.sum())} rows, there are {len(emb)}")
             starts = (np.cumsum(lengths) - lengths)[lengths > 0]
             fb = self.split.first_bias(emb[starts])
+            if self.native is not None and self.matmul_precision != "float32" and fast_here():
+                # a reduced precision: the same arithmetic as the bound path's, whichever path a row takes
+                return self._native_logits(emb, lin, starts, lengths[lengths > 0], fb)
             feed[self.split.input] = fb if len(starts) == 1 else np.repeat(fb, lengths[lengths > 0], axis=0)
         if batch and self._batch_threads is not None:
             run = self._batch_session(split, 1 if batch == "chunk" else max(0, int(self._batch_threads)))
@@ -386,6 +390,17 @@ class CtrRunner:
             run = self.split_session.run if split else self._run
         (out,) = run([self.output], feed, None)
         return out.reshape(-1) if out.dtype == np.float32 else np.asarray(out, np.float32).reshape(-1)
+
+    def _native_logits(self, emb, lin, starts, lengths, fb) -> np.ndarray:
+        """Logits of the native dense part, each request's rows (``starts``, ``lengths``) with its own
+        first-layer share (``fb`` rows), on the calling thread."""
+        emb = np.ascontiguousarray(emb, np.float32)
+        lin = np.ascontiguousarray(lin, np.float32)
+        fb = np.ascontiguousarray(fb, np.float32).reshape(len(starts), -1)
+        out = np.empty(len(emb), np.float32)
+        for j, (a, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            self.native.forward(emb[a:a + n], lin[a:a + n], fb[j], out[a:a + n])
+        return out
 
     def _batch_session(self, split: bool, threads: int):
         """``run`` of the session (``split``: of the split model) for large calls (``threads`` intra-op

@@ -133,7 +133,8 @@ class CtrRanker:
     """
 
     def __init__(self, bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
-                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1):
+                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1,
+                 matmul_precision: str = "float32"):
         meta = bundle.meta
         missing = [k for k in ("schema", "dim") if k not in meta] + ([] if bundle.has("dense.onnx") else ["dense.onnx"])
         if missing:
@@ -179,7 +180,7 @@ class CtrRanker:
                                 inputs=self.inputs, output=self.output, session_options=session_options,
                                 num_threads=num_threads, batch_threads=batch_threads,
                                 constant_fields=constant if self.item_fields else None,
-                                request_threads=request_threads)
+                                request_threads=request_threads, matmul_precision=matmul_precision)
         self.session = self.runner.session
         given = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
         if not (all(isinstance(n, str) and n in given[0] for n in self.inputs) and isinstance(self.output, str)
@@ -697,7 +698,8 @@ def quantize_dense(onnx_path) -> bytes:
 
 
 def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | None = 1,
-                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1) -> CtrRanker:
+                 batch_threads: int | None = None, dense: bytes | None = None, request_threads: int = 1,
+                 matmul_precision: str = "float32") -> CtrRanker:
     """The ranking model of ``bundle`` (kinds: lr, fm, widedeep, deepfm, xdeepfm)."""
     if bundle.kind not in RANKING_KINDS:
         raise BundleError(f"bundle {bundle.path} of kind {bundle.kind!r} is not a ranking model "
@@ -705,17 +707,19 @@ def load_ranking(bundle: Bundle, session_options=None, *, num_threads: int | Non
     at_least_one(request_threads, "request_threads")     # (here: CtrRanker's errors below become BundleError)
     try:
         return CtrRanker(bundle, session_options, num_threads=num_threads, batch_threads=batch_threads, dense=dense,
-                         request_threads=request_threads)
+                         request_threads=request_threads, matmul_precision=matmul_precision)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:   # a wrong meta or array
         raise BundleError(f"bundle {bundle.path} is malformed: {type(e).__name__}: {e}") from None
 
 
-def dense_agreement(bundle: Bundle, dense: bytes, *, users: int = 64, n: int = 500, k: int = 10,
-                    seed: int = 0) -> dict:
-    """How the ranking bundle's model with the dense part ``dense`` agrees with its own: over ``users``
-    users of its store (random), each with ``n`` random candidates and an empty context, the largest
-    absolute difference of the click probabilities and the mean overlap of the top ``k``."""
-    exact, other = load_ranking(bundle), load_ranking(bundle, dense=dense)
+def dense_agreement(bundle: Bundle, dense: bytes | None = None, *, users: int = 64, n: int = 500, k: int = 10,
+                    seed: int = 0, matmul_precision: str = "float32") -> dict:
+    """How the ranking bundle's model with the dense part ``dense`` (None: its own), its products at
+    ``matmul_precision``, agrees with its own in float32: over ``users`` users of its store (random), each with
+    ``n`` random candidates and an empty context, the largest absolute difference of the click probabilities
+    and the mean overlap of the top ``k``."""
+    exact = load_ranking(bundle)
+    other = load_ranking(bundle, dense=dense, matmul_precision=matmul_precision)
     if exact.items is None:
         return {}
     rng = np.random.default_rng(seed)

@@ -13,11 +13,20 @@
 // scratch). At the avx512 level the matrix products run in register tiles of 5 rows x 80 outputs over
 // weights packed at construction (the layer's 80-output panels, one after another); at other levels a
 // portable loop computes the same sums.
+//
+// Reduced precision (opt-in) for the hidden layers' products, on AMX-BF16 tiles, as PyTorch's float32 matmul
+// precisions on CPUs with bf16 units: bf16x3 ("high") splits each float32 into two bf16 numbers (x = hi + lo,
+// ~16 significant bits) and sums three bf16 products a term (hi hi + hi lo + lo hi) in float32; bf16
+// ("medium") takes hi hi alone (~8 bits). A permission, not an order: the float32 kernels run whenever the
+// tiles are not in use (no AMX-BF16, REC_ENGINE_AMX=0, set_amx(false), below the avx512 level), and
+// tiles_active() says which. A product's relative error is then ~2^-16 (bf16x3) or ~2^-8 (bf16).
 #pragma once
 #include <cstdint>
 #include <vector>
 
 namespace rec_engine {
+
+enum class DensePrecision { float32, bf16x3, bf16 };
 
 struct DenseLayer {
   std::vector<float> weight;   // out x in, row-major (ONNX Gemm with transB = 1)
@@ -31,7 +40,7 @@ class DenseNet {
   // layers[0].in == var_fields.size() * dim, each layer's in the previous one's out, the last layer's out 1,
   // at least two layers (the first and the output).
   DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
-           float bias, float fm_scale, bool fm);
+           float bias, float fm_scale, bool fm, DensePrecision precision = DensePrecision::float32);
 
   // out[r] for r < rows: emb rows x n_fields x dim, lin rows x n_fields, first_bias layers[0].out values.
   void forward(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out) const;
@@ -40,6 +49,9 @@ class DenseNet {
   int64_t dim() const { return dim_; }
   int64_t first_out() const { return layers_.front().out; }
   int64_t macs_per_row() const;
+  DensePrecision precision() const { return precision_; }
+  // whether forward() runs the bf16 tiles now (a reduced precision asked, the tiles available and switched on)
+  bool tiles_active() const;
 
  private:
   int64_t n_fields_, dim_;
@@ -48,8 +60,13 @@ class DenseNet {
   std::vector<DenseLayer> layers_;
   std::vector<std::vector<float>> packed_;   // per layer but the last: panels of kPanel outputs
   std::vector<std::vector<float>> pbias_;    // per hidden layer: the bias padded to the panels (layer 0: empty)
+  // reduced precision: per hidden layer the weights as TDPBF16PS B tiles (hi and lo parts; dense_amx.cpp),
+  // inputs padded to k32_ and outputs to n32_ (multiples of 32); empty when not asked or not available
+  std::vector<std::vector<uint16_t>> packed16_;
+  std::vector<int64_t> k32_, n32_;
   float bias_, fm_scale_;
   bool fm_;
+  DensePrecision precision_;
 };
 
 }  // namespace rec_engine

@@ -17,31 +17,16 @@
 
 #include <cstring>
 
+#include "amx_config.hpp"
 #include "topk_gemm.hpp"
 
 namespace rec_engine::topk_gemm {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
 // tiles 0, 1: the outputs of two query blocks x 16 items; the item tiles (one per 32 dimensions) and the
 // query tiles share the other six: up to 2 item tiles with 4 query tiles, or 3-4 item tiles with 2 query tiles
 // reloaded per product
-TileConfig make_config() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  return c;
-}
-const TileConfig kConfig = make_config();
+const amx::TileConfig kConfig = amx::full_tiles();
 
 // Scores queries [0, nq16) (a multiple of 16) against the 16 items [c, c + 16) of the panel.
 template <int KB>
