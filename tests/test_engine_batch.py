@@ -279,6 +279,7 @@ def test_tile_ranking_is_stored_reported_and_close_to_float32(trained, tmp_path,
                           n_candidates=50, ranking_precision=precision)
     meta = open_bundle(path).meta["ranking"]
     assert meta["precision"] == precision and meta["users"] > 0 and meta["candidates"] == 50
+    assert meta["tiles"] == tiles
     bound = {"bf16x3": 1e-5, "bf16": 2e-2}[precision] if tiles else 0.0
     assert meta["max_abs_diff"] <= bound and meta["top_overlap"] >= (0.99 if precision == "bf16x3" else 0.8)
     with Engine.load(path) as e, Engine.load(trained.bundle("pipe_a")) as exact:

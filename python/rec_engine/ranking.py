@@ -733,5 +733,8 @@ def dense_agreement(bundle: Bundle, dense: bytes | None = None, *, users: int = 
         top_a = cands[np.lexsort((cands, -a))[:kk]]
         top_b = cands[np.lexsort((cands, -b))[:kk]]
         overlap.append(len(np.intersect1d(top_a, top_b)) / kk)
-    return {"max_abs_diff": diff, "top_overlap": float(np.mean(overlap)), "top_k": k, "users": len(overlap),
-            "candidates": int(min(n, exact.items.n))}
+    out = {"max_abs_diff": diff, "top_overlap": float(np.mean(overlap)), "top_k": k, "users": len(overlap),
+           "candidates": int(min(n, exact.items.n))}
+    if matmul_precision != "float32":      # whether this machine ran the reduced products (else float32 again)
+        out["tiles"] = bool(other.runner.native is not None and other.runner.native.tiles_active)
+    return out
