@@ -199,7 +199,8 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
   if (k != nullptr && tiles_active()) {
     const int64_t rows32 = up32(rows);
     grow16(s.a16[0], rows32 * k32_[0] * 2);
-    dense_kernels::pack_rows_bf16x3(A, lda, rows, kv, s.a16[0].data(), rows32, k32_[0]);
+    const bool x3 = precision_ == DensePrecision::bf16x3;
+    dense_kernels::pack_rows_bf16(A, lda, rows, kv, s.a16[0].data(), rows32, k32_[0], x3);
     for (size_t l = 0; l < n_hidden; ++l) {
       const int64_t n32 = n32_[l];
       std::vector<float>& Y = s.h[l % 2];
@@ -211,7 +212,7 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
         next = s.a16[(l + 1) % 2].data();
       }
       dense_kernels::layer_bf16_amx(s.a16[l % 2].data(), rows32, k32_[l], packed16_[l].data(), n32, bias, Y.data(),
-                                    next, precision_ == DensePrecision::bf16x3);
+                                    next, x3);
       A = Y.data();
       lda = n32;
     }

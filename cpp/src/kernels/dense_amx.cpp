@@ -25,8 +25,8 @@ namespace {
 // tiles 0-3: a 2 x 2 block of outputs (32 rows x 32 outputs); 4, 5: the rows' inputs; 6, 7: the weights
 const amx::TileConfig kConfig = amx::full_tiles();
 
-// 16 floats -> their bf16 hi and lo parts (round to nearest even; NaN stays a quiet NaN)
-inline void split16(__m512 x, __m256i& hi, __m256i& lo) {
+// 16 floats -> their bf16 hi part, and with x3 their lo part (round to nearest even; NaN stays a quiet NaN)
+inline void split16(__m512 x, bool x3, __m256i& hi, __m256i& lo) {
   const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
   const __m512i qnan = _mm512_set1_epi32(0x7FC00000);
   auto round = [&](__m512 v) {
@@ -37,15 +37,15 @@ inline void split16(__m512 x, __m256i& hi, __m256i& lo) {
     return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));   // the bf16 as a float
   };
   const __m512i h = round(x);
-  const __m512i l = round(_mm512_sub_ps(x, _mm512_castsi512_ps(h)));
   hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16));
-  lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(l, 16));
+  if (x3) lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round(_mm512_sub_ps(x, _mm512_castsi512_ps(h))), 16));
 }
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
-// row r (< 16) of the 16-row block `blk` of A' from x[0, K) (zeros up to K32)
-inline void split_row(const float* x, int64_t K, uint16_t* blk, int64_t r, int64_t nks) {
+// row r (< 16) of the 16-row block `blk` of A' from x[0, K) (zeros up to K32); its lo parts only with x3 (bf16
+// reads the hi parts alone)
+inline void split_row(const float* x, int64_t K, uint16_t* blk, int64_t r, int64_t nks, bool x3) {
   uint16_t* hi = blk + r * 32;
   uint16_t* lo = blk + nks * 512 + r * 32;
   for (int64_t k = 0; k < nks * 32; k += 16) {
@@ -53,25 +53,37 @@ inline void split_row(const float* x, int64_t K, uint16_t* blk, int64_t r, int64
     const __m512 v = left >= 16 ? _mm512_loadu_ps(x + k)
                                 : (left > 0 ? _mm512_maskz_loadu_ps(tail_mask(left), x + k) : _mm512_setzero_ps());
     __m256i h, l;
-    split16(v, h, l);
+    split16(v, x3, h, l);
     const int64_t off = (k / 32) * 512 + (k % 32);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + off), h);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + off), l);
+    if (x3) _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + off), l);
   }
 }
 
 }  // namespace
 
-void pack_rows_bf16x3(const float* A, int64_t lda, int64_t rows, int64_t K, uint16_t* Ap, int64_t rows32,
-                      int64_t K32) {
+void pack_rows_bf16(const float* A, int64_t lda, int64_t rows, int64_t K, uint16_t* Ap, int64_t rows32,
+                    int64_t K32, bool x3) {
   const int64_t nks = K32 / 32;
   for (int64_t i = 0; i < rows32; ++i) {
     uint16_t* blk = Ap + (i / 16) * 2 * nks * 512;
-    split_row(i < rows ? A + i * lda : nullptr, i < rows ? K : 0, blk, i % 16, nks);
+    split_row(i < rows ? A + i * lda : nullptr, i < rows ? K : 0, blk, i % 16, nks, x3);
   }
 }
 
 namespace {
+
+// tiles 0-3 += the products of the two row tiles at a0, a1 (into 4, 5) with the two weight tiles at b0, b1 (6, 7)
+inline void products(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1) {
+  _tile_loadd(4, a0, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_loadd(5, a1, 64);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_loadd(7, b1, 64);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(3, 5, 7);
+}
 
 // the 2 x 2 output tiles of rows [i, i + 32) x outputs [j, j + 32): X3 the three products a term, else hi hi only
 template <bool X3>
@@ -82,29 +94,15 @@ inline void block(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, co
   _tile_zero(3);
   for (int64_t s = 0; s < nks; ++s) {
     const int64_t h = s * 512, l = (nks + s) * 512;
-    _tile_loadd(4, a0 + h, 64);
-    _tile_loadd(6, b0 + h, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(5, a1 + h, 64);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_loadd(7, b1 + h, 64);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(3, 5, 7);
+    products(a0 + h, a1 + h, b0 + h, b1 + h);   // hi(a) hi(w)
     if constexpr (X3) {
-      _tile_loadd(6, b0 + l, 64);          // hi(a) lo(w)
+      _tile_loadd(6, b0 + l, 64);               // hi(a) lo(w): the row tiles stay
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(2, 5, 6);
       _tile_loadd(7, b1 + l, 64);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
-      _tile_loadd(4, a0 + l, 64);          // lo(a) hi(w)
-      _tile_loadd(6, b0 + h, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_loadd(5, a1 + l, 64);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_loadd(7, b1 + h, 64);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(3, 5, 7);
+      products(a0 + l, a1 + l, b0 + h, b1 + h);  // lo(a) hi(w)
     }
   }
 }
@@ -138,7 +136,7 @@ void layer_bf16_amx(const uint16_t* Ap, int64_t rows32, int64_t K32, const uint1
       float* y = C + r * ldc;
       for (int64_t j = 0; j < n32; j += 16)   // (max(0, NaN) is the NaN: maxps returns its second operand)
         _mm512_storeu_ps(y + j, _mm512_max_ps(z, _mm512_add_ps(_mm512_loadu_ps(y + j), _mm512_loadu_ps(bias + j))));
-      if (next != nullptr) split_row(y, n32, next + (r / 16) * 2 * next_nks * 512, r % 16, next_nks);
+      if (next != nullptr) split_row(y, n32, next + (r / 16) * 2 * next_nks * 512, r % 16, next_nks, x3);
     }
   }
   _tile_release();

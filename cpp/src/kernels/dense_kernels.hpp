@@ -25,13 +25,14 @@ const Table& avx512_table();
 #endif
 
 #if defined(REC_ENGINE_HAVE_AMX)
-// dense_amx.cpp (bf16x3 on AMX tiles; layouts there). A': rows32 (a multiple of 32) rows of K32 (a multiple of
-// 32) inputs, each split into its bf16 hi and lo parts; rows past `rows` and inputs past K are zeros.
-void pack_rows_bf16x3(const float* A, int64_t lda, int64_t rows, int64_t K, uint16_t* Ap, int64_t rows32,
-                      int64_t K32);
+// dense_amx.cpp (bf16x3 / bf16 on AMX tiles; layouts there). A': rows32 (a multiple of 32) rows of K32 (a
+// multiple of 32) inputs, each split into its bf16 hi part and, with x3, its lo part; rows past `rows` and inputs
+// past K are zeros.
+void pack_rows_bf16(const float* A, int64_t lda, int64_t rows, int64_t K, uint16_t* Ap, int64_t rows32, int64_t K32,
+                    bool x3);
 // C[i * n32 + j] = relu(bias[j] + sum_k A[i][k] W[j][k]) for i < rows32, j < n32 (a multiple of 32; bias padded
 // with zeros) from A' and B' (x3: bf16x3's three products a term, else bf16's hi hi); when next is not null,
-// also the next layer's A' of C (K32 = n32).
+// also the next layer's A' of C (K32 = n32; its lo parts only with x3).
 void layer_bf16_amx(const uint16_t* Ap, int64_t rows32, int64_t K32, const uint16_t* Bp, int64_t n32,
                     const float* bias, float* C, uint16_t* next, bool x3);
 #endif
