@@ -358,7 +358,7 @@ PyIdLists take_lists(py::object indptr, py::object ids, int64_t n_queries, const
 class PyDenseNet {
  public:
   PyDenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, py::list weights, py::list biases,
-             float bias, float fm_scale, bool fm, const std::string& precision) {
+             float bias, float fm_scale, bool fm, const std::string& precision, bool screen) {
     DensePrecision prec;
     if (precision == "float32") prec = DensePrecision::float32;
     else if (precision == "bf16x3") prec = DensePrecision::bf16x3;
@@ -382,7 +382,7 @@ class PyDenseNet {
     }
     try {
       net_ = std::make_unique<DenseNet>(n_fields, dim, std::move(var_fields), std::move(layers), bias, fm_scale, fm,
-                                        prec);
+                                        prec, screen);
     } catch (const std::invalid_argument& e) {
       throw py::value_error(e.what());
     }
@@ -391,31 +391,29 @@ class PyDenseNet {
   // out[r] = the logit of row r; emb (rows, n_fields, dim), lin (rows, n_fields), first_bias first_out values,
   // out (rows,) float32, C-contiguous and writeable: written in place and returned.
   py::array forward(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle out_obj) const {
-    const DenseNet& n = *net_;
-    py::array emb = take(emb_obj, "emb", {kF32}, 3);
-    py::array lin = take(lin_obj, "lin", {kF32}, 2);
-    py::array out = take(out_obj, "out", {kF32}, 1);
-    if (!py::isinstance<py::array>(fb_obj)) throw py::type_error("first_bias must be a numpy.ndarray of float32");
-    py::array fb = py::reinterpret_borrow<py::array>(fb_obj);
-    if (!has_dtype(fb, kF32) || !(fb.flags() & py::array::c_style) || !is_aligned(fb))
-      throw py::type_error("first_bias must be a C-contiguous float32 array, got " + describe(fb));
-    const int64_t rows = emb.shape(0);
-    if (emb.shape(1) != n.n_fields() || emb.shape(2) != n.dim())
-      throw py::value_error("emb must have shape (rows, " + std::to_string(n.n_fields()) + ", " +
-                            std::to_string(n.dim()) + ")");
-    if (lin.shape(0) != rows || lin.shape(1) != n.n_fields())
-      throw py::value_error("lin must have shape (" + std::to_string(rows) + ", " + std::to_string(n.n_fields()) + ")");
-    if (out.shape(0) != rows) throw py::value_error("out must have " + std::to_string(rows) + " entries");
-    if (!out.writeable()) throw py::value_error("out must be writeable");
-    if (fb.size() != n.first_out())
-      throw py::value_error("first_bias must hold " + std::to_string(n.first_out()) + " values, got " +
-                            std::to_string(fb.size()));
-    float* o = static_cast<float*>(out.mutable_data());
+    Args a = args(emb_obj, lin_obj, fb_obj, out_obj, "out");
     {
       py::gil_scoped_release release;
-      n.forward(ptr<float>(emb), ptr<float>(lin), rows, ptr<float>(fb), o);
+      net_->forward(a.emb, a.lin, a.rows, a.fb, a.out);
     }
-    return out;
+    return a.out_array;
+  }
+
+  // logit and bound (rows,) float32, C-contiguous, writeable, as DenseNet::screen writes them
+  py::tuple screen(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle logit_obj,
+                   py::handle bound_obj) const {
+    Args a = args(emb_obj, lin_obj, fb_obj, logit_obj, "logit");
+    py::array bound = take(bound_obj, "bound", {kF32}, 1);
+    if (bound.shape(0) != a.rows) throw py::value_error("bound must have " + std::to_string(a.rows) + " entries");
+    if (!bound.writeable()) throw py::value_error("bound must be writeable");
+    if (bound.ptr() == a.out_array.ptr() || bound.data() == a.out_array.data())
+      throw py::value_error("logit and bound must be different arrays");
+    float* b = static_cast<float*>(bound.mutable_data());
+    {
+      py::gil_scoped_release release;
+      net_->screen(a.emb, a.lin, a.rows, a.fb, a.out, b);
+    }
+    return py::make_tuple(a.out_array, bound);
   }
 
   int64_t macs_per_row() const { return net_->macs_per_row(); }
@@ -427,8 +425,40 @@ class PyDenseNet {
     }
   }
   bool tiles_active() const { return net_->tiles_active(); }
+  bool screen_active() const { return net_->screen_active(); }
 
  private:
+  struct Args {
+    const float *emb, *lin, *fb;
+    float* out;
+    int64_t rows;
+    py::array out_array;
+  };
+  // forward's / screen's arrays checked: emb (rows, n_fields, dim), lin (rows, n_fields), first_bias first_out
+  // values, the output (rows,) float32 C-contiguous and writeable
+  Args args(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle out_obj, const char* out_name) const {
+    const DenseNet& n = *net_;
+    py::array emb = take(emb_obj, "emb", {kF32}, 3);
+    py::array lin = take(lin_obj, "lin", {kF32}, 2);
+    py::array out = take(out_obj, out_name, {kF32}, 1);
+    if (!py::isinstance<py::array>(fb_obj)) throw py::type_error("first_bias must be a numpy.ndarray of float32");
+    py::array fb = py::reinterpret_borrow<py::array>(fb_obj);
+    if (!has_dtype(fb, kF32) || !(fb.flags() & py::array::c_style) || !is_aligned(fb))
+      throw py::type_error("first_bias must be a C-contiguous float32 array, got " + describe(fb));
+    const int64_t rows = emb.shape(0);
+    if (emb.shape(1) != n.n_fields() || emb.shape(2) != n.dim())
+      throw py::value_error("emb must have shape (rows, " + std::to_string(n.n_fields()) + ", " +
+                            std::to_string(n.dim()) + ")");
+    if (lin.shape(0) != rows || lin.shape(1) != n.n_fields())
+      throw py::value_error("lin must have shape (" + std::to_string(rows) + ", " + std::to_string(n.n_fields()) + ")");
+    if (out.shape(0) != rows) throw py::value_error(std::string(out_name) + " must have " + std::to_string(rows) + " entries");
+    if (!out.writeable()) throw py::value_error(std::string(out_name) + " must be writeable");
+    if (fb.size() != n.first_out())
+      throw py::value_error("first_bias must hold " + std::to_string(n.first_out()) + " values, got " +
+                            std::to_string(fb.size()));
+    return {ptr<float>(emb), ptr<float>(lin), ptr<float>(fb), static_cast<float*>(out.mutable_data()), rows, out};
+  }
+
   std::unique_ptr<DenseNet> net_;
 };
 
@@ -612,10 +642,15 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("holds_strings", &PyKeyIndex::holds_strings);
 
   py::class_<PyDenseNet>(m, "DenseNet")
-      .def(py::init<int64_t, int64_t, std::vector<int64_t>, py::list, py::list, float, float, bool, const std::string&>(),
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, py::list, py::list, float, float, bool, const std::string&,
+                    bool>(),
            py::arg("n_fields"), py::arg("dim"), py::arg("var_fields"), py::arg("weights"), py::arg("biases"),
-           py::arg("bias"), py::arg("fm_scale"), py::arg("fm"), py::kw_only(), py::arg("precision") = "float32")
+           py::arg("bias"), py::arg("fm_scale"), py::arg("fm"), py::kw_only(), py::arg("precision") = "float32",
+           py::arg("screen") = false)
       .def("forward", &PyDenseNet::forward, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("out"))
+      .def("screen", &PyDenseNet::screen, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("logit"),
+           py::arg("bound"))
+      .def_property_readonly("screen_active", &PyDenseNet::screen_active)
       .def_property_readonly("macs_per_row", &PyDenseNet::macs_per_row)
       .def_property_readonly("precision", &PyDenseNet::precision)
       .def_property_readonly("tiles_active", &PyDenseNet::tiles_active);

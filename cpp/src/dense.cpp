@@ -3,6 +3,8 @@
 #include "rec_engine/dense.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -77,12 +79,64 @@ std::vector<uint16_t> pack_weights_bf16x3(const DenseLayer& L, int64_t K32, int6
   return P;
 }
 
+// An upper bound on the largest singular value of L's weights: with G = W^T W (or W W^T, the smaller), n x n,
+// ||G^8||_F >= lambda_max(G)^8 and sigma_max = sqrt(lambda_max), so sigma_max <= ||G^8||_F^(1/16), at most
+// n^(1/32) above it (1.2x at n = 400). In double, each product renormalized (its log kept), raised by 1e-9 for
+// the rounding (a product's relative error ~n 2^-53).
+double spectral_bound(const DenseLayer& L) {
+  const int64_t m = L.out, k = L.in, n = std::min(m, k);
+  const float* w = L.weight.data();
+  std::vector<double> G(static_cast<size_t>(n * n), 0.0), T(static_cast<size_t>(n * n));
+  if (k <= m) {   // W^T W: sum over rows of the outer products
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t a = 0; a < k; ++a) {
+        const double wa = w[i * k + a];
+        double* g = G.data() + a * n;
+        for (int64_t b = 0; b < k; ++b) g[b] += wa * static_cast<double>(w[i * k + b]);
+      }
+  } else {        // W W^T
+    for (int64_t a = 0; a < m; ++a)
+      for (int64_t b = 0; b < m; ++b) {
+        double acc = 0.0;
+        for (int64_t t = 0; t < k; ++t) acc += static_cast<double>(w[a * k + t]) * static_cast<double>(w[b * k + t]);
+        G[static_cast<size_t>(a * n + b)] = acc;
+      }
+  }
+  double logs = 0.0;
+  auto normalize = [&]() {
+    double f = 0.0;
+    for (double v : G) f += v * v;
+    f = std::sqrt(f);
+    if (!(f > 0.0) || !std::isfinite(f)) return false;
+    for (double& v : G) v /= f;
+    logs += std::log(f);
+    return true;
+  };
+  if (!normalize()) return std::isfinite(logs) ? 0.0 : std::numeric_limits<double>::infinity();
+  for (int it = 0; it < 3; ++it) {   // G <- G G (symmetric)
+    std::fill(T.begin(), T.end(), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t t = 0; t < n; ++t) {
+        const double g = G[static_cast<size_t>(i * n + t)];
+        const double* src = G.data() + t * n;
+        double* dst = T.data() + i * n;
+        for (int64_t j = 0; j < n; ++j) dst[j] += g * src[j];
+      }
+    G.swap(T);
+    logs *= 2.0;
+    if (!normalize()) return 0.0;   // G^(2^it) vanished: W is 0 (a normalized nonzero G cannot square to 0)
+  }
+  return std::exp(logs / 16.0) * (1.0 + 1e-9);
+}
+
 }  // namespace
 
 DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
-                   float bias, float fm_scale, bool fm, DensePrecision precision)
+                   float bias, float fm_scale, bool fm, DensePrecision precision, bool screen)
     : n_fields_(n_fields), dim_(dim), var_fields_(std::move(var_fields)), layers_(std::move(layers)),
       bias_(bias), fm_scale_(fm_scale), fm_(fm), precision_(precision) {
+  if (screen && precision != DensePrecision::float32)
+    throw std::invalid_argument("DenseNet: the screen bounds the distance to float32 logits: precision must be float32");
   if (n_fields_ <= 0 || dim_ <= 0) throw std::invalid_argument("DenseNet: n_fields and dim must be > 0");
   if (var_fields_.empty()) throw std::invalid_argument("DenseNet: var_fields must not be empty");
   std::vector<bool> seen(static_cast<size_t>(n_fields_), false);
@@ -129,7 +183,7 @@ DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_field
     pbias_.push_back(std::move(b));
   }
 #if defined(REC_ENGINE_HAVE_AMX)
-  if (precision_ != DensePrecision::float32 && amx_available()) {
+  if ((precision_ != DensePrecision::float32 || screen) && amx_available()) {
     for (size_t l = 0; l + 1 < layers_.size(); ++l) {
       const DenseLayer& L = layers_[l];
       k32_.push_back(up32(L.in));
@@ -139,9 +193,33 @@ DenseNet::DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_field
     }
   }
 #endif
+  if (screen && !packed16_.empty()) {
+    for (size_t l = 0; l + 1 < layers_.size(); ++l) {
+      const DenseLayer& L = layers_[l];
+      double f = 0.0, b = 0.0, mx = 0.0;
+      for (float v : L.weight) {
+        f += static_cast<double>(v) * v;
+        mx = std::max(mx, static_cast<double>(std::fabs(v)));
+      }
+      for (float v : L.bias) b += static_cast<double>(v) * v;
+      fro_.push_back(std::sqrt(f) * (1.0 + 1e-9));
+      bnorm_.push_back(std::sqrt(b) * (1.0 + 1e-9));
+      wmax_.push_back(mx);
+      spec_.push_back(l == 0 ? 0.0 : spectral_bound(L));   // (the first layer's inputs are the same on both paths)
+    }
+    double o = 0.0;
+    for (float v : layers_.back().weight) o += static_cast<double>(v) * v;
+    out_norm_ = std::sqrt(o) * (1.0 + 1e-9);
+  }
 }
 
-bool DenseNet::tiles_active() const { return !packed16_.empty() && amx_enabled(); }
+bool DenseNet::tiles_active() const {
+  return precision_ != DensePrecision::float32 && !packed16_.empty() && amx_enabled();
+}
+
+bool DenseNet::screen_active() const {
+  return precision_ == DensePrecision::float32 && !packed16_.empty() && amx_enabled();
+}
 
 int64_t DenseNet::macs_per_row() const {
   int64_t m = 0;
@@ -150,6 +228,29 @@ int64_t DenseNet::macs_per_row() const {
 }
 
 void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out) const {
+  run(emb, lin, rows, first_bias, out, nullptr);
+}
+
+void DenseNet::screen(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* logit,
+                      float* bound) const {
+  if (screen_active()) {
+    run(emb, lin, rows, first_bias, logit, bound);
+  } else {
+    run(emb, lin, rows, first_bias, logit, nullptr);
+    std::fill(bound, bound + std::max<int64_t>(rows, 0), 0.f);
+  }
+}
+
+#if defined(REC_ENGINE_HAVE_AMX)
+namespace {
+// the bound on a float32 sum of n terms' rounding, relative to the sum of their magnitudes
+double gamma(double n) { return n * 0x1p-24 / (1.0 - n * 0x1p-24); }
+}  // namespace
+#endif
+
+// bound != nullptr: the screen (screen_active()): bf16x3 tiles, and bound[r] as screen() describes
+void DenseNet::run(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out,
+                   float* bound) const {
   if (rows <= 0) return;
   thread_local Scratch s;
   const int64_t F = n_fields_, d = dim_, row = F * d;
@@ -196,10 +297,19 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
   // hidden layers
   const size_t n_hidden = layers_.size() - 1;
 #if defined(REC_ENGINE_HAVE_AMX)
-  if (k != nullptr && tiles_active()) {
+  // the screen: per row the bound E on the 2-norm of the two paths' difference after each layer, na the norm of
+  // a layer's inputs on the tiles' path (double: a row's own)
+#if defined(REC_ENGINE_HAVE_AMX)
+  thread_local std::vector<double> E, na;
+  if (bound != nullptr) {
+    E.assign(static_cast<size_t>(rows), 0.0);
+    na.resize(static_cast<size_t>(rows));
+  }
+#endif
+  if (k != nullptr && (bound != nullptr || tiles_active())) {
     const int64_t rows32 = up32(rows);
     grow16(s.a16[0], rows32 * k32_[0] * 2);
-    const bool x3 = precision_ == DensePrecision::bf16x3;
+    const bool x3 = bound != nullptr || precision_ == DensePrecision::bf16x3;
     dense_kernels::pack_rows_bf16(A, lda, rows, kv, s.a16[0].data(), rows32, k32_[0], x3);
     for (size_t l = 0; l < n_hidden; ++l) {
       const int64_t n32 = n32_[l];
@@ -210,6 +320,27 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
       if (l + 1 < n_hidden) {
         grow16(s.a16[(l + 1) % 2], rows32 * n32 * 2);
         next = s.a16[(l + 1) % 2].data();
+      }
+      if (bound != nullptr) {
+        // |tiles - exact| <= cT (sum |a w| + |b|) and |float32 - exact| <= cF (...) an output, the sums bounded by
+        // ||a|| ||w_j|| (Cauchy-Schwarz), over the outputs by ||a|| ||W||_F; the inputs' difference E passes
+        // through W at most ||W||_2 larger, through ReLU no larger. abs: flushed denormals (2^-126 a term)
+        const DenseLayer& L = layers_[l];
+        const double K = static_cast<double>(L.in);
+        const double cT = 0x1p-15 * 1.02 + 1.02 * gamma(3 * K + 2), cF = gamma(K + 1);
+        double nb = bnorm_[l];
+        if (l == 0) {
+          double b2 = 0.0;
+          for (int64_t j = 0; j < L.out; ++j) b2 += static_cast<double>(first_bias[j]) * first_bias[j];
+          nb = std::sqrt(b2) * (1.0 + 1e-9);
+        }
+        const double ab = std::sqrt(static_cast<double>(L.out)) * (3 * K + 2) * 0x1p-125 * (1.0 + wmax_[l]);
+        dense_kernels::row_norms(A, lda, rows, L.in, na.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const double e = E[static_cast<size_t>(r)], a = na[static_cast<size_t>(r)];
+          E[static_cast<size_t>(r)] = cT * (a * fro_[l] + nb) + cF * ((a + e) * fro_[l] + nb) + spec_[l] * e +
+                                      ab * (1.0 + a);
+        }
       }
       dense_kernels::layer_bf16_amx(s.a16[l % 2].data(), rows32, k32_[l], packed16_[l].data(), n32, bias, Y.data(),
                                     next, x3);
@@ -254,6 +385,24 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
     if (fm_) logit = logit + s.fm[static_cast<size_t>(r)] * fm_scale_;
     out[r] = logit + s.mlp[static_cast<size_t>(r)];
   }
+#if defined(REC_ENGINE_HAVE_AMX)
+  if (bound != nullptr) {
+    // the output layer (the same float32 dot on both paths, over inputs E apart; each within gamma_(K+1) of its
+    // exact value), then the last addition's rounding on each path
+    const double K = static_cast<double>(O.in), g = gamma(K + 1), ob = std::fabs(static_cast<double>(O.bias[0]));
+    dense_kernels::row_norms(A, lda, rows, O.in, na.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const double e = E[static_cast<size_t>(r)], a = na[static_cast<size_t>(r)];
+      const double dm = out_norm_ * e + g * (out_norm_ * a + ob) + g * (out_norm_ * (a + e) + ob);
+      const double B = ((1.0 + 0x1p-22) * dm + 0x1p-22 * 1.01 * std::fabs(static_cast<double>(out[r]))) * (1.0 + 1e-6) +
+                       1e-37;
+      const float b = static_cast<float>(B);
+      bound[r] = std::isfinite(B) && std::isfinite(out[r])
+                     ? (static_cast<double>(b) >= B ? b : std::nextafter(b, std::numeric_limits<float>::infinity()))
+                     : std::numeric_limits<float>::infinity();
+    }
+  }
+#endif
 }
 
 }  // namespace rec_engine

@@ -28,7 +28,7 @@ from ._convert import at_least_one, threads_arg
 from .bundle import onnx_session
 from .dense_split import split_first_layer
 from .embedding import EmbeddingTable
-from .native_dense import agrees, allowed, fast_here, native_dense
+from .native_dense import screen_allowed, agrees, allowed, fast_here, native_dense
 
 _BIND_MAX_ROWS = 1024
 _BIND_MAX_FLOATS = 1 << 20
@@ -122,6 +122,9 @@ class CtrRunner:
         self._run_io = self._io_runner(self.session)
         self.split, self.split_session, self._run_io_split = None, None, None
         self.native = None      # the split dense part in the core (rec_engine.native_dense), or None
+        # the screen (float32 ranking of a request's best rows through the bf16x3 tiles, see _settle): on while
+        # it pays; its calls, their rows and the rows computed again in float32
+        self._screen_on, self.screen_calls, self.screen_rows, self.screen_again = True, 0, 0, 0
         self.matmul_precision = matmul_precision    # the native part's products: float32, bf16x3, bf16
         if constant_fields is not None:
             self._set_split(model, constant_fields, session_options)
@@ -165,7 +168,8 @@ class CtrRunner:
         e, li = self._feed
         names = dict(emb=e, lin=li, output=self.output, first_bias=split.input, n_fields=self.n_fields, dim=self.dim)
         try:
-            net = native_dense(split.model, precision=self.matmul_precision, **names)
+            net = native_dense(split.model, precision=self.matmul_precision, **names,
+                               screen=self.matmul_precision == "float32" and screen_allowed())
             ok = net is not None and agrees(net, session, hidden=split.hidden, **names)
         except Exception:      # noqa: BLE001 - an optimization: ONNX Runtime still runs the model
             return
@@ -173,10 +177,11 @@ class CtrRunner:
             self.native = net
             ort_run = self._run_io_split
 
-            def run_split(job):     # (IOBinding, the core's call over the same buffers)
+            def run_split(job):     # (IOBinding, the core's call over the same buffers, the screen's call)
                 return job[1]() if fast_here() else ort_run(job[0])
 
             self._run_io_split = run_split
+            self._run_io_screen = lambda job: job[2]()
 
     @staticmethod
     def _io_runner(session):
@@ -210,19 +215,21 @@ class CtrRunner:
             rows, F, d = self._bind_rows, self.n_fields, self.dim
             tls.buffers = (np.zeros((rows, F, d), np.float32), np.zeros((rows, F), np.float32),
                            np.zeros((rows,) if self._out_rank == 1 else (rows, 1), np.float32),
-                           np.zeros((1, self.split.hidden if self.split is not None else 1), np.float32))
+                           np.zeros((1, self.split.hidden if self.split is not None else 1), np.float32),
+                           np.zeros(rows, np.float32))
             cache = tls.bound = {}
         b = cache.get(n)
         if b is None:
             emb, lin, out = (a[:n] for a in tls.buffers[:3])     # C-contiguous leading rows
-            fb = tls.buffers[3]
-            ios = [self._binding(s, emb, lin, out, fb) for s in (self.session, self.split_session)]
+            fb, bnd = tls.buffers[3], tls.buffers[4][:n]
+            ios = [self._binding(s, emb, lin, out, fb, bnd) for s in (self.session, self.split_session)]
             b = cache[n] = (emb.reshape(n * self.n_fields, self.dim), lin.reshape(n * self.n_fields, 1), ios[0],
-                            out.reshape(-1), ios[1], fb, {}, (emb, lin, out))
+                            out.reshape(-1), ios[1], fb, {}, (emb, lin, out, bnd))
         return b
 
-    def _binding(self, session, emb, lin, out, fb):
-        """An IOBinding of ``session`` (None: none) over these buffers (``fb``: the split's first-layer bias)."""
+    def _binding(self, session, emb, lin, out, fb, bnd):
+        """An IOBinding of ``session`` (None: none) over these buffers (``fb``: the split's first-layer bias,
+        ``bnd``: the screen's bounds)."""
         if session is None:
             return None
         e, li = self._feed
@@ -234,7 +241,9 @@ class CtrRunner:
         io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         if session is self.split_session and self.native is not None:
             # the native dense part writes the same output buffer (_run_io_split picks one of the two)
-            return io, partial(self.native.forward, emb, lin, fb, out.reshape(-1))
+            screen = getattr(self.native, "screen", None)
+            return (io, partial(self.native.forward, emb, lin, fb, out.reshape(-1)),
+                    None if screen is None else partial(screen, emb, lin, fb, out.reshape(-1), bnd))
         return io
 
     def _chunks(self, b, n: int, threads: int, split: bool):
@@ -243,10 +252,10 @@ class CtrRunner:
         key = (threads, split)
         ios = b[6].get(key)
         if ios is None:
-            emb, lin, out = b[7]
+            emb, lin, out, bnd = b[7]
             cuts = [n * i // threads for i in range(threads + 1)]
             session = self.split_session if split else self.session
-            ios = b[6][key] = [self._binding(session, emb[a:z], lin[a:z], out[a:z], b[5])
+            ios = b[6][key] = [self._binding(session, emb[a:z], lin[a:z], out[a:z], b[5], bnd[a:z])
                                for a, z in zip(cuts[:-1], cuts[1:])]
         return ios
 
@@ -260,20 +269,24 @@ class CtrRunner:
                     self._row_workers = threads - 1
         return self._row_pool
 
-    def _run_bound(self, b, n: int, groups, threads: int | None = None, fill=None, prep=None) -> np.ndarray:
+    def _run_bound(self, b, n: int, groups, threads: int | None = None, fill=None, prep=None,
+                   top: int | None = None) -> np.ndarray:
         """Runs the dense part on the bound buffers ``b`` of ``n`` examples (split when ``groups`` is one
         request of ``_SPLIT_MIN_ROWS`` rows or more and there is a split), as row chunks on ``threads`` threads (None: ``request_threads``) when
         the rows allow it. ``fill(a, z, chunked)``, when given, writes rows ``a..z`` of the inputs just before
         the dense part of those rows runs, on the thread that runs them (``chunked``: one of several chunks
         at once). ``prep()``, when given, writes what ``fill`` does not (a request's constant fields, on
         every row) on the calling thread while the other chunks' ``fill`` runs, and before any dense part;
-        without it those must be in place before the call."""
+        without it those must be in place before the call. ``top``: only the ``top`` best rows are wanted (see
+        :meth:`_settle`): where the screen applies, the other rows' probabilities come back as -1."""
         split = (n >= _SPLIT_MIN_ROWS and groups is not None and b[4] is not None and len(groups) == 1
                  and int(groups[0]) == n)
+        screen = (top is not None and split and 0 < top < n and self.native is not None and self._screen_on
+                  and getattr(self.native, "screen_active", False) and fast_here())
         threads = self.request_threads if threads is None else threads
         if threads > 1:     # (a model too cheap a row to cut, chunk_min_rows 0: one call)
             threads = min(threads, n // self.chunk_min_rows) if self.chunk_min_rows else 1
-        run = self._run_io_split if split else self._run_io
+        run = self._run_io_screen if screen else self._run_io_split if split else self._run_io
 
         def constants() -> None:
             if prep is not None:
@@ -319,7 +332,41 @@ class CtrRunner:
             if fill is not None:
                 fill(0, n, False)
             run(b[4] if split else b[2])
+        if screen:
+            return self._settle(b, n, top)
         return self.sigmoid(b[3])
+
+    def _settle(self, b, n: int, top: int) -> np.ndarray:
+        """The probabilities of a screened call (the logits from the tiles and bounds on their distance to the
+        float32 ones, see rec_engine._core.DenseNet.screen): the rows that may be among the ``top`` best by their
+        float32 probability are computed again in float32; the others, whose float32 probability is certainly
+        below the ``top``-th best's, come back as -1. So the best ``top`` (equal scores by any rule) and their
+        probabilities are those of float32 ranking, bit for bit."""
+        emb, lin, out, bnd = b[7]
+        z, e = b[3], bnd
+        # [lo, hi] holds the float32 logit (rounded outwards to float32); the sigmoid is monotone, so [L, U]
+        # holds its probability
+        lo = (z.astype(np.float64) - e).astype(np.float32)
+        hi = (z.astype(np.float64) + e).astype(np.float32)
+        lo = np.where(lo.astype(np.float64) > z.astype(np.float64) - e, np.nextafter(lo, np.float32(-np.inf)), lo)
+        hi = np.where(hi.astype(np.float64) < z.astype(np.float64) + e, np.nextafter(hi, np.float32(np.inf)), hi)
+        low, up = self.sigmoid(lo), self.sigmoid(hi)
+        low = np.where(np.isnan(low), -np.inf, low)
+        tau = -np.partition(-low, top - 1)[top - 1]         # top rows are certainly at or above it
+        again = np.flatnonzero(~(up < tau)) if tau > -np.inf else np.arange(n)   # (NaN: again)
+        self.screen_calls += 1
+        self.screen_rows += n
+        self.screen_again += len(again)
+        if len(again) * 4 > n and self.screen_calls >= 32 and self.screen_again * 4 > self.screen_rows:
+            self._screen_on = False     # the bounds leave too many rows to compute twice: float32 from now on
+        p = np.full(n, -1.0, np.float32)
+        if len(again) == n:
+            self.native.forward(emb, lin, b[5], out.reshape(-1))
+            return self.sigmoid(out.reshape(-1))
+        f = np.empty(len(again), np.float32)
+        self.native.forward(emb[again], lin[again], b[5], f)
+        p[again] = self.sigmoid(f)
+        return p
 
     @property
     def bind_rows(self) -> int:
@@ -338,17 +385,17 @@ class CtrRunner:
             return None
         b = self._bound(n)
 
-        def run(fill=None, prep=None, b=b):
-            return self._run_bound(b, n, groups, threads, fill, prep)
+        def run(fill=None, prep=None, top=None, b=b):
+            return self._run_bound(b, n, groups, threads, fill, prep, top)
 
         return b[0].reshape(n, self.n_fields, self.dim), b[1].reshape(n, self.n_fields), run
 
     def score_bags(self, indices, offsets, weights, n: int, *, batch: bool | str = False, groups=None,
-                   threads: int | None = None) -> np.ndarray:
+                   threads: int | None = None, top: int | None = None) -> np.ndarray:
         """Click probabilities ``[n]`` of ``n`` examples given as ``n * F`` bags (EncodedBatch layout);
         ``batch``: part of a batch of users (run by the batch session, see ``batch_threads``); ``groups``: as in
         :meth:`logits`; ``threads``: of the pooling and the dense part of a call that is not ``batch`` (None:
-        ``num_threads`` and ``request_threads``)."""
+        ``num_threads`` and ``request_threads``); ``top``: as in :meth:`_run_bound`."""
         if n <= self._bind_rows and not batch:
             b = self._bound(n)
             nt = self._nt if threads is None else threads
@@ -358,7 +405,7 @@ class CtrRunner:
             except (TypeError, ValueError):   # arrays of other kinds: the general path converts or explains
                 pass
             else:
-                return self._run_bound(b, n, groups, threads)
+                return self._run_bound(b, n, groups, threads, top=top)
         emb, lin = self.pool_arrays(indices, offsets, weights, threads=1 if batch == "chunk" else None)
         return self.sigmoid(self.logits(emb.reshape(n, self.n_fields, self.dim), lin.reshape(n, self.n_fields),
                                         batch=batch, groups=groups))

@@ -1046,7 +1046,8 @@ class Engine:
                 order = _best_first(ids, p, k)
                 return ids[order], p[order]
 
-            for j, (ids, p) in enumerate(v.ranking.score_candidates_batch(ruids, ids_list, contexts, then=best)):
+            for j, (ids, p) in enumerate(v.ranking.score_candidates_batch(ruids, ids_list, contexts, then=best,
+                                                                          top=k if k >= 1 else None)):
                 ids_list[j], scores_list[j] = ids, p
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
@@ -1121,7 +1122,8 @@ class Engine:
         if v.ranking is not None:
             t1 = time.perf_counter()
             ruid = v.ranking_user_keys.id(user) if v.ranking_user_keys is not None else state.uid
-            probs = v.ranking.score_candidates(ruid, ids, context, self._pair(v, user, ids))
+            probs = v.ranking.score_candidates(ruid, ids, context, self._pair(v, user, ids),
+                                               top=None if long_tail or k < 1 else k)
             order = np.lexsort((ids, -probs)) if long_tail else _best_first(ids, probs, k)
             ids, scores = ids[order], probs[order]
             timings["ranking_ms"] = (time.perf_counter() - t1) * 1e3

@@ -32,18 +32,24 @@ def allowed() -> bool:
     return os.environ.get("REC_ENGINE_NATIVE_DENSE", "1") != "0"
 
 
+def screen_allowed() -> bool:
+    """Whether a float32 runner may screen a request's rows on the bf16x3 tiles and compute only the contenders for
+    its best in float32 (``REC_ENGINE_DENSE_SCREEN`` is not ``0``; the answers are float32's either way)."""
+    return os.environ.get("REC_ENGINE_DENSE_SCREEN", "1") != "0" and _core.amx_available()
+
+
 def fast_here() -> bool:
     """Whether the native dense part runs its SIMD kernels now (the avx512 level in use)."""
     return _core.simd_level() == "avx512"
 
 
 def native_dense(model: bytes, *, emb: str, lin: str, output: str, first_bias: str, n_fields: int,
-                 dim: int, precision: str = "float32"):
+                 dim: int, precision: str = "float32", screen: bool = False):
     """A :class:`rec_engine._core.DenseNet` computing the split dense part ``model`` (serialized; inputs
     ``emb`` [B, F, d], ``lin`` [B, F] and ``first_bias`` [1, H], output ``output``), or None when its graph is
     not the pattern the module docstring describes (or ``onnx`` is missing). ``precision`` ("float32",
     "bf16x3", "bf16"): its hidden layers' products (the reduced ones on AMX-BF16 tiles, where there are any;
-    see :class:`rec_engine._core.DenseNet`)."""
+    see :class:`rec_engine._core.DenseNet`); ``screen`` (float32 only): with the screen's tile weights and norms."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -120,7 +126,7 @@ def native_dense(model: bytes, *, emb: str, lin: str, output: str, first_bias: s
     try:
         return _core.DenseNet(n_fields, dim, var.tolist(), [np.ascontiguousarray(w) for w in weights],
                               [None if b is None else np.ascontiguousarray(b) for b in biases], bias, scale, fm,
-                              precision=precision)
+                              precision=precision, screen=screen)
     except (ValueError, TypeError):
         return None
 

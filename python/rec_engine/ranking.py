@@ -13,6 +13,7 @@ field's hashed bucket.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import Any, Mapping, Sequence
@@ -353,15 +354,21 @@ class CtrRanker:
             lin[:, fi] = z * lrow
 
     def score_candidates(self, user: int, candidates: np.ndarray, context: Mapping[str, Any] | None = None,
-                         pair: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None) -> np.ndarray:
+                         pair: Mapping[str, np.ndarray] | None = None, *, threads: int | None = None,
+                         top: int | None = None) -> np.ndarray:
         """Click probabilities ``[N]`` of ``candidates`` (item ids) for ``user`` in ``context``; ``pair``: the
         values of the model's pair fields per candidate (``{name: [N]}``; a field not given is missing);
         ``threads``: of the pooling and the dense part (None: the ranker's ``num_threads`` and
-        ``request_threads``)."""
+        ``request_threads``). ``top``: only the ``top`` best are wanted: where the dense part's screen runs (float32
+        ranking on a CPU with AMX-BF16 tiles, see :mod:`rec_engine.native_dense`), candidates whose probability is
+        certainly below the ``top``-th best's come back as -1 and the others with their float32 probability, so
+        the best ``top`` are exactly those of the call without it."""
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         if threads is not None:
             threads = at_least_one(threads, "threads")
+        if top is not None:
+            top = at_least_one(top, "top")
         part = self._parts(user, context)
         cands = np.asarray(candidates, np.int64)
         N = len(cands)
@@ -375,11 +382,12 @@ class CtrRanker:
             bad = cands.min() < 0 or cands.max() >= self.items.n
         if bad:
             raise IndexError(f"candidate ids must be in [0, {self.items.n})")
-        return self._score_one(user, cands, part, pairs, threads)
+        return self._score_one(user, cands, part, pairs, threads, top)
 
-    def _score_one(self, user: int, cands: np.ndarray, part, pairs: dict | None, threads: int | None) -> np.ndarray:
+    def _score_one(self, user: int, cands: np.ndarray, part, pairs: dict | None, threads: int | None,
+                   top: int | None = None) -> np.ndarray:
         """:meth:`score_candidates` of checked candidates ``cands`` (int64, at least one) and ``part``
-        (``_parts``), ``pairs`` (``pair_inputs``)."""
+        (``_parts``), ``pairs`` (``pair_inputs``), ``top`` (as there)."""
         N, F, d = len(cands), self.n_fields, self.dim
         users, parts, lengths = (user,), (part,), (N,)
         if pairs is None and self._rows_apply(parts):
@@ -393,7 +401,7 @@ class CtrRanker:
             else:
                 ids = self._row_matrix(users, cands, lengths, parts)
             offsets, weights = self._one_entry_bags(N * F)
-            return self._score_bags(ids.reshape(-1), offsets, weights, N, groups=lengths, threads=threads)
+            return self._score_bags(ids.reshape(-1), offsets, weights, N, groups=lengths, threads=threads, top=top)
         # the general case (multi-valued or numeric features, missing values): pool each entity's bags, then
         # place them (into the runner's bound input buffers when the candidates fit)
         bound = self.runner.bound_inputs(N, lengths, threads)
@@ -417,7 +425,7 @@ class CtrRanker:
             # dense part runs (no pooling call over all of them that every chunk waits for)
             self._fill_items(emb, lin, cands[a:z], 1 if chunked else threads, a)
 
-        return run(fill, prep)
+        return run(fill, prep, top)
 
     def _parts(self, user: int, context: Mapping[str, Any] | None):
         """``(known, context part, guest part)`` of one request (parts as :meth:`_encode_part` gives them;
@@ -512,7 +520,7 @@ class CtrRanker:
 
     def score_candidates_batch(self, users: Sequence[int], candidates: Sequence[np.ndarray],
                                contexts: Sequence[Mapping[str, Any] | None] | None = None, *,
-                               chunk_rows: int = _BATCH_ROWS, then=None) -> list:
+                               chunk_rows: int = _BATCH_ROWS, then=None, top: int | None = None) -> list:
         """Click probabilities of each user's candidates: ``[score_candidates(u, c, ctx) for ...]``, computed
         with one feature lookup and one ONNX call (the batch session, see ``batch_threads``) per chunk of at
         most ``chunk_rows`` examples (whole users; a user with more candidates is a chunk of its own). A batch
@@ -523,7 +531,10 @@ class CtrRanker:
         ``then(j, probs)``, when given, is applied to user ``j``'s probabilities and the list holds what it
         returns: user by user, on the thread that scored the user, while its scores are still in that core's
         cache (``Engine.recommend_batch`` picks each user's best there: 256 users x 500 candidates took
-        7.5 ms on the calling thread afterwards); it must be safe to call from several threads at once."""
+        7.5 ms on the calling thread afterwards); it must be safe to call from several threads at once. ``top``: as
+        in :meth:`score_candidates`, for each user."""
+        if top is not None:
+            top = at_least_one(top, "top")
         if self.items is None:
             raise RecEngineError("this ranking bundle has no item feature store: score examples with score_rows")
         B = len(users)
@@ -538,7 +549,7 @@ class CtrRanker:
             # a lone request (a server's batch of one): the request path, its pooling and rows on the batch's
             # threads
             p = self.score_candidates(int(users[0]), flat, None if contexts is None else contexts[0],
-                                      threads=self._chunk_workers or None)
+                                      threads=self._chunk_workers or None, top=top)
             return [p if then is None else then(0, p)]
         parts = [self._parts(int(u), None if contexts is None else contexts[j]) for j, u in enumerate(users)]
         workers = self._chunk_workers
@@ -552,10 +563,13 @@ class CtrRanker:
             # Only with a one-thread session: several of a multi-thread session's calls at once would ask for
             # more threads than cores
             out: list = [None] * B
+            order = itertools.count()     # (next() on it is atomic under the GIL)
 
-            def score_share(t: int) -> None:      # users t, t + workers, ... (one task per thread, not per user)
-                for j in range(t, B, workers):
-                    p = self._score_one(int(users[j]), cands[j], parts[j], None, 1)
+            def score_share(t: int) -> None:
+                # the next user not taken yet, until none is left: a thread that loses its core for a while (a
+                # shared machine) does not hold the batch up with a fixed share, the others take its users
+                while (j := next(order)) < B:
+                    p = self._score_one(int(users[j]), cands[j], parts[j], None, 1, top)
                     out[j] = p if then is None else then(j, p)
 
             # the calling thread takes a share too; every share has ended before this returns or raises

@@ -20,6 +20,15 @@
 // ("medium") takes hi hi alone (~8 bits). A permission, not an order: the float32 kernels run whenever the
 // tiles are not in use (no AMX-BF16, REC_ENGINE_AMX=0, set_amx(false), below the avx512 level), and
 // tiles_active() says which. A product's relative error is then ~2^-16 (bf16x3) or ~2^-8 (bf16).
+//
+// The screen (float32 precision, built with screen = true; see screen()): the same bf16x3 tile products with a
+// bound on each row's distance to forward()'s float32 logit, so that a caller who wants the best rows of a
+// request can compute all rows on the tiles and only the contenders in float32, and answer exactly what
+// float32 alone answers. The bound is the worst case of both paths' rounding (|x - hi - lo| <= 2^-17 |x|, a
+// dropped lo lo term, float32 sums of n terms within gamma_n = n u / (1 - n u) of the exact sum, u = 2^-24),
+// carried through the layers with Cauchy-Schwarz (the Frobenius norm of each layer's weights), ReLU's
+// Lipschitz constant 1 and an upper bound on each layer's spectral norm (||(W^T W)^8||_F^(1/16), in double, at
+// construction).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -40,7 +49,8 @@ class DenseNet {
   // layers[0].in == var_fields.size() * dim, each layer's in the previous one's out, the last layer's out 1,
   // at least two layers (the first and the output).
   DenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, std::vector<DenseLayer> layers,
-           float bias, float fm_scale, bool fm, DensePrecision precision = DensePrecision::float32);
+           float bias, float fm_scale, bool fm, DensePrecision precision = DensePrecision::float32,
+           bool screen = false);
 
   // out[r] for r < rows: emb rows x n_fields x dim, lin rows x n_fields, first_bias layers[0].out values.
   void forward(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out) const;
@@ -52,6 +62,14 @@ class DenseNet {
   DensePrecision precision() const { return precision_; }
   // whether forward() runs the bf16 tiles now (a reduced precision asked, the tiles available and switched on)
   bool tiles_active() const;
+
+  // logit[r] and bound[r] for r < rows (arguments as forward's) with |logit[r] - forward's logit of row r| <=
+  // bound[r] (+inf where a value is not finite). While screen_active() the logits come from the bf16x3 tiles;
+  // otherwise they are forward()'s own and every bound is 0.
+  void screen(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* logit,
+              float* bound) const;
+  // built with screen (float32 precision) and the tiles in use now
+  bool screen_active() const;
 
  private:
   int64_t n_fields_, dim_;
@@ -67,6 +85,13 @@ class DenseNet {
   float bias_, fm_scale_;
   bool fm_;
   DensePrecision precision_;
+  // the screen's constants: per hidden layer the Frobenius norm, a spectral-norm bound, the bias's 2-norm
+  // (layer 0: given per call), the largest |weight|; the output layer's weight norm
+  std::vector<double> fro_, spec_, bnorm_, wmax_;
+  double out_norm_ = 0.0;
+
+  void run(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out,
+           float* bound) const;
 };
 
 }  // namespace rec_engine

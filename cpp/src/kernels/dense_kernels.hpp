@@ -35,6 +35,8 @@ void pack_rows_bf16(const float* A, int64_t lda, int64_t rows, int64_t K, uint16
 // also the next layer's A' of C (K32 = n32; its lo parts only with x3).
 void layer_bf16_amx(const uint16_t* Ap, int64_t rows32, int64_t K32, const uint16_t* Bp, int64_t n32,
                     const float* bias, float* C, uint16_t* next, bool x3);
+// out[r] >= the 2-norm of A's row r (n values; float32 sums of squares, raised by their rounding's bound)
+void row_norms(const float* A, int64_t lda, int64_t rows, int64_t n, double* out);
 #endif
 
 }  // namespace rec_engine::dense_kernels
