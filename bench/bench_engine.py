@@ -443,7 +443,7 @@ class Case:
             cands = rng.choice(self.settings.n_items, N_CANDIDATES, replace=False)
             ctx = {name: int(rng.integers(0, size)) for name, _, size in CONTEXT_FIELDS}
             t = time.perf_counter()
-            ranker.score_candidates(u, cands, ctx, threads=1)
+            ranker.score_candidates(u, cands, ctx, threads=1, top=K)   # (as recommend: the screen where it runs)
             if j >= 2:
                 score.append((time.perf_counter() - t) * 1e3)
         _, _, run = ranker.runner.bound_inputs(N_CANDIDATES, (N_CANDIDATES,), 1)   # the last user's rows
