@@ -1,5 +1,5 @@
-"""The dense part's screen (rec_engine._core.DenseNet(..., screen=True)): bf16x3 tile logits with a bound on each
-row's distance to the float32 logit, checked against the float32 forward pass on random, scaled-up and
+"""The dense part's screen (rec_engine._core.DenseNet(..., screen=True)): bf16x3 or bf16 tile logits with a bound on
+each row's distance to the float32 logit, checked against the float32 forward pass on random, scaled-up and
 non-finite inputs; and the ranking built on it (score_candidates(top=k), Engine.recommend / recommend_batch),
 which must answer exactly what float32 ranking alone answers. Where this CPU has no AMX-BF16 tiles the screen
 is float32 itself (bounds 0), which is checked too."""
@@ -31,10 +31,10 @@ def _net(params, F, d, var, fm, scale=1.0, screen=True):
                           screen=screen)
 
 
-def _check(net, emb, lin, fb):
+def _check(net, emb, lin, fb, tiles="bf16x3"):
     n = len(emb)
     f32 = net.forward(emb, lin, fb, np.empty(n, np.float32)).astype(np.float64)
-    logit, bound = net.screen(emb, lin, fb, np.empty(n, np.float32), np.empty(n, np.float32))
+    logit, bound = net.screen(emb, lin, fb, np.empty(n, np.float32), np.empty(n, np.float32), tiles)
     finite = np.isfinite(f32) & np.isfinite(logit)
     assert np.all(np.abs(logit[finite] - f32[finite]) <= bound[finite])
     assert np.all(bound[~finite] == np.inf)
@@ -42,23 +42,37 @@ def _check(net, emb, lin, fb):
 
 
 @needs_tiles
+@pytest.mark.parametrize("tiles_of", ["bf16x3", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale", [0.1, 1.0, 3.0])
-def test_the_bound_holds_on_random_rows(rng, shape, scale):
-    """|screen's logit - forward's| <= bound on every row; the screen's logits are the bf16x3 tiles' (those of a
-    bf16x3 net of the same weights, bit for bit)."""
+def test_the_bound_holds_on_random_rows(rng, shape, scale, tiles_of):
+    """|screen's logit - forward's| <= bound on every row; the screen's logits are the tiles' (those of a
+    bf16x3 / bf16 net of the same weights, bit for bit)."""
     F, d, var, hidden, fm = shape
     params = _params(rng, F, d, var, hidden)
     net = _net(params, F, d, var, fm, scale)
     weights, biases, bias = params
-    x3 = _core.DenseNet(F, d, list(var), [w * np.float32(scale) for w in weights], biases, bias, 0.5, fm,
-                        precision="bf16x3")
-    assert net.screen_active and not net.tiles_active and net.precision == "float32" and x3.tiles_active
+    ref = _core.DenseNet(F, d, list(var), [w * np.float32(scale) for w in weights], biases, bias, 0.5, fm,
+                         precision=tiles_of)
+    assert net.screen_active and not net.tiles_active and net.precision == "float32" and ref.tiles_active
     for rows in (1, 5, 31, 32, 33, 200, 500):
         emb, lin, fb = _inputs(rng, rows, F, d, hidden[0])
-        logit, bound, f32 = _check(net, emb, lin, fb)
+        logit, bound, f32 = _check(net, emb, lin, fb, tiles_of)
         assert np.all(np.isfinite(bound)) and np.all(bound > 0)
-        np.testing.assert_array_equal(logit, x3.forward(emb, lin, fb, np.empty(rows, np.float32)))
+        np.testing.assert_array_equal(logit, ref.forward(emb, lin, fb, np.empty(rows, np.float32)))
+
+
+@needs_tiles
+def test_bf16_bounds_are_wider_than_bf16x3s(rng):
+    """The same rows: bf16's bounds are wider than bf16x3's by about the ratio of their products' errors
+    (2^-7 against ~2^-13 with the float32 sums), and its logits are further from float32's."""
+    F, d, var, hidden, fm = SHAPES[0]
+    net = _net(_params(rng, F, d, var, hidden), F, d, var, fm)
+    emb, lin, fb = _inputs(rng, 300, F, d, hidden[0])
+    l3, b3, f32 = _check(net, emb, lin, fb, "bf16x3")
+    l1, b1, _ = _check(net, emb, lin, fb, "bf16")
+    assert 10 < np.median(b1 / b3) < 300
+    assert np.max(np.abs(l1 - f32)) > 10 * np.max(np.abs(l3 - f32))
 
 
 @needs_tiles
@@ -76,7 +90,8 @@ def test_the_bound_is_tight_enough_to_screen_a_ranking_model(rng):
 
 
 @needs_tiles
-def test_non_finite_rows_get_an_infinite_bound(rng):
+@pytest.mark.parametrize("tiles_of", ["bf16x3", "bf16"])
+def test_non_finite_rows_get_an_infinite_bound(rng, tiles_of):
     F, d, var, hidden, fm = SHAPES[1]
     net = _net(_params(rng, F, d, var, hidden), F, d, var, fm)
     emb, lin, fb = _inputs(rng, 40, F, d, hidden[0])
@@ -84,7 +99,7 @@ def test_non_finite_rows_get_an_infinite_bound(rng):
     emb[7, var[1], 2] = np.inf
     emb[9, var[2], 1] = 3e38
     lin[11, 0] = np.nan
-    logit, bound, f32 = _check(net, emb, lin, fb)
+    logit, bound, f32 = _check(net, emb, lin, fb, tiles_of)
     for r in (3, 7, 11):
         assert bound[r] == np.inf
     ok = np.setdiff1d(np.arange(40), [3, 7, 9, 11])
@@ -98,9 +113,10 @@ def test_without_the_tiles_the_screen_is_float32_itself(rng, amx):
     _core.set_amx(False)
     assert not net.screen_active
     emb, lin, fb = _inputs(rng, 77, F, d, hidden[0])
-    logit, bound = net.screen(emb, lin, fb, np.empty(77, np.float32), np.empty(77, np.float32))
-    np.testing.assert_array_equal(logit, net.forward(emb, lin, fb, np.empty(77, np.float32)))
-    np.testing.assert_array_equal(bound, np.zeros(77, np.float32))
+    for t in ("bf16x3", "bf16"):
+        logit, bound = net.screen(emb, lin, fb, np.empty(77, np.float32), np.empty(77, np.float32), t)
+        np.testing.assert_array_equal(logit, net.forward(emb, lin, fb, np.empty(77, np.float32)))
+        np.testing.assert_array_equal(bound, np.zeros(77, np.float32))
     plain = _net(params, F, d, var, fm, screen=False)      # never screens: no tile weights built
     _core.set_amx(True)
     assert not plain.screen_active
@@ -122,6 +138,11 @@ def test_screen_arguments_are_checked(rng):
         net.screen(emb, lin, fb, out, np.empty(6, np.float64))
     with pytest.raises(ValueError, match="logit must have 6"):
         net.screen(emb, lin, fb, np.empty(7, np.float32), np.empty(6, np.float32))
+    for bad in ("float32", "int8", "BF16"):
+        with pytest.raises(ValueError, match="tiles must be 'bf16x3' or 'bf16'"):
+            net.screen(emb, lin, fb, out, np.empty(6, np.float32), bad)
+    with pytest.raises(TypeError):
+        net.screen(emb, lin, fb, out, np.empty(6, np.float32), 3)
 
 
 def _engines(trained, monkeypatch):
@@ -132,15 +153,18 @@ def _engines(trained, monkeypatch):
     return plain, screened
 
 
-def test_screened_ranking_answers_as_float32_ranking(trained, rng, monkeypatch):
-    """recommend and recommend_batch with the screen give the ids and scores of float32 ranking, bit for bit,
-    at k from 1 to more than the candidates; score_candidates(top=k): the best k as without top, the rest -1
-    or their float32 probability."""
+@pytest.mark.parametrize("tiles_of", ["bf16", "bf16x3"])
+def test_screened_ranking_answers_as_float32_ranking(trained, rng, monkeypatch, tiles_of):
+    """recommend and recommend_batch with the screen (starting on either tiles) give the ids and scores of
+    float32 ranking, bit for bit, at k from 1 to more than the candidates; score_candidates(top=k): the best k as
+    without top, the rest -1 or their float32 probability."""
     pytest.importorskip("onnx", reason="the native dense part is read from the ONNX graph (serve extra)")
     plain, screened = _engines(trained, monkeypatch)
     with plain, screened:
         runner = screened._version.ranking.runner
         assert runner.native is not None and runner.native.screen_active == tiles
+        assert runner.screen_tiles == "bf16"        # the default start
+        runner.screen_tiles = tiles_of
         assert plain._version.ranking.runner.native.screen_active is False
         users = rng.integers(0, 400, 12).tolist()
         for j, u in enumerate(users):
@@ -187,3 +211,26 @@ def test_screened_ranking_ties_and_duplicated_rows(trained, monkeypatch):
             best = np.lexsort((np.arange(len(cands)), -full))[:k]
             np.testing.assert_array_equal(np.sort(got[best]), np.sort(full[best]))
             assert np.sort(got)[::-1][k - 1] == np.sort(full)[::-1][k - 1]
+
+
+@needs_tiles
+def test_the_screen_steps_to_bf16x3_then_to_float32_when_too_many_rows_come_back(trained, rng, monkeypatch):
+    """top = half the rows: every call computes at least half its rows again, so after 32 calls on the bf16
+    tiles the runner moves to bf16x3, after 32 more it stops screening; the answers are float32's throughout."""
+    pytest.importorskip("onnx", reason="the native dense part is read from the ONNX graph (serve extra)")
+    plain, screened = _engines(trained, monkeypatch)
+    with plain, screened:
+        ranker, ref, runner = screened._version.ranking, plain._version.ranking, screened._version.ranking.runner
+        cands = rng.choice(ranker.n_items, 300, replace=False)
+        full = ref.score_candidates(3, cands, CONTEXTS[1])
+        best = np.lexsort((cands, -full))[:150]
+        seen = []
+        for _ in range(70):
+            seen.append((runner.screen_tiles, runner._screen_on))
+            got = ranker.score_candidates(3, cands, CONTEXTS[1], top=150)
+            np.testing.assert_array_equal(got[best], full[best])
+            assert np.all((got == -1) | (got == full))
+        assert seen[0] == ("bf16", True) and seen[31] == ("bf16", True)
+        assert seen[32] == ("bf16x3", True) and seen[63] == ("bf16x3", True)
+        assert seen[64] == ("bf16x3", False) and runner.screen_calls == 64
+        assert runner.screen_again * 2 >= runner.screen_rows

@@ -401,7 +401,10 @@ class PyDenseNet {
 
   // logit and bound (rows,) float32, C-contiguous, writeable, as DenseNet::screen writes them
   py::tuple screen(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle logit_obj,
-                   py::handle bound_obj) const {
+                   py::handle bound_obj, const std::string& tiles) const {
+    if (tiles != "bf16x3" && tiles != "bf16")
+      throw py::value_error("tiles must be 'bf16x3' or 'bf16', not '" + tiles + "'");
+    const DensePrecision t = tiles == "bf16" ? DensePrecision::bf16 : DensePrecision::bf16x3;
     Args a = args(emb_obj, lin_obj, fb_obj, logit_obj, "logit");
     py::array bound = take(bound_obj, "bound", {kF32}, 1);
     if (bound.shape(0) != a.rows) throw py::value_error("bound must have " + std::to_string(a.rows) + " entries");
@@ -411,7 +414,7 @@ class PyDenseNet {
     float* b = static_cast<float*>(bound.mutable_data());
     {
       py::gil_scoped_release release;
-      net_->screen(a.emb, a.lin, a.rows, a.fb, a.out, b);
+      net_->screen(a.emb, a.lin, a.rows, a.fb, a.out, b, t);
     }
     return py::make_tuple(a.out_array, bound);
   }
@@ -649,7 +652,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("screen") = false)
       .def("forward", &PyDenseNet::forward, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("out"))
       .def("screen", &PyDenseNet::screen, py::arg("emb"), py::arg("lin"), py::arg("first_bias"), py::arg("logit"),
-           py::arg("bound"))
+           py::arg("bound"), py::arg("tiles") = "bf16x3")
       .def_property_readonly("screen_active", &PyDenseNet::screen_active)
       .def_property_readonly("macs_per_row", &PyDenseNet::macs_per_row)
       .def_property_readonly("precision", &PyDenseNet::precision)

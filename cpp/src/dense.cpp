@@ -232,9 +232,11 @@ void DenseNet::forward(const float* emb, const float* lin, int64_t rows, const f
 }
 
 void DenseNet::screen(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* logit,
-                      float* bound) const {
+                      float* bound, DensePrecision tiles) const {
+  if (tiles == DensePrecision::float32)
+    throw std::invalid_argument("DenseNet::screen: tiles must be bf16x3 or bf16");
   if (screen_active()) {
-    run(emb, lin, rows, first_bias, logit, bound);
+    run(emb, lin, rows, first_bias, logit, bound, tiles == DensePrecision::bf16x3);
   } else {
     run(emb, lin, rows, first_bias, logit, nullptr);
     std::fill(bound, bound + std::max<int64_t>(rows, 0), 0.f);
@@ -248,9 +250,10 @@ double gamma(double n) { return n * 0x1p-24 / (1.0 - n * 0x1p-24); }
 }  // namespace
 #endif
 
-// bound != nullptr: the screen (screen_active()): bf16x3 tiles, and bound[r] as screen() describes
+// bound != nullptr: the screen (screen_active()): bf16x3 tiles (bf16 without screen_x3), and bound[r] as
+// screen() describes
 void DenseNet::run(const float* emb, const float* lin, int64_t rows, const float* first_bias, float* out,
-                   float* bound) const {
+                   float* bound, bool screen_x3) const {
   if (rows <= 0) return;
   thread_local Scratch s;
   const int64_t F = n_fields_, d = dim_, row = F * d;
@@ -309,7 +312,7 @@ void DenseNet::run(const float* emb, const float* lin, int64_t rows, const float
   if (k != nullptr && (bound != nullptr || tiles_active())) {
     const int64_t rows32 = up32(rows);
     grow16(s.a16[0], rows32 * k32_[0] * 2);
-    const bool x3 = bound != nullptr || precision_ == DensePrecision::bf16x3;
+    const bool x3 = bound != nullptr ? screen_x3 : precision_ == DensePrecision::bf16x3;
     dense_kernels::pack_rows_bf16(A, lda, rows, kv, s.a16[0].data(), rows32, k32_[0], x3);
     for (size_t l = 0; l < n_hidden; ++l) {
       const int64_t n32 = n32_[l];
@@ -324,10 +327,13 @@ void DenseNet::run(const float* emb, const float* lin, int64_t rows, const float
       if (bound != nullptr) {
         // |tiles - exact| <= cT (sum |a w| + |b|) and |float32 - exact| <= cF (...) an output, the sums bounded by
         // ||a|| ||w_j|| (Cauchy-Schwarz), over the outputs by ||a|| ||W||_F; the inputs' difference E passes
-        // through W at most ||W||_2 larger, through ReLU no larger. abs: flushed denormals (2^-126 a term)
+        // through W at most ||W||_2 larger, through ReLU no larger. abs: flushed denormals (2^-126 a term).
+        // bf16x3: the dropped terms <= 2^-15 |a w|, 3K products summed; bf16: hi(a) hi(w) within (1 + 2^-8)^2 - 1
+        // = 2^-7 + 2^-16 of a w, K products summed
         const DenseLayer& L = layers_[l];
         const double K = static_cast<double>(L.in);
-        const double cT = 0x1p-15 * 1.02 + 1.02 * gamma(3 * K + 2), cF = gamma(K + 1);
+        const double cT = x3 ? 0x1p-15 * 1.02 + 1.02 * gamma(3 * K + 2) : 0x1p-7 * 1.01 + 1.02 * gamma(K + 2);
+        const double cF = gamma(K + 1);
         double nb = bnorm_[l];
         if (l == 0) {
           double b2 = 0.0;

@@ -122,9 +122,11 @@ class CtrRunner:
         self._run_io = self._io_runner(self.session)
         self.split, self.split_session, self._run_io_split = None, None, None
         self.native = None      # the split dense part in the core (rec_engine.native_dense), or None
-        # the screen (float32 ranking of a request's best rows through the bf16x3 tiles, see _settle): on while
-        # it pays; its calls, their rows and the rows computed again in float32
+        # the screen (float32 ranking of a request's best rows through the tiles, see _settle): on while it pays,
+        # on the bf16 tiles first, then bf16x3 (see _screen_pays); its calls, their rows and the rows computed
+        # again in float32, all and since the tiles last changed
         self._screen_on, self.screen_calls, self.screen_rows, self.screen_again = True, 0, 0, 0
+        self.screen_tiles, self._screen_mark = "bf16", (0, 0, 0)
         self.matmul_precision = matmul_precision    # the native part's products: float32, bf16x3, bf16
         if constant_fields is not None:
             self._set_split(model, constant_fields, session_options)
@@ -181,7 +183,7 @@ class CtrRunner:
                 return job[1]() if fast_here() else ort_run(job[0])
 
             self._run_io_split = run_split
-            self._run_io_screen = lambda job: job[2]()
+            self._run_io_screen = lambda job: job[2](self.screen_tiles)
 
     @staticmethod
     def _io_runner(session):
@@ -357,8 +359,8 @@ class CtrRunner:
         self.screen_calls += 1
         self.screen_rows += n
         self.screen_again += len(again)
-        if len(again) * 4 > n and self.screen_calls >= 32 and self.screen_again * 4 > self.screen_rows:
-            self._screen_on = False     # the bounds leave too many rows to compute twice: float32 from now on
+        if len(again) * 8 > n:
+            self._screen_pays()
         p = np.full(n, -1.0, np.float32)
         if len(again) == n:
             self.native.forward(emb, lin, b[5], out.reshape(-1))
@@ -367,6 +369,20 @@ class CtrRunner:
         self.native.forward(emb[again], lin[again], b[5], f)
         p[again] = self.sigmoid(f)
         return p
+
+    def _screen_pays(self) -> None:
+        """After a call that computed more than 1/8 of its rows again: over the 32 calls or more since the tiles
+        last changed, more than 1/8 of the rows again on the bf16 tiles (whose bounds are ~60x wider than
+        bf16x3's, at ~0.6 of the time) moves the screen to bf16x3; more than 1/4 on bf16x3 turns it off
+        (float32 alone from then on). Counters read without a lock: a lost update only delays the change."""
+        c0, r0, a0 = self._screen_mark
+        calls, rows, again = self.screen_calls - c0, self.screen_rows - r0, self.screen_again - a0
+        if calls < 32:
+            return
+        if self.screen_tiles == "bf16" and again * 8 > rows:
+            self.screen_tiles, self._screen_mark = "bf16x3", (self.screen_calls, self.screen_rows, self.screen_again)
+        elif self.screen_tiles == "bf16x3" and again * 4 > rows:
+            self._screen_on = False
 
     @property
     def bind_rows(self) -> int:
