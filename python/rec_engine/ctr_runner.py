@@ -372,7 +372,7 @@ class CtrRunner:
 
     def _screen_pays(self) -> None:
         """After a call that computed more than 1/8 of its rows again: over the 32 calls or more since the tiles
-        last changed, more than 1/8 of the rows again on the bf16 tiles (whose bounds are ~60x wider than
+        last changed, more than 1/8 of the rows again on the bf16 tiles (whose bounds are ~70x wider than
         bf16x3's, at ~0.6 of the time) moves the screen to bf16x3; more than 1/4 on bf16x3 turns it off
         (float32 alone from then on). Counters read without a lock: a lost update only delays the change."""
         c0, r0, a0 = self._screen_mark

@@ -33,8 +33,8 @@ def allowed() -> bool:
 
 
 def screen_allowed() -> bool:
-    """Whether a float32 runner may screen a request's rows on the bf16 / bf16x3 tiles and compute only the contenders for
-    its best in float32 (``REC_ENGINE_DENSE_SCREEN`` is not ``0``; the answers are float32's either way)."""
+    """Whether a float32 runner may screen a request's rows on the bf16 / bf16x3 tiles and compute only the contenders
+    for its best in float32 (``REC_ENGINE_DENSE_SCREEN`` is not ``0``; the answers are float32's either way)."""
     return os.environ.get("REC_ENGINE_DENSE_SCREEN", "1") != "0" and _core.amx_available()
 
 
