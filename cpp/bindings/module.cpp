@@ -359,11 +359,7 @@ class PyDenseNet {
  public:
   PyDenseNet(int64_t n_fields, int64_t dim, std::vector<int64_t> var_fields, py::list weights, py::list biases,
              float bias, float fm_scale, bool fm, const std::string& precision, bool screen) {
-    DensePrecision prec;
-    if (precision == "float32") prec = DensePrecision::float32;
-    else if (precision == "bf16x3") prec = DensePrecision::bf16x3;
-    else if (precision == "bf16") prec = DensePrecision::bf16;
-    else throw py::value_error("precision must be 'float32', 'bf16x3' or 'bf16', got '" + precision + "'");
+    const DensePrecision prec = parse_precision(precision, "precision", true);
     if (py::len(weights) != py::len(biases))
       throw py::value_error("weights and biases must have one entry per layer");
     std::vector<DenseLayer> layers;
@@ -402,9 +398,7 @@ class PyDenseNet {
   // logit and bound (rows,) float32, C-contiguous, writeable, as DenseNet::screen writes them
   py::tuple screen(py::handle emb_obj, py::handle lin_obj, py::handle fb_obj, py::handle logit_obj,
                    py::handle bound_obj, const std::string& tiles) const {
-    if (tiles != "bf16x3" && tiles != "bf16")
-      throw py::value_error("tiles must be 'bf16x3' or 'bf16', not '" + tiles + "'");
-    const DensePrecision t = tiles == "bf16" ? DensePrecision::bf16 : DensePrecision::bf16x3;
+    const DensePrecision t = parse_precision(tiles, "tiles", false);
     Args a = args(emb_obj, lin_obj, fb_obj, logit_obj, "logit");
     py::array bound = take(bound_obj, "bound", {kF32}, 1);
     if (bound.shape(0) != a.rows) throw py::value_error("bound must have " + std::to_string(a.rows) + " entries");
@@ -431,6 +425,15 @@ class PyDenseNet {
   bool screen_active() const { return net_->screen_active(); }
 
  private:
+  // "float32" (where with_float32), "bf16x3" or "bf16"; a ValueError naming `what` otherwise
+  static DensePrecision parse_precision(const std::string& s, const char* what, bool with_float32) {
+    if (s == "bf16x3") return DensePrecision::bf16x3;
+    if (s == "bf16") return DensePrecision::bf16;
+    if (s == "float32" && with_float32) return DensePrecision::float32;
+    throw py::value_error(std::string(what) + " must be " + (with_float32 ? "'float32', " : "") +
+                          "'bf16x3' or 'bf16', got '" + s + "'");
+  }
+
   struct Args {
     const float *emb, *lin, *fb;
     float* out;

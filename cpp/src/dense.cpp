@@ -302,13 +302,11 @@ void DenseNet::run(const float* emb, const float* lin, int64_t rows, const float
 #if defined(REC_ENGINE_HAVE_AMX)
   // the screen: per row the bound E on the 2-norm of the two paths' difference after each layer, na the norm of
   // a layer's inputs on the tiles' path (double: a row's own)
-#if defined(REC_ENGINE_HAVE_AMX)
   thread_local std::vector<double> E, na;
   if (bound != nullptr) {
     E.assign(static_cast<size_t>(rows), 0.0);
     na.resize(static_cast<size_t>(rows));
   }
-#endif
   if (k != nullptr && (bound != nullptr || tiles_active())) {
     const int64_t rows32 = up32(rows);
     grow16(s.a16[0], rows32 * k32_[0] * 2);

@@ -28,7 +28,7 @@ from ._convert import at_least_one, threads_arg
 from .bundle import onnx_session
 from .dense_split import split_first_layer
 from .embedding import EmbeddingTable
-from .native_dense import screen_allowed, agrees, allowed, fast_here, native_dense
+from .native_dense import agrees, allowed, fast_here, native_dense, screen_allowed
 
 _BIND_MAX_ROWS = 1024
 _BIND_MAX_FLOATS = 1 << 20
@@ -243,9 +243,8 @@ class CtrRunner:
         io.bind_output(self.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         if session is self.split_session and self.native is not None:
             # the native dense part writes the same output buffer (_run_io_split picks one of the two)
-            screen = getattr(self.native, "screen", None)
             return (io, partial(self.native.forward, emb, lin, fb, out.reshape(-1)),
-                    None if screen is None else partial(screen, emb, lin, fb, out.reshape(-1), bnd))
+                    partial(self.native.screen, emb, lin, fb, out.reshape(-1), bnd))
         return io
 
     def _chunks(self, b, n: int, threads: int, split: bool):
@@ -284,7 +283,7 @@ class CtrRunner:
         split = (n >= _SPLIT_MIN_ROWS and groups is not None and b[4] is not None and len(groups) == 1
                  and int(groups[0]) == n)
         screen = (top is not None and split and 0 < top < n and self.native is not None and self._screen_on
-                  and getattr(self.native, "screen_active", False) and fast_here())
+                  and self.native.screen_active and fast_here())
         threads = self.request_threads if threads is None else threads
         if threads > 1:     # (a model too cheap a row to cut, chunk_min_rows 0: one call)
             threads = min(threads, n // self.chunk_min_rows) if self.chunk_min_rows else 1
@@ -344,14 +343,14 @@ class CtrRunner:
         float32 probability are computed again in float32; the others, whose float32 probability is certainly
         below the ``top``-th best's, come back as -1. So the best ``top`` (equal scores by any rule) and their
         probabilities are those of float32 ranking, bit for bit."""
-        emb, lin, out, bnd = b[7]
-        z, e = b[3], bnd
+        emb, lin, out, e = b[7]
+        z = b[3].astype(np.float64)
         # [lo, hi] holds the float32 logit (rounded outwards to float32); the sigmoid is monotone, so [L, U]
         # holds its probability
-        lo = (z.astype(np.float64) - e).astype(np.float32)
-        hi = (z.astype(np.float64) + e).astype(np.float32)
-        lo = np.where(lo.astype(np.float64) > z.astype(np.float64) - e, np.nextafter(lo, np.float32(-np.inf)), lo)
-        hi = np.where(hi.astype(np.float64) < z.astype(np.float64) + e, np.nextafter(hi, np.float32(np.inf)), hi)
+        lo64, hi64 = z - e, z + e
+        lo, hi = lo64.astype(np.float32), hi64.astype(np.float32)
+        lo = np.where(lo > lo64, np.nextafter(lo, np.float32(-np.inf)), lo)
+        hi = np.where(hi < hi64, np.nextafter(hi, np.float32(np.inf)), hi)
         low, up = self.sigmoid(lo), self.sigmoid(hi)
         low = np.where(np.isnan(low), -np.inf, low)
         tau = -np.partition(-low, top - 1)[top - 1]         # top rows are certainly at or above it
